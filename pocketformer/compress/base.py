@@ -1,0 +1,72 @@
+"""The stage contract: a registered class with a pydantic config and one `apply(model, ctx) -> model`.
+
+The registry maps recipe names to stages, so the recipe validator, the CLI help and the docs all read the same
+declarations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from ..data import Dataset, Encoder
+from ..models.canonical import CanonicalTransformer, count_params, encoder_macs
+
+REGISTRY: dict[str, type["Stage"]] = {}
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Context:
+    """What a stage may use besides the model: the original model as teacher, data, and the run's settings."""
+
+    teacher: CanonicalTransformer
+    train: Dataset
+    validation: Dataset
+    encoder: Encoder
+    seed: int = 0
+    batch_size: int = 32
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        REGISTRY[cls.name] = cls
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+        raise NotImplementedError
+
+
+class StageReport(BaseModel):
+    """What a stage changed, measured on the model before and after it."""
+
+    stage: str
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers_after: list[dict[str, int]]
+    validation_accuracy: Optional[float] = None
+    seconds: float = 0.0
+    cached: bool = False
+    details: dict[str, Any] = {}
+
+
+def describe(model: CanonicalTransformer, seq_len: int) -> dict[str, Any]:
+    cfg = model.config
+    return {"params": count_params(model), "macs": encoder_macs(cfg, seq_len),
+            "layers": [s.model_dump() for s in cfg.layers]}

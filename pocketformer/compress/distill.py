@@ -1,0 +1,78 @@
+"""Recovery distillation: train the compressed student to match the original model (the teacher).
+
+Loss = kd * T^2 KL(student/T || teacher/T) on the outputs + hidden * MSE of hidden states (each student layer matched
+to the teacher layer at the same relative depth, TinyBERT's uniform map) + label * cross-entropy on the true labels.
+For an embedding model the output term is an MSE between embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch.nn import functional as F
+
+from ..models.canonical import CanonicalTransformer
+from ..train import seed_everything, train_loop
+from .base import Context, Stage, StageConfig
+
+
+class DistillConfig(StageConfig):
+    epochs: float = Field(1.0, gt=0, le=100, description="passes over the train split (fractions allowed)")
+    lr: float = Field(1e-4, gt=0, lt=1)
+    temperature: float = Field(2.0, gt=0)
+    kd: float = Field(1.0, ge=0, description="weight of the output-matching term")
+    hidden: float = Field(1.0, ge=0, description="weight of the hidden-state MSE term")
+    label: float = Field(0.0, ge=0, description="weight of the cross-entropy on true labels")
+    max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
+
+
+def layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Teacher hidden-state index for each student hidden state (index 0 = embeddings)."""
+    return [0] + [round((j + 1) * n_teacher / n_student) for j in range(n_student)]
+
+
+def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, inputs, labels,
+                 cfg: DistillConfig) -> torch.Tensor:
+    mask = inputs[1] if student.spec.modality == "text" else None
+    with torch.no_grad():
+        t_last, t_hidden = teacher.encode(*inputs, all_hidden=True)
+        t_out = teacher.head_output(t_last, mask)
+    s_last, s_hidden = student.encode(*inputs, all_hidden=True)
+    s_out = student.head_output(s_last, mask)
+    loss = torch.zeros(())
+    if cfg.kd:
+        if student.classifier is not None:
+            T = cfg.temperature
+            loss = loss + cfg.kd * T * T * F.kl_div(F.log_softmax(s_out / T, -1), F.log_softmax(t_out / T, -1),
+                                                    log_target=True, reduction="batchmean")
+        else:
+            loss = loss + cfg.kd * F.mse_loss(s_out, t_out)
+    if cfg.hidden:
+        weight = mask[..., None].to(s_last.dtype) if mask is not None else torch.ones_like(s_last[..., :1])
+        for s_i, t_i in enumerate(layer_map(len(s_hidden) - 1, len(t_hidden) - 1)):
+            if s_i == 0:
+                continue  # embeddings are shared and untouched by the stages
+            sq = ((s_hidden[s_i] - t_hidden[t_i]) ** 2 * weight).sum() / (weight.sum() * s_last.shape[-1])
+            loss = loss + cfg.hidden * sq / (len(s_hidden) - 1)
+    if cfg.label and student.classifier is not None:
+        loss = loss + cfg.label * F.cross_entropy(s_out, labels)
+    return loss
+
+
+class Distill(Stage):
+    name = "distill"
+    summary = "recovery distillation from the original model (outputs + hidden states)"
+    Config = DistillConfig
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+        cfg: DistillConfig = self.config
+        seed_everything(ctx.seed)
+        teacher = ctx.teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
+        losses = train_loop(model, data, ctx.encoder, lambda m, x, y: distill_loss(m, teacher, x, y, cfg),
+                            epochs=cfg.epochs, lr=cfg.lr, batch_size=ctx.batch_size, seed=ctx.seed,
+                            desc="distill")
+        ctx.notes["distill_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
+        return model

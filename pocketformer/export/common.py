@@ -1,0 +1,69 @@
+"""What every exporter shares: a forward with named arguments, parity metrics, and the artifact record."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.canonical import CanonicalTransformer
+
+MANIFEST = "artifacts.json"
+
+
+class NamedInputs(torch.nn.Module):
+    """The canonical model with one named argument per input, as exporters need."""
+
+    def __init__(self, model: CanonicalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):  # replaced per modality below so exporters see real parameter names
+        raise NotImplementedError
+
+
+class TextInputs(NamedInputs):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+
+class VisionInputs(NamedInputs):
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+def named(model: CanonicalTransformer) -> NamedInputs:
+    return (TextInputs if model.spec.modality == "text" else VisionInputs)(model).eval()
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max abs diff, and the mean over examples of the cosine between output vectors."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12)
+    return {"max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cos.mean()),
+            "min_cosine": float(cos.min()), "argmax_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
+            "examples": int(len(ref))}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_manifest(artifacts_dir: Path) -> list[dict[str, Any]]:
+    path = Path(artifacts_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_manifest(artifacts_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Merge records into the manifest, replacing those of the same file."""
+    current = {r["file"]: r for r in read_manifest(artifacts_dir)}
+    current.update({r["file"]: r for r in records})
+    atomic_write_bytes(Path(artifacts_dir) / MANIFEST,
+                       json.dumps(sorted(current.values(), key=lambda r: r["file"]), indent=2).encode())

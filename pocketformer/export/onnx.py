@@ -1,0 +1,177 @@
+"""ONNX export: torch.onnx (dynamo) -> onnxsim -> optional ORT per-channel dynamic int8, each file checked in ONNX
+Runtime against PyTorch on real inputs before it is kept."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import ExportError
+from ..models.canonical import CanonicalTransformer
+from .common import named, parity
+
+OPSET = 18
+# fp32 artifacts must match PyTorch closely; int8 is judged by output direction (cosine) only.
+FP32_MAX_ABS = 1e-3
+FP32_MIN_COSINE = 0.9999
+INT8_MIN_COSINE = 0.99
+
+
+def _quiet():
+    """The exporter prints pages of warnings about its own internals; users want one line per artifact."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return stack
+
+
+def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...],
+                 static_shape: bool = False) -> None:
+    """Write a simplified fp32 ONNX file. Dynamic batch and sequence axes unless `static_shape`."""
+    wrapper = named(model)
+    names = model.input_names
+    dynamic = None
+    if not static_shape:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        if model.spec.modality == "text":
+            seq = torch.export.Dim("seq", min=1, max=model.spec.max_positions - model.spec.position_offset)
+            dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
+        else:
+            dynamic = ({0: batch},)
+    # Trace with a batch of 2: a traced batch of 1 specialises the batch axis away.
+    example = tuple(t[:2] if len(t) >= 2 else torch.cat([t, t]) for t in example) if not static_shape else example
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            torch.onnx.export(wrapper, example, str(raw), input_names=names, output_names=[model.output_name],
+                              dynamic_shapes=dynamic, dynamo=True, external_data=False, opset_version=OPSET,
+                              optimize=True)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0][:300]}",
+                              "report this with the checkpoint's pocketformer.json.") from None
+        proto = onnx.load(str(raw))
+        try:
+            import onnxsim
+
+            simplified, ok = onnxsim.simplify(proto)
+            if ok:
+                proto = simplified
+        except Exception:  # onnxsim is an optimisation: the unsimplified graph is still correct
+            pass
+        _save_atomic(proto, path)
+
+
+def quantize_int8(float_path: Path, path: Path) -> None:
+    """ORT dynamic int8, per-channel weights (per-tensor loses accuracy, METHODS.md: cosine 0.963)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        pre = Path(tmp) / "pre.onnx"
+        out = Path(tmp) / "q.onnx"
+        quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        _save_atomic(onnx.load(str(out)), path)
+
+
+def _save_atomic(proto: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Inputs with their shapes, op counts and weight counts of an ONNX file."""
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    return {"inputs": {i.name: dims(i) for i in proto.graph.input},
+            "outputs": {o.name: dims(o) for o in proto.graph.output},
+            "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
+            "weights": params, "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                                            default=None)}
+
+
+def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...], precision: str,
+          batch_one: bool = False) -> dict[str, float]:
+    """Run the file in ONNX Runtime on real inputs and compare with PyTorch; raise ExportError out of tolerance."""
+    from ..targets import ort as runtime
+
+    session = runtime.load(path, threads=1)
+    names = model.input_names
+    if batch_one:
+        got = np.concatenate([runtime.run(session, {n: t[i:i + 1].numpy() for n, t in zip(names, inputs)})
+                              for i in range(len(inputs[0]))])
+    else:
+        got = runtime.run(session, {n: t.numpy() for n, t in zip(names, inputs)})
+    with torch.no_grad():
+        want = model(*inputs).numpy()
+    result = parity(want, got)
+    ok = (result["max_abs_diff"] <= FP32_MAX_ABS and result["cosine"] >= FP32_MIN_COSINE) if precision == "fp32" \
+        else result["cosine"] >= INT8_MIN_COSINE
+    if not ok:
+        raise ExportError(f"{path.name} disagrees with PyTorch in ONNX Runtime (max abs diff "
+                          f"{result['max_abs_diff']:.2e}, cosine {result['cosine']:.5f}).",
+                          "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights."
+                          if precision == "int8" else "report this with the model's pocketformer.json.")
+    return result
+
+
+def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...], *,
+           int8: bool = True, static_shape: Optional[tuple[int, int]] = None) -> list[dict[str, Any]]:
+    """Export fp32 (and int8) ONNX files named `{stem}.fp32.onnx` / `{stem}.int8.onnx`; return their records."""
+    model = model.eval()
+    records = []
+    if static_shape:
+        batch, seq = static_shape
+        example = tuple(t[:batch] for t in _pad(inputs, seq, model))
+        check_inputs = _pad(inputs, seq, model)
+    else:
+        example = check_inputs = inputs
+    fp32 = Path(out_dir) / f"{stem}.fp32.onnx"
+    export_float(model, fp32, example, static_shape=bool(static_shape))
+    records.append(_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32",
+                                                     batch_one=bool(static_shape) and static_shape[0] == 1)))
+    if int8:
+        q = Path(out_dir) / f"{stem}.int8.onnx"
+        quantize_int8(fp32, q)
+        records.append(_record(q, stem, "int8", check(q, model, check_inputs, "int8",
+                                                      batch_one=bool(static_shape) and static_shape[0] == 1)))
+    return records
+
+
+def _pad(inputs, seq: int, model: CanonicalTransformer):
+    if model.spec.modality != "text":
+        return inputs
+    ids, mask = inputs
+    ids, mask = ids[:, :seq], mask[:, :seq]
+    pad = seq - ids.shape[1]
+    return (torch.nn.functional.pad(ids, (0, pad), value=model.spec.pad_token_id),
+            torch.nn.functional.pad(mask, (0, pad), value=0))
+
+
+def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float]) -> dict[str, Any]:
+    from ..models.io import file_sha256
+
+    return {"file": path.name, "variant": stem, "format": "onnx", "precision": precision,
+            "size_bytes": path.stat().st_size, "sha256": file_sha256(path), "parity_vs_pytorch": parity_result,
+            **describe(path)}

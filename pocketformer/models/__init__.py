@@ -1,0 +1,19 @@
+"""The canonical transformer, its checkpoint format, and importers that map source checkpoints into it."""
+
+from .canonical import CanonicalTransformer, HeadSpec, LayerShape, ModelConfig, count_params, encoder_macs
+from .io import is_canonical, load, save
+from .importers import ARCHITECTURES, import_hf
+
+__all__ = ["ARCHITECTURES", "CanonicalTransformer", "HeadSpec", "LayerShape", "ModelConfig", "count_params",
+           "encoder_macs", "import_hf", "is_canonical", "load", "save", "load_any"]
+
+
+def load_any(path):
+    """A canonical checkpoint folder or a Hugging Face folder -> (model, provenance)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if is_canonical(path):
+        model, meta = load(path)
+        return model, meta.get("provenance", {})
+    return import_hf(path)

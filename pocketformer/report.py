@@ -1,0 +1,120 @@
+"""The run's report: JSON for tools, Markdown for people, and a Pareto plot of accuracy against latency."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .export.common import read_manifest
+
+
+def add_ratios(rows: list[dict[str, Any]], reference_variant: str = "baseline.fp32") -> None:
+    """speedup_vs_fp32 and size_ratio_vs_fp32 against the reference row of the same target (same run)."""
+    refs = {r["target"]: r for r in rows if r["variant"] == reference_variant}
+    for r in rows:
+        ref = refs.get(r["target"])
+        r["speedup_vs_fp32"] = ref["latency_p50_ms"] / r["latency_p50_ms"] if ref and r.get("latency_p50_ms") else None
+        r["size_ratio_vs_fp32"] = ref["size_mb"] / r["size_mb"] if ref else None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not beaten by another on both lower latency and higher accuracy."""
+    front = []
+    for i, (lat, acc) in enumerate(points):
+        if not any((l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("accuracy") is not None and r.get("latency_p50_ms")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for target in sorted({r["target"] for r in rows}):
+        sub = [r for r in rows if r["target"] == target]
+        pts = [(r["latency_p50_ms"], r["accuracy"]) for r in sub]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=target, s=36)
+        for r, (x, y) in zip(sub, pts):
+            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = sorted((pts[i] for i in pareto_front(pts)))
+        ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--", linewidth=0.8)
+    ax.set_xlabel("latency p50 (ms, batch 1)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| variant | target | runtime | threads | accuracy % | drop (pts) | agreement % | p50 ms | p90 ms | "
+             "size MB | speedup | size ratio | peak RSS MB | budgets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        failed = [k for k, c in r.get("budgets", {}).items() if not c["pass"]]
+        verdict = "pass" if r.get("pass") else "FAIL: " + ", ".join(failed)
+        lines.append(f"| {r['variant']} | {r['target']} | {r['runtime']} | {r['threads']} | "
+                     f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('accuracy_drop'))} | "
+                     f"{_fmt(r.get('agreement_with_reference'))} | {_fmt(r.get('latency_p50_ms'), '.1f')} | "
+                     f"{_fmt(r.get('latency_p90_ms'), '.1f')} | {_fmt(r['size_mb'], '.1f')} | "
+                     f"{_fmt(r.get('speedup_vs_fp32'))}x | {_fmt(r.get('size_ratio_vs_fp32'))}x | "
+                     f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {verdict} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path) -> dict[str, Any]:
+    from .pipeline import read_compress, write_json
+
+    out_dir = Path(out_dir)
+    meta = read_compress(out_dir)
+    rows = []
+    for f in sorted((out_dir / "validation").glob("*.json")):
+        rows.extend(json.loads(f.read_text())["rows"])
+    add_ratios(rows)
+    artifacts = read_manifest(out_dir / "artifacts")
+    report = {"recipe": meta["recipe"], "recipe_sha256": meta["recipe_sha256"], "versions": meta["versions"],
+              "input": meta["input"], "stages": meta["prepare"] + meta["stages"], "baseline": meta["baseline"],
+              "model": meta["model"], "artifacts": artifacts, "validation": rows}
+    write_json(out_dir / "report.json", report)
+    if rows:
+        plot_pareto(rows, out_dir / "pareto.png", f"{meta['recipe']['name']}: accuracy vs latency")
+    b, m = meta["baseline"], meta["model"]
+    md = [f"# pocketformer report: {meta['recipe']['name']}", "",
+          f"Input: `{meta['input']['path']}`; data: {meta['recipe']['data']}; seed {meta['recipe']['seed']}; "
+          f"recipe sha256 `{meta['recipe_sha256'][:16]}`.", "",
+          "## Model", "",
+          "| | params | MACs (batch 1, max_len) | layers | heads | FFN widths |", "|---|---|---|---|---|---|"]
+    for name, d in (("baseline", b), ("compressed", m)):
+        md.append(f"| {name} | {d['params']:,} | {d['macs'] / 1e6:,.0f}M | {len(d['layers'])} | "
+                  f"{sum(l['heads'] for l in d['layers'])} | {', '.join(str(l['ffn']) for l in d['layers'])} |")
+    md += ["", "## Stages", "", "| stage | params after | MACs after | validation accuracy % | seconds | cached |",
+           "|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        md.append(f"| {s['stage']} | {s['params_after']:,} | {s['macs_after'] / 1e6:,.0f}M | "
+                  f"{_fmt(s.get('validation_accuracy'))} | {s['seconds']:.0f} | {s.get('cached', False)} |")
+    md += ["", "## Artifacts (each checked against PyTorch on real test inputs)", "",
+           "| file | format | precision | size MB | max abs diff | cosine | ops |", "|---|---|---|---|---|---|---|"]
+    for a in artifacts:
+        p = a["parity_vs_pytorch"]
+        md.append(f"| {a['file']} | {a['format']} | {a['precision']} | {a['size_bytes'] / 1e6:.1f} | "
+                  f"{p['max_abs_diff']:.2e} | {p['cosine']:.6f} | {sum(a['ops'].values())} |")
+    md += ["", "## Validation on targets (test split, target runtime)", "", markdown_table(rows), "",
+           "Latency: median (p50) and p90 of repeated batch-1 runs after warm-up, in a fresh process at the "
+           "target's thread count; speedup and size ratio against `baseline.fp32` on the same target.", ""]
+    if rows:
+        md += ["![accuracy vs latency](pareto.png)", ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+    return report

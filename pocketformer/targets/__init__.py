@@ -1,0 +1,66 @@
+"""Targets: device profiles as data (profiles/*.yaml) and one runtime module per runtime."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import TargetError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+RUNTIMES = {"onnxruntime": "pocketformer.targets.ort"}
+
+
+class Budgets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latency_ms: Optional[float] = Field(None, gt=0)
+    size_mb: Optional[float] = Field(None, gt=0)
+    accuracy_drop: Optional[float] = Field(None, ge=0)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    format: Literal["onnx"]
+    runtime: Literal["onnxruntime"]
+    threads: int = Field(ge=1, le=256)
+    batch: int = Field(1, ge=1)
+    seq_len: int = Field(128, ge=1)
+    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp32"]
+    warmup: int = Field(10, ge=0)
+    repeats: int = Field(50, ge=3)
+    budgets: Budgets = Budgets()
+
+
+def _parse(path: Path) -> Profile:
+    try:
+        return Profile.model_validate(yaml.safe_load(path.read_text()))
+    except (ValidationError, yaml.YAMLError) as e:
+        raise TargetError(f"Target profile {path} is invalid: {str(e).splitlines()[0]} "
+                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else ''}",
+                          "fix the profile file.") from None
+
+
+def list_profiles() -> list[Profile]:
+    return [_parse(p) for p in sorted(PROFILE_DIR.glob("*.yaml"))]
+
+
+def get_profile(name: str) -> Profile:
+    """A built-in profile by name, or a profile YAML file by path."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return _parse(Path(name))
+    for p in list_profiles():
+        if p.name == name:
+            return p
+    raise TargetError(f"Unknown target {name!r}.",
+                      f"use one of {', '.join(p.name for p in list_profiles())} (see `pocketformer targets`), "
+                      "or a path to a profile .yaml.")
+
+
+def runtime_module(profile: Profile):
+    return importlib.import_module(RUNTIMES[profile.runtime])

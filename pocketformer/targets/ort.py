@@ -1,0 +1,52 @@
+"""ONNX Runtime (CPU): load, run, benchmark. The runtime module interface every target runtime implements."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+NAME = "onnxruntime"
+FORMAT = "onnx"
+
+
+def version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def load(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def input_names(session) -> list[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+def input_shapes(session) -> dict[str, list]:
+    return {i.name: list(i.shape) for i in session.get_inputs()}
+
+
+def run(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return session.run(None, feeds)[0]
+
+
+def benchmark(session, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> list[float]:
+    """Latency in ms of each of `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times

@@ -1,0 +1,70 @@
+"""Training and evaluation loops shared by fine-tuning, importance scoring and recovery distillation."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .data import Dataset, Encoder
+from .models.canonical import CanonicalTransformer
+from .progress import progress_bar
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+
+
+def predict(model: CanonicalTransformer, ds: Dataset, enc: Encoder, batch_size: int = 64) -> torch.Tensor:
+    """Outputs (logits or embeddings) for every example, in dataset order."""
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for _, inputs in enc.batches(ds, batch_size):
+            outs.append(model(*inputs))
+    return torch.cat(outs)
+
+
+def evaluate(model: CanonicalTransformer, ds: Dataset, enc: Encoder, batch_size: int = 64) -> dict[str, float]:
+    logits = predict(model, ds, enc, batch_size)
+    labels = torch.from_numpy(ds.labels)
+    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()) * 100.0,
+            "loss": float(F.cross_entropy(logits, labels))}
+
+
+def train_loop(model: CanonicalTransformer, ds: Dataset, enc: Encoder, loss_fn: Callable, *, epochs: float,
+               lr: float, batch_size: int, seed: int, desc: str, weight_decay: float = 0.01,
+               after_step: Optional[Callable[[], None]] = None) -> list[float]:
+    """AdamW with linear warm-up/decay over `epochs` passes (fractions allowed). loss_fn(model, inputs, labels)."""
+    steps_per_epoch = (len(ds) + batch_size - 1) // batch_size
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    losses: list[float] = []
+    model.train()
+    step, epoch = 0, 0
+    with progress_bar(desc, total) as advance:
+        while step < total:
+            for idx, inputs in enc.batches(ds, batch_size, shuffle_seed=seed + epoch, bucket=True):
+                if step >= total:
+                    break
+                labels = torch.from_numpy(ds.labels[idx])
+                loss = loss_fn(model, inputs, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step()
+                losses.append(loss.item())
+                step += 1
+                advance(loss=float(np.mean(losses[-20:])))
+            epoch += 1
+    model.eval()
+    return losses
