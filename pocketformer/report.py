@@ -14,7 +14,8 @@ def add_ratios(rows: list[dict[str, Any]], reference_variant: str = "baseline.fp
     refs = {r["target"]: r for r in rows if r["variant"] == reference_variant}
     for r in rows:
         ref = refs.get(r["target"])
-        r["speedup_vs_fp32"] = ref["latency_p50_ms"] / r["latency_p50_ms"] if ref and r.get("latency_p50_ms") else None
+        r["speedup_vs_fp32"] = (ref["latency_p50_ms"] / r["latency_p50_ms"]
+                                if ref and ref.get("latency_p50_ms") and r.get("latency_p50_ms") else None)
         r["size_ratio_vs_fp32"] = ref["size_mb"] / r["size_mb"] if ref else None
 
 
@@ -59,6 +60,10 @@ def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| variant | target | runtime | threads | accuracy % | drop (pts) | agreement % | p50 ms | p90 ms | "
              "size MB | speedup | size ratio | peak RSS MB | budgets |",
@@ -70,8 +75,41 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                      f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('accuracy_drop'))} | "
                      f"{_fmt(r.get('agreement_with_reference'))} | {_fmt(r.get('latency_p50_ms'), '.1f')} | "
                      f"{_fmt(r.get('latency_p90_ms'), '.1f')} | {_fmt(r['size_mb'], '.1f')} | "
-                     f"{_fmt(r.get('speedup_vs_fp32'))}x | {_fmt(r.get('size_ratio_vs_fp32'))}x | "
+                     f"{_ratio(r.get('speedup_vs_fp32'))} | {_ratio(r.get('size_ratio_vs_fp32'))} | "
                      f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {verdict} |")
+    return "\n".join(lines)
+
+
+EXECUTED_BY = {"onnx": "ONNX Runtime", "tflite": "LiteRT"}
+
+
+def _legacy_verdict(a: dict[str, Any]) -> str:
+    legacy = a.get("legacy_runtime")
+    if not legacy:
+        return "-"
+    if legacy.get("outputs_agree"):
+        return f"runs, agrees (cos {legacy['cosine']:.4f})"
+    if legacy.get("loads") and legacy.get("runs", True) and legacy.get("cosine") is not None:
+        return f"**SILENTLY WRONG** (cos {legacy['cosine']:.3f})"
+    return "fails: " + (legacy.get("error") or "").replace("|", "/")[:90]
+
+
+def cross_format_table(artifacts: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_file.setdefault(r["file"], []).append(r)
+    lines = ["| file | format | precision | size MB | ops | parity run by | max abs diff | cosine | accuracy % (target, n) "
+             "| p50 ms | tflite-runtime 2.14 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in artifacts:
+        p = a["parity_vs_pytorch"]
+        vals = by_file.get(a["file"], [])
+        acc = "; ".join(f"{v['accuracy']:.2f} ({v['target']}, {v['examples']})" for v in vals
+                        if v.get("accuracy") is not None) or "-"
+        lat = "; ".join(f"{v['latency_p50_ms']:.1f}" + ("" if v.get("latency_measured_on") == "target" else " (host)")
+                        for v in vals if v.get("latency_p50_ms") is not None) or "-"
+        lines.append(f"| {a['file']} | {a['format']} | {a['precision']} | {a['size_bytes'] / 1e6:.1f} | "
+                     f"{sum(a['ops'].values())} | {a.get('parity_execution') or EXECUTED_BY.get(a['format'])} | "
+                     f"{p['max_abs_diff']:.2e} | {p['cosine']:.6f} | {acc} | {lat} | {_legacy_verdict(a)} |")
     return "\n".join(lines)
 
 
@@ -105,12 +143,11 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     for s in report["stages"]:
         md.append(f"| {s['stage']} | {s['params_after']:,} | {s['macs_after'] / 1e6:,.0f}M | "
                   f"{_fmt(s.get('validation_accuracy'))} | {s['seconds']:.0f} | {s.get('cached', False)} |")
-    md += ["", "## Artifacts (each checked against PyTorch on real test inputs)", "",
-           "| file | format | precision | size MB | max abs diff | cosine | ops |", "|---|---|---|---|---|---|---|"]
-    for a in artifacts:
-        p = a["parity_vs_pytorch"]
-        md.append(f"| {a['file']} | {a['format']} | {a['precision']} | {a['size_bytes'] / 1e6:.1f} | "
-                  f"{p['max_abs_diff']:.2e} | {p['cosine']:.6f} | {sum(a['ops'].values())} |")
+    md += ["", "## Artifacts: one checkpoint, every format", "", cross_format_table(artifacts, rows), "",
+           "Parity: each file run on real test inputs by the named execution and compared with PyTorch. Accuracy "
+           "and latency: from validation on the target named (n = test examples); latency only where the "
+           "runtime exists here, and for non-host targets it is this host running the target's runtime and "
+           "threads, not the device. CoreML on Linux: MIL reference execution, not Apple runtime; no latency.", ""]
     md += ["", "## Validation on targets (test split, target runtime)", "", markdown_table(rows), "",
            "Latency: median (p50) and p90 of repeated batch-1 runs after warm-up, in a fresh process at the "
            "target's thread count; speedup and size ratio against `baseline.fp32` on the same target.", ""]

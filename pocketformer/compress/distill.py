@@ -24,6 +24,8 @@ class DistillConfig(StageConfig):
     hidden: float = Field(1.0, ge=0, description="weight of the hidden-state MSE term")
     label: float = Field(0.0, ge=0, description="weight of the cross-entropy on true labels")
     max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
+    freeze_embeddings: bool = Field(True, description="keep the token embedding table as the teacher's: no "
+                                                      "stage changes it, and its large updates slow each step")
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[int]:
@@ -71,8 +73,11 @@ class Distill(Stage):
         for p in teacher.parameters():
             p.requires_grad_(False)
         data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
+        if cfg.freeze_embeddings and model.spec.modality == "text":
+            model.embeddings.word.weight.requires_grad_(False)
         losses = train_loop(model, data, ctx.encoder, lambda m, x, y: distill_loss(m, teacher, x, y, cfg),
                             epochs=cfg.epochs, lr=cfg.lr, batch_size=ctx.batch_size, seed=ctx.seed,
                             desc="distill")
+        model.requires_grad_(True)
         ctx.notes["distill_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
         return model

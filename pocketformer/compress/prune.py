@@ -41,6 +41,13 @@ class PruneConfig(StageConfig):
     tolerance: float = Field(0.0, ge=0, description="accuracy mode: allowed validation-loss rise per deletion")
     round_to: int = Field(8, ge=1, le=256, description="FFN widths kept as multiples of this")
 
+    @field_validator("layers", "heads", "ffn", mode="before")
+    @classmethod
+    def _not_bool(cls, v):  # before coercion, or `heads: true` would silently mean 1
+        if isinstance(v, bool):
+            raise ValueError("must be a fraction in [0, 1) or a whole count >= 0, not true/false")
+        return v
+
     @field_validator("layers", "heads", "ffn")
     @classmethod
     def _amount(cls, v):
@@ -76,14 +83,14 @@ def magnitude_scores(model: CanonicalTransformer) -> tuple[list[torch.Tensor], l
     for layer in model.layers:
         a, d = layer.attn, layer.attn.head_dim
         per_head = []
-        for h in range(a.heads):
+        for h in range(a.heads):  # weights only: no autograd needed
             rows = slice(h * d, (h + 1) * d)
-            per_head.append(sum(float(getattr(a, n).weight[rows].norm() ** 2) for n in "qkv")
-                            + float(a.o.weight[:, rows].norm() ** 2))
+            per_head.append(sum(getattr(a, n).weight[rows].detach().norm().item() ** 2 for n in "qkv")
+                            + a.o.weight[:, rows].detach().norm().item() ** 2)
         heads.append(torch.tensor(per_head).sqrt())
         f = layer.ffn
-        neurons.append(f.fc1.weight.norm(dim=1) * f.fc2.weight.norm(dim=0) if f.width else torch.zeros(0))
-    return [h.detach() for h in heads], [n.detach() for n in neurons]
+        neurons.append((f.fc1.weight.norm(dim=1) * f.fc2.weight.norm(dim=0)).detach() if f.width else torch.zeros(0))
+    return heads, neurons
 
 
 def taylor_scores(model: CanonicalTransformer, teacher, batches, labels_of) -> tuple[list, list]:
@@ -131,12 +138,12 @@ def layer_scores(model: CanonicalTransformer, teacher, batches, labels_of, metho
                 loss = _task_loss(model, teacher, inputs, labels_of(idx))
                 grads = torch.autograd.grad(loss, [out for _, out in captured])
                 for i, ((x_in, x_out), g) in enumerate(zip(captured, grads)):
-                    scores[i] += float((g * (x_out - x_in)).sum().abs())
+                    scores[i] += (g * (x_out - x_in)).sum().abs().item()
             else:
                 with torch.no_grad():
                     model(*inputs)
                 for i, (x_in, x_out) in enumerate(captured):
-                    scores[i] += float((x_out - x_in).norm() / x_in.norm())
+                    scores[i] += ((x_out - x_in).norm() / x_in.norm()).item()
         finally:
             for h in hooks:
                 h.remove()
@@ -171,11 +178,14 @@ def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> 
     total = sum(widths)
     if n_remove <= 0 or total == 0:
         return [list(range(w)) for w in widths]
-    flat = torch.cat(scores)
-    threshold = torch.sort(flat).values[min(n_remove, total) - 1]
+    # The n_remove globally lowest go; ties are broken by position, so equal scores (all zero, say) cannot take
+    # more than asked, as a strict threshold would.
+    owner = torch.cat([torch.full((w,), li, dtype=torch.long) for li, w in enumerate(widths)])
+    lowest = torch.argsort(torch.cat(scores), stable=True)[:min(n_remove, total)]
+    removed = torch.bincount(owner[lowest], minlength=len(widths)).tolist()
     keep = []
-    for s, w in zip(scores, widths):
-        k = int((s > threshold).sum())
+    for s, w, r in zip(scores, widths, removed):
+        k = w - r
         k = max(round_to, int(round(k / round_to)) * round_to) if w >= round_to else w
         k = min(k, w)
         keep.append(sorted(torch.argsort(s, descending=True)[:k].tolist()))

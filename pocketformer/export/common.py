@@ -40,6 +40,25 @@ def named(model: CanonicalTransformer) -> NamedInputs:
     return (TextInputs if model.spec.modality == "text" else VisionInputs)(model).eval()
 
 
+def pad_to(inputs: tuple[torch.Tensor, ...], seq: int, model: CanonicalTransformer) -> tuple[torch.Tensor, ...]:
+    """Text inputs padded (pad token, mask 0) or truncated to `seq` tokens; vision inputs unchanged."""
+    if model.spec.modality != "text":
+        return inputs
+    ids, mask = inputs
+    ids, mask = ids[:, :seq], mask[:, :seq]
+    pad = seq - ids.shape[1]
+    return (torch.nn.functional.pad(ids, (0, pad), value=model.spec.pad_token_id),
+            torch.nn.functional.pad(mask, (0, pad), value=0))
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes on disk of an artifact: a file, or a package folder (CoreML .mlpackage)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Max abs diff, and the mean over examples of the cosine between output vectors."""
     ref = reference.reshape(len(reference), -1).astype(np.float64)

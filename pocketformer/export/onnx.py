@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
-from .common import named, parity
+from .common import named, pad_to, parity
 
 OPSET = 18
 # fp32 artifacts must match PyTorch closely; int8 is judged by output direction (cosine) only.
@@ -64,6 +64,7 @@ def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.T
             raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0][:300]}",
                               "report this with the checkpoint's pocketformer.json.") from None
         proto = onnx.load(str(raw))
+        _rename_shadowing_values(proto)
         try:
             import onnxsim
 
@@ -73,6 +74,35 @@ def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.T
         except Exception:  # onnxsim is an optimisation: the unsimplified graph is still correct
             pass
         _save_atomic(proto, path)
+
+
+def _rename_shadowing_values(proto: onnx.ModelProto) -> None:
+    """torch.onnx names values after the ops that make them, so a text embedding model (output `embedding`) also
+    gets an internal `embedding` (the token lookup): one name defined twice, which ONNX Runtime refuses to load.
+    Rename every definition of an input or output name except the graph output's own (the last one)."""
+    graph = proto.graph
+    io_names = {v.name for v in graph.input} | {v.name for v in graph.output}
+    remaining = Counter(o for node in graph.node for o in node.output if o in io_names)
+    outputs = {v.name for v in graph.output}
+    current: dict[str, str] = {}  # name as written -> the definition it refers to at this point of the graph
+    renamed: list[str] = []
+    for node in graph.node:  # exported graphs are in topological order
+        for i, name in enumerate(node.input):
+            if name in current:
+                node.input[i] = current[name]
+        for j, name in enumerate(node.output):
+            if name not in io_names:
+                continue
+            remaining[name] -= 1
+            if remaining[name] > 0 or name not in outputs:
+                node.output[j] = current[name] = f"{name}__internal{len(renamed)}"
+                renamed.append(name)
+            else:
+                current.pop(name, None)
+    if renamed:  # shapes recorded under a shadowed name may describe either definition
+        kept = [vi for vi in graph.value_info if vi.name not in renamed]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
 
 
 def quantize_int8(float_path: Path, path: Path) -> None:
@@ -112,15 +142,21 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...], precision: str,
-          batch_one: bool = False) -> dict[str, float]:
-    """Run the file in ONNX Runtime on real inputs and compare with PyTorch; raise ExportError out of tolerance."""
+          static_batch: Optional[int] = None) -> dict[str, float]:
+    """Run the file in ONNX Runtime on real inputs and compare with PyTorch; raise ExportError out of tolerance.
+    A file with a fixed batch runs in chunks of that batch, the last one padded by repeating its last example."""
     from ..targets import ort as runtime
 
     session = runtime.load(path, threads=1)
     names = model.input_names
-    if batch_one:
-        got = np.concatenate([runtime.run(session, {n: t[i:i + 1].numpy() for n, t in zip(names, inputs)})
-                              for i in range(len(inputs[0]))])
+    if static_batch:
+        got = []
+        for start in range(0, len(inputs[0]), static_batch):
+            chunk = [t[start:start + static_batch] for t in inputs]
+            n = len(chunk[0])
+            chunk = [torch.cat([t, t[-1:].expand(static_batch - n, *t.shape[1:])]) for t in chunk]
+            got.append(runtime.run(session, {k: t.numpy() for k, t in zip(names, chunk)})[:n])
+        got = np.concatenate(got)
     else:
         got = runtime.run(session, {n: t.numpy() for n, t in zip(names, inputs)})
     with torch.no_grad():
@@ -141,32 +177,22 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
     """Export fp32 (and int8) ONNX files named `{stem}.fp32.onnx` / `{stem}.int8.onnx`; return their records."""
     model = model.eval()
     records = []
+    static_batch = None
     if static_shape:
-        batch, seq = static_shape
-        example = tuple(t[:batch] for t in _pad(inputs, seq, model))
-        check_inputs = _pad(inputs, seq, model)
+        static_batch, seq = static_shape
+        check_inputs = pad_to(inputs, seq, model)
+        # exactly `static_batch` examples to trace with, repeating the samples if there are fewer
+        example = tuple(t[torch.arange(static_batch) % len(t)] for t in check_inputs)
     else:
         example = check_inputs = inputs
     fp32 = Path(out_dir) / f"{stem}.fp32.onnx"
     export_float(model, fp32, example, static_shape=bool(static_shape))
-    records.append(_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32",
-                                                     batch_one=bool(static_shape) and static_shape[0] == 1)))
+    records.append(_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32", static_batch)))
     if int8:
         q = Path(out_dir) / f"{stem}.int8.onnx"
         quantize_int8(fp32, q)
-        records.append(_record(q, stem, "int8", check(q, model, check_inputs, "int8",
-                                                      batch_one=bool(static_shape) and static_shape[0] == 1)))
+        records.append(_record(q, stem, "int8", check(q, model, check_inputs, "int8", static_batch)))
     return records
-
-
-def _pad(inputs, seq: int, model: CanonicalTransformer):
-    if model.spec.modality != "text":
-        return inputs
-    ids, mask = inputs
-    ids, mask = ids[:, :seq], mask[:, :seq]
-    pad = seq - ids.shape[1]
-    return (torch.nn.functional.pad(ids, (0, pad), value=model.spec.pad_token_id),
-            torch.nn.functional.pad(mask, (0, pad), value=0))
 
 
 def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import TargetError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-RUNTIMES = {"onnxruntime": "pocketformer.targets.ort"}
+RUNTIMES = {"onnxruntime": "pocketformer.targets.ort", "litert": "pocketformer.targets.litert",
+            "coreml-mil-reference": "pocketformer.targets.coreml_ref"}
 
 
 class Budgets(BaseModel):
@@ -26,15 +27,25 @@ class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
-    format: Literal["onnx"]
-    runtime: Literal["onnxruntime"]
+    format: Literal["onnx", "tflite", "coreml"]
+    runtime: Literal["onnxruntime", "litert", "coreml-mil-reference"]
     threads: int = Field(ge=1, le=256)
     batch: int = Field(1, ge=1)
     seq_len: int = Field(128, ge=1)
-    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp32"]
+    precisions: list[Literal["fp32", "fp16", "int8-weight", "int8"]] = ["fp32"]
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=3)
     budgets: Budgets = Budgets()
+    this_host: bool = False  # latency measured here is the device's own (else: this host running its settings)
+    # What the lint checks against (pocketformer lint ARTIFACT --target NAME)
+    static_shapes: bool = False  # the runtime needs fixed input shapes
+    int8_speedup: bool = False  # int8 kernels faster than fp32 here (ARM dotprod, x86 VNNI)?
+    delegate: Optional[str] = None  # e.g. XNNPACK, ANE
+    delegate_ops: Optional[list[str]] = None  # op types the delegate runs; others fall back
+    runtime_version: Optional[str] = None  # the runtime version on the device, e.g. "onnxruntime 1.16"
+    max_opset: Optional[int] = Field(None, ge=1)
+    legacy_runtime: Optional[Literal["tflite-runtime 2.14"]] = None  # older runtime apps on such devices embed
+    deployment_target: Optional[str] = None  # CoreML minimum OS, e.g. iOS17
 
 
 def _parse(path: Path) -> Profile:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset, Encoder
+from ..export.common import artifact_size
 from ..errors import TargetError
 from ..models.canonical import CanonicalTransformer
 from ..progress import progress_bar
@@ -77,7 +78,7 @@ def measure_latency(path: Path, profile: Profile, feeds: dict[str, np.ndarray]) 
 def budget_checks(profile: Profile, row: dict[str, Any]) -> dict[str, Any]:
     b = profile.budgets
     checks = {}
-    if b.latency_ms is not None:
+    if b.latency_ms is not None and row.get("latency_p50_ms") is not None:
         checks["latency_ms"] = {"budget": b.latency_ms, "value": row["latency_p50_ms"],
                                 "pass": row["latency_p50_ms"] <= b.latency_ms}
     if b.size_mb is not None:
@@ -98,7 +99,7 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         "precision": record["precision"], "runtime": rt.NAME, "runtime_version": rt.version(),
         "target": profile.name, "threads": profile.threads, "shape": {"batch": profile.batch,
                                                                      "seq_len": profile.seq_len},
-        "examples": len(ds), "size_mb": path.stat().st_size / 1e6, "measured": True,
+        "examples": len(ds), "size_mb": artifact_size(path) / 1e6, "measured": True,
     }
     if ds.labels is not None and out.ndim == 2 and out.shape[1] == len(ds.label_names):
         ref_pred = reference_out.argmax(1)
@@ -110,7 +111,14 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
     cos = (ref * out.reshape(len(out), -1)).sum(1) / (np.linalg.norm(ref, axis=1) *
                                                       np.linalg.norm(out.reshape(len(out), -1), axis=1) + 1e-12)
     row["output_cosine_with_reference"] = float(cos.mean())
-    row.update(measure_latency(path, profile, latency_feeds(reference.input_names, ds, enc, profile)))
+    if getattr(rt, "MEASURES_LATENCY", True):
+        row.update(measure_latency(path, profile, latency_feeds(reference.input_names, ds, enc, profile)))
+        row["latency_measured_on"] = "target" if profile.this_host else \
+            "this host, with the target's runtime, threads and shapes (not the device)"
+    else:
+        row.update({"latency_p50_ms": None, "latency_p90_ms": None, "peak_rss_mb": None,
+                    "latency_measured_on": None})
+    row["execution"] = getattr(rt, "execution", lambda: rt.NAME)()
     row["budgets"] = budget_checks(profile, row)
     row["pass"] = all(c["pass"] for c in row["budgets"].values())
     return row

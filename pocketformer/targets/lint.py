@@ -1,0 +1,142 @@
+"""Deployability lint: what will hurt when this artifact ships to this target, each finding with a fix.
+
+Reads the artifact (never trusts its name) and the target profile: dynamic shapes where the runtime wants static
+ones, ops outside the target delegate's list or beyond its runtime's op versions / opset, a file over the size
+budget, int8 on a CPU where int8 buys no speed, a format the target does not run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import TargetError
+from ..export.common import artifact_size
+from . import Profile
+
+FORMAT_OF = {".onnx": "onnx", ".tflite": "tflite", ".mlpackage": "coreml"}
+
+
+@dataclass
+class Finding:
+    severity: str  # "error": will not run or breaks a budget; "warning": runs, but slower or riskier than it could
+    check: str
+    message: str
+    fix: str
+
+    def line(self) -> str:
+        return f"{self.severity.upper():7} {self.check}: {self.message} Fix: {self.fix}"
+
+
+def artifact_format(path: Path) -> str:
+    fmt = FORMAT_OF.get(Path(path).suffix)
+    if fmt is None:
+        raise TargetError(f"{path} is not an artifact pocketformer knows ({', '.join(FORMAT_OF)}).",
+                          "pass a file written by `pocketformer export`.")
+    if not Path(path).exists():
+        raise TargetError(f"Artifact {path} does not exist.", "check the path, or run `pocketformer export`.")
+    return fmt
+
+
+def describe(path: Path, fmt: str) -> dict[str, Any]:
+    if fmt == "onnx":
+        from ..export.onnx import describe as d
+    elif fmt == "tflite":
+        from ..export.tflite import describe as d
+    else:
+        from ..export.coreml import describe as d
+    return d(Path(path))
+
+
+def _is_int8(desc: dict[str, Any], fmt: str, path: Path) -> bool:
+    ops = set(desc.get("ops", {}))
+    if fmt == "onnx":
+        return bool(ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+                           "DequantizeLinear"})
+    if fmt == "tflite":
+        return ".int8" in Path(path).name or "DEQUANTIZE" in ops
+    return ".int8" in Path(path).name
+
+
+def lint(path: Path, profile: Profile) -> list[Finding]:
+    path = Path(path)
+    fmt = artifact_format(path)
+    out: list[Finding] = []
+    if fmt != profile.format:
+        return [Finding("error", "format", f"{path.name} is {fmt}; {profile.name} runs {profile.format} "
+                                           f"({profile.runtime}).",
+                        f"pocketformer export OUT/ --to {profile.format}")]
+    desc = describe(path, fmt)
+    # shapes
+    dynamic = {name: dims for name, dims in desc["inputs"].items()
+               if any(not isinstance(d, int) or d <= 0 for d in dims)}
+    if dynamic and profile.static_shapes:
+        out.append(Finding("error", "dynamic-shapes", f"inputs {', '.join(dynamic)} have dynamic axes "
+                                                       f"({dynamic}); {profile.runtime} on {profile.name} needs "
+                                                       "static shapes.",
+                           f"pocketformer export OUT/ --to {fmt} --static {profile.batch}x{profile.seq_len}"))
+    if not dynamic:
+        first = next(iter(desc["inputs"].values()))
+        want = [profile.batch, profile.seq_len][:len(first)] if len(first) == 2 else None
+        if want and list(first) != want:
+            out.append(Finding("warning", "shape", f"the file is fixed at {first}, the profile runs "
+                                                   f"{want}: inputs will be padded, truncated or rejected.",
+                               f"pocketformer export OUT/ --to {fmt} --static {profile.batch}x{profile.seq_len}"))
+    # ops
+    ops = desc.get("ops", {})
+    if profile.delegate_ops is not None:
+        outside = sorted(op for op in ops if op not in set(profile.delegate_ops))
+        if outside:
+            out.append(Finding("warning", "delegate-ops", f"{len(outside)} op types fall outside the "
+                                                          f"{profile.delegate or 'delegate'} and run on slower "
+                                                          f"fallback kernels: {', '.join(outside)}.",
+                               "keep the model's forward to supported ops, or measure with `pocketformer validate` "
+                               "to see what the fallback costs."))
+    if profile.legacy_runtime and fmt == "tflite":
+        out.extend(_legacy_findings(path, desc, profile))
+    if profile.max_opset and desc.get("opset") and desc["opset"] > profile.max_opset:
+        out.append(Finding("error", "opset", f"the file uses opset {desc['opset']}; "
+                                             f"{profile.runtime_version or profile.runtime} supports up to "
+                                             f"{profile.max_opset}.",
+                           "re-export with a lower opset, or update the runtime on the device."))
+    # budgets and precision
+    size = artifact_size(path) / 1e6
+    if profile.budgets.size_mb is not None and size > profile.budgets.size_mb:
+        out.append(Finding("error", "size", f"{size:.1f} MB is over the {profile.budgets.size_mb:g} MB budget.",
+                           "quantize weights (int8: about 4x smaller) or prune more (pocketformer compress)."))
+    if _is_int8(desc, fmt, path) and not profile.int8_speedup:
+        out.append(Finding("warning", "int8-speed", f"{profile.name} has no int8 dot-product acceleration: int8 "
+                                                    "buys size here, not speed, and costs some accuracy.",
+                           "use int8 only if size matters; for speed, prune or factorize (smaller matmuls)."))
+    return out
+
+
+def _legacy_findings(path: Path, desc: dict[str, Any], profile: Profile) -> list[Finding]:
+    """Run the file in the legacy runtime (its own environment) on deterministic inputs: measured, not a table."""
+    import numpy as np
+
+    from . import tflite_legacy
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for name, dims in desc["inputs"].items():
+        dtype = desc.get("input_dtypes", {}).get(name, "FLOAT32")
+        if name == "attention_mask":
+            feeds[name] = np.ones(dims, dtype=np.int64)
+        elif dtype.startswith("INT"):
+            feeds[name] = rng.integers(1000, 2000, size=dims).astype(np.int64)
+        else:
+            feeds[name] = rng.standard_normal(dims).astype(np.float32)
+    result = tflite_legacy.check(path, feeds)
+    if not result["loads"]:
+        return [Finding("error", "legacy-runtime", f"{result['runtime']} cannot load the file: {result['error']}",
+                        "ship fp32 or int8 weight-only .tflite to apps on that runtime, or update their runtime.")]
+    if not result.get("outputs_agree"):
+        return [Finding("error", "legacy-runtime", result["error"] or f"{result['runtime']} fails on the file.",
+                        "do not ship this precision to apps embedding that runtime: use fp32 or int8 weight-only.")]
+    return []
+
+
+def as_dicts(findings: list[Finding]) -> list[dict[str, str]]:
+    return [asdict(f) for f in findings]
