@@ -117,9 +117,12 @@ def targets():
 
     for p in list_profiles():
         b = p.budgets
-        _echo(f"{p.name:14} {p.format:6} {p.runtime:12} threads={p.threads} shape={p.batch}x{p.seq_len} "
-              f"precisions={','.join(p.precisions)} budgets: p50<={b.latency_ms} ms, size<={b.size_mb} MB, "
-              f"drop<={b.accuracy_drop} pts  | {p.description}")
+        budgets = ", ".join(x for x in (f"p50 <= {b.latency_ms:g} ms" if b.latency_ms else "",
+                                        f"size <= {b.size_mb:g} MB" if b.size_mb else "",
+                                        f"drop <= {b.accuracy_drop:g} pts" if b.accuracy_drop is not None else "")
+                            if x)
+        _echo(f"{p.name:15} {p.format:7} {p.runtime:21} {p.threads} threads, {p.batch}x{p.seq_len}, "
+              f"{'/'.join(p.precisions)}; budgets: {budgets}\n{'':16}{p.description}")
 
 
 @app.command()
@@ -137,18 +140,21 @@ def stages():
 def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder, or .onnx file"),
             seq_len: int = typer.Option(128, "--seq-len", help="sequence length for MACs")):
     """Shapes, parameters and MACs of a checkpoint, or inputs, ops and size of an artifact."""
-    from .errors import CheckpointError
+    from .targets.lint import FORMAT_OF, artifact_format
+    from .targets.lint import describe as describe_artifact
 
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise CheckpointError(f"{path} does not exist.", "check the path.")
-        from .export.onnx import describe
+    if path.suffix in FORMAT_OF:
+        from .export.common import artifact_size
 
-        d = describe(path)
-        _echo(f"{path}: {path.stat().st_size / 1e6:.1f} MB, opset {d['opset']}, {d['weights']:,} weights")
+        fmt = artifact_format(path)  # refuses a missing file with one line
+        d = describe_artifact(path, fmt)
+        opset = f", opset {d['opset']}" if d.get("opset") else ""
+        _echo(f"{path}: {fmt}, {artifact_size(path) / 1e6:.1f} MB{opset}, {d.get('weights', 0):,} weights")
         _echo(f"  inputs:  {d['inputs']}")
         _echo(f"  outputs: {d['outputs']}")
         _echo("  ops:     " + ", ".join(f"{k} x{v}" for k, v in d["ops"].items()))
+        if d.get("op_precision"):
+            _echo(f"  compute precision: {d['op_precision']}")
         return
     folders = [path / "baseline", path / "model"] if (path / "compress.json").is_file() else [path]
     from .models import count_params, encoder_macs, load_any
@@ -162,11 +168,23 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
             _echo(f"  layer {i}: heads {s.heads} x {s.head_dim}, ffn {s.ffn}")
 
 
+def _quiet_third_party_logs() -> None:
+    """torchao (pulled in by litert-torch) logs a warning per missing CUDA kernel and torch one per deprecated
+    pytree registration on every import: noise that buries our one-line messages."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "coremltools"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
     import click
 
+    _quiet_third_party_logs()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except PocketformerError as e:
         typer.echo(f"error: {e.line()}", err=True)
         sys.exit(2)

@@ -123,11 +123,12 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
     """Load the checkpoint, make the reference (prepare stages), compress it (stages), save both into out_dir."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     seed_everything(recipe.seed)
-    info(f"loading {checkpoint}")
-    model, provenance = load_any(checkpoint)
+    # Read the data and the checkpoint before printing anything: a mistake in either is then one line on stderr.
     data = data_source(recipe)
     train = load_dataset(data, "train", recipe.seed)
     validation = load_dataset(data, "validation", recipe.seed)
+    model, provenance = load_any(checkpoint)
+    info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
     if train.modality != model.spec.modality:
         raise PocketformerError(f"Data {recipe.data!r} is {train.modality} but the model takes {model.spec.modality}.",
                                 "choose data of the model's modality.")

@@ -150,6 +150,11 @@ def layer_scores(model: CanonicalTransformer, teacher, batches, labels_of, metho
     return scores.tolist()
 
 
+def _same_weights(a: CanonicalTransformer, b: CanonicalTransformer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 # -- selection ------------------------------------------------------------------------------------------------
 
 def _normalise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -207,18 +212,25 @@ class Prune(Stage):
             return torch.from_numpy(calib.labels[idx])
 
         teacher = ctx.teacher if model.classifier is None else None
+        importance = cfg.importance
+        if importance == "taylor" and model.classifier is None and _same_weights(model, ctx.teacher):
+            # An embedding model pruned before any training is its own teacher: the loss and every gradient are
+            # zero, so first-order scores would rank by position. Weight magnitude is the honest fallback.
+            info("prune: taylor importance needs a loss the model does not already minimise (no classifier, "
+                 "model == teacher); using magnitude instead")
+            importance = "magnitude"
         if cfg.importance == "accuracy":
             self._accuracy_driven(model, ctx, cfg, batches, labels_of)
             return model
         n_layers = resolve(cfg.layers, len(model.layers))
         if n_layers:
-            scores = layer_scores(model, teacher, batches, labels_of, cfg.importance)
+            scores = layer_scores(model, teacher, batches, labels_of, importance)
             keep = sorted(np.argsort(scores)[n_layers:].tolist())
             info(f"prune: removing layers {sorted(set(range(len(model.layers))) - set(keep))} "
                  f"(scores {', '.join(f'{s:.3g}' for s in scores)})")
             model.keep_layers(keep)
         if cfg.heads or cfg.ffn:
-            if cfg.importance == "taylor":
+            if importance == "taylor":
                 head_s, neuron_s = taylor_scores(model, teacher, batches, labels_of)
             else:
                 head_s, neuron_s = magnitude_scores(model)

@@ -1,0 +1,204 @@
+"""Structured pruning: importance scorers, how much is removed, and what the pruned model still computes."""
+
+import copy
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch.nn import functional as F
+
+from pocketformer.compress import Context
+from pocketformer.compress.prune import Prune, PruneConfig, resolve, select_heads, select_neurons
+from pocketformer.data import Encoder, load_dataset
+
+DIGITS = [str(i) for i in range(10)]
+CALIBRATION, BATCH = 16, 8
+
+
+@lru_cache(maxsize=None)
+def digits(split: str):
+    return load_dataset("digits", split)
+
+
+def digits_context(model) -> Context:
+    return Context(teacher=copy.deepcopy(model).eval(), train=digits("train"), validation=digits("validation"),
+                   encoder=Encoder(None), batch_size=BATCH)
+
+
+def prune(model, **settings):
+    settings.setdefault("calibration_examples", CALIBRATION)
+    return Prune(PruneConfig(**settings)).apply(model, digits_context(model))
+
+
+def heads(model) -> list[int]:
+    return [layer.attn.heads for layer in model.layers]
+
+
+def widths(model) -> list[int]:
+    return [layer.ffn.width for layer in model.layers]
+
+
+def calibration_loss(model) -> float:
+    """Mean cross-entropy over the calibration batches the accuracy-driven walk evaluates."""
+    ds = digits("train").head(CALIBRATION)
+    with torch.no_grad():
+        return float(np.mean([float(F.cross_entropy(model(*x), torch.from_numpy(ds.labels[i])))
+                              for i, x in Encoder(None).batches(ds, BATCH)]))
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+# -- amounts --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("amount,total,expected", [(0.25, 8, 2), (3, 8, 3), (0.5, 3, 2), (20, 8, 8), (0, 8, 0)])
+def test_resolve_turns_fractions_and_counts_into_units_to_remove(amount, total, expected):
+    assert resolve(amount, total) == expected
+
+
+@pytest.mark.parametrize("field,value", [("heads", 1.5), ("heads", 1.0), ("ffn", -1), ("layers", True)])
+def test_amounts_outside_fraction_or_count_are_rejected(field, value):
+    with pytest.raises(ValidationError, match=field):
+        PruneConfig(**{field: value})
+
+
+# -- selection ------------------------------------------------------------------------------------------------------
+
+def test_select_heads_removes_the_globally_lowest_scores():
+    keep = select_heads([torch.tensor([0.9, 0.1, 0.8, 0.7]), torch.tensor([0.5, 0.6, 0.05, 0.4])], n_remove=2)
+    assert keep == [[0, 2, 3], [0, 1, 3]]
+
+
+def test_select_neurons_with_tied_scores_removes_exactly_the_requested_count():
+    # All-zero scores happen, e.g. taylor importance of an embedding model that still equals its teacher.
+    keep = select_neurons([torch.zeros(32), torch.zeros(32)], n_remove=16, round_to=1)
+    assert sum(map(len, keep)) == 48
+
+
+def test_select_neurons_rounds_each_kept_width_to_a_multiple():
+    scores = [torch.linspace(0.1, 1, 64), torch.linspace(0.2, 2, 64)]
+    assert all(len(k) % 16 == 0 for k in select_neurons(scores, n_remove=37, round_to=16))
+
+
+# -- magnitude and taylor -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+@pytest.mark.parametrize("amount,removed", [(3, 3), (0.25, 2)], ids=["count", "fraction"])
+def test_requested_number_of_heads_is_removed(make_model, importance, amount, removed):
+    model = prune(make_model("vision", labels=DIGITS), heads=amount, importance=importance)
+    assert sum(heads(model)) == 8 - removed
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+@pytest.mark.parametrize("labels", [DIGITS, ()], ids=["classifier", "embedding"])
+@pytest.mark.parametrize("amount,removed", [(40, 40), (0.25, 64)], ids=["count", "fraction"])
+def test_requested_number_of_neurons_is_removed(make_model, importance, labels, amount, removed):
+    model = prune(make_model("vision", labels=labels), ffn=amount, importance=importance, round_to=1)
+    assert sum(widths(model)) == 256 - removed
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+@pytest.mark.parametrize("amount", [1, 0.5], ids=["count", "fraction"])
+def test_requested_number_of_layers_is_removed(make_model, importance, amount):
+    model = prune(make_model("vision", labels=DIGITS), layers=amount, importance=importance)
+    assert len(model.layers) == 1
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_neuron_widths_stay_multiples_of_round_to(make_model, importance):
+    model = prune(make_model("vision", labels=DIGITS), ffn=0.4, importance=importance, round_to=16)
+    assert all(w % 16 == 0 for w in widths(model))
+    assert abs((256 - sum(widths(model))) - resolve(0.4, 256)) <= len(model.layers) * 16 // 2
+
+
+def test_every_layer_keeps_at_least_one_head(make_model):
+    model = prune(make_model("vision", labels=DIGITS), heads=8, importance="magnitude")
+    assert heads(model) == [1, 1]
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_pruned_model_still_runs(make_model, make_vision_inputs, importance):
+    model = prune(make_model("vision", labels=DIGITS), layers=1, heads=2, ffn=0.5, importance=importance)
+    assert run(model, make_vision_inputs(batch=2)).shape == (2, 10)
+
+
+def test_magnitude_removes_the_head_with_the_smallest_weights(make_model):
+    model = make_model("vision", labels=DIGITS)
+    attn = model.layers[1].attn
+    with torch.no_grad():
+        for name in "qkv":
+            getattr(attn, name).weight[32:48] *= 0.01
+        attn.o.weight[:, 32:48] *= 0.01
+    q_before = attn.q.weight.detach().clone()
+    model = prune(model, heads=1, importance="magnitude")
+    assert heads(model) == [4, 3]
+    torch.testing.assert_close(model.layers[1].attn.q.weight, torch.cat([q_before[:32], q_before[48:]]))
+
+
+def test_magnitude_removes_the_neurons_with_the_smallest_weights(make_model):
+    model = make_model("vision", labels=DIGITS)
+    weak = list(range(0, 128, 4))
+    with torch.no_grad():
+        model.layers[0].ffn.fc1.weight[weak] *= 0.01
+    fc1_before = model.layers[0].ffn.fc1.weight.detach().clone()
+    model = prune(model, ffn=len(weak), importance="magnitude", round_to=1)
+    assert widths(model) == [96, 128]
+    strong = [i for i in range(128) if i not in weak]
+    torch.testing.assert_close(model.layers[0].ffn.fc1.weight, fc1_before[strong])
+
+
+def test_taylor_removes_a_head_that_contributes_nothing_and_outputs_stay_the_same(make_model, make_vision_inputs):
+    model = make_model("vision", labels=DIGITS)
+    with torch.no_grad():
+        model.layers[0].attn.o.weight[:, 16:32] = 0  # head 1 of layer 0: zero gradient on its gate
+    inputs = make_vision_inputs(batch=4)
+    before = run(model, inputs)
+    model = prune(model, heads=1, importance="taylor")
+    assert heads(model) == [3, 4]
+    torch.testing.assert_close(run(model, inputs), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_a_layer_that_changes_nothing_is_removed_first_and_outputs_stay_the_same(make_model, make_vision_inputs,
+                                                                                 importance):
+    model = make_model("vision", labels=DIGITS)  # pre-norm: zero out-projections make layer 0 the identity
+    with torch.no_grad():
+        for lin in (model.layers[0].attn.o, model.layers[0].ffn.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    second = model.layers[1]
+    inputs = make_vision_inputs(batch=4)
+    before = run(model, inputs)
+    model = prune(model, layers=1, importance=importance)
+    assert len(model.layers) == 1 and model.layers[0] is second
+    torch.testing.assert_close(run(model, inputs), before, atol=1e-5, rtol=1e-5)
+
+
+# -- accuracy-driven (AxFormer) ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [dict(layers=1, heads=3, ffn=64), dict(layers=0.5, heads=0.375, ffn=0.25)],
+                         ids=["counts", "fractions"])
+def test_accuracy_driven_pruning_stops_at_the_requested_amounts(make_model, settings):
+    # An unlimited tolerance accepts every deletion, so only the targets stop the walk.
+    model = prune(make_model("vision", labels=DIGITS), importance="accuracy", tolerance=1e9, round_to=16, **settings)
+    assert len(model.layers) == 1
+    assert heads(model) == [1]
+    assert widths(model) == [64]
+
+
+def test_accuracy_driven_pruning_never_raises_the_calibration_loss_at_zero_tolerance(make_model):
+    model = make_model("vision", labels=DIGITS, seed=0)
+    params_before, loss_before = sum(p.numel() for p in model.parameters()), calibration_loss(model)
+    model = prune(model, importance="accuracy", tolerance=0.0, round_to=16)
+    assert sum(p.numel() for p in model.parameters()) < params_before  # it did delete something
+    assert calibration_loss(model) <= loss_before + 1e-6
+
+
+def test_accuracy_driven_neuron_groups_keep_widths_multiples_of_round_to(make_model):
+    model = prune(make_model("vision", labels=DIGITS), importance="accuracy", tolerance=1e9, layers=1, ffn=0.25,
+                  round_to=16)
+    assert all(w % 16 == 0 for w in widths(model))

@@ -1,0 +1,187 @@
+"""The command line, run as users run it (a fresh `python -m pocketformer.cli` process): bad input is one line on
+stderr starting with "error:" and exit code 2, never a traceback; the happy path works step by step."""
+
+import json
+
+import pytest
+
+from pocketformer.models import save
+
+
+def assert_one_line_error(proc, *mentions):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and len(lines[0]) > len("error: "), proc.stderr
+    for word in mentions:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def recipe_for(make_recipe, tmp_path):
+    def make(**fields):
+        return make_recipe("recipe", **{"model": str(tmp_path / "ckpt"), "data": "digits", **fields})
+
+    return make
+
+
+# -- bad input -------------------------------------------------------------------------------------------------------
+
+def test_missing_checkpoint_path(run_cli, tmp_path, recipe_for):
+    proc = run_cli("compress", tmp_path / "no-such-checkpoint", "--recipe", recipe_for(), "--out", tmp_path / "out")
+    assert_one_line_error(proc, "no-such-checkpoint", "does not exist")
+
+
+
+
+def test_truncated_safetensors(run_cli, make_hf_checkpoint):
+    folder = make_hf_checkpoint("bert")
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    assert_one_line_error(run_cli("inspect", folder), "truncated or corrupt")
+
+
+
+
+def test_missing_data_file(run_cli, tmp_path, make_model, recipe_for):
+    save(make_model("text"), tmp_path / "ckpt")
+    proc = run_cli("compress", tmp_path / "ckpt", "--recipe", recipe_for(data="missing.csv"), "--out", tmp_path / "o")
+    assert_one_line_error(proc, "missing.csv", "does not exist")
+
+
+def test_unsupported_architecture(run_cli, tmp_path):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    transformers.GPT2Model(cfg).save_pretrained(str(tmp_path / "gpt2"))
+    assert_one_line_error(run_cli("inspect", tmp_path / "gpt2"), "'gpt2'", "not supported")
+
+
+@pytest.mark.parametrize("fields,mentions", [
+    ({"colour": "red"}, ["colour"]),
+    ({"stages": [{"prune": {"heads": 2, "speed": "max"}}]}, ["speed"]),
+    ({"stages": [{"prune": {"heads": 1.5}}]}, ["heads"]),
+    ({"stages": [{"distill": {"epochs": -1}}]}, ["epochs"]),
+], ids=["unknown-top-level-key", "unknown-stage-setting", "heads-out-of-range", "negative-epochs"])
+def test_bad_recipes(run_cli, recipe_for, fields, mentions):
+    assert_one_line_error(run_cli("run", recipe_for(**fields)), *mentions)
+
+
+
+
+def test_missing_recipe_file(run_cli, tmp_path):
+    assert_one_line_error(run_cli("run", tmp_path / "nope.yaml"), "nope.yaml")
+
+
+def test_unknown_target_for_validate(run_cli, tmp_path):
+    assert_one_line_error(run_cli("validate", tmp_path, "--target", "no-such-target"), "no-such-target")
+
+
+def test_unknown_export_format(run_cli, tmp_path):
+    assert_one_line_error(run_cli("export", tmp_path, "--to", "nonsense-format"), "nonsense-format")
+
+
+
+
+def test_validate_before_compress(run_cli, tmp_path, fast_profile):
+    assert_one_line_error(run_cli("validate", tmp_path, "--target", fast_profile), "compress.json")
+
+
+# -- listings ---------------------------------------------------------------------------------------------------------
+
+def test_targets_lists_the_built_in_profiles(run_cli):
+    proc = run_cli("targets")
+    assert proc.returncode == 0 and "host-ort " in proc.stdout
+
+
+def test_stages_lists_each_stage_with_its_settings(run_cli):
+    proc = run_cli("stages")
+    assert proc.returncode == 0
+    for expected in ("prune:", "distill:", "finetune:", "importance = 'taylor'", "round_to = 8", "temperature"):
+        assert expected in proc.stdout
+
+
+def test_inspect_shows_each_layers_shape(run_cli, tmp_path, make_model):
+    model = make_model("text")
+    model.keep_heads(0, [0, 2, 3])
+    model.keep_neurons(1, list(range(40)))
+    save(model, tmp_path / "ckpt")
+    proc = run_cli("inspect", tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 0: heads 3 x 16, ffn 128" in proc.stdout and "layer 1: heads 4 x 16, ffn 40" in proc.stdout
+
+
+# -- step by step: compress, export, validate, inspect ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, make_model, fast_profile):
+    """A tiny ViT on digits through `compress`, `export --no-int8` and `validate`, each its own process."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("cli")
+    save(make_model("vision", labels=[str(i) for i in range(10)]), work / "ckpt")
+    (work / "recipe.yaml").write_text(json.dumps({
+        "name": "cli", "model": "ckpt", "data": "digits", "batch_size": 64,
+        "stages": [{"prune": {"heads": 2, "ffn": 0.25, "importance": "magnitude", "calibration_examples": 16}},
+                   {"distill": {"epochs": 1, "max_examples": 64, "lr": 1e-3}}]}))
+    env = {**os.environ, "POCKETFORMER_CACHE": str(work / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pocketformer.cli", *map(str, args)], capture_output=True,
+                              text=True, cwd=work, env=env, timeout=300)
+
+    procs = {"compress": cli("compress", "ckpt", "--recipe", "recipe.yaml", "--out", "out"),
+             "export": cli("export", "out", "--to", "onnx", "--no-int8"),
+             "validate": cli("validate", "out", "--target", fast_profile, "--limit", "40"),
+             "inspect": cli("inspect", "out")}
+    return work / "out", procs
+
+
+@pytest.mark.parametrize("step", ["compress", "export", "validate", "inspect"])
+def test_each_step_succeeds(cli_run, step):
+    _, procs = cli_run
+    assert procs[step].returncode == 0, procs[step].stderr
+    assert "Traceback" not in procs[step].stderr
+
+
+def test_compress_prints_the_size_change(cli_run):
+    _, procs = cli_run
+    assert procs["compress"].stdout.startswith("compressed: params ")
+
+
+def test_export_writes_the_baseline_and_model_files(cli_run):
+    out, _ = cli_run
+    assert sorted(p.name for p in (out / "artifacts").glob("*.onnx")) == ["baseline.fp32.onnx", "model.fp32.onnx"]
+
+
+def test_validate_writes_a_report_with_a_row_per_artifact(cli_run):
+    out, procs = cli_run
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(r["variant"] for r in report["validation"]) == ["baseline.fp32", "model.fp32"]
+    assert all(r["examples"] == 40 for r in report["validation"])
+    assert procs["validate"].stdout.startswith("2/2 artifacts within")
+
+
+def test_inspect_of_a_run_folder_shows_baseline_and_model(cli_run):
+    _, procs = cli_run
+    assert "baseline: vision encoder" in procs["inspect"].stdout
+    assert "model: vision encoder" in procs["inspect"].stdout
+    assert "heads 4 x 16" in procs["inspect"].stdout
+
+
+def test_inspect_of_an_onnx_file_shows_its_inputs(cli_run, run_cli):
+    out, _ = cli_run
+    proc = run_cli("inspect", out / "artifacts" / "model.fp32.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "pixel_values" in proc.stdout and "opset" in proc.stdout
+
+
+@pytest.mark.slow
+def test_inspect_minilm(run_cli, minilm_path):
+    proc = run_cli("inspect", minilm_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "text encoder, task embedding, hidden 384, 6 layers" in proc.stdout
+    assert proc.stdout.count("heads 12 x 32, ffn 1536") == 6

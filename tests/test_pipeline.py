@@ -1,0 +1,226 @@
+"""The pipeline on a tiny BERT with MiniLM's real tokenizer and a 60-row CSV: compress -> export -> validate, the
+stage cache, determinism, and paths relative to the recipe."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from pocketformer import pipeline
+from pocketformer.data import Encoder, load_dataset
+from pocketformer.errors import CheckpointError, PocketformerError
+from pocketformer.models import load
+from pocketformer.models.io import weights_sha256
+from pocketformer.recipe import load_recipe, parse_recipe
+from pocketformer.report import write_report
+
+STAGES = [{"prune": {"heads": 2, "ffn": 0.25, "importance": "magnitude", "calibration_examples": 16}},
+          {"distill": {"epochs": 1, "max_examples": 16, "lr": 1e-3}}]
+
+
+def text_recipe(checkpoint, data, **overrides):
+    fields = dict(name="tiny", model=str(checkpoint), data=str(data), max_len=32, batch_size=16, stages=STAGES)
+    fields.update(overrides)
+    return parse_recipe(fields)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tokenized_bert, sentiment_csv, fast_profile):
+    """One compress -> export (fp32 + int8) -> validate, shared by the read-only tests below."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POCKETFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        summary = pipeline.compress(text_recipe(tokenized_bert, sentiment_csv), tokenized_bert, out)
+        records = pipeline.export(out, ["onnx"], int8=True)
+        rows = pipeline.validate(out, str(fast_profile))
+    return out, summary, records, rows
+
+
+# -- compress ---------------------------------------------------------------------------------------------------------
+
+def test_compress_writes_a_baseline_and_a_smaller_model_that_load(text_run):
+    out, _, _, _ = text_run
+    baseline, _ = load(out / "baseline")
+    model, _ = load(out / "model")
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in baseline.parameters())
+
+
+def test_compressed_model_has_the_requested_heads_and_neurons_removed(text_run):
+    out, _, _, _ = text_run
+    layers = load(out / "model")[0].config.layers
+    assert sum(s.heads for s in layers) == 8 - 2
+    assert all(s.ffn % 8 == 0 for s in layers) and sum(s.ffn for s in layers) < 256
+
+
+def test_compress_json_reports_each_stage(text_run):
+    out, summary, _, _ = text_run
+    on_disk = json.loads((out / "compress.json").read_text())
+    assert [s["stage"] for s in on_disk["stages"]] == ["prune", "distill"]
+    prune = on_disk["stages"][0]
+    assert prune["params_after"] < prune["params_before"] and prune["macs_after"] < prune["macs_before"]
+    assert on_disk["model"] == summary["model"]
+
+
+def test_baseline_records_the_import_parity(text_run):
+    out, _, _, _ = text_run
+    provenance = load(out / "baseline")[1]["provenance"]
+    assert provenance["role"] == "baseline"
+    assert provenance["input"]["import_parity_max_abs_diff"] <= 1e-4
+
+
+def test_compressed_checkpoint_carries_the_tokenizer(text_run, tokenized_bert):
+    out, _, _, _ = text_run
+    assert (out / "model" / "tokenizer.json").read_bytes() == (tokenized_bert / "tokenizer.json").read_bytes()
+
+
+def test_data_of_the_wrong_modality_is_refused(tmp_path, tokenized_bert):
+    with pytest.raises(PocketformerError, match="vision"):
+        pipeline.compress(text_recipe(tokenized_bert, "digits", stages=[]), tokenized_bert, tmp_path / "out")
+
+
+# -- export -----------------------------------------------------------------------------------------------------------
+
+def test_export_writes_fp32_and_int8_for_baseline_and_model(text_run):
+    out, _, records, _ = text_run
+    assert sorted(r["file"] for r in records) == ["baseline.fp32.onnx", "baseline.int8.onnx", "model.fp32.onnx",
+                                                   "model.int8.onnx"]
+    manifest = json.loads((out / "artifacts" / "artifacts.json").read_text())
+    assert sorted(r["file"] for r in manifest) == sorted(r["file"] for r in records)
+
+
+def test_exported_records_carry_their_files_sha256_and_size(text_run):
+    out, _, records, _ = text_run
+    for r in records:
+        path = out / "artifacts" / r["file"]
+        assert r["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert r["size_bytes"] == path.stat().st_size
+
+
+def test_exported_model_matches_pytorch_on_real_tokenized_text(text_run, sentiment_csv):
+    out, _, _, _ = text_run
+    model, _ = load(out / "model")
+    ds = load_dataset(str(sentiment_csv), "test")
+    ids, mask = Encoder(out / "model", 32).encode(ds, np.arange(len(ds)))
+    session = ort.InferenceSession(str(out / "artifacts" / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(ids, mask).numpy()).max() < 1e-4
+
+
+def test_export_again_reuses_unchanged_artifacts(text_run):
+    out, _, records, _ = text_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "artifacts").glob("*.onnx")}
+    again = pipeline.export(out, ["onnx"], int8=True)
+    assert sorted(r["sha256"] for r in again) == sorted(r["sha256"] for r in records)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "artifacts").glob("*.onnx")} == before
+
+
+def test_export_of_a_folder_never_compressed_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="compress.json"):
+        pipeline.export(tmp_path, ["onnx"])
+
+
+# -- validate ---------------------------------------------------------------------------------------------------------
+
+def test_validate_reports_one_row_per_artifact(text_run):
+    _, _, records, rows = text_run
+    assert sorted(r["file"] for r in rows) == sorted(r["file"] for r in records)
+
+
+def test_rows_carry_accuracy_latency_memory_size_and_verdicts(text_run):
+    _, _, _, rows = text_run
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 100
+        assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
+        assert row["peak_rss_mb"] > 0 and row["size_mb"] > 0
+        assert set(row["budgets"]) == {"latency_ms", "size_mb", "accuracy_drop"}
+        assert row["pass"] == all(c["pass"] for c in row["budgets"].values())
+
+
+def test_int8_rows_are_smaller_than_fp32_rows(text_run):
+    _, _, _, rows = text_run
+    size = {r["variant"]: r["size_mb"] for r in rows}
+    assert size["model.int8"] < size["model.fp32"] and size["baseline.int8"] < size["baseline.fp32"]
+
+
+def test_validation_is_written_under_the_targets_name(text_run):
+    out, _, _, rows = text_run
+    saved = json.loads((out / "validation" / "test-ort.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["target"]["name"] == "test-ort"
+
+
+def test_report_lists_every_artifact_and_row(text_run):
+    out, _, records, rows = text_run
+    report = write_report(out)
+    assert len(report["validation"]) == len(rows)
+    markdown = (out / "report.md").read_text()
+    assert all(r["file"] in markdown for r in records)
+
+
+def test_validate_without_artifacts_is_an_error_naming_the_fix(text_run, tmp_path, fast_profile):
+    out, _, _, _ = text_run
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("artifacts"))
+    with pytest.raises(PocketformerError, match="pocketformer export"):
+        pipeline.validate(bare, str(fast_profile))
+
+
+# -- cache and determinism ------------------------------------------------------------------------------------------
+
+def compress_hash(recipe, checkpoint, out):
+    summary = pipeline.compress(recipe, checkpoint, out)
+    return summary, weights_sha256(load(out / "model")[0])
+
+
+def test_second_compress_reuses_every_cached_stage_and_the_same_weights(tmp_path, tokenized_bert, sentiment_csv):
+    recipe = text_recipe(tokenized_bert, sentiment_csv)
+    first, first_hash = compress_hash(recipe, tokenized_bert, tmp_path / "a")
+    second, second_hash = compress_hash(recipe, tokenized_bert, tmp_path / "b")
+    assert [s["cached"] for s in first["stages"]] == [False, False]
+    assert [s["cached"] for s in second["stages"]] == [True, True]
+    assert second_hash == first_hash
+
+
+def test_same_seed_gives_identical_weights_without_the_cache(tmp_path, monkeypatch, tokenized_bert, sentiment_csv):
+    recipe = text_recipe(tokenized_bert, sentiment_csv, seed=3)
+    hashes = []
+    for name in ("one", "two"):
+        monkeypatch.setenv("POCKETFORMER_CACHE", str(tmp_path / f"cache-{name}"))
+        summary, h = compress_hash(recipe, tokenized_bert, tmp_path / name)
+        assert not any(s["cached"] for s in summary["stages"])
+        hashes.append(h)
+    assert hashes[0] == hashes[1]
+
+
+def test_another_seed_gives_other_weights(tmp_path, tokenized_bert, sentiment_csv):
+    _, a = compress_hash(text_recipe(tokenized_bert, sentiment_csv, seed=0), tokenized_bert, tmp_path / "a")
+    _, b = compress_hash(text_recipe(tokenized_bert, sentiment_csv, seed=1), tokenized_bert, tmp_path / "b")
+    assert a != b
+
+
+def test_changed_data_is_not_served_from_the_cache(tmp_path, tokenized_bert, make_csv):
+    data = make_csv(tmp_path / "reviews.csv", seed=0)
+    recipe = text_recipe(tokenized_bert, data)
+    pipeline.compress(recipe, tokenized_bert, tmp_path / "a")
+    make_csv(data, seed=1)  # same path, other reviews
+    second = pipeline.compress(recipe, tokenized_bert, tmp_path / "b")
+    assert [s["cached"] for s in second["stages"]] == [False, False]
+
+
+def test_a_run_resolves_the_recipes_relative_paths_from_any_directory(tmp_path, monkeypatch, tokenized_bert,
+                                                                      make_profile, make_csv, make_recipe):
+    project = tmp_path / "project"
+    shutil.copytree(tokenized_bert, project / "ckpt")
+    make_csv(project / "reviews.csv")
+    profile = make_profile("relative", precisions=["fp32"])
+    recipe_path = make_recipe("recipe", folder=project, name="rel", model="ckpt", data="reviews.csv", max_len=32,
+                              batch_size=16, stages=STAGES[:1], export={"int8": False}, targets=[str(profile)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = pipeline.run(load_recipe(recipe_path), tmp_path / "out")
+    assert sorted(r["variant"] for r in report["validation"]) == ["baseline.fp32", "model.fp32"]
