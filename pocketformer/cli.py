@@ -74,7 +74,7 @@ def validate(out: Path = typer.Argument(..., help="folder written by `compress` 
     rows = do_validate(out, target, data, limit)
     write_report(out)
     failed = [r["variant"] for r in rows if not r["pass"]]
-    _echo(f"{len(rows) - len(failed)}/{len(rows)} artifacts within {target}'s budgets"
+    _echo(f"{len(rows) - len(failed)}/{len(rows)} artifacts within {rows[0]['target']}'s budgets"
           + (f" (over budget: {', '.join(failed)})" if failed else "") + f"; report: {out / 'report.md'}")
 
 

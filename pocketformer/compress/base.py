@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import Dataset, Encoder
 from ..models.canonical import CanonicalTransformer, count_params, encoder_macs
@@ -19,6 +19,16 @@ REGISTRY: dict[str, type["Stage"]] = {}
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TrainingConfig(StageConfig):
+    """Settings every stage that trains on the train split shares."""
+
+    epochs: float = Field(1.0, gt=0, le=100, description="passes over the train split (fractions allowed)")
+    lr: float = Field(1e-4, gt=0, lt=1)
+    max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
+    freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed: no stage changes "
+                                                      "it, and updating it slows every step")
 
 
 @dataclass
@@ -48,6 +58,20 @@ class Stage:
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
         raise NotImplementedError
+
+    def fit(self, model: CanonicalTransformer, ctx: Context, loss_fn, desc: str) -> list[float]:
+        """Train `model` on the train split with this stage's TrainingConfig; returns the per-step losses."""
+        from ..train import train_loop
+
+        cfg = self.config
+        data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
+        if cfg.freeze_embeddings and model.spec.modality == "text":
+            model.embeddings.word.weight.requires_grad_(False)
+        try:
+            return train_loop(model, data, ctx.encoder, loss_fn, epochs=cfg.epochs, lr=cfg.lr,
+                              batch_size=ctx.batch_size, seed=ctx.seed, desc=desc)
+        finally:
+            model.requires_grad_(True)
 
 
 class StageReport(BaseModel):

@@ -12,20 +12,15 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from ..models.canonical import CanonicalTransformer
-from ..train import seed_everything, train_loop
-from .base import Context, Stage, StageConfig
+from ..train import seed_everything
+from .base import Context, Stage, TrainingConfig
 
 
-class DistillConfig(StageConfig):
-    epochs: float = Field(1.0, gt=0, le=100, description="passes over the train split (fractions allowed)")
-    lr: float = Field(1e-4, gt=0, lt=1)
+class DistillConfig(TrainingConfig):
     temperature: float = Field(2.0, gt=0)
     kd: float = Field(1.0, ge=0, description="weight of the output-matching term")
     hidden: float = Field(1.0, ge=0, description="weight of the hidden-state MSE term")
     label: float = Field(0.0, ge=0, description="weight of the cross-entropy on true labels")
-    max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
-    freeze_embeddings: bool = Field(True, description="keep the token embedding table as the teacher's: no "
-                                                      "stage changes it, and its large updates slow each step")
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[int]:
@@ -69,15 +64,7 @@ class Distill(Stage):
     def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
         cfg: DistillConfig = self.config
         seed_everything(ctx.seed)
-        teacher = ctx.teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
-        if cfg.freeze_embeddings and model.spec.modality == "text":
-            model.embeddings.word.weight.requires_grad_(False)
-        losses = train_loop(model, data, ctx.encoder, lambda m, x, y: distill_loss(m, teacher, x, y, cfg),
-                            epochs=cfg.epochs, lr=cfg.lr, batch_size=ctx.batch_size, seed=ctx.seed,
-                            desc="distill")
-        model.requires_grad_(True)
+        teacher = ctx.teacher.eval()  # its forward runs under no_grad in distill_loss
+        losses = self.fit(model, ctx, lambda m, x, y: distill_loss(m, teacher, x, y, cfg), "distill")
         ctx.notes["distill_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
         return model

@@ -10,17 +10,13 @@ from torch.nn import functional as F
 
 from ..errors import RecipeError
 from ..models.canonical import CanonicalTransformer
-from ..train import seed_everything, train_loop
-from .base import Context, Stage, StageConfig
+from ..train import seed_everything
+from .base import Context, Stage, TrainingConfig
 
 
-class FinetuneConfig(StageConfig):
-    epochs: float = Field(1.0, gt=0, le=100)
+class FinetuneConfig(TrainingConfig):
     lr: float = Field(5e-5, gt=0, lt=1)
     pooling: Literal["mean", "cls"] = "mean"
-    max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
-    freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed: little to gain on a "
-                                                      "small labelled set, and its updates slow every step")
 
 
 class Finetune(Stage):
@@ -37,10 +33,5 @@ class Finetune(Stage):
         elif len(model.spec.head.labels) != len(labels):
             raise RecipeError(f"The model has {len(model.spec.head.labels)} labels but the data has {len(labels)}.",
                               "fine-tune on data with the model's labels, or start from an embedding model.")
-        data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
-        if cfg.freeze_embeddings and model.spec.modality == "text":
-            model.embeddings.word.weight.requires_grad_(False)
-        train_loop(model, data, ctx.encoder, lambda m, x, y: F.cross_entropy(m(*x), y), epochs=cfg.epochs,
-                   lr=cfg.lr, batch_size=ctx.batch_size, seed=ctx.seed, desc="finetune")
-        model.requires_grad_(True)
+        self.fit(model, ctx, lambda m, x, y: F.cross_entropy(m(*x), y), "finetune")
         return model
