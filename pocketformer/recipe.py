@@ -87,7 +87,8 @@ class Recipe(BaseModel):
             except ValidationError as e:
                 err = e.errors()[0]
                 loc = ".".join(str(x) for x in err["loc"])
-                raise ValueError(f"item {i} ({name}): {loc}: {err['msg']}") from None
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"item {i} ({name}): {loc}: {msg}") from None
         return v
 
     def target_refs(self) -> list[TargetRef]:
