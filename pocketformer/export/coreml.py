@@ -22,7 +22,7 @@ import torch
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..targets import coreml_ref
-from .common import artifact_size, named, pad_to, parity
+from .common import artifact_size, named, pad_to, parity, reduced_precision_ok
 
 DEFAULT_SEQ = 128
 # Weights may be compressed only where an op uses them as weights. Applied to every const, compression also hits
@@ -32,7 +32,6 @@ PALETTIZE_OPS = ("linear",)
 WEIGHT_THRESHOLD = 2048  # tensors with fewer elements stay float (biases, norms, tiny classifiers)
 FP32_MAX_ABS = 1e-3
 FP32_MIN_COSINE = 0.9999
-MIN_COSINE = {"fp16": 0.99, "int8": 0.99}
 PAL_MIN_COSINE = 0.98
 _FIXES = {"fp32": "report this with the model's pocketformer.json.",
           "fp16": "report this with the model's pocketformer.json (its activations may overflow fp16).",
@@ -201,7 +200,8 @@ def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, .
     if precision == "fp32":
         ok = result["max_abs_diff"] <= FP32_MAX_ABS and result["cosine"] >= FP32_MIN_COSINE
     else:
-        ok = result["cosine"] >= MIN_COSINE.get(precision, PAL_MIN_COSINE)
+        ok = reduced_precision_ok(result, model.classifier is not None) if precision in ("fp16", "int8") else \
+            result["cosine"] >= PAL_MIN_COSINE
     if not (ok and finite):
         raise ExportError(f"{path.name} disagrees with PyTorch in the {coreml_ref.execution()} (max abs diff "
                           f"{result['max_abs_diff']:.2e}, cosine {result['cosine']:.5f}"
