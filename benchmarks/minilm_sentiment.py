@@ -51,6 +51,8 @@ PEERS = {
                                            lambda d: d / "model" / "paraphrase-MiniLM-L3-v2.onnx",
                                            "published fp32 ONNX of paraphrase-MiniLM-L3-v2, a distilled 3-layer model"),
 }
+LITERT_VARIANTS = ("pruned-medium",)  # plus the baseline: LiteRT rows beside the ORT rows
+LITERT_PRECISIONS = ("fp32", "fp16", "int8")
 PROBE_TRAIN = 2000  # examples for the peers' linear probe (as METHODS.md's frozen-MiniLM figure)
 
 
@@ -66,7 +68,9 @@ def build_variants(work: Path, only: list[str]) -> dict[str, Path]:
         out = work / name
         print(f"== {name}: prune {prune} + distill", flush=True)
         pipeline.compress(recipe, recipe.resolve_model(), out)
-        pipeline.export(out, ["onnx"], int8=True)
+        tflite = name in LITERT_VARIANTS
+        pipeline.export(out, ["onnx", "tflite"] if tflite else ["onnx"], int8=True,
+                        baseline_formats=["onnx", "tflite"] if tflite else ["onnx"])
         outs[name] = out
     return outs
 
@@ -128,6 +132,8 @@ def main() -> None:
     t0 = time.monotonic()
     profile = get_profile("host-ort").model_copy(update={"threads": args.threads, "repeats": args.repeats,
                                                          "warmup": args.warmup})
+    litert_profile = get_profile("android-litert").model_copy(update={
+        "name": "host-litert", "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup})
     outs = build_variants(args.work, args.only)
     first = next(iter(outs.values()))
     recipe = pipeline.read_compress(first)["recipe"]
@@ -137,37 +143,49 @@ def main() -> None:
     ref_pred = predict(reference, test, enc).numpy().argmax(1)
     ref_acc = float((ref_pred == test.labels).mean() * 100)
 
-    artifacts = [(first, r, "baseline") for r in read_manifest(first / "artifacts") if r["variant"] == "baseline"]
+    litert_home = next((outs[v] for v in LITERT_VARIANTS if v in outs), first)
+    artifacts = [(first, r, "baseline") for r in read_manifest(first / "artifacts")
+                 if r["variant"] == "baseline" and r["format"] == "onnx"]
+    artifacts += [(litert_home, r, "baseline") for r in read_manifest(litert_home / "artifacts")
+                  if r["variant"] == "baseline" and r["format"] == "tflite" and r["precision"] in LITERT_PRECISIONS]
     for name, out in outs.items():
-        artifacts += [(out, r, name) for r in read_manifest(out / "artifacts") if r["variant"] == "model"]
+        artifacts += [(out, r, name) for r in read_manifest(out / "artifacts") if r["variant"] == "model"
+                      and (r["format"] == "onnx" or r["precision"] in LITERT_PRECISIONS)]
     rows = []
     for out, rec, name in artifacts:
         path = out / "artifacts" / rec["file"]
-        if name == "baseline":
+        if name == "baseline" and rec["format"] == "onnx":
             label = "fp32 ONNX" if rec["precision"] == "fp32" else "ORT int8 (per-channel dynamic)"
         else:
-            label = f"{name} {rec['precision']}"
+            label = f"{'fp32 model' if name == 'baseline' else name} {rec['precision']}" + \
+                (" (LiteRT)" if rec["format"] == "tflite" else "")
+        target = profile if rec["format"] == "onnx" else litert_profile
         print(f"== measuring {label}", flush=True)
-        pred = predict_artifact(path, profile, test, enc).argmax(1)
+        pred = predict_artifact(path, target, test, enc).argmax(1)
         meta = pipeline.read_compress(out)
         d = meta["baseline"] if name == "baseline" else meta["model"]
         rows.append({
-            "variant": label, "format": "onnx", "precision": rec["precision"], "runtime": "onnxruntime",
-            "threads": profile.threads, "accuracy": float((pred == test.labels).mean() * 100),
+            "variant": label, "format": rec["format"], "precision": rec["precision"],
+            "runtime": "onnxruntime" if rec["format"] == "onnx" else "litert (XNNPACK)",
+            "threads": target.threads, "accuracy": float((pred == test.labels).mean() * 100),
             "agreement_with_fp32_pytorch": float((pred == ref_pred).mean() * 100),
             "size_mb": artifact_size(path) / 1e6, "params": d["params"], "macs_at_128": d["macs"],
             "layers": len(d["layers"]), "heads": sum(l["heads"] for l in d["layers"]),
-            "ffn": [l["ffn"] for l in d["layers"]], "measured": True, "target": profile.name,
+            "ffn": [l["ffn"] for l in d["layers"]], "measured": True, "target": target.name,
             "recipe_stages": meta["recipe"]["stages"] if name != "baseline" else meta["recipe"]["prepare"],
-            **measure_latency(path, profile, {k: v.numpy() for k, v in zip(
-                reference.input_names, enc.encode(test, np.arange(profile.batch), pad_to=profile.seq_len))}),
+            **measure_latency(path, target, {k: v.numpy() for k, v in zip(
+                reference.input_names, enc.encode(test, np.arange(target.batch), pad_to=target.seq_len))}),
         })
+        if rec.get("legacy_runtime"):
+            rows[-1]["tflite_runtime_2_14"] = {k: rec["legacy_runtime"].get(k) for k in
+                                               ("loads", "outputs_agree", "cosine", "error")}
     if not args.no_peers:
         train = load_dataset(recipe["data"], "train", recipe["seed"]).head(PROBE_TRAIN)
         rows += peer_rows(profile, test, enc, train)
     for r in rows:
         r["accuracy_drop"] = ref_acc - r["accuracy"]
     add_ratios(rows, "fp32 ONNX")
+    add_ratios([r for r in rows if r["target"] == "host-litert"], "fp32 model fp32 (LiteRT)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = {"machine": platform.machine(), "processor": platform.processor() or "x86-64", "python":
            platform.python_version(), **pipeline.versions(), "threads": profile.threads,
@@ -193,10 +211,10 @@ def write_markdown(rows, env, args) -> None:
              f"process; accuracy on the full test split ({env['test_examples']} examples). Ratios are against "
              f"the fp32 ONNX export of the same fine-tuned model, measured in the same run. Fine-tuned model in "
              f"PyTorch: {env['reference_pytorch_accuracy']:.2f}%.", "",
-             "| variant | accuracy % | drop (pts) | p50 ms | p90 ms | size MB | speedup | size ratio | layers | "
-             "heads | params |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | runtime | accuracy % | drop (pts) | p50 ms | p90 ms | size MB | speedup | size ratio | "
+             "layers | heads | params |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {f(r['accuracy'])} | {f(r['accuracy_drop'])} | "
+        lines.append(f"| {r['variant']} | {r['runtime']} | {f(r['accuracy'])} | {f(r['accuracy_drop'])} | "
                      f"{f(r['latency_p50_ms'], '.1f')} | {f(r['latency_p90_ms'], '.1f')} | {f(r['size_mb'], '.1f')} | "
                      f"{f(r['speedup_vs_fp32'])}x | {f(r['size_ratio_vs_fp32'])}x | {r.get('layers', '-')} | "
                      f"{r.get('heads', '-')} | {f(r.get('params'), ',') if r.get('params') else '-'} |")
@@ -204,7 +222,20 @@ def write_markdown(rows, env, args) -> None:
               f"on frozen mean-pooled embeddings ({PROBE_TRAIN} train examples), not fine-tuned; they are here for "
               "latency and size at the same shape, and as the accuracy a user gets without fine-tuning.",
               "Pruned variants: taylor importance, then recovery distillation (1 epoch, outputs + hidden states) "
-              "from the fine-tuned model. int8 rows: ORT dynamic quantization, per-channel weights.", ""]
+              "from the fine-tuned model. int8 rows: ORT dynamic quantization, per-channel weights.",
+              "LiteRT rows: static 1x128 .tflite files from litert-torch (fp32), fp16 weights and dynamic int8 by "
+              "ai-edge-quantizer, run by ai-edge-litert with XNNPACK at the same thread count; their speedup and "
+              "size ratio are against the fp32 .tflite of the fine-tuned model.", ""]
+    legacy = [r for r in rows if r.get("tflite_runtime_2_14")]
+    if legacy:
+        lines += ["tflite-runtime 2.14 (what many shipped apps embed), same files:", ""]
+        for r in legacy:
+            t = r["tflite_runtime_2_14"]
+            verdict = (f"loads, agrees with LiteRT (cosine {t['cosine']:.4f})" if t["outputs_agree"] else
+                       f"SILENT WRONG ANSWER: loads and runs, cosine with LiteRT {t['cosine']:.3f}"
+                       if t["loads"] and t["cosine"] is not None else f"fails: {t['error']}")
+            lines.append(f"- {r['variant']}: {verdict}")
+        lines.append("")
     (Path(__file__).parent / "RESULTS.md").write_text("\n".join(lines))
 
 
