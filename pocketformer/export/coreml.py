@@ -22,7 +22,7 @@ import torch
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..targets import coreml_ref
-from .common import artifact_size, named, pad_to, parity, reduced_precision_ok
+from .common import artifact_size, named, pad_to, parity, reduced_precision_ok, run_in_batches
 
 DEFAULT_SEQ = 128
 # Weights may be compressed only where an op uses them as weights. Applied to every const, compression also hits
@@ -185,16 +185,9 @@ def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, .
     ExportError out of tolerance."""
     session = coreml_ref.load(path, threads=1)
     names = model.input_names
-    got = []
-    for i in range(0, len(inputs[0]), batch):
-        chunk = [t[i:i + batch] for t in inputs]
-        n = len(chunk[0])
-        if n < batch:  # fill the fixed batch with copies of the last example
-            chunk = [torch.cat([t, t[-1:].expand(batch - n, *t.shape[1:])]) for t in chunk]
-        got.append(coreml_ref.run(session, {k: t.numpy() for k, t in zip(names, chunk)})[:n])
+    got = run_in_batches(lambda feeds: coreml_ref.run(session, feeds), names, inputs, batch).astype(np.float32)
     with torch.no_grad():
         want = model(*inputs).numpy()
-    got = np.concatenate(got).astype(np.float32)
     result: dict[str, Any] = parity(want, got)
     finite = bool(np.isfinite(got).all())
     if precision == "fp32":

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
-from .common import named, pad_to, parity, reduced_precision_ok
+from .common import named, pad_to, parity, reduced_precision_ok, run_in_batches
 
 OPSET = 18
 # fp32 artifacts must match PyTorch closely; int8 by export.common.reduced_precision_ok.
@@ -149,13 +149,7 @@ def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, .
     session = runtime.load(path, threads=1)
     names = model.input_names
     if static_batch:
-        got = []
-        for start in range(0, len(inputs[0]), static_batch):
-            chunk = [t[start:start + static_batch] for t in inputs]
-            n = len(chunk[0])
-            chunk = [torch.cat([t, t[-1:].expand(static_batch - n, *t.shape[1:])]) for t in chunk]
-            got.append(runtime.run(session, {k: t.numpy() for k, t in zip(names, chunk)})[:n])
-        got = np.concatenate(got)
+        got = run_in_batches(lambda feeds: runtime.run(session, feeds), names, inputs, static_batch)
     else:
         got = runtime.run(session, {n: t.numpy() for n, t in zip(names, inputs)})
     with torch.no_grad():

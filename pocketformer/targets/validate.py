@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from ..data import Dataset, Encoder
-from ..export.common import artifact_size
+from ..export.common import artifact_size, fill_batch
 from ..errors import TargetError
 from ..models.canonical import CanonicalTransformer
 from ..progress import progress_bar
@@ -41,8 +40,8 @@ def predict_artifact(path: Path, profile: Profile, ds: Dataset, enc: Encoder, ba
     with progress_bar(desc or f"accuracy {path.name}", (len(ds) + bs - 1) // bs) as advance:
         for idx, inputs in enc.batches(ds, bs, pad_to=static_seq):
             n = len(idx)
-            if static_batch and n < static_batch:  # pad the last batch up to the fixed batch size
-                inputs = tuple(torch.cat([t, t[-1:].expand(static_batch - n, *t.shape[1:])]) for t in inputs)
+            if static_batch:  # the last batch is filled up to the file's fixed batch
+                inputs = fill_batch(inputs, static_batch)
             outs.append(rt.run(session, {k: v.numpy() for k, v in zip(names, inputs)})[:n])
             advance()
     return np.concatenate(outs)
