@@ -164,7 +164,7 @@ def read_compress(out_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def sample_inputs(model, data: str, seed: int, max_len: int, checkpoint: Path, n: int = 16):
+def sample_inputs(data: str, seed: int, max_len: int, checkpoint: Path, n: int = 16):
     ds = load_dataset(data, "test", seed).head(n)
     return Encoder(checkpoint, max_len).encode(ds, list(range(len(ds))))
 
@@ -203,7 +203,7 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
         if not stem_formats:
             continue
         model, _ = load(out_dir / stem)
-        inputs = sample_inputs(model, data or meta.get("data", recipe["data"]), recipe["seed"], recipe["max_len"],
+        inputs = sample_inputs(data or meta.get("data", recipe["data"]), recipe["seed"], recipe["max_len"],
                                out_dir / stem)
         source_hash = weights_sha256(model)
         for fmt in stem_formats:
