@@ -83,7 +83,7 @@ class StageReport(BaseModel):
     params_after: int
     macs_before: int
     macs_after: int
-    layers_after: list[dict[str, int]]
+    layers_after: list[dict[str, Any]]
     validation_accuracy: Optional[float] = None
     seconds: float = 0.0
     cached: bool = False
@@ -93,4 +93,4 @@ class StageReport(BaseModel):
 def describe(model: CanonicalTransformer, seq_len: int) -> dict[str, Any]:
     cfg = model.config
     return {"params": count_params(model), "macs": encoder_macs(cfg, seq_len),
-            "layers": [s.model_dump() for s in cfg.layers]}
+            "layers": [s.summary() for s in cfg.layers]}

@@ -10,12 +10,14 @@ column).
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
+
+from .factorized import LinearShape, LowRankLinear, build_linear, linear_macs, linear_shape
 
 # Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
 MASK_NEG = -1.0e4
@@ -26,6 +28,16 @@ class LayerShape(BaseModel):
     heads: int = Field(ge=0)
     head_dim: int = Field(ge=1)
     ffn: int = Field(ge=0)
+    # Linears stored factorized, by name (q, k, v, o, fc1, fc2); absent = a plain dense matrix.
+    linears: dict[str, LinearShape] = Field(default_factory=dict)
+    # softmax attention, or EcoFormer's binarized linear attention (hash_bits-bit codes from `anchors` RBF anchors)
+    attention: Literal["softmax", "ecoformer"] = "softmax"
+    hash_bits: int = Field(0, ge=0)
+    anchors: int = Field(0, ge=0)
+
+    def summary(self) -> dict[str, Any]:
+        """The shape without its defaults, for reports."""
+        return self.model_dump(exclude_defaults=True)
 
 
 class HeadSpec(BaseModel):
@@ -60,6 +72,13 @@ class ModelConfig(BaseModel):
     channels: int = 3
     final_norm: bool = False
     head: HeadSpec = Field(default_factory=HeadSpec)
+    # Early exit: a classifier after each of these layers (0-based), besides the final head.
+    exits: list[int] = Field(default_factory=list)
+    # MatFormer: FFN neurons are sorted so that every prefix is the best sub-network of its width; these are the
+    # fractions of each layer's width the nested training covered.
+    nested_ffn: list[float] = Field(default_factory=list)
+    # How the weights were quantized in PyTorch (scheme, bits, ...): the float weights lie on that grid.
+    quantization: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -75,14 +94,18 @@ def _act(name: str):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, head_dim: int):
+    def __init__(self, hidden: int, shape: LayerShape):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        inner = heads * head_dim
-        self.q = nn.Linear(hidden, inner)
-        self.k = nn.Linear(hidden, inner)
-        self.v = nn.Linear(hidden, inner)
-        self.o = nn.Linear(inner, hidden)
+        self.heads, self.head_dim = shape.heads, shape.head_dim
+        inner = shape.heads * shape.head_dim
+        self.q = build_linear(hidden, inner, shape.linears.get("q"))
+        self.k = build_linear(hidden, inner, shape.linears.get("k"))
+        self.v = build_linear(hidden, inner, shape.linears.get("v"))
+        self.o = build_linear(inner, hidden, shape.linears.get("o"))
+
+    def shape_fields(self) -> dict[str, Any]:
+        """What this attention adds to its LayerShape (nothing: softmax is the default)."""
+        return {}
 
     def forward(self, x: torch.Tensor, mask_add: Optional[torch.Tensor]) -> torch.Tensor:
         if self.heads == 0:  # every head pruned: only the output bias remains
@@ -107,11 +130,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, hidden: int, width: int, act: str):
+    def __init__(self, hidden: int, shape: LayerShape, act: str):
         super().__init__()
         self.act_name = act
-        self.fc1 = nn.Linear(hidden, width)
-        self.fc2 = nn.Linear(width, hidden)
+        self.fc1 = build_linear(hidden, shape.ffn, shape.linears.get("fc1"))
+        self.fc2 = build_linear(shape.ffn, hidden, shape.linears.get("fc2"))
+        # MatFormer training runs only the first `active_width` neurons; None = all. Never saved or exported.
+        self.active_width: Optional[int] = None
 
     @property
     def width(self) -> int:
@@ -120,6 +145,12 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.width == 0:
             return self.fc2.bias.expand_as(x)
+        if self.active_width is not None and self.active_width < self.width:
+            w = self.active_width
+            if isinstance(self.fc1, LowRankLinear) or isinstance(self.fc2, LowRankLinear):
+                raise ValueError("nested (MatFormer) widths need dense FFN linears; factorize after extraction")
+            h = _act(self.act_name)(F.linear(x, self.fc1.weight[:w], self.fc1.bias[:w]))
+            return F.linear(h, self.fc2.weight[:, :w], self.fc2.bias)
         return self.fc2(_act(self.act_name)(self.fc1(x)))
 
     def keep_neurons(self, keep: list[int]) -> None:
@@ -132,14 +163,23 @@ class Layer(nn.Module):
     def __init__(self, hidden: int, shape: LayerShape, cfg: ModelConfig):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
-        self.attn = Attention(hidden, shape.heads, shape.head_dim)
+        if shape.attention == "ecoformer":
+            from .ecoformer import EcoAttention
+
+            self.attn = EcoAttention(hidden, shape)
+        else:
+            self.attn = Attention(hidden, shape)
         self.ln1 = nn.LayerNorm(hidden, eps=cfg.eps)
-        self.ffn = FeedForward(hidden, shape.ffn, cfg.act)
+        self.ffn = FeedForward(hidden, shape, cfg.act)
         self.ln2 = nn.LayerNorm(hidden, eps=cfg.eps)
 
     @property
     def shape(self) -> LayerShape:
-        return LayerShape(heads=self.attn.heads, head_dim=self.attn.head_dim, ffn=self.ffn.width)
+        linears = {name: linear_shape(getattr(module, name))
+                   for module, names in ((self.attn, ("q", "k", "v", "o")), (self.ffn, ("fc1", "fc2")))
+                   for name in names}
+        return LayerShape(heads=self.attn.heads, head_dim=self.attn.head_dim, ffn=self.ffn.width,
+                          linears={k: v for k, v in linears.items() if v is not None}, **self.attn.shape_fields())
 
     def forward(self, x: torch.Tensor, mask_add: Optional[torch.Tensor]) -> torch.Tensor:
         if self.pre_norm:
@@ -205,6 +245,12 @@ class CanonicalTransformer(nn.Module):
         self.layers = nn.ModuleList([Layer(cfg.hidden, s, cfg) for s in cfg.layers])
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps) if cfg.final_norm else None
         self.classifier = ClassifierHead(cfg.hidden, cfg.head) if cfg.head.labels else None
+        self.exit_heads = nn.ModuleList([ClassifierHead(cfg.hidden, self.exit_spec) for _ in cfg.exits])
+
+    @property
+    def exit_spec(self) -> HeadSpec:
+        """Exit heads pool like the final head and map straight to the labels (no pre-classifier layer)."""
+        return HeadSpec(pooling=self.spec.head.pooling, pre="none", labels=list(self.spec.head.labels))
 
     # -- description -------------------------------------------------------------------------------------------
     @property
@@ -261,6 +307,8 @@ class CanonicalTransformer(nn.Module):
         self.layers[layer].ffn.keep_neurons(sorted(keep))
 
     def keep_layers(self, keep: list[int]) -> None:
+        if self.spec.exits:
+            raise ValueError("remove layers before adding early exits: the exits are placed after given layers")
         self.layers = nn.ModuleList([self.layers[i] for i in sorted(keep)])
 
     def set_labels(self, labels: list[str], pooling: str = "mean") -> None:
@@ -269,7 +317,9 @@ class CanonicalTransformer(nn.Module):
         self.classifier = ClassifierHead(self.spec.hidden, self.spec.head)
 
 
-def _take_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+def _take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:
+    if isinstance(lin, LowRankLinear):
+        return lin.take_rows(rows)
     new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[rows])
@@ -278,7 +328,9 @@ def _take_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     return new
 
 
-def _take_cols(lin: nn.Linear, cols: torch.Tensor) -> nn.Linear:
+def _take_cols(lin: nn.Module, cols: torch.Tensor) -> nn.Module:
+    if isinstance(lin, LowRankLinear):
+        return lin.take_cols(cols)
     new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[:, cols])
@@ -288,7 +340,14 @@ def _take_cols(lin: nn.Linear, cols: torch.Tensor) -> nn.Linear:
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters stored; a dense-sparse S counts only the entries it keeps."""
+    from .factorized import DenseSparseLinear
+
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, DenseSparseLinear):
+            total -= m.first.weight.numel() - min(m.nnz, m.rank) * m.in_features
+    return total
 
 
 def encoder_macs(cfg: ModelConfig, seq_len: int) -> int:
@@ -301,8 +360,13 @@ def encoder_macs(cfg: ModelConfig, seq_len: int) -> int:
         macs = 0
     for s in cfg.layers:
         inner = s.heads * s.head_dim
-        macs += t * (4 * h * inner + 2 * h * s.ffn)  # q,k,v,o + fc1,fc2
-        macs += 2 * t * t * inner  # scores and weighted sum
+        dims = {"q": (h, inner), "k": (h, inner), "v": (h, inner), "o": (inner, h), "fc1": (h, s.ffn),
+                "fc2": (s.ffn, h)}
+        macs += t * sum(linear_macs(i, o, s.linears.get(n)) for n, (i, o) in dims.items())
+        if s.attention == "ecoformer":  # RBF to anchors, projection to codes, then h_i (H^T V): linear in t
+            macs += t * s.heads * (s.anchors * s.head_dim + s.anchors * s.hash_bits + 2 * s.hash_bits * s.head_dim)
+        else:
+            macs += 2 * t * t * inner  # scores and weighted sum
     if cfg.head.labels:
         macs += (h * h if cfg.head.pre != "none" else 0) + h * len(cfg.head.labels)
     return macs

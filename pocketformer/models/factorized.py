@@ -1,0 +1,156 @@
+"""Factorized linears: a Linear W (out x in) stored as two, so the canonical model can carry low-rank (LRT) and
+dense-sparse (DSFormer) layers through save/load and every exporter as plain matmuls.
+
+- LowRankLinear: y = U (V x) + b with V (rank x in), U (out x rank); from truncated SVD.
+- DenseSparseLinear: y = D (S x) + b with a dense basis D (out x rank) and a sparse S (rank x in) holding at most
+  `nnz` non-zeros in each column (one column per input feature). While training, S is projected to its top-`nnz`
+  entries per column in the forward pass and the gradient flows to all of S (straight-through, DSFormer's STF);
+  switching to eval mode settles the projection into the stored weights, so an evaluated, saved or exported model
+  holds exact zeros and no projection op.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class LinearShape(BaseModel):
+    """How one Linear of a layer is stored, when it is not a plain dense matrix."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lowrank", "dense_sparse"]
+    rank: int = Field(ge=1, description="inner width: the rank (low-rank) or the basis size (dense-sparse)")
+    nnz: int = Field(0, ge=0, description="dense-sparse: non-zeros kept in each column of S")
+
+
+class LowRankLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.first = nn.Linear(in_features, rank, bias=False)  # V
+        self.second = nn.Linear(rank, out_features, bias=bias)  # U, and the original bias
+
+    @property
+    def in_features(self) -> int:
+        return self.first.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.second.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.second.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The product U V, the dense matrix this layer stands for (for scoring, never for the forward pass)."""
+        return self.second.weight @ self.first.weight
+
+    def first_weight(self) -> torch.Tensor:
+        return self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(nn.functional.linear(x, self.first_weight()))
+
+    def shape(self) -> LinearShape:
+        return LinearShape(kind="lowrank", rank=self.rank)
+
+    def take_rows(self, rows: torch.Tensor) -> "LowRankLinear":
+        new = self._like(self.in_features, len(rows))
+        with torch.no_grad():
+            new.first.weight.copy_(self.first.weight)
+            new.second.weight.copy_(self.second.weight[rows])
+            if self.bias is not None:
+                new.second.bias.copy_(self.second.bias[rows])
+        return new
+
+    def take_cols(self, cols: torch.Tensor) -> "LowRankLinear":
+        new = self._like(len(cols), self.out_features)
+        with torch.no_grad():
+            new.first.weight.copy_(self.first.weight[:, cols])
+            new.second.load_state_dict(self.second.state_dict())
+        return new
+
+    def _like(self, in_features: int, out_features: int) -> "LowRankLinear":
+        return LowRankLinear(in_features, out_features, self.rank, bias=self.bias is not None)
+
+
+def top_per_column(weight: torch.Tensor, nnz: int) -> torch.Tensor:
+    """0/1 mask keeping the `nnz` largest-magnitude entries of each column (ties broken by position)."""
+    if nnz >= weight.shape[0]:
+        return torch.ones_like(weight)
+    idx = weight.detach().abs().topk(nnz, dim=0).indices
+    return torch.zeros_like(weight).scatter_(0, idx, 1.0)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, mask):
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class DenseSparseLinear(LowRankLinear):
+    def __init__(self, in_features: int, out_features: int, rank: int, nnz: int, bias: bool = True):
+        super().__init__(in_features, out_features, rank, bias)
+        self.nnz = nnz
+
+    def first_weight(self) -> torch.Tensor:
+        if self.training:
+            return _StraightThrough.apply(self.first.weight, top_per_column(self.first.weight, self.nnz))
+        return self.first.weight  # exact zeros since `train(False)` settled them
+
+    def settle(self) -> None:
+        """Store the top-nnz projection of S: every other entry becomes an exact zero."""
+        with torch.no_grad():
+            self.first.weight.mul_(top_per_column(self.first.weight, self.nnz))
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.settle()
+        return super().train(mode)
+
+    def shape(self) -> LinearShape:
+        return LinearShape(kind="dense_sparse", rank=self.rank, nnz=self.nnz)
+
+    def _like(self, in_features: int, out_features: int) -> "DenseSparseLinear":
+        return DenseSparseLinear(in_features, out_features, self.rank, self.nnz, bias=self.bias is not None)
+
+
+def build_linear(in_features: int, out_features: int, shape: Optional[LinearShape]) -> nn.Module:
+    """The module a LinearShape describes (a plain nn.Linear when there is none)."""
+    if shape is None:
+        return nn.Linear(in_features, out_features)
+    if shape.kind == "lowrank":
+        return LowRankLinear(in_features, out_features, shape.rank)
+    return DenseSparseLinear(in_features, out_features, shape.rank, shape.nnz)
+
+
+def linear_shape(module: nn.Module) -> Optional[LinearShape]:
+    return module.shape() if isinstance(module, LowRankLinear) else None
+
+
+def linear_params(in_features: int, out_features: int, shape: Optional[LinearShape]) -> int:
+    """Weights actually stored (dense-sparse: only S's kept entries count), bias excluded."""
+    if shape is None:
+        return in_features * out_features
+    s_entries = shape.nnz * in_features if shape.kind == "dense_sparse" else shape.rank * in_features
+    return s_entries + shape.rank * out_features
+
+
+def linear_macs(in_features: int, out_features: int, shape: Optional[LinearShape]) -> int:
+    """Multiply-accumulates per token as the runtimes execute it: S runs as a dense matmul (no sparse kernels)."""
+    if shape is None:
+        return in_features * out_features
+    return shape.rank * (in_features + out_features)
