@@ -19,6 +19,8 @@ from torch.nn import functional as F
 
 from .factorized import LinearShape, LowRankLinear, build_linear, linear_macs, linear_shape
 
+# The linears of a layer, by the names LayerShape.linears and stage configs use.
+LINEAR_NAMES = ("q", "k", "v", "o", "fc1", "fc2")
 # Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
 MASK_NEG = -1.0e4
 
@@ -74,6 +76,8 @@ class ModelConfig(BaseModel):
     head: HeadSpec = Field(default_factory=HeadSpec)
     # Early exit: a classifier after each of these layers (0-based), besides the final head.
     exits: list[int] = Field(default_factory=list)
+    # The exit gate exported artifacts apply by default ({"kind": "entropy", "threshold": ...} or patience).
+    exit_gate: dict[str, Any] = Field(default_factory=dict)
     # MatFormer: FFN neurons are sorted so that every prefix is the best sub-network of its width; these are the
     # fractions of each layer's width the nested training covered.
     nested_ffn: list[float] = Field(default_factory=list)
@@ -272,7 +276,7 @@ class CanonicalTransformer(nn.Module):
         if self.spec.modality == "text":
             input_ids, attention_mask = inputs
             x = self.embeddings(input_ids)
-            mask_add = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_NEG
+            mask_add = attention_bias(attention_mask, x.dtype)
         else:
             x = self.embeddings(inputs[0])
             mask_add = None
@@ -299,12 +303,42 @@ class CanonicalTransformer(nn.Module):
         x = self.encode(*inputs)
         return self.head_output(x, inputs[1] if self.spec.modality == "text" else None)
 
+    def exit_output(self, index: int, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits of exit head `index` on the hidden state after its layer, normalised as the final head's input
+        is (a pre-LN model's residual stream is not)."""
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.exit_heads[index](self.pool(x, attention_mask))
+
+    def exit_logits(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit head, in spec.exits order, then the final head's."""
+        x, hidden = self.encode(*inputs, all_hidden=True)
+        mask = inputs[1] if self.spec.modality == "text" else None
+        return [self.exit_output(i, hidden[layer + 1], mask) for i, layer in enumerate(self.spec.exits)] + \
+            [self.head_output(x, mask)]
+
+    def linears(self, names=LINEAR_NAMES):
+        """(layer index, name, owning module, linear) for the named linears of every layer, in order; a stage
+        replaces one with setattr(owner, name, new)."""
+        for li, layer in enumerate(self.layers):
+            for name in names:
+                owner = layer.attn if name in ("q", "k", "v", "o") else layer.ffn
+                yield li, name, owner, getattr(owner, name)
+
     # -- structural edits: the only places that know which tensors shrink together ---------------------------
     def keep_heads(self, layer: int, keep: list[int]) -> None:
         self.layers[layer].attn.keep_heads(sorted(keep))
 
     def keep_neurons(self, layer: int, keep: list[int]) -> None:
         self.layers[layer].ffn.keep_neurons(sorted(keep))
+        self.spec.nested_ffn = []  # removing neurons breaks the nesting: prefixes were trained on the old order
+
+    def order_neurons(self, layer: int, order: list[int]) -> None:
+        """Permute a layer's FFN neurons so `order[0]` comes first: the function is unchanged, only which neurons
+        a prefix (MatFormer's nested width) holds."""
+        if sorted(order) != list(range(self.layers[layer].ffn.width)):
+            raise ValueError(f"order must be a permutation of layer {layer}'s {self.layers[layer].ffn.width} neurons")
+        self.layers[layer].ffn.keep_neurons(list(order))
 
     def keep_layers(self, keep: list[int]) -> None:
         if self.spec.exits:
@@ -315,6 +349,18 @@ class CanonicalTransformer(nn.Module):
         """Attach a fresh classifier (fine-tuning an embedding model into a classifier)."""
         self.spec.head = HeadSpec(pooling=pooling, pre="none", labels=list(labels))
         self.classifier = ClassifierHead(self.spec.hidden, self.spec.head)
+
+    def set_exits(self, layers: list[int]) -> None:
+        """Fresh exit heads after these layers (0-based; the last layer's head is the classifier)."""
+        if any(not 0 <= i < len(self.layers) - 1 for i in layers):
+            raise ValueError(f"exit layers must lie in 0..{len(self.layers) - 2}, got {layers}")
+        self.spec.exits = sorted(set(layers))
+        self.exit_heads = nn.ModuleList([ClassifierHead(self.spec.hidden, self.exit_spec) for _ in self.spec.exits])
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias from a 0/1 padding mask: (batch, 1, 1, seq), MASK_NEG where padded."""
+    return (1.0 - attention_mask.to(dtype))[:, None, None, :] * MASK_NEG
 
 
 def _take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:

@@ -54,11 +54,9 @@ class LowRankLinear(nn.Module):
         """The product U V, the dense matrix this layer stands for (for scoring, never for the forward pass)."""
         return self.second.weight @ self.first.weight
 
-    def first_weight(self) -> torch.Tensor:
-        return self.first.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(nn.functional.linear(x, self.first_weight()))
+        # through the submodules, so a quantizer that swaps them (neural-compressor) is used as it swapped them
+        return self.second(self.first(x))
 
     def shape(self) -> LinearShape:
         return LinearShape(kind="lowrank", rank=self.rank)
@@ -106,13 +104,16 @@ class DenseSparseLinear(LowRankLinear):
         super().__init__(in_features, out_features, rank, bias)
         self.nnz = nnz
 
-    def first_weight(self) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return _StraightThrough.apply(self.first.weight, top_per_column(self.first.weight, self.nnz))
-        return self.first.weight  # exact zeros since `train(False)` settled them
+            projected = _StraightThrough.apply(self.first.weight, top_per_column(self.first.weight, self.nnz))
+            return self.second(nn.functional.linear(x, projected))
+        return self.second(self.first(x))  # S holds exact zeros since `train(False)` settled them
 
     def settle(self) -> None:
         """Store the top-nnz projection of S: every other entry becomes an exact zero."""
+        if not isinstance(self.first, nn.Linear):  # swapped by a quantizer: its packed weights are already settled
+            return
         with torch.no_grad():
             self.first.weight.mul_(top_per_column(self.first.weight, self.nnz))
 
