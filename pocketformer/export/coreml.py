@@ -22,6 +22,7 @@ import torch
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..targets import coreml_ref
+from . import sparse as sparse_storage
 from .common import artifact_size, named, pad_to, parity, reduced_precision_ok, run_in_batches
 
 DEFAULT_SEQ = 128
@@ -70,15 +71,21 @@ def fixed_inputs(model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...],
 def convert(model: CanonicalTransformer, example: tuple[torch.Tensor, ...], precision: str,
             deployment_target: str = "iOS17"):
     """An in-memory ML program of the canonical model at the example's shapes (text ids and mask as int32)."""
+    return convert_module(named(model), example, model.input_names, [model.output_name], precision,
+                          deployment_target)
+
+
+def convert_module(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
+                   output_names: list[str], precision: str, deployment_target: str = "iOS17"):
+    """An in-memory ML program of any module taking `example` positionally, at its shapes (integers as int32)."""
     ct = coreml_ref._ct()
-    wrapper = named(model)
     types = [ct.TensorType(name=n, shape=tuple(t.shape),
                            dtype=np.int32 if not t.is_floating_point() else np.float32)
-             for n, t in zip(model.input_names, example)]
+             for n, t in zip(input_names, example)]
     with coreml_ref.quiet():
         try:
-            traced = torch.jit.trace(wrapper, example)
-            return ct.convert(traced, inputs=types, outputs=[ct.TensorType(name=model.output_name)],
+            traced = torch.jit.trace(module.eval(), example)
+            return ct.convert(traced, inputs=types, outputs=[ct.TensorType(name=n) for n in output_names],
                               convert_to="mlprogram", compute_precision=_precision(ct, precision),
                               minimum_deployment_target=_target(ct, deployment_target), skip_model_load=True)
         except ExportError:
@@ -206,12 +213,15 @@ def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, .
 
 def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...], *,
            int8: bool = True, static_shape: Optional[tuple[int, int]] = None, compute_precision: str = "fp16",
-           deployment_target: str = "iOS17", palettize_bits: Optional[int] = None) -> list[dict[str, Any]]:
+           deployment_target: str = "iOS17", palettize_bits: Optional[int] = None,
+           sparse: bool = True) -> list[dict[str, Any]]:
     """Write `{stem}.fp32.mlpackage` and `{stem}.fp16.mlpackage` (and `{stem}.int8.mlpackage`, int8 weights, and
     with `palettize_bits` `{stem}.pal{n}.mlpackage`, both computing in `compute_precision`); return their records.
 
     Shapes are fixed: `static_shape` (batch, seq), else batch 1 and 128 tokens (fewer if the model has fewer
-    positions) for text, batch 1 for vision.
+    positions) for text, batch 1 for vision. With `sparse`, a dense-sparse model's mostly-zero linear weights are
+    stored sparse in the fp32, fp16 and (iOS18+ targets) int8 packages (export.sparse; the records say what was
+    converted); int8 and palettes are always made from the dense packages.
     """
     if compute_precision not in ("fp32", "fp16"):
         raise ExportError(f"CoreML compute precision {compute_precision!r} is not supported.", "use fp16 or fp32.")
@@ -238,19 +248,24 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
 
     records = []
     precisions = ["fp32", "fp16"] + (["int8"] if int8 else []) + ([f"pal{palettize_bits}"] if palettize_bits else [])
+    store_sparse = sparse and sparse_storage.has_dense_sparse(model)
     for precision in precisions:
         t0 = time.perf_counter()
         built[precision], info = build(precision)
+        package, storage = built[precision], None
+        if store_sparse and precision in ("fp32", "fp16", "int8"):
+            package, storage = sparse_storage.coreml_sparse_weights(package, quantized=precision == "int8")
         info["build_seconds"] = round(time.perf_counter() - t0, 2)
         path = Path(out_dir) / f"{stem}.{precision}.mlpackage"
-        result = save_checked(built[precision], path, partial(check, model=model, inputs=check_inputs,
-                                                              precision=precision, batch=batch))
-        records.append(_record(path, stem, precision, result, {**options, **info}))
+        result = save_checked(package, path, partial(check, model=model, inputs=check_inputs,
+                                                     precision=precision, batch=batch))
+        records.append(_record(path, stem, precision, result, {**options, **info}, storage))
     return records
 
 
 def _record(path: Path, stem: str, precision: str, parity_result: dict[str, Any],
-            options: dict[str, Any]) -> dict[str, Any]:
+            options: dict[str, Any], storage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     return {"file": path.name, "variant": stem, "format": "coreml", "precision": precision,
             "size_bytes": artifact_size(path), "sha256": package_sha256(path), "parity_vs_pytorch": parity_result,
-            "parity_execution": coreml_ref.execution(), "coreml": options, **describe(path)}
+            "parity_execution": coreml_ref.execution(), "coreml": options, **describe(path),
+            **({"sparse_storage": storage} if storage is not None else {})}

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
+from . import sparse as sparse_storage
 from .common import named, pad_to, parity, reduced_precision_ok, run_in_batches
 
 OPSET = 18
@@ -41,23 +42,32 @@ def _quiet():
 def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...],
                  static_shape: bool = False) -> None:
     """Write a simplified fp32 ONNX file. Dynamic batch and sequence axes unless `static_shape`."""
-    wrapper = named(model)
     names = model.input_names
-    dynamic = None
-    if not static_shape:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        if model.spec.modality == "text":
-            seq = torch.export.Dim("seq", min=1, max=model.spec.max_positions - model.spec.position_offset)
-            dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
-        else:
-            dynamic = ({0: batch},)
-    # Trace with a batch of 2: a traced batch of 1 specialises the batch axis away.
-    example = tuple(t[:2] if len(t) >= 2 else torch.cat([t, t]) for t in example) if not static_shape else example
+    export_module(named(model), path, example, names, [model.output_name],
+                  None if static_shape else dynamic_axes(model, len(names)))
+
+
+def dynamic_axes(model: CanonicalTransformer, n_inputs: int) -> tuple[dict, ...]:
+    """For each of `n_inputs` inputs laid out like the model's (batch first, then tokens for text): the batch axis,
+    and for text the sequence axis, left dynamic."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if model.spec.modality == "text":
+        seq = torch.export.Dim("seq", min=1, max=model.spec.max_positions - model.spec.position_offset)
+        return tuple({0: batch, 1: seq} for _ in range(n_inputs))
+    return tuple({0: batch} for _ in range(n_inputs))
+
+
+def export_module(module: torch.nn.Module, path: Path, example: tuple[torch.Tensor, ...], input_names: list[str],
+                  output_names: list[str], dynamic_shapes: Optional[tuple[dict, ...]] = None) -> None:
+    """Write a simplified fp32 ONNX file of any module taking `example` positionally; static shapes unless
+    `dynamic_shapes` (torch.export's, one per input)."""
+    if dynamic_shapes is not None:  # trace with a batch of 2: a traced batch of 1 specialises the batch axis away
+        example = tuple(t[:2] if len(t) >= 2 else torch.cat([t, t]) for t in example)
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         raw = Path(tmp) / "raw.onnx"
         try:
-            torch.onnx.export(wrapper, example, str(raw), input_names=names, output_names=[model.output_name],
-                              dynamic_shapes=dynamic, dynamo=True, external_data=False, opset_version=OPSET,
+            torch.onnx.export(module.eval(), example, str(raw), input_names=input_names, output_names=output_names,
+                              dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, opset_version=OPSET,
                               optimize=True)
         except Exception as e:
             raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0][:300]}",
@@ -112,7 +122,9 @@ def quantize_int8(float_path: Path, path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         pre = Path(tmp) / "pre.onnx"
         out = Path(tmp) / "q.onnx"
-        quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        # the quantizer reads only dense initializers: a dense-sparse model's fp32 file may hold sparse ones
+        source = sparse_storage.densified_onnx(float_path, Path(tmp) / "dense.onnx")
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         _save_atomic(onnx.load(str(out)), path)
@@ -132,7 +144,8 @@ def describe(path: Path) -> dict[str, Any]:
     def dims(vi):
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
-    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer) + \
+        sum(int(np.prod(t.dims)) for t in proto.graph.sparse_initializer)  # dense shape, as TFLite and CoreML count
     return {"inputs": {i.name: dims(i) for i in proto.graph.input},
             "outputs": {o.name: dims(o) for o in proto.graph.output},
             "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
@@ -166,9 +179,13 @@ def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, .
 
 
 def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...], *,
-           int8: bool = True, static_shape: Optional[tuple[int, int]] = None) -> list[dict[str, Any]]:
-    """Export fp32 (and int8) ONNX files named `{stem}.fp32.onnx` / `{stem}.int8.onnx`; return their records."""
+           int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
+           sparse: bool = True) -> list[dict[str, Any]]:
+    """Export fp32 (and int8) ONNX files named `{stem}.fp32.onnx` / `{stem}.int8.onnx`; return their records.
+    With `sparse`, a dense-sparse model's mostly-zero weights are stored as sparse initializers wherever that is
+    smaller (export.sparse; the records say what was converted)."""
     model = model.eval()
+    store_sparse = sparse and sparse_storage.has_dense_sparse(model)
     records = []
     static_batch = None
     if static_shape:
@@ -180,17 +197,20 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
         example = check_inputs = inputs
     fp32 = Path(out_dir) / f"{stem}.fp32.onnx"
     export_float(model, fp32, example, static_shape=bool(static_shape))
-    records.append(_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32", static_batch)))
+    storage = sparse_storage.onnx_file(fp32) if store_sparse else None
+    records.append(_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32", static_batch), storage))
     if int8:
         q = Path(out_dir) / f"{stem}.int8.onnx"
         quantize_int8(fp32, q)
-        records.append(_record(q, stem, "int8", check(q, model, check_inputs, "int8", static_batch)))
+        storage = sparse_storage.onnx_file(q) if store_sparse else None
+        records.append(_record(q, stem, "int8", check(q, model, check_inputs, "int8", static_batch), storage))
     return records
 
 
-def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float]) -> dict[str, Any]:
+def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float],
+            storage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from ..models.io import file_sha256
 
     return {"file": path.name, "variant": stem, "format": "onnx", "precision": precision,
             "size_bytes": path.stat().st_size, "sha256": file_sha256(path), "parity_vs_pytorch": parity_result,
-            **describe(path)}
+            **describe(path), **({"sparse_storage": storage} if storage is not None else {})}

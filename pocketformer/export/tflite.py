@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
+from . import sparse as sparse_storage
 from .common import atomic_write_bytes, named, pad_to, parity, reduced_precision_ok
 
 DEFAULT_SEQ = 128
@@ -104,12 +105,15 @@ def recipe(precision: str):
     raise ValueError(precision)
 
 
-def quantize(float_path: Path, path: Path, precision: str) -> None:
+def quantize(float_path: Path, path: Path, precision: str, float_content: Optional[bytes] = None) -> None:
+    """`float_content`: the float model's dense bytes, when the file at `float_path` stores sparse weights (DENSIFY
+    ops), which the quantizer does not read."""
     from ai_edge_quantizer import quantizer
 
     with _quiet():
         try:
-            result = quantizer.Quantizer(str(float_path), recipe(precision)).quantize(
+            source = bytearray(float_content) if float_content is not None else str(float_path)
+            result = quantizer.Quantizer(source, recipe(precision)).quantize(
                 enable_progress_bar=False, enable_progress_report=False)
         except Exception as e:
             raise ExportError(f"ai-edge-quantizer failed on {float_path.name} ({precision}): {_first_line(e)}",
@@ -148,10 +152,13 @@ def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, .
 
 
 def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...], *,
-           int8: bool = True, static_shape: Optional[tuple[int, int]] = None) -> list[dict[str, Any]]:
+           int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
+           sparse: bool = True) -> list[dict[str, Any]]:
     """Export `{stem}.fp32.tflite`, `{stem}.fp16.tflite` and, with int8, `{stem}.int8w.tflite` (int8 weights) and
     `{stem}.int8.tflite` (dynamic int8); return their records. Shapes are static: `static_shape` (batch, seq), by
-    default batch 1 and 128 tokens (text inputs are padded or truncated to it)."""
+    default batch 1 and 128 tokens (text inputs are padded or truncated to it). With `sparse`, a dense-sparse model's
+    mostly-zero weights are stored sparse (+ DENSIFY) wherever that is smaller (export.sparse; the records say what
+    was converted)."""
     model = model.eval()
     batch, seq = static_shape or (1, DEFAULT_SEQ)
     check_inputs = pad_to(inputs, seq, model)
@@ -160,11 +167,15 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
     out_dir = Path(out_dir)
     fp32 = out_dir / f"{stem}.fp32.tflite"
     export_float(model, fp32, example)
-    records = [_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32"))]
+    store_sparse = sparse and sparse_storage.has_dense_sparse(model)
+    dense = fp32.read_bytes() if store_sparse else None
+    storage = sparse_storage.tflite_file(fp32) if store_sparse else None
+    records = [_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32"), storage)]
     for precision in ("fp16",) + (("int8-weight", "int8") if int8 else ()):
         path = out_dir / f"{stem}.{SUFFIX[precision]}.tflite"
-        quantize(fp32, path, precision)
-        records.append(_record(path, stem, precision, check(path, model, check_inputs, precision)))
+        quantize(fp32, path, precision, float_content=dense)
+        storage = sparse_storage.tflite_file(path) if store_sparse else None
+        records.append(_record(path, stem, precision, check(path, model, check_inputs, precision), storage))
     return records
 
 
@@ -218,9 +229,10 @@ def _first_line(e: Exception) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
-def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float]) -> dict[str, Any]:
+def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float],
+            storage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from ..models.io import file_sha256
 
     return {"file": path.name, "variant": stem, "format": "tflite", "precision": precision,
             "size_bytes": path.stat().st_size, "sha256": file_sha256(path), "parity_vs_pytorch": parity_result,
-            **describe(path)}
+            **describe(path), **({"sparse_storage": storage} if storage is not None else {})}
