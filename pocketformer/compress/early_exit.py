@@ -1,0 +1,228 @@
+"""Early exit (DeeBERT, PABEE): classifier heads after chosen layers, and the gate that stops at one of them.
+
+Training:
+- deebert: the backbone and the final head stay frozen; only the exit heads learn, each distilled from the model's
+  own final head (T^2 KL at temperature T) plus cross-entropy on the true labels. The full-depth model is unchanged.
+- pabee: every head (exits and final) is trained with the backbone, on a weighted average of per-head losses whose
+  weight is the head's depth (PABEE's weighted all-layer loss), distilled from the reference model (the teacher).
+Gating, at batch 1, one head after another:
+- entropy (DeeBERT): stop at the first head whose softmax entropy, divided by log(labels) so thresholds lie in [0, 1]
+  whatever the label count, is below `threshold`.
+- patience (PABEE): stop once `patience` heads in a row after the first agree with it (patience + 1 equal labels).
+The final head always stops. The gate is stored in the model (ModelConfig.exit_gate) as the exported default; the
+target's validation calibrates it to the accuracy budget (pocketformer.targets.early_exit).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch.nn import functional as F
+
+from ..errors import RecipeError
+from ..models.canonical import CanonicalTransformer
+from ..train import seed_everything
+from .base import Context, Stage, TrainingConfig
+
+# Heads alone learn fast; a backbone trained along (pabee) needs a fine-tuning rate.
+DEFAULT_LR = {"deebert": 1e-3, "pabee": 5e-5}
+
+
+class Gate(BaseModel):
+    """When to stop: `entropy` below `threshold`, or `patience` further heads agreeing."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["entropy", "patience"] = "entropy"
+    threshold: float = Field(0.3, ge=0, le=1, description="entropy gate: stop below this normalised entropy")
+    patience: int = Field(1, ge=1, description="patience gate: stop once this many further heads agree")
+
+    def summary(self) -> str:
+        return f"entropy < {self.threshold:.4g}" if self.kind == "entropy" else f"patience {self.patience}"
+
+
+class EarlyExitConfig(TrainingConfig):
+    exits: Union[Literal["all"], list[int]] = Field("all", description="0-based layers followed by an exit head, "
+                                                                        "or all (every layer but the last)")
+    mode: Literal["deebert", "pabee"] = Field("deebert", description="deebert: frozen backbone, train the heads; "
+                                                                     "pabee: weighted all-layer loss, backbone too")
+    gate: Gate = Field(Gate(), description="the exported default: {kind: entropy, threshold: 0..1} or "
+                                           "{kind: patience, patience: n}; validation calibrates it")
+    lr: Optional[float] = Field(None, gt=0, lt=1, description="default: 1e-3 (deebert), 5e-5 (pabee)")
+    temperature: float = Field(2.0, gt=0)
+    kd: float = Field(1.0, ge=0, description="weight of matching the teacher's logits")
+    label: float = Field(1.0, ge=0, description="weight of the cross-entropy on true labels")
+
+    @field_validator("exits")
+    @classmethod
+    def _layers(cls, v):
+        if v != "all" and (not v or any(i < 0 for i in v)):
+            raise ValueError("give at least one layer index >= 0, or all")
+        return v
+
+    @model_validator(mode="after")
+    def _lr(self):
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        return self
+
+
+# -- the gate: pure functions of logits ----------------------------------------------------------------------
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """Softmax entropy over the last axis divided by log(labels): 0 = certain, 1 = uniform."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -(np.exp(log_p) * log_p).sum(axis=-1) / np.log(z.shape[-1])
+
+
+def stops(gate: Gate, head_logits: np.ndarray) -> np.ndarray:
+    """(N, heads) booleans: would the gate stop at head h, having seen heads 0..h? `head_logits` is (N, heads,
+    labels). The one implementation of the gate: the driver asks it after each head, the reference for all."""
+    if gate.kind == "entropy":
+        return entropy(head_logits) < gate.threshold
+    labels = head_logits.argmax(-1)
+    agreeing = np.zeros(labels.shape, dtype=np.int64)  # heads in a row before h that agree with head h
+    for h in range(1, labels.shape[1]):
+        agreeing[:, h] = np.where(labels[:, h] == labels[:, h - 1], agreeing[:, h - 1] + 1, 0)
+    return agreeing >= gate.patience
+
+
+def should_stop(gate: Gate, head_logits: list[np.ndarray]) -> bool:
+    """After the last of `head_logits` (one example's logits from each head run so far), stop there?"""
+    return bool(stops(gate, np.stack(head_logits)[None])[0, -1])
+
+
+def exit_indices(gate: Gate, head_logits: np.ndarray) -> np.ndarray:
+    """(N,) the head each example stops at: the first exit head where the gate stops, else the final head."""
+    early = stops(gate, head_logits)[:, :-1]
+    n_heads = head_logits.shape[1]
+    return np.where(early.any(axis=1), early.argmax(axis=1), n_heads - 1)
+
+
+def gate_of(model: CanonicalTransformer) -> Gate:
+    """The gate stored in the model (the default of its exported artifacts)."""
+    return Gate.model_validate(model.spec.exit_gate or {})
+
+
+class ExitPrediction(NamedTuple):
+    labels: np.ndarray  # (N,) predicted class ids
+    exits: np.ndarray  # (N,) head index each example stopped at (len(spec.exits) = the final head)
+    logits: np.ndarray  # (N, labels) logits of that head
+
+
+def decide(gate: Gate, head_logits: np.ndarray) -> ExitPrediction:
+    """Apply the gate to every example of `head_logits` (N, heads, labels)."""
+    exits = exit_indices(gate, head_logits)
+    logits = head_logits[np.arange(len(exits)), exits]
+    return ExitPrediction(logits.argmax(-1), exits, logits)
+
+
+def head_logits(model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """(N, heads, labels): every exit head's logits, then the final head's, in PyTorch."""
+    require_exits(model)
+    with torch.no_grad():
+        return torch.stack(model.eval().exit_logits(*inputs), dim=1).numpy()
+
+
+def predict_with_exits(model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...],
+                       gate: Optional[Gate] = None) -> ExitPrediction:
+    """The PyTorch reference: where each example of the batch exits under `gate` (default: the model's own)."""
+    return decide(gate or gate_of(model), head_logits(model, inputs))
+
+
+def require_exits(model: CanonicalTransformer) -> None:
+    if not model.spec.exits:
+        raise RecipeError("The model has no exit heads.", "add an early_exit stage to the recipe's stages.")
+
+
+# -- training ------------------------------------------------------------------------------------------------
+
+def head_loss(logits: torch.Tensor, teacher: Optional[torch.Tensor], labels: torch.Tensor,
+              cfg: EarlyExitConfig) -> torch.Tensor:
+    """kd * T^2 KL(head/T || teacher/T) + label * cross-entropy, for one head's logits."""
+    loss = cfg.label * F.cross_entropy(logits, labels) if cfg.label else torch.zeros(())
+    if cfg.kd and teacher is not None:
+        T = cfg.temperature
+        loss = loss + cfg.kd * T * T * F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher / T, -1),
+                                                log_target=True, reduction="batchmean")
+    return loss
+
+
+def deebert_loss(model: CanonicalTransformer, inputs, labels, cfg: EarlyExitConfig) -> torch.Tensor:
+    """Mean over exit heads of head_loss against the model's own (frozen) final head."""
+    mask = inputs[1] if model.spec.modality == "text" else None
+    with torch.no_grad():  # the backbone is frozen: one forward without a graph, heads trained on its states
+        last, hidden = model.encode(*inputs, all_hidden=True)
+        final = model.head_output(last, mask)
+    losses = [head_loss(model.exit_output(i, hidden[layer + 1], mask), final, labels, cfg)
+              for i, layer in enumerate(model.spec.exits)]
+    return torch.stack(losses).mean()
+
+
+def pabee_loss(model: CanonicalTransformer, teacher: Optional[CanonicalTransformer], inputs, labels,
+               cfg: EarlyExitConfig) -> torch.Tensor:
+    """PABEE's weighted average: head after layer j (1-based) weighs j; the final head weighs the layer count."""
+    target = None
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(*inputs)
+    depths = [layer + 1 for layer in model.spec.exits] + [len(model.layers)]
+    losses = [d * head_loss(z, target, labels, cfg) for d, z in zip(depths, model.exit_logits(*inputs))]
+    return torch.stack(losses).sum() / sum(depths)
+
+
+def exit_layers(cfg: EarlyExitConfig, n_layers: int) -> list[int]:
+    if cfg.exits == "all":
+        return list(range(n_layers - 1))
+    bad = [i for i in cfg.exits if i >= n_layers - 1]
+    if bad:
+        raise RecipeError(f"early_exit: exit after layer {bad[0]} but the model has {n_layers} layers (0-based; "
+                          f"the last one, {n_layers - 1}, already ends in the final head).",
+                          f"use layers 0..{n_layers - 2}, or `exits: all`.")
+    return sorted(set(cfg.exits))
+
+
+class EarlyExit(Stage):
+    name = "early_exit"
+    summary = "exit heads after chosen layers (DeeBERT frozen backbone or PABEE all-layer loss), entropy/patience gate"
+    Config = EarlyExitConfig
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+        cfg: EarlyExitConfig = self.config
+        if model.classifier is None:
+            raise RecipeError("early_exit needs a classifier: an exit head predicts the task's labels, and an "
+                              "embedding model has none.", "put a finetune stage (in prepare) before early_exit.")
+        if len(model.layers) < 2:
+            raise RecipeError("early_exit needs at least 2 layers: the last one ends in the final head.",
+                              "remove fewer layers before adding exits.")
+        seed_everything(ctx.seed)
+        model.set_exits(exit_layers(cfg, len(model.layers)))
+        model.spec.exit_gate = cfg.gate.model_dump()
+        if cfg.mode == "deebert":
+            model.requires_grad_(False)
+            model.exit_heads.requires_grad_(True)
+            loss_fn = lambda m, x, y: deebert_loss(m, x, y, cfg)  # noqa: E731
+        else:
+            teacher = ctx.teacher.eval() if ctx.teacher.classifier is not None else None
+            loss_fn = lambda m, x, y: pabee_loss(m, teacher, x, y, cfg)  # noqa: E731
+        losses = self.fit(model, ctx, loss_fn, f"early exit ({cfg.mode})")
+        ctx.notes["early_exit"] = {"exits": list(model.spec.exits), "gate": cfg.gate.model_dump(),
+                                   "final_loss": float(np.mean(losses[-20:])),
+                                   **exit_summary(model, ctx, cfg.gate)}
+        return model.eval()
+
+
+def exit_summary(model: CanonicalTransformer, ctx: Context, gate: Gate) -> dict:
+    """On the validation split, in PyTorch: each head's accuracy, and the gate's accuracy and mean depth."""
+    logits = np.concatenate([head_logits(model, inputs) for _, inputs in ctx.encoder.batches(ctx.validation, 64)])
+    labels = ctx.validation.labels
+    decided = decide(gate, logits)
+    depths = np.asarray([layer + 1 for layer in model.spec.exits] + [len(model.layers)])
+    return {"head_validation_accuracy": [float((logits[:, h].argmax(-1) == labels).mean() * 100)
+                                         for h in range(logits.shape[1])],
+            "gate_validation_accuracy": float((decided.labels == labels).mean() * 100),
+            "gate_mean_layers": float(depths[decided.exits].mean())}

@@ -1,0 +1,340 @@
+"""The early-exit driver: run an exported model's segments one after another at batch 1, apply the gate after each
+exit head, and stop there. Plus what validation needs around it: a whole split run through the driver, the gate
+calibrated on the validation split to the accuracy budget, and the report row (accuracy, agreement with PyTorch,
+exit histogram, mean/p50/p90 latency over the examples, the same artifact run to full depth for comparison).
+
+A segmented artifact is a manifest (JSON, written by pocketformer.export.segments) naming each segment's file (and,
+for TFLite, its signature), its inputs and outputs and the gate's default. Segments run in the profile's runtime;
+latency is measured in this process, after warm-up, at the profile's thread count. Off macOS, CoreML packages run in
+the MIL reference interpreter, which measures no latency.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+
+from ..compress.early_exit import Gate, entropy, exit_indices, predict_with_exits, should_stop
+from ..data import Dataset, Encoder
+from ..errors import TargetError
+from ..models.canonical import CanonicalTransformer
+from ..progress import info, progress_bar
+from . import RUNTIMES, Profile
+
+# The accuracy budget when the profile sets none: the issue's "within 1 accuracy point" of the no-exit model.
+DEFAULT_ACCURACY_DROP = 1.0
+# Candidate entropy thresholds tried by calibration (quantiles of the exit heads' entropies beyond this many).
+MAX_THRESHOLDS = 400
+
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+# -- one runner per segment, per runtime: feeds by name in, every output by name out ---------------------------
+
+def _ort_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
+    from . import ort
+
+    def runner(path: Path) -> Run:
+        session = ort.load(path, threads)
+        names = [o.name for o in session.get_outputs()]
+        inputs = {i.name for i in session.get_inputs()}
+        return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+
+    return [runner(path) for path, _ in segments]
+
+
+def _litert_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
+    """One Interpreter per file (XNNPACK on every signature's subgraph), one signature runner per segment."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from .litert import silenced_stderr
+
+    interpreters: dict[Path, Any] = {}
+    runs = []
+    for path, signature in segments:
+        try:
+            with silenced_stderr():
+                if path not in interpreters:
+                    interpreters[path] = Interpreter(model_path=str(path), num_threads=threads)
+                runner = interpreters[path].get_signature_runner(signature)
+        except (ValueError, RuntimeError) as e:
+            raise TargetError(f"LiteRT cannot load signature {signature!r} of {path.name}: "
+                              f"{' '.join(str(e).split())[:300]}",
+                              "re-export the model with `pocketformer export --to tflite`.") from None
+        dtypes = {k: d["dtype"] for k, d in runner.get_input_details().items()}
+
+        def run(feeds, runner=runner, dtypes=dtypes):  # int64 token ids -> the file's int32
+            return runner(**{k: np.ascontiguousarray(feeds[k], dtype=t) for k, t in dtypes.items()})
+
+        runs.append(run)
+    return runs
+
+
+def _coreml_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
+    from . import coreml_ref
+
+    def runner(path: Path) -> Run:
+        session = coreml_ref.load(path, threads)
+
+        def run(feeds):
+            feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
+            if session.apple_model is not None:
+                return {k: np.asarray(v) for k, v in session.apple_model.predict(feeds).items()}
+            return coreml_ref.execute(session.function, feeds)
+
+        return run
+
+    return [runner(path) for path, _ in segments]
+
+
+# The runtime modules' `run` returns the first output only; a segment has two (hidden state, exit logits).
+SEGMENT_RUNS = {"onnxruntime": _ort_runs, "litert": _litert_runs, "coreml-mil-reference": _coreml_runs}
+
+
+# -- the driver ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SegmentedModel:
+    """A loaded segmented artifact: its manifest and one runner per segment."""
+
+    manifest: dict[str, Any]
+    runs: list[Run]
+    path: Path
+    measures_latency: bool = True
+    runtime: str = ""
+    runtime_version: str = ""
+    execution: str = ""
+
+    @property
+    def gate(self) -> Gate:
+        return Gate.model_validate(self.manifest["gate"])
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.manifest["segments"][0]["inputs"])
+
+    @property
+    def depths(self) -> list[int]:
+        """Layers run up to each head, the final one last."""
+        return [s["layers"][1] for s in self.manifest["segments"]]
+
+
+def load(manifest_path: Path, profile: Profile) -> SegmentedModel:
+    """Open every segment of a manifest in the profile's runtime at its thread count."""
+    return open_segments(manifest_path, profile.runtime, profile.threads)
+
+
+def open_segments(manifest_path: Path, runtime: str, threads: int) -> SegmentedModel:
+    """Open every segment of a manifest in `runtime` (a RUNTIMES name) on `threads` threads."""
+    manifest_path = Path(manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TargetError(f"Cannot read the segments manifest {manifest_path}: {e}.",
+                          "re-export the model (`pocketformer export`).") from None
+    rt = importlib.import_module(RUNTIMES[runtime])
+    if manifest.get("format") != rt.FORMAT:
+        raise TargetError(f"{manifest_path.name} holds {manifest.get('format')} segments; {rt.NAME} runs "
+                          f"{rt.FORMAT}.", f"validate it on a {manifest.get('format')} target.")
+    segments = [(manifest_path.parent / s["file"], s.get("signature")) for s in manifest["segments"]]
+    runs = SEGMENT_RUNS[runtime](segments, threads)
+    return SegmentedModel(manifest, runs, manifest_path, measures_latency=getattr(rt, "MEASURES_LATENCY", True),
+                          runtime=rt.NAME, runtime_version=rt.version(),
+                          execution=getattr(rt, "execution", lambda: rt.NAME)())
+
+
+def chain_feeds(segment: dict[str, Any], first_feeds: dict[str, np.ndarray],
+                previous: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A segment's feeds: the model inputs for the first, else the previous hidden state (and the mask)."""
+    if previous is None:
+        return first_feeds
+    return {name: previous["hidden"] if name == "hidden_in" else first_feeds[name] for name in segment["inputs"]}
+
+
+class ExitRun(NamedTuple):
+    label: int
+    exit: int  # head index (the last = the final head)
+    logits: np.ndarray  # (labels,) of that head
+    latency_ms: float
+    head_logits: list[np.ndarray]  # every head run, in order
+
+
+def run_example(model: SegmentedModel, feeds: dict[str, np.ndarray], gate: Optional[Gate]) -> ExitRun:
+    """One example (batch 1) through the segments, stopping where `gate` says; gate None runs every segment."""
+    segments = model.manifest["segments"]
+    heads: list[np.ndarray] = []
+    previous = None
+    t0 = time.perf_counter()
+    for i, (run, segment) in enumerate(zip(model.runs, segments)):
+        previous = run(chain_feeds(segment, feeds, previous))
+        heads.append(np.asarray(previous[segment["logits_output"]])[0])
+        if gate is not None and i < len(segments) - 1 and should_stop(gate, heads):
+            break
+    latency = (time.perf_counter() - t0) * 1000.0
+    return ExitRun(int(np.argmax(heads[-1])), len(heads) - 1, heads[-1], latency, heads)
+
+
+@dataclass
+class SplitRun:
+    """A split through the driver: the gated run of each example, and (optionally) its full-depth run."""
+
+    labels: np.ndarray
+    exits: np.ndarray
+    logits: np.ndarray
+    latency_ms: np.ndarray
+    head_logits: Optional[np.ndarray] = None  # (N, heads, labels), from the full-depth runs
+    full_latency_ms: Optional[np.ndarray] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def example_feeds(model: SegmentedModel, ds: Dataset, enc: Encoder, i: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Example i at batch 1, text padded to the artifact's fixed length (else the profile's), as the latency of
+    the plain artifacts is measured."""
+    seq = model.manifest["shapes"].get("seq") or seq_len
+    inputs = enc.encode(ds, np.asarray([i]), pad_to=seq if ds.modality == "text" else None)
+    return {name: t.numpy() for name, t in zip(model.input_names, inputs)}
+
+
+def run_split(model: SegmentedModel, ds: Dataset, enc: Encoder, gate: Optional[Gate], full_depth: bool,
+              seq_len: int, warmup: int = 0, desc: str = "") -> SplitRun:
+    """Every example of `ds` through the driver with `gate` (None: no gated run) and, with `full_depth`, through
+    every segment too; the two runs of an example are back to back, so host noise hits both alike."""
+    if warmup and len(ds):
+        first = example_feeds(model, ds, enc, 0, seq_len)
+        for _ in range(warmup):
+            run_example(model, first, None)
+    gated, full = [], []
+    with progress_bar(desc or f"early exit {model.path.name}", len(ds)) as advance:
+        for i in range(len(ds)):
+            feeds = example_feeds(model, ds, enc, i, seq_len)
+            if gate is not None:
+                gated.append(run_example(model, feeds, gate))
+            if full_depth:
+                full.append(run_example(model, feeds, None))
+            advance()
+    main = gated or full
+    return SplitRun(labels=np.asarray([r.label for r in main]), exits=np.asarray([r.exit for r in main]),
+                    logits=np.stack([r.logits for r in main]), latency_ms=np.asarray([r.latency_ms for r in main]),
+                    head_logits=np.stack([np.stack(r.head_logits) for r in full]) if full else None,
+                    full_latency_ms=np.asarray([r.latency_ms for r in full]) if full else None)
+
+
+# -- calibration ---------------------------------------------------------------------------------------------
+
+def calibrate(head_logits: np.ndarray, labels: np.ndarray, kind: str, accuracy_drop: float) -> tuple[Gate, dict]:
+    """The most aggressive gate of `kind` whose accuracy on (head_logits, labels) stays within `accuracy_drop`
+    points of the final head's. Entropy: the largest threshold; patience: the smallest patience. A gate that never
+    exits early always qualifies, so there is always an answer."""
+    final_acc = float((head_logits[:, -1].argmax(-1) == labels).mean() * 100)
+    floor = final_acc - accuracy_drop
+    n_heads = head_logits.shape[1]
+    if kind == "entropy":
+        values = np.unique(entropy(head_logits[:, :-1]))
+        if len(values) > MAX_THRESHOLDS:
+            values = np.quantile(values, np.linspace(0, 1, MAX_THRESHOLDS))
+        # between observed entropies (a threshold on one would make ties decide), plus never and always
+        candidates = [Gate(kind="entropy", threshold=float(t))
+                      for t in np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]])]
+    else:
+        candidates = [Gate(kind="patience", patience=p) for p in range(max(1, n_heads - 1), 0, -1)]
+    chosen, chosen_acc, chosen_exits = candidates[0], final_acc, np.full(len(labels), n_heads - 1)
+    for gate in candidates:  # ordered from least to most aggressive; depth falls along the list
+        exits = exit_indices(gate, head_logits)
+        acc = float((head_logits[np.arange(len(exits)), exits].argmax(-1) == labels).mean() * 100)
+        if acc >= floor:
+            chosen, chosen_acc, chosen_exits = gate, acc, exits
+    return chosen, {"examples": int(len(labels)), "accuracy_drop_budget": accuracy_drop,
+                    "full_depth_accuracy": final_acc, "gate_accuracy": chosen_acc,
+                    "early_exit_fraction": float((chosen_exits < n_heads - 1).mean()),
+                    "candidates": len(candidates)}
+
+
+# -- the validation row ------------------------------------------------------------------------------------------
+
+def _stats(ms: Optional[np.ndarray], prefix: str) -> dict[str, Optional[float]]:
+    if ms is None:
+        return {f"{prefix}_mean_ms": None, f"{prefix}_p50_ms": None, f"{prefix}_p90_ms": None}
+    return {f"{prefix}_mean_ms": float(ms.mean()), f"{prefix}_p50_ms": float(np.percentile(ms, 50)),
+            f"{prefix}_p90_ms": float(np.percentile(ms, 90))}
+
+
+def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Profile, ds: Dataset, enc: Encoder, *,
+                      model: Optional[CanonicalTransformer] = None, calibration: Optional[Dataset] = None,
+                      reference_out: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """One row for a segmented artifact on a target. The gate is calibrated on `calibration` (the validation split)
+    to the profile's accuracy budget (default: the manifest's gate); the test split `ds` is then run through the
+    driver with that gate and, back to back, to full depth. `model` (the exported PyTorch model) gives the reference
+    exits; `reference_out` (the uncompressed model's outputs on `ds`) the accuracy drop, as for plain artifacts."""
+    from .validate import budget_checks
+
+    seg = load(manifest_path, profile)
+    budget = profile.budgets.accuracy_drop if profile.budgets.accuracy_drop is not None else DEFAULT_ACCURACY_DROP
+    gate, calibration_info = seg.gate, None
+    if calibration is not None and len(calibration):
+        cal = run_split(seg, calibration, enc, None, True, profile.seq_len, desc=f"calibrate {manifest_path.name}")
+        gate, calibration_info = calibrate(cal.head_logits, calibration.labels, seg.gate.kind, budget)
+        calibration_info.update({"split": calibration.split, "gate": gate.model_dump()})
+    test = run_split(seg, ds, enc, gate, True, profile.seq_len, warmup=profile.warmup,
+                     desc=f"early exit {manifest_path.name}")
+    depths = np.asarray(seg.depths)
+    full_pred = test.head_logits[:, -1].argmax(-1)
+    row: dict[str, Any] = {
+        "variant": f"{record['variant']}.exits.{record['precision']}", "file": manifest_path.name,
+        "kind": "segments", "format": record["format"], "precision": record["precision"], "runtime": seg.runtime,
+        "runtime_version": seg.runtime_version, "target": profile.name, "threads": profile.threads,
+        "shape": {"batch": 1, "seq_len": seg.manifest["shapes"].get("seq") or profile.seq_len},
+        "examples": len(ds), "size_mb": record["size_bytes"] / 1e6, "measured": True,
+        "segments": len(seg.runs), "exits": seg.manifest["exits"], "gate": gate.model_dump(),
+        "gate_default": seg.gate.model_dump(), "calibration": calibration_info,
+        "accuracy": float((test.labels == ds.labels).mean() * 100),
+        "full_depth_accuracy": float((full_pred == ds.labels).mean() * 100),
+        "exit_histogram": {f"layer {d}": int((depths[test.exits] == d).sum()) for d in depths},
+        "mean_layers": float(depths[test.exits].mean()), "layers": int(depths[-1]),
+    }
+    row["accuracy_drop_vs_full_depth"] = row["full_depth_accuracy"] - row["accuracy"]
+    if reference_out is not None:
+        ref_pred = reference_out.argmax(1)
+        row["reference_accuracy"] = float((ref_pred == ds.labels).mean() * 100)
+        row["accuracy_drop"] = row["reference_accuracy"] - row["accuracy"]
+        row["agreement_with_reference"] = float((test.labels == ref_pred).mean() * 100)
+    if model is not None:
+        ref = [predict_with_exits(model, inputs, gate) for _, inputs in enc.batches(ds, 64)]
+        row["pytorch_exit_agreement"] = float((np.concatenate([r.exits for r in ref]) == test.exits).mean() * 100)
+        row["pytorch_prediction_agreement"] = float(
+            (np.concatenate([r.labels for r in ref]) == test.labels).mean() * 100)
+    if seg.measures_latency:
+        row.update({**_stats(test.latency_ms, "latency"), **_stats(test.full_latency_ms, "full_depth_latency"),
+                    "latency_runs": int(len(ds)), "warmup_runs": profile.warmup})
+        row["speedup_vs_full_depth"] = row["full_depth_latency_mean_ms"] / row["latency_mean_ms"]
+        row["latency_measured_on"] = "target" if profile.this_host else \
+            "this host, with the target's runtime, threads and shapes (not the device)"
+    else:
+        row.update({**_stats(None, "latency"), **_stats(None, "full_depth_latency"), "latency_measured_on": None})
+    row["peak_rss_mb"] = None  # measured in the validating process, whose memory is not the artifact's
+    row["execution"] = seg.execution
+    row["budgets"] = budget_checks(profile, row)
+    row["pass"] = all(c["pass"] for c in row["budgets"].values())
+    info(summary_line(row))
+    return row
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    """What early exit bought, in one line: the gate, depth, accuracy and latency against full depth."""
+    gate = Gate.model_validate(row["gate"]).summary()
+    cal = row.get("calibration")
+    source = f"calibrated on {cal['examples']} {cal['split']} examples" if cal else "the exported default"
+    line = (f"    early exit ({gate}, {source}): {row['mean_layers']:.2f} of {row['layers']} layers on average, "
+            f"accuracy {row['accuracy']:.2f}% vs {row['full_depth_accuracy']:.2f}% at full depth")
+    if row.get("latency_mean_ms") is not None:
+        line += (f", mean {row['latency_mean_ms']:.2f} ms vs {row['full_depth_latency_mean_ms']:.2f} ms "
+                 f"({row['speedup_vs_full_depth']:.2f}x)")
+    return line
