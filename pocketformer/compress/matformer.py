@@ -1,0 +1,166 @@
+"""MatFormer nested FFNs: one checkpoint whose every FFN prefix is a usable sub-network.
+
+1. Sort each layer's FFN neurons by importance (prune.py's magnitude or Taylor scores), so the first m neurons are
+   the best m a static cut can keep.
+2. Nested recovery training: every step runs the model at each width fraction f (the first nested_width(d, f)
+   neurons of every layer: fc1 rows [:m], fc2 columns [:m]) and sums the distillation losses against the original
+   model, or samples one width per step (seeded).
+3. Record the fractions in `ModelConfig.nested_ffn`; `pocketformer extract` then cuts any per-layer mix
+   (Mix'n'Match) out as a plain dense model.
+
+Nesting needs dense FFN linears and float weights: put `lowrank` and `quantize` after this stage (or run them on the
+extracted model). Pruning before it is fine: fractions are of each layer's own width.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from ..errors import RecipeError
+from ..models.canonical import CanonicalTransformer
+from ..progress import info
+from ..train import evaluate, predict, seed_everything
+from .base import Context, Stage
+from .distill import DistillConfig, distill_loss
+from .prune import _calibration, _same_weights, magnitude_scores, taylor_scores
+
+DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
+ROUND_TO = 8  # nested widths are multiples of this where the layer allows: kernel-friendly matmul shapes
+
+
+def nested_width(width: int, fraction: float, multiple: int = ROUND_TO) -> int:
+    """Neurons in the `fraction` prefix of a `width`-neuron FFN: the nearest multiple of `multiple` (at least one),
+    the whole layer for fraction 1, and the nearest count (at least 1) in layers narrower than `multiple`."""
+    if fraction >= 1 or width == 0:
+        return width
+    exact = fraction * width
+    if width < multiple:
+        return min(width, max(1, int(exact + 0.5)))
+    return min(width, max(multiple, int(exact / multiple + 0.5) * multiple))
+
+
+def widths_at(model: CanonicalTransformer, fraction: float) -> list[int]:
+    """Every layer's nested width at one fraction (the uniform sub-model)."""
+    return [nested_width(layer.ffn.width, fraction) for layer in model.layers]
+
+
+@contextmanager
+def active_widths(model: CanonicalTransformer, widths: list[int]) -> Iterator[CanonicalTransformer]:
+    """Run each layer's FFN on only its first `widths[i]` neurons inside the block; all neurons again after it."""
+    for layer, w in zip(model.layers, widths):
+        layer.ffn.active_width = w if w < layer.ffn.width else None
+    try:
+        yield model
+    finally:
+        for layer in model.layers:
+            layer.ffn.active_width = None
+
+
+class MatformerConfig(DistillConfig):
+    widths: list[float] = Field(list(DEFAULT_FRACTIONS),  # pydantic copies a mutable default per instance
+                                description="fractions of each layer's FFN width trained as nested sub-models")
+    importance: Literal["magnitude", "taylor"] = Field("taylor", description="how neurons are sorted before training")
+    calibration_examples: int = Field(512, ge=8, le=100000, description="taylor: train examples scored")
+    sampling: Literal["sum", "sample"] = Field("sum", description="sum: every width each step; sample: one width "
+                                                                  "per step, drawn with the run's seed")
+
+    @field_validator("widths")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError("must be a non-empty list of fractions in (0, 1], e.g. [1, 0.5, 0.25, 0.125]")
+        return sorted(set(float(f) for f in v), reverse=True)
+
+
+def neuron_importance(model: CanonicalTransformer, ctx: Context, cfg: MatformerConfig) -> list[torch.Tensor]:
+    """One score per FFN neuron of each layer (higher = keep first)."""
+    if cfg.importance == "taylor":
+        if model.classifier is None and _same_weights(model, ctx.teacher):
+            # An embedding model that still equals its teacher has zero loss and zero gradients: Taylor scores
+            # would order neurons by position.
+            info("matformer: taylor importance needs a loss the model does not already minimise (no classifier, "
+                 "model == teacher); using magnitude instead")
+        else:
+            calib, batches = _calibration(ctx, cfg.calibration_examples)
+            teacher = ctx.teacher if model.classifier is None else None
+            _, neurons = taylor_scores(model, teacher, batches, lambda idx: torch.from_numpy(calib.labels[idx]))
+            return neurons
+    return magnitude_scores(model)[1]
+
+
+def sort_neurons(model: CanonicalTransformer, scores: list[torch.Tensor]) -> None:
+    """Most important neurons first in every layer (ties keep their order)."""
+    for li, s in enumerate(scores):
+        model.order_neurons(li, torch.argsort(s, descending=True, stable=True).tolist())
+
+
+def _refuse_unnestable(model: CanonicalTransformer) -> None:
+    for i, shape in enumerate(model.config.layers):
+        factorized = sorted(set(shape.linears) & {"fc1", "fc2"})
+        if factorized:
+            raise RecipeError(f"matformer needs dense FFN linears, but layer {i}'s {factorized[0]} is "
+                              f"{shape.linears[factorized[0]].kind}.",
+                              "put lowrank after matformer in the recipe, or factorize the model that "
+                              "`pocketformer extract` writes.")
+    if model.spec.quantization:
+        raise RecipeError("matformer trains the weights, which would move quantized weights off their int grid.",
+                          "put quantize after matformer in the recipe, or quantize the extracted model.")
+
+
+def width_quality(model: CanonicalTransformer, ctx: Context, plans: dict[float, list[int]],
+                  reference: Optional[np.ndarray]) -> dict[str, float]:
+    """Validation accuracy (%) at each nested width; for an embedding model, mean cosine with `reference`."""
+    result = {}
+    for fraction, widths in plans.items():
+        with active_widths(model, widths):
+            if model.classifier is not None:
+                result[f"{fraction:g}"] = evaluate(model, ctx.validation, ctx.encoder)["accuracy"]
+            else:
+                out = predict(model, ctx.validation, ctx.encoder).numpy()
+                cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1)
+                                                  + 1e-12)
+                result[f"{fraction:g}"] = float(cos.mean())
+    return result
+
+
+class Matformer(Stage):
+    name = "matformer"
+    summary = "MatFormer nested FFNs: sort neurons by importance, then train every width prefix against the original"
+    Config = MatformerConfig
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+        cfg: MatformerConfig = self.config
+        _refuse_unnestable(model)
+        seed_everything(ctx.seed)
+        sort_neurons(model, neuron_importance(model, ctx, cfg))
+        plans = {f: widths_at(model, f) for f in cfg.widths}
+        info("matformer: nested widths " + "; ".join(f"{f:g}: {w}" for f, w in plans.items()))
+        teacher = ctx.teacher.eval()
+        draw = random.Random(ctx.seed)
+
+        def nested_loss(m, inputs, labels):
+            fractions = cfg.widths if cfg.sampling == "sum" else [draw.choice(cfg.widths)]
+            total = torch.zeros(())
+            for f in fractions:
+                # The slices are recorded in the autograd graph, so resetting the widths before backward is safe.
+                with active_widths(m, plans[f]):
+                    total = total + distill_loss(m, teacher, inputs, labels, cfg)
+            return total
+
+        losses = self.fit(model, ctx, nested_loss, "matformer")
+        model.spec.nested_ffn = list(cfg.widths)
+        reference = None if model.classifier is not None else predict(teacher, ctx.validation, ctx.encoder).numpy()
+        quality = width_quality(model, ctx, plans, reference)
+        metric = "validation_accuracy" if model.classifier is not None else "validation_cosine_with_original"
+        ctx.notes["matformer_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
+        ctx.notes["matformer_widths"] = {f"{f:g}": w for f, w in plans.items()}
+        ctx.notes[f"matformer_{metric}"] = quality
+        info(f"matformer: {metric.replace('_', ' ')} by width: "
+             + ", ".join(f"{f}: {v:.4g}" for f, v in quality.items()))
+        return model

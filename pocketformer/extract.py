@@ -1,0 +1,335 @@
+"""Extract sub-models from a nested (MatFormer) checkpoint: one trained checkpoint, a family of exported models.
+
+- `extract(model, widths)`: the sub-model keeping the first `widths[i]` FFN neurons of layer i (Mix'n'Match), as a
+  plain dense canonical model.
+- `parse_widths(spec, layer_widths)`: "0.5" for every layer, or "1,0.5,0.25,..." one per layer; fractions (written
+  with a decimal point, or 1) or neuron counts (other whole numbers). Fractions round as the nested training did.
+- `search(model, profile, ...)`: the per-layer widths, from the nested set, that best meet a target's latency or size
+  budget. Every candidate is exported to the profile's format and measured on its runtime (latency in a fresh
+  process, size of the file). Bounded: uniform widths from the widest down until one fits, then, between the widest
+  that fits and the next wider one, a greedy Mix'n'Match walk that narrows one layer at a time (the layer whose
+  narrowing costs the least validation accuracy, or without data the fewest neurons) until the budget is met: at
+  most (fractions + layers - 1) exports.
+- `run_extract(...)`: the `pocketformer extract` command's I/O: load, choose, extract, save with provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .compress.matformer import nested_width
+from .data import Dataset, Encoder, load_dataset
+from .errors import PocketformerError, TargetError
+from .models.canonical import CanonicalTransformer, count_params
+from .progress import info
+
+# Validation examples each candidate is scored on during a search: enough to rank widths, few enough to score
+# a dozen candidates in PyTorch quickly.
+SEARCH_EXAMPLES = 512
+
+
+class ExtractError(PocketformerError):
+    """A sub-model cannot be extracted as asked: malformed or out-of-range widths, conflicting options, a search on
+    a checkpoint that was never nested, or a budget no nested width meets."""
+
+
+# -- widths ---------------------------------------------------------------------------------------------------------
+
+def layer_widths(model: CanonicalTransformer) -> list[int]:
+    return [layer.ffn.width for layer in model.layers]
+
+
+def nested_choices(model: CanonicalTransformer) -> list[list[int]]:
+    """Per layer, its width at each nested fraction (widest first), as the matformer stage trained them."""
+    fractions = sorted(model.spec.nested_ffn, reverse=True)
+    if not fractions:
+        raise ExtractError("This checkpoint's FFNs are not nested (no nested_ffn in its pocketformer.json), so no "
+                           "width search is meaningful.",
+                           "compress it with a recipe that has the matformer stage first, or pass --widths to cut "
+                           "plain prefixes.")
+    return [[nested_width(w, f) for f in fractions] for w in layer_widths(model)]
+
+
+def _parse_one(text: str, width: int, layer: int) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ExtractError(f"Width {text!r} (layer {layer}) is not a number.",
+                           "write a fraction such as 0.5 or a neuron count such as 384.") from None
+    is_fraction = "." in text or value == 1
+    if is_fraction:
+        if not 0 < value <= 1:
+            raise ExtractError(f"Width fraction {text} (layer {layer}) is outside (0, 1].",
+                               "write a fraction such as 0.5, or a neuron count.")
+        return nested_width(width, value)
+    if value != int(value) or not 1 <= value <= width:
+        raise ExtractError(f"Width {text} (layer {layer}) is outside layer {layer}'s 1..{width} neurons.",
+                           f"give at most {width} neurons for that layer, or a fraction such as 0.5.")
+    return int(value)
+
+
+def parse_widths(spec: str, widths: list[int]) -> list[int]:
+    """Neuron counts per layer from "F" (every layer) or "F1,F2,..." (one per layer), given each layer's width."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    if len(parts) == 1:
+        parts = parts * len(widths)
+    if len(parts) != len(widths):
+        raise ExtractError(f"--widths {spec!r} gives {len(parts)} widths but the model has {len(widths)} layers.",
+                           f"give one width for every layer, or {len(widths)} comma-separated widths.")
+    return [_parse_one(p, w, i) for i, (p, w) in enumerate(zip(parts, widths))]
+
+
+# -- extraction -----------------------------------------------------------------------------------------------------
+
+def extract(model: CanonicalTransformer, widths: list[int]) -> CanonicalTransformer:
+    """A copy keeping the first widths[i] FFN neurons of layer i: exactly the prefix the nested model runs."""
+    full = layer_widths(model)
+    if len(widths) != len(full):
+        raise ExtractError(f"{len(widths)} widths given for a model of {len(full)} layers.",
+                           "give one width per layer.")
+    for i, (w, f) in enumerate(zip(widths, full)):
+        if not 1 <= w <= f:
+            raise ExtractError(f"Width {w} for layer {i} is outside its 1..{f} neurons.",
+                               f"give at most {f} neurons for layer {i}.")
+    sub = copy.deepcopy(model).eval()
+    for i, w in enumerate(widths):
+        sub.layers[i].ffn.active_width = None
+        if w < full[i]:
+            sub.keep_neurons(i, list(range(w)))
+    # The fractions described the source's widths; the extracted model's provenance keeps them.
+    sub.spec.nested_ffn = []
+    return sub
+
+
+# -- scoring and measuring candidates -------------------------------------------------------------------------------
+
+def quality_scorer(model: CanonicalTransformer, validation: Optional[Dataset],
+                   encoder: Optional[Encoder]) -> tuple[str, Callable[[list[int]], float]]:
+    """(name, score(widths)), higher is better: validation accuracy (%) of a classifier, mean cosine (x100) with the
+    full model's embeddings for an embedding model, or without data the share of FFN neurons kept (%)."""
+    total = sum(layer_widths(model))
+    if validation is None:
+        return "ffn_kept_pct", lambda widths: 100.0 * sum(widths) / max(1, total)
+    from .train import evaluate, predict
+
+    if model.classifier is not None:
+        return "validation_accuracy", lambda widths: evaluate(extract(model, widths), validation, encoder)["accuracy"]
+    reference = predict(model, validation, encoder).numpy()
+
+    def cosine(widths: list[int]) -> float:
+        out = predict(extract(model, widths), validation, encoder).numpy()
+        cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
+        return 100.0 * float(cos.mean())
+
+    return "validation_cosine_pct", cosine
+
+
+def example_inputs(model: CanonicalTransformer, validation: Optional[Dataset], encoder: Optional[Encoder],
+                   seq_len: int, n: int = 8) -> tuple[torch.Tensor, ...]:
+    """Inputs to export and check candidates with: validation examples, or deterministic random ones."""
+    if validation is not None:
+        return encoder.encode(validation, np.arange(min(n, len(validation))))
+    from .models.importers import parity_inputs
+
+    return parity_inputs(model.spec, batch=n, seq=seq_len)
+
+
+def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str, latency: bool):
+    """measure(model) -> {size_mb[, latency_p50_ms, latency_p90_ms]}: export to the profile's format in a temporary
+    folder and measure the `precision` file (latency on the profile's runtime, threads and shapes)."""
+    from .export import EXPORTERS
+    from .export.common import artifact_size, fill_batch, pad_to
+    from .targets import runtime_module
+    from .targets.validate import measure_latency
+
+    if latency and not getattr(runtime_module(profile), "MEASURES_LATENCY", True):
+        raise TargetError(f"{profile.runtime} cannot measure latency on this machine, so target {profile.name} "
+                          "cannot be searched by latency.", "search by --size-mb, or use a target whose runtime "
+                          "runs here.")
+    static = (profile.batch, profile.seq_len) if profile.static_shapes or profile.format != "onnx" else None
+
+    def measure(model: CanonicalTransformer) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            records = EXPORTERS[profile.format](model, Path(tmp), "candidate", inputs,
+                                                int8=precision.startswith("int8"), static_shape=static)
+            record = next((r for r in records if r["precision"] == precision), None)
+            if record is None:
+                raise TargetError(f"The {profile.format} exporter writes no {precision} file.",
+                                  f"choose one of {', '.join(r['precision'] for r in records)}.")
+            path = Path(tmp) / record["file"]
+            row: dict[str, Any] = {"size_mb": artifact_size(path) / 1e6}
+            if latency:
+                feeds = pad_to(inputs, profile.seq_len, model)
+                feeds = tuple(t[:profile.batch] for t in fill_batch(feeds, profile.batch))
+                timing = measure_latency(path, profile, {n: t.numpy() for n, t in zip(model.input_names, feeds)})
+                row.update({k: timing[k] for k in ("latency_p50_ms", "latency_p90_ms")})
+            return row
+
+    return measure
+
+
+# -- the search -----------------------------------------------------------------------------------------------------
+
+def choose_widths(choices: list[list[int]], labels: list[str], measure: Callable[[list[int]], dict[str, Any]],
+                  fits: Callable[[dict[str, Any]], bool], score: Callable[[list[int]], float]
+                  ) -> tuple[Optional[list[int]], list[dict[str, Any]]]:
+    """The bounded search over per-layer widths. `choices[i]`: layer i's widths, widest first, one per fraction
+    (`labels`); measure(widths) -> costs; fits(costs) -> within budget; score(widths) -> quality (higher better).
+    Returns (the best-scoring widths that fit, or None; every candidate measured, in order)."""
+    log: list[dict[str, Any]] = []
+    scores: dict[tuple[int, ...], float] = {}
+
+    def score_of(widths: list[int]) -> float:
+        key = tuple(widths)
+        if key not in scores:
+            scores[key] = score(list(widths))
+        return scores[key]
+
+    def try_candidate(widths: list[int], kind: str) -> bool:
+        costs = measure(list(widths))
+        row = {"kind": kind, "widths": list(widths), **costs, "score": score_of(widths), "fits": fits(costs)}
+        log.append(row)
+        info(f"extract search: {kind} {row['widths']}: "
+             + ", ".join(f"{k} {v:.4g}" for k, v in costs.items() if isinstance(v, float))
+             + f", score {row['score']:.4g} -> {'fits' if row['fits'] else 'over budget'}")
+        return row["fits"]
+
+    levels = max(len(c) for c in choices)
+    uniform = [[c[min(k, len(c) - 1)] for c in choices] for k in range(levels)]
+    first_fit = None
+    for k, widths in enumerate(uniform):
+        if k and widths == uniform[k - 1]:
+            continue  # fractions that round to the same widths in every layer
+        if try_candidate(widths, f"uniform {labels[k]}"):
+            first_fit = k
+            break
+    if first_fit is None:
+        return None, log
+    if first_fit > 0:
+        # Mix'n'Match between the next wider uniform (over budget) and the widest uniform that fits: narrow one layer
+        # at a time, the one costing the least quality, until the budget is met.
+        wider = next(w for w in reversed(uniform[:first_fit]) if w != uniform[first_fit])
+        narrow = uniform[first_fit]
+        current = list(wider)
+        while True:
+            layers = [i for i in range(len(current)) if current[i] != narrow[i]]
+            if len(layers) <= 1:
+                break  # narrowing the last one gives the uniform candidate already measured
+            # ties go to the layer nearest the output: an arbitrary but fixed order
+            best = max(layers, key=lambda i: (score_of(current[:i] + [narrow[i]] + current[i + 1:]), i))
+            current[best] = narrow[best]
+            if try_candidate(current, "mix'n'match"):
+                break
+    fitting = [r for r in log if r["fits"]]
+    best_row = max(fitting, key=lambda r: (r["score"], sum(r["widths"])))
+    return list(best_row["widths"]), log
+
+
+def search(model: CanonicalTransformer, profile, *, latency_ms: Optional[float] = None,
+           size_mb: Optional[float] = None, validation: Optional[Dataset] = None, encoder: Optional[Encoder] = None,
+           precision: Optional[str] = None) -> dict[str, Any]:
+    """Per-layer widths of a nested model that meet `profile`'s latency (ms, p50) and/or size (MB) budget, scored by
+    validation quality (see quality_scorer). Budgets default to the profile's. Returns the chosen widths (None if
+    no candidate fits), the budget, and every candidate measured."""
+    choices = nested_choices(model)
+    if latency_ms is None and size_mb is None:
+        latency_ms, size_mb = profile.budgets.latency_ms, profile.budgets.size_mb
+    if latency_ms is None and size_mb is None:
+        raise ExtractError(f"Target {profile.name} has no latency or size budget to search for.",
+                           "pass --latency-ms or --size-mb.")
+    precision = precision or profile.precisions[0]
+    if validation is not None:
+        validation = validation.head(SEARCH_EXAMPLES)
+    score_name, score = quality_scorer(model, validation, encoder)
+    inputs = example_inputs(model, validation, encoder, profile.seq_len)
+    measure_artifact = artifact_measurer(profile, inputs, precision, latency=latency_ms is not None)
+
+    def fits(costs: dict[str, Any]) -> bool:
+        return ((latency_ms is None or costs["latency_p50_ms"] <= latency_ms)
+                and (size_mb is None or costs["size_mb"] <= size_mb))
+
+    budget = {k: v for k, v in (("latency_ms", latency_ms), ("size_mb", size_mb)) if v is not None}
+    info(f"extract search on {profile.name} ({profile.format} {precision}, {profile.runtime}, {profile.threads} "
+         f"threads, {profile.batch}x{profile.seq_len}): budget "
+         + ", ".join(f"{k} <= {v:g}" for k, v in budget.items()) + f"; score {score_name}")
+    fractions = sorted(model.spec.nested_ffn, reverse=True)
+    chosen, log = choose_widths(choices, [f"{f:g}" for f in fractions],
+                                lambda widths: measure_artifact(extract(model, widths)), fits, score)
+    return {"target": profile.name, "format": profile.format, "runtime": profile.runtime, "precision": precision,
+            "threads": profile.threads, "shape": [profile.batch, profile.seq_len], "budget": budget,
+            "score": score_name, "widths": chosen, "candidates": log}
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+def resolve_source(path: Path) -> tuple[Path, dict[str, Any]]:
+    """A run folder means its model/ (and its compress.json: data, max_len); anything else is the checkpoint."""
+    path = Path(path)
+    summary = path / "compress.json"
+    if summary.is_file():
+        return path / "model", json.loads(summary.read_text())
+    return path, {}
+
+
+def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target: Optional[str] = None,
+                latency_ms: Optional[float] = None, size_mb: Optional[float] = None, data: Optional[str] = None,
+                precision: Optional[str] = None) -> dict[str, Any]:
+    """Load a (nested) checkpoint or run folder, choose widths (given, or searched on a target), save the plain
+    dense sub-model to `out` with provenance; return that provenance."""
+    from .models import load_any
+    from .models.io import save, weights_sha256
+
+    if (widths is None) == (target is None):
+        raise ExtractError("Say which sub-model to extract: either --widths, or --target (with an optional "
+                           "--latency-ms or --size-mb budget), not both or neither.",
+                           'e.g. --widths 0.5, or --target host-ort --latency-ms 20.')
+    if target is None and (latency_ms is not None or size_mb is not None):
+        raise ExtractError("--latency-ms and --size-mb are budgets on a target.", "add --target NAME.")
+    if latency_ms is not None and size_mb is not None:
+        raise ExtractError("Search for one budget at a time.", "pass either --latency-ms or --size-mb.")
+    folder, run_summary = resolve_source(source)
+    model, source_provenance = load_any(folder)
+    recipe = run_summary.get("recipe", {})
+    data = data or run_summary.get("data")
+    max_len = recipe.get("max_len", 128)
+    seed = recipe.get("seed", 0)
+    validation = load_dataset(data, "validation", seed) if data else None
+    encoder = Encoder(folder, max_len) if data else None
+    provenance: dict[str, Any] = {
+        "role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),
+        "source_nested_ffn": list(model.spec.nested_ffn), "source_role": source_provenance.get("role"),
+        "source_ffn_widths": layer_widths(model)}
+    if widths is not None:
+        chosen = parse_widths(widths, layer_widths(model))
+        if not model.spec.nested_ffn:
+            info(f"extract: {folder} was not trained nested (no matformer stage): its FFN prefixes are the first "
+                 "neurons by position, not the best ones")
+        provenance["widths_spec"] = widths
+    else:
+        from .targets import get_profile
+
+        result = search(model, get_profile(target), latency_ms=latency_ms, size_mb=size_mb, validation=validation,
+                        encoder=encoder, precision=precision)
+        provenance["search"] = result
+        if result["widths"] is None:
+            narrowest = result["candidates"][-1]
+            costs = ", ".join(f"{k} {narrowest[k]:.3g}" for k in ("latency_p50_ms", "size_mb") if k in narrowest)
+            raise ExtractError(f"No nested width meets {target}'s budget ({result['budget']}); the narrowest "
+                               f"measured {narrowest['widths']} has {costs}.",
+                               "relax the budget, or compress further (prune heads or layers, quantize) and "
+                               "extract again.")
+        chosen = result["widths"]
+    sub = extract(model, chosen)
+    provenance.update({"widths": chosen, "params": count_params(sub), "source_params": count_params(model)})
+    if validation is not None:
+        score_name, score = quality_scorer(model, validation, encoder)
+        provenance[score_name] = score(chosen)
+    save(sub, out, provenance, tokenizer_dir=folder)
+    return provenance
