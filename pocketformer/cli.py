@@ -1,4 +1,4 @@
-"""Command line: compress, export, validate, run, lint, targets, stages, inspect.
+"""Command line: compress, export, validate, run, lint, targets, stages, inspect, extract.
 
 User errors print one line (the problem and the fix) and exit 2; nothing the user typed produces a traceback.
 """
@@ -41,7 +41,9 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
            int8: bool = typer.Option(True, "--int8/--no-int8", help="also write int8 artifacts"),
            static: Optional[str] = typer.Option(None, "--static", help="fix shapes, as BATCHxSEQ (e.g. 1x128)"),
            legacy_check: bool = typer.Option(True, "--legacy-check/--no-legacy-check",
-                                             help="also run each .tflite in tflite-runtime 2.14 (own environment)")):
+                                             help="also run each .tflite in tflite-runtime 2.14 (own environment)"),
+           sparse: bool = typer.Option(True, "--sparse/--dense",
+                                       help="store dense-sparse weights sparsely where the format allows it")):
     """Export the compressed model and its baseline; each artifact is checked against PyTorch."""
     from .errors import ExportError
     from .export import EXPORTERS
@@ -58,7 +60,7 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
             shape = (b, s)
         except ValueError:
             raise ExportError(f"--static {static!r} is not BATCHxSEQ.", "write it like 1x128.") from None
-    records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check)
+    records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check, sparse=sparse)
     _echo(f"wrote {len(records)} artifacts to {out / 'artifacts'}")
 
 
@@ -133,7 +135,12 @@ def stages():
     for name, stage in REGISTRY.items():
         _echo(f"{name}: {stage.summary}")
         for field, info in stage.Config.model_fields.items():
-            _echo(f"    {field} = {info.default!r}" + (f"  # {info.description}" if info.description else ""))
+            default = info.get_default(call_default_factory=True)
+            if hasattr(default, "model_dump"):
+                default = default.model_dump()
+            elif isinstance(default, list):
+                default = [d.model_dump() if hasattr(d, "model_dump") else d for d in default]
+            _echo(f"    {field} = {default!r}" + (f"  # {info.description}" if info.description else ""))
 
 
 @app.command()
@@ -166,6 +173,32 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
               f"{count_params(model):,} params, {encoder_macs(cfg, seq_len) / 1e6:,.1f}M MACs at {seq_len} tokens")
         for i, s in enumerate(cfg.layers):
             _echo(f"  layer {i}: heads {s.heads} x {s.head_dim}, ffn {s.ffn}")
+
+
+@app.command()
+def extract(source: Path = typer.Argument(..., help="nested checkpoint (matformer stage), or run folder (its model/)"),
+            out: Path = typer.Option(..., "--out", "-o", help="output checkpoint folder"),
+            widths: Optional[str] = typer.Option(None, "--widths", "-w",
+                                                 help='FFN width per layer: "0.5" for all, or "1,0.5,0.25,..." '
+                                                      "(fractions, or whole neuron counts)"),
+            target: Optional[str] = typer.Option(None, "--target", "-t",
+                                                 help="search the nested widths for this profile's budget"),
+            latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="p50 budget on the target's runtime "
+                                                                                 "(default: the profile's)"),
+            size_mb: Optional[float] = typer.Option(None, "--size-mb", help="artifact size budget (default: the "
+                                                                           "profile's)"),
+            data: Optional[str] = typer.Option(None, "--data", "-d", help="score by validation quality on this data "
+                                                                         "(default: the run's; none: FFN kept)"),
+            precision: Optional[str] = typer.Option(None, "--precision", help="artifact precision the budget is "
+                                                                              "for (default: the profile's first)")):
+    """Cut a sub-model (an FFN width per layer) out of a nested checkpoint as a plain dense checkpoint."""
+    from .extract import run_extract
+
+    p = run_extract(source, out, widths=widths, target=target, latency_ms=latency_ms, size_mb=size_mb, data=data,
+                    precision=precision)
+    quality = next((f", {k} {p[k]:.2f}" for k in ("validation_accuracy", "validation_cosine_pct") if k in p), "")
+    _echo(f"extracted FFN widths {p['widths']} of {p['source_ffn_widths']}: params {p['source_params']:,} -> "
+          f"{p['params']:,}{quality}; wrote {out}")
 
 
 def _quiet_third_party_logs() -> None:

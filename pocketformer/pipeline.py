@@ -186,7 +186,7 @@ def _legacy_check(path: Path, model, inputs, record: dict[str, Any]) -> dict[str
 
 def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
            data: Optional[str] = None, legacy_check: bool = True,
-           baseline_formats: Optional[list[str]] = None) -> list[dict[str, Any]]:
+           baseline_formats: Optional[list[str]] = None, sparse: bool = True) -> list[dict[str, Any]]:
     """Export the compressed model to `formats` and the baseline to `baseline_formats` (default: the same); every
     file is checked against PyTorch before it is kept."""
     from .export import EXPORTERS
@@ -207,7 +207,7 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                                out_dir / stem)
         source_hash = weights_sha256(model)
         for fmt in stem_formats:
-            options = {"int8": int8, "static_shape": static_shape}
+            options = {"int8": int8, "static_shape": static_shape, **({} if sparse else {"sparse": False})}
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
                      and (art_dir / r["file"]).exists()]
@@ -216,13 +216,19 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                 records.extend(reuse)
                 continue
             info(f"export {stem} -> {fmt}")
-            for r in EXPORTERS[fmt](model, art_dir, stem, inputs, int8=int8, static_shape=static_shape):
+            exported = EXPORTERS[fmt](model, art_dir, stem, inputs, int8=int8, static_shape=static_shape,
+                                      sparse=sparse)
+            if model.spec.exits:  # early exit: also the segments a driver runs one after another
+                from .export.segments import export as export_segments
+
+                exported += export_segments(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape)
+            for r in exported:
                 r.update({"source_weights_sha256": source_hash, "options": options,
                           "recipe_sha256": meta["recipe_sha256"], "versions": versions()})
                 p = r["parity_vs_pytorch"]
                 info(f"    {r['file']}: {r['size_bytes'] / 1e6:.1f} MB, max abs diff {p['max_abs_diff']:.2e}, "
                      f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
-                if fmt == "tflite" and legacy_check:
+                if fmt == "tflite" and legacy_check and r.get("kind") != "segments":
                     r["legacy_runtime"] = _legacy_check(art_dir / r["file"], model, inputs, r)
                 records.append(r)
     write_manifest(art_dir, records)
@@ -254,13 +260,21 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     ref_out = predict(reference, ds, enc).numpy()
     rows = []
     for r in records:
-        row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)
+        if r.get("kind") == "segments":  # early exit: the driver runs them, gate calibrated on the validation split
+            from .targets.early_exit import validate_segments
+
+            calibration = load_dataset(data or meta.get("data", recipe["data"]), "validation", recipe["seed"])
+            row = validate_segments(art_dir / r["file"], r, profile, ds, enc, model=load(out_dir / "model")[0],
+                                    calibration=calibration.head(limit) if limit else calibration,
+                                    reference_out=ref_out)
+        else:
+            row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)
         row["data"] = ds.name
         rows.append(row)
         acc = f"accuracy {row['accuracy']:.2f}% (drop {row['accuracy_drop']:+.2f}), " if "accuracy" in row else ""
-        lat = (f"p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms, peak RSS "
-               f"{row['peak_rss_mb']:.0f} MB" if row["latency_p50_ms"] is not None
-               else f"no latency ({row['execution']})")
+        lat = (f"p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms"
+               + (f", peak RSS {row['peak_rss_mb']:.0f} MB" if row["peak_rss_mb"] is not None else "")
+               if row["latency_p50_ms"] is not None else f"no latency ({row['execution']})")
         info(f"    {row['file']}: {acc}{lat}, {row['size_mb']:.1f} MB -> {'PASS' if row['pass'] else 'FAIL'}")
     write_json(out_dir / "validation" / f"{profile.name}.json",
                {"target": profile.model_dump(), "versions": versions(), "rows": rows})
@@ -281,7 +295,8 @@ def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
         p = get_profile(recipe.target_refs()[0].name)
         static = (p.batch, p.seq_len)
     export(out_dir, recipe.export.formats, int8=recipe.export.int8, static_shape=static,
-           legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats)
+           legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats,
+           sparse=recipe.export.sparse)
     for target in recipe.target_refs():
         validate(out_dir, target.name, limit=target.limit, variants=target.variants)
     return write_report(out_dir)

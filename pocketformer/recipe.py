@@ -43,6 +43,8 @@ class ExportSpec(BaseModel):
     baseline_formats: list[str] = Field(["onnx"], description="formats of the uncompressed reference, for "
                                                               "measured ratios")
     int8: bool = Field(True, description="also write int8 artifacts (each format's own int8 path)")
+    sparse: bool = Field(True, description="store dense-sparse weights sparsely where the format allows it "
+                                           "(ONNX sparse initializers, TFLite sparsity + DENSIFY, CoreML sparse)")
     onnx: OnnxOptions = OnnxOptions()
     tflite: TfliteOptions = TfliteOptions()
 

@@ -1,6 +1,6 @@
 """Compression stages, one module each, registered by name for recipes and the CLI."""
 
-from . import distill, finetune, prune  # noqa: F401  (importing registers the stages)
+from . import binarize, dense_sparse, distill, early_exit, finetune, lowrank, matformer, prune, quantize  # noqa: F401  (imports register stages)
 from .base import REGISTRY, Context, Stage, StageConfig, StageReport
 
 __all__ = ["REGISTRY", "Context", "Stage", "StageConfig", "StageReport"]
