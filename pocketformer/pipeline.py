@@ -96,6 +96,8 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
             model, _ = load(cached)
             report = json.loads((cached / "stage.json").read_text())
             report["cached"] = True
+            report.setdefault("size_bytes_before", before["size_bytes"])  # caches written before sizes were kept
+            report.setdefault("size_bytes_after", describe(model, recipe.max_len)["size_bytes"])
             info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: reused cached result ({cached})")
         else:
             info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: {stage.summary}")
@@ -107,13 +109,15 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
             val = evaluate(model, ctx.validation, ctx.encoder)["accuracy"] if model.classifier is not None else None
             report = StageReport(stage=stage.name, config=cfg, params_before=before["params"],
                                  params_after=after["params"], macs_before=before["macs"], macs_after=after["macs"],
+                                 size_bytes_before=before["size_bytes"], size_bytes_after=after["size_bytes"],
                                  layers_after=after["layers"], validation_accuracy=val, seconds=seconds,
                                  details={k: v for k, v in ctx.notes.items() if k != "teacher_key"}).model_dump()
             save(model, cached, {"stage": stage.name, "cache_key": key}, tokenizer_dir=tokenizer_dir)
             write_json(cached / "stage.json", report)
         acc = report.get("validation_accuracy")
         info(f"    params {report['params_before']:,} -> {report['params_after']:,}, MACs@{recipe.max_len} "
-             f"{report['macs_before'] / 1e6:.0f}M -> {report['macs_after'] / 1e6:.0f}M"
+             f"{report['macs_before'] / 1e6:.0f}M -> {report['macs_after'] / 1e6:.0f}M, weights "
+             f"{report['size_bytes_before'] / 1e6:.1f} -> {report['size_bytes_after'] / 1e6:.1f} MB"
              + (f", validation accuracy {acc:.2f}%" if acc is not None else ""))
         reports.append(report)
     return model, reports, key

@@ -83,6 +83,8 @@ class StageReport(BaseModel):
     params_after: int
     macs_before: int
     macs_after: int
+    size_bytes_before: int = 0
+    size_bytes_after: int = 0
     layers_after: list[dict[str, Any]]
     validation_accuracy: Optional[float] = None
     seconds: float = 0.0
@@ -90,7 +92,22 @@ class StageReport(BaseModel):
     details: dict[str, Any] = {}
 
 
+def stored_bytes(model: CanonicalTransformer) -> int:
+    """Bytes the weights take stored as the model says: float32, except Linear weights a quantize stage put on an
+    int grid (bits per weight plus a float32 scale per row and group); a dense-sparse S counts its kept entries."""
+    total = 4 * count_params(model)
+    q = model.spec.quantization
+    if q.get("bits"):
+        import torch
+
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.numel():
+                groups = 1 if q.get("group_size", -1) <= 0 else -(-m.in_features // q["group_size"])
+                total -= m.weight.numel() * 4 - (m.weight.numel() * q["bits"] + 7) // 8 - 4 * m.out_features * groups
+    return total
+
+
 def describe(model: CanonicalTransformer, seq_len: int) -> dict[str, Any]:
     cfg = model.config
-    return {"params": count_params(model), "macs": encoder_macs(cfg, seq_len),
+    return {"params": count_params(model), "macs": encoder_macs(cfg, seq_len), "size_bytes": stored_bytes(model),
             "layers": [s.summary() for s in cfg.layers]}

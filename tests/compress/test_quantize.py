@@ -131,3 +131,13 @@ def test_composes_after_lowrank_factors_quantizing_both(make_model):
     assert isinstance(fc1, LowRankLinear) and q.spec.quantization["linears"] == 25  # 12 pairs + classifier
     for w in (fc1.first.weight, fc1.second.weight):
         assert max(len(torch.unique(row)) for row in w.detach()) <= 255
+
+
+def test_stage_reports_the_stored_size_at_the_quantized_width(quantized):
+    from pocketformer.compress.base import describe
+
+    model, q = quantized
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    saved = describe(model, 64)["size_bytes"] - describe(q, 64)["size_bytes"]
+    scales = 4 * sum(m.out_features for m in q.modules() if isinstance(m, torch.nn.Linear))
+    assert saved == 3 * linear - scales  # 4 bytes -> 1 byte per linear weight, plus one fp32 scale per row
