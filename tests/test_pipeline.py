@@ -224,3 +224,22 @@ def test_a_run_resolves_the_recipes_relative_paths_from_any_directory(tmp_path, 
     monkeypatch.chdir(elsewhere)
     report = pipeline.run(load_recipe(recipe_path), tmp_path / "out")
     assert sorted(r["variant"] for r in report["validation"]) == ["baseline.fp32", "model.fp32"]
+
+
+# -- composition ------------------------------------------------------------------------------------------------------
+
+def test_stages_compose_and_each_reports_params_macs_size_and_accuracy(tokenized_bert, sentiment_csv, tmp_path):
+    stages = [STAGES[0], {"lowrank": {"method": "ranks", "ranks": 8}}, STAGES[1],
+              {"quantize": {"tolerable_loss": 100, "min_agreement": 0.0}}]
+    out = tmp_path / "out"
+    summary = pipeline.compress(text_recipe(tokenized_bert, sentiment_csv, stages=stages), tokenized_bert, out)
+    reports = summary["stages"]
+    assert [r["stage"] for r in reports] == ["prune", "lowrank", "distill", "quantize"]
+    for r in reports:
+        assert r["params_after"] > 0 and r["macs_after"] > 0 and r["validation_accuracy"] is not None
+    assert reports[1]["macs_after"] < reports[1]["macs_before"]
+    assert reports[3]["size_bytes_after"] < reports[3]["size_bytes_before"]  # the token table stays fp32
+    model, _ = load(out / "model")
+    assert model.spec.quantization["bits"] == 8 and model.config.layers[0].linears["fc1"].kind == "lowrank"
+    (fp32, int8) = pipeline.export(out, ["onnx"], int8=True, baseline_formats=[])
+    assert fp32["parity_vs_pytorch"]["cosine"] > 0.9999 and int8["size_bytes"] < fp32["size_bytes"]

@@ -103,3 +103,10 @@ def test_digest_is_stable_and_changes_with_any_setting():
     base = {"model": "m", "stages": [{"prune": {"heads": 2}}]}
     assert parse_recipe(base).digest() == parse_recipe(dict(base)).digest()
     assert parse_recipe(base).digest() != parse_recipe({**base, "stages": [{"prune": {"heads": 3}}]}).digest()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*/*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.build("stages")
