@@ -93,12 +93,12 @@ class LowRank(Stage):
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
         cfg: LowRankConfig = self.config
-        chosen = []
+        chosen, decisions = [], []
         for li, name, parent, module in model.linears(cfg.linears):
-            if isinstance(module, LowRankLinear):
-                raise RecipeError(f"layer {li} {name} is already factorized; a second low-rank stage would "
-                                  "factorize the factors.", "use one lowrank (or dense_sparse) stage per linear.")
-            if module.weight.numel():
+            if isinstance(module, LowRankLinear):  # factorizing the factors again would buy nothing
+                decisions.append({"layer": li, "linear": name, "rank": None,
+                                  "why": f"skipped: already factorized ({module.shape().kind}, rank {module.rank})"})
+            elif module.weight.numel():
                 chosen.append((li, name, parent, module))
         spectra = [torch.linalg.svdvals(m.weight.detach().double()) for *_, m in chosen]
         shapes = [tuple(m.weight.shape) for *_, m in chosen]
@@ -109,7 +109,6 @@ class LowRank(Stage):
         else:
             ranks = [cfg.ranks if isinstance(cfg.ranks, int) else cfg.ranks.get(name, 0)
                      for _, name, *_ in chosen]
-        decisions = []
         for (li, name, parent, module), r, (m, n), s in zip(chosen, ranks, shapes, spectra):
             r = _round_up(r, cfg.round_to, min(m, n)) if r else 0
             kept = float((s[:r].double() ** 2).sum() / (s.double() ** 2).sum()) if r else 0.0
@@ -128,9 +127,9 @@ class LowRank(Stage):
             decisions.append({"layer": li, "linear": name, "shape": [m, n], "rank": r, "energy_kept": round(kept, 4)})
         factorized = [d for d in decisions if d["rank"]]
         if not factorized:
-            raise RecipeError("lowrank factorized nothing: every chosen linear would need a rank at or above "
-                              "mn/(m+n), where two factors are no smaller than one matrix.",
-                              "lower `energy`, lower `budget`, or give smaller `ranks`.")
+            raise RecipeError("lowrank factorized nothing: every chosen linear is already factorized or would need "
+                              "a rank at or above mn/(m+n), where two factors are no smaller than one matrix.",
+                              "lower `energy`, lower `budget`, give smaller `ranks`, or choose other `linears`.")
         info(f"    factorized {len(factorized)} of {len(decisions)} linears; ranks "
              + ", ".join(f"L{d['layer']}.{d['linear']}={d['rank']}" for d in factorized[:12])
              + (" ..." if len(factorized) > 12 else ""))

@@ -89,9 +89,11 @@ def test_factorizing_nothing_is_refused_with_a_fix(make_model):
         lowrank(make_model("vision", labels=DIGITS), method="energy", energy=1.0)
 
 
-def test_factorizing_a_factorized_linear_is_refused(make_model):
-    model = lowrank(make_model("vision", labels=DIGITS), method="ranks", ranks=8)
-    with pytest.raises(RecipeError, match="already factorized"):
+def test_factorized_linears_are_skipped_and_nothing_left_is_refused(make_model):
+    model = lowrank(make_model("vision", labels=DIGITS), method="ranks", ranks=8, linears=["fc1"])
+    model = lowrank(model, method="ranks", ranks=8)  # fc1 is skipped, the rest factorized
+    assert all(layer.ffn.fc1.rank == 8 and isinstance(layer.attn.q, LowRankLinear) for layer in model.layers)
+    with pytest.raises(RecipeError, match="already factorized or would need"):
         lowrank(model, method="ranks", ranks=4)
 
 
