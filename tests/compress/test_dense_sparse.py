@@ -254,3 +254,21 @@ def test_layers_whose_heads_were_all_pruned_are_skipped(make_model):
     factorize(model, ctx)
     empty = [d for d in ctx.notes["dense_sparse"]["linears"] if d["layer"] == 0 and d["linear"] in "qkvo"]
     assert all("no weights" in d["why"] for d in empty)
+
+
+def test_eval_balances_the_factors_without_changing_the_function():
+    from pocketformer.models.factorized import DenseSparseLinear
+
+    layer = DenseSparseLinear(32, 48, rank=16, nnz=4)
+    with torch.no_grad():
+        layer.second.weight.mul_(torch.logspace(-3, 3, 16)[None, :])  # wildly unbalanced basis vectors
+    layer.eval()  # settles the projection first
+    x = torch.randn(5, 32)
+    before = layer(x)
+    layer.balance()
+    assert torch.allclose(layer(x), before, rtol=1e-4, atol=1e-5)
+    d, s = layer.second.weight.norm(dim=0), layer.first.weight.norm(dim=1)
+    assert torch.allclose(d, s, rtol=1e-3)
+    weights = [t.clone() for t in (layer.first.weight, layer.second.weight)]
+    layer.train().eval()  # settling again leaves a balanced layer's bits alone
+    assert all(torch.equal(a, b) for a, b in zip(weights, (layer.first.weight, layer.second.weight)))
