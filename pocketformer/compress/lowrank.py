@@ -12,11 +12,10 @@ stage after this one.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from ..errors import RecipeError
 from ..models.canonical import LINEAR_NAMES, CanonicalTransformer

@@ -11,9 +11,7 @@ from pydantic import ValidationError
 from pocketformer.compress import Context
 from pocketformer.compress.quantize import Quantize, QuantizationRefused, QuantizeConfig
 from pocketformer.data import Encoder, load_dataset
-from pocketformer.export import onnx as onnx_export
 from pocketformer.models.io import load, save
-from pocketformer.targets import ort
 
 DIGITS = [str(i) for i in range(10)]
 
