@@ -41,7 +41,7 @@ def _ort_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[
     from . import ort
 
     def runner(path: Path) -> Run:
-        session = ort.load(path, threads)
+        session = ort.load(path, threads, spinning=False)  # one pool spinning starves the next
         names = [o.name for o in session.get_outputs()]
         inputs = {i.name for i in session.get_inputs()}
         return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))

@@ -17,7 +17,10 @@ def version() -> str:
     return onnxruntime.__version__
 
 
-def load(path: Path, threads: int):
+def load(path: Path, threads: int, spinning: bool = True):
+    """A CPU session on `threads` intra-op threads. `spinning=False` for sessions run one after another (early-exit
+    segments): each session owns a thread pool that spins after every run, and on a 2-core host the spinning pool
+    of the segment just run starves the next one (measured: 6 segments of MiniLM 259 ms spinning, 64 ms not)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -25,6 +28,8 @@ def load(path: Path, threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
