@@ -83,7 +83,6 @@ EXPORT_FORMATS = {"pruned-medium": ["onnx", "tflite"], "pruned+lowrank+int8": ["
 MATFORMER_WIDTHS = (1.0, 0.5, 0.25, 0.125)  # uniform sub-models extracted from the one nested checkpoint
 # Early exit: the gate calibrated on the validation split to these accuracy budgets (points), then run on the test split
 EXIT_BUDGETS = (1.0, 2.0)
-EXIT_LATENCY_EXAMPLES = 300  # timed through the driver, gated and at full depth (accuracy uses the whole split)
 EXIT_RUNTIMES = {"onnx": ("early-exit", "early-exit-pabee"), "tflite": ("early-exit-pabee",)}
 LITERT_PRECISIONS = ("fp32", "fp16", "int8")
 PROBE_TRAIN = 2000  # examples for the peers' linear probe (as METHODS.md's frozen-MiniLM figure)
@@ -164,18 +163,19 @@ def matformer_rows(out: Path, profile, test, enc: Encoder, ref_pred, feeds) -> l
     return rows
 
 
-def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out, recipe) -> list[dict]:
+def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out, recipe, limit: int = 0) -> list[dict]:
     """The segmented fp32 artifact in each runtime through pocketformer's driver at batch 1. Every example of the
     validation and test splits runs to full depth once, giving every head's logits in that runtime; the entropy
     gate is calibrated on the validation split to each accuracy budget, and its accuracy and exits on the test split
-    follow exactly from the test logits (the driver decides from the same heads). Latency: the first
-    EXIT_LATENCY_EXAMPLES test examples run through the driver with the gate, each followed by the same example at
-    full depth, so host noise hits both alike."""
+    follow exactly from the test logits (the driver decides from the same heads). Latency, every example of the
+    test split at batch 1: at full depth from that run, gated from one run through the driver per gate, and
+    without exits from the model's plain file."""
     from pocketformer.compress.early_exit import exit_indices
     from pocketformer.targets.early_exit import calibrate, load as load_segments, run_split
 
     calibration = load_dataset(recipe["data"], "validation", recipe["seed"])
-    timed = test.head(EXIT_LATENCY_EXAMPLES)
+    if limit:  # a smoke run
+        calibration = calibration.head(limit)
     rows = []
     for target in profiles:
         fmt = "onnx" if target.format == "onnx" else "tflite"
@@ -191,14 +191,15 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
                          desc=f"{name} test heads")
         heads = full.head_logits
         full_acc = float((heads[:, -1].argmax(-1) == test.labels).mean() * 100)
+        plain_ms = plain_latency(out, fmt, target, seg, test, enc)
         for budget in EXIT_BUDGETS:
             gate, cal_info = calibrate(cal.head_logits, calibration.labels, "entropy", budget)
             exits = exit_indices(gate, heads)
             pred = heads[np.arange(len(exits)), exits].argmax(-1)
             print(f"== measuring {name} ({fmt}), gate for -{budget:g} pt: latency", flush=True)
-            run = run_split(seg, timed, enc, gate, True, target.seq_len, warmup=target.warmup,
+            run = run_split(seg, test, enc, gate, False, target.seq_len, warmup=target.warmup,
                             desc=f"{name} gated latency")
-            assert (run.exits == exits[:len(timed)]).all()  # the driver stops where the logits say
+            assert (run.exits == exits).all()  # the driver stops where the logits say
             rows.append({
                 "variant": f"{name}, gate for -{budget:g} pt" + (" (LiteRT)" if fmt == "tflite" else ""),
                 "format": fmt, "precision": "fp32", "kind": "segments",
@@ -208,13 +209,38 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
                 "size_mb": rec["size_bytes"] / 1e6, "measured": True, "target": target.name, "gate": gate.model_dump(),
                 "calibration": cal_info, "exit_histogram": {f"layer {d}": int((depths[exits] == d).sum()) for d in depths},
                 "mean_layers": float(depths[exits].mean()), "layers": int(depths[-1]),
-                "latency_examples": len(timed), "latency_mean_ms": float(run.latency_ms.mean()),
+                "latency_examples": len(test), "latency_mean_ms": float(run.latency_ms.mean()),
                 "latency_p50_ms": float(np.percentile(run.latency_ms, 50)),
                 "latency_p90_ms": float(np.percentile(run.latency_ms, 90)),
-                "full_depth_latency_mean_ms": float(run.full_latency_ms.mean()),
-                "speedup_vs_full_depth": float(run.full_latency_ms.mean() / run.latency_ms.mean()),
+                "full_depth_latency_mean_ms": float(full.full_latency_ms.mean()),
+                "full_depth_latency_p90_ms": float(np.percentile(full.full_latency_ms, 90)),
+                "speedup_vs_full_depth": float(full.full_latency_ms.mean() / run.latency_ms.mean()),
+                "no_exit_file": plain_ms["file"], "no_exit_latency_mean_ms": plain_ms["mean"],
+                "no_exit_latency_p90_ms": plain_ms["p90"],
+                "speedup_vs_no_exit_model": float(plain_ms["mean"] / run.latency_ms.mean()),
                 "recipe_stages": VARIANTS[name]})
     return rows
+
+
+def plain_latency(out: Path, fmt: str, target, seg, timed, enc: Encoder) -> dict:
+    """The same model without exits (its plain fp32 file, final head only) at batch 1 on the same examples, after
+    the same warm-up, in its runtime's ordinary session: what the user ships if they do not use early exit."""
+    from pocketformer.targets import runtime_module
+    from pocketformer.targets.early_exit import example_feeds
+
+    (rec,) = [r for r in read_manifest(out / "artifacts") if r["variant"] == "model" and r.get("kind") != "segments"
+              and r["format"] == fmt and r["precision"] == "fp32"]
+    rt = runtime_module(target)
+    session = rt.load(out / "artifacts" / rec["file"], target.threads)
+    feeds = [example_feeds(seg, timed, enc, i, target.seq_len) for i in range(len(timed))]
+    for _ in range(target.warmup):
+        rt.run(session, feeds[0])
+    ms = []
+    for f in feeds:
+        t0 = time.perf_counter()
+        rt.run(session, f)
+        ms.append((time.perf_counter() - t0) * 1000.0)
+    return {"file": rec["file"], "mean": float(np.mean(ms)), "p90": float(np.percentile(ms, 90))}
 
 
 def sparse_storage_rows(outs: dict[str, Path]) -> list[dict]:
@@ -289,6 +315,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=[], help="build only these variants")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-litert", action="store_true", help="skip the plain LiteRT rows (early exit keeps its own)")
+    ap.add_argument("--litert-precisions", nargs="*", default=list(LITERT_PRECISIONS),
+                    help="precisions of the plain LiteRT rows (fp32 alone gives the LiteRT ratios' reference)")
+    ap.add_argument("--limit", type=int, default=0,
+                    help="smoke run: only the first N test and validation examples; prints, writes no results")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -297,9 +327,13 @@ def main() -> None:
     litert_profile = get_profile("android-litert").model_copy(update={
         "name": "host-litert", "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup})
     outs = build_variants(args.work, args.only)
-    first = next(iter(outs.values()))
+    # the reference rows (fp32 ONNX of the fine-tuned model) come from the first variant exported with its baseline
+    first = next((o for o in outs.values() if any(r["variant"] == "baseline" for r in read_manifest(o / "artifacts"))),
+                 next(iter(outs.values())))
     recipe = pipeline.read_compress(first)["recipe"]
     test = load_dataset(recipe["data"], "test", recipe["seed"])
+    if args.limit:
+        test = test.head(args.limit)
     enc = Encoder(first / "baseline", recipe["max_len"])
     reference, _ = load(first / "baseline")
     ref_out = predict(reference, test, enc).numpy()
@@ -307,7 +341,7 @@ def main() -> None:
     ref_acc = float((ref_pred == test.labels).mean() * 100)
 
     litert_home = next((outs[v] for v in LITERT_VARIANTS if v in outs), first)
-    litert_precisions = () if args.no_litert else LITERT_PRECISIONS
+    litert_precisions = () if args.no_litert else tuple(args.litert_precisions)
     artifacts = [(first, r, "baseline") for r in read_manifest(first / "artifacts")
                  if r["variant"] == "baseline" and r["format"] == "onnx"]
     artifacts += [(litert_home, r, "baseline") for r in read_manifest(litert_home / "artifacts")
@@ -351,7 +385,7 @@ def main() -> None:
     if "matformer" in outs:
         rows += matformer_rows(outs["matformer"], profile, test, enc, ref_pred, inputs_of[profile.name])
     for name in [n for n in outs if n.startswith("early-exit")]:
-        rows += early_exit_rows(name, outs[name], (profile, litert_profile), test, enc, ref_out, recipe)
+        rows += early_exit_rows(name, outs[name], (profile, litert_profile), test, enc, ref_out, recipe, args.limit)
     if not args.no_peers:
         train = load_dataset(recipe["data"], "train", recipe["seed"]).head(PROBE_TRAIN)
         rows += peer_rows(profile, test, enc, train)
@@ -365,29 +399,33 @@ def main() -> None:
             if ref and r["target"] == target and r.get("latency_mean_ms"):
                 r["mean_speedup_vs_fp32"] = ref["latency_mean_ms"] / r["latency_mean_ms"]
     storage = sparse_storage_rows(outs)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     env = {"machine": platform.machine(), "processor": platform.processor() or "x86-64", "python":
            platform.python_version(), **pipeline.versions(), "threads": profile.threads,
            "shape": f"batch {profile.batch} x {profile.seq_len} tokens", "repeats": profile.repeats,
            "warmup": profile.warmup, "test_examples": len(test), "reference_pytorch_accuracy": ref_acc,
            "wall_s": round(time.monotonic() - t0)}
-    (RESULTS / "minilm_sentiment.json").write_text(json.dumps(rows, indent=2))
     env["int8_refused_at_export"] = REFUSED
+    markdown = write_markdown(rows, env, args, storage)
+    print(markdown)
+    if args.limit:
+        print(f"(smoke run on {args.limit} examples: nothing written)")
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "minilm_sentiment.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / "minilm_sentiment.env.json").write_text(json.dumps(env, indent=2))
     if storage:
         (RESULTS / "dense_sparse_storage.json").write_text(json.dumps(storage, indent=2))
-    write_markdown(rows, env, args, storage)
-    print((Path(__file__).parent / "RESULTS.md").read_text())
+    (Path(__file__).parent / "RESULTS.md").write_text(markdown)
 
 
-def write_markdown(rows, env, args, storage=()) -> None:
+def write_markdown(rows, env, args, storage=()) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
     lines = ["# Benchmark results", "",
              "## MiniLM sentiment (Rotten Tomatoes, all-MiniLM-L6-v2 fine-tuned by examples/minilm-sentiment)", "",
-             f"Command: `.venv/bin/python benchmarks/minilm_sentiment.py --threads {args.threads} --repeats "
-             f"{args.repeats}` (also `make bench`). Machine: {env['machine']}, 2 cores; ONNX Runtime "
+             f"Command: `.venv/bin/python benchmarks/minilm_sentiment.py {' '.join(sys.argv[1:])}` "
+             f"(`make bench` runs every row). Machine: {env['machine']}, 2 cores; ONNX Runtime "
              f"{env['onnxruntime']}, {env['threads']} intra-op threads; latency = median (p50) and p90 of "
              f"{env['repeats']} runs after {env['warmup']} warm-up runs, {env['shape']}, each artifact in a fresh "
              f"process; accuracy on the full test split ({env['test_examples']} examples). Ratios are against "
@@ -428,13 +466,18 @@ def write_markdown(rows, env, args, storage=()) -> None:
                   "without exits is that backbone at full depth). Segments run one after another by "
                   "pocketformer's driver at batch 1; the entropy gate is calibrated on the validation split to the "
                   "stated accuracy budget; accuracy and exits over the full test split follow from every head's logits "
-                  f"in the runtime; latency over the first {EXIT_LATENCY_EXAMPLES} test examples through the driver, "
-                  "each gated run followed by the same example at full depth, so host noise hits both alike.", "",
-                  "| variant | accuracy % | full depth % | mean ms | full-depth mean ms | speedup vs full depth | "
-                  "mean layers | exits per layer |", "|---|---|---|---|---|---|---|---|"]
+                  "in the runtime. Latency is the mean (and p90) over every test example at batch 1: through the "
+                  "driver at full depth, through the driver with each gate, and through the model's plain fp32 file "
+                  "without exits (the no-exit file, in the runtime's ordinary session), each after the same "
+                  "warm-up.", "",
+                  "| variant | accuracy % | full depth % | mean ms | p90 ms | full-depth segments mean ms | "
+                  "no-exit file mean ms | speedup vs no-exit file | speedup vs full-depth segments | "
+                  "mean layers | exits per layer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in exits:
             lines.append(f"| {r['variant']} | {f(r['accuracy'])} | {f(r['full_depth_accuracy'])} | "
-                         f"{f(r['latency_mean_ms'], '.1f')} | {f(r['full_depth_latency_mean_ms'], '.1f')} | "
+                         f"{f(r['latency_mean_ms'], '.1f')} | {f(r['latency_p90_ms'], '.1f')} | "
+                         f"{f(r['full_depth_latency_mean_ms'], '.1f')} | {f(r['no_exit_latency_mean_ms'], '.1f')} | "
+                         f"{f(r['speedup_vs_no_exit_model'])}x | "
                          f"{f(r['speedup_vs_full_depth'])}x | {f(r['mean_layers'])} | "
                          f"{', '.join(str(v) for v in r['exit_histogram'].values())} |")
         lines.append("")
@@ -461,7 +504,7 @@ def write_markdown(rows, env, args, storage=()) -> None:
                        if t["loads"] and t["cosine"] is not None else f"fails: {t['error']}")
             lines.append(f"- {r['variant']}: {verdict}")
         lines.append("")
-    (Path(__file__).parent / "RESULTS.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
