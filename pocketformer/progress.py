@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -13,6 +17,29 @@ console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 def info(msg: str) -> None:
     console.print(msg)
+
+
+@contextmanager
+def quiet(*loggers: str, stderr: bool = False):
+    """Silence a third-party library for the duration: its Python warnings, what it prints to stdout (and stderr,
+    with `stderr`), and the named loggers and their children below ERROR. Levels are restored afterwards, so our
+    own one-line messages are what the user reads."""
+    names = [n for n in logging.root.manager.loggerDict
+             if any(n == p or n.startswith(p + ".") for p in loggers)]
+    levels = {n: logging.getLogger(n).level for n in {*loggers, *names}}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        if stderr:
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        for n in levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
 
 
 @contextmanager

@@ -16,10 +16,7 @@ neural-compressor never sees a branch that calibration does not reach.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 from typing import Literal
 
 import torch
@@ -29,7 +26,7 @@ from torch.nn import functional as F
 
 from ..errors import PocketformerError
 from ..models.canonical import CanonicalTransformer
-from ..progress import info
+from ..progress import info, quiet
 from ..train import evaluate, predict
 from .base import Context, Stage, StageConfig
 
@@ -58,13 +55,8 @@ class QuantizeConfig(StageConfig):
 
 
 def _quiet():
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    logging.getLogger("neural_compressor").setLevel(logging.ERROR)
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("neural_compressor"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    return stack
+    """neural-compressor prints its config and logs every layer it quantizes."""
+    return quiet("neural_compressor")
 
 
 def _rtn(candidate: WeightCandidate):

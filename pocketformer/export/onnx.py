@@ -3,12 +3,8 @@ Runtime against PyTorch on real inputs before it is kept."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import tempfile
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +15,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
+from ..progress import quiet
 from . import sparse as sparse_storage
 from .common import named, pad_to, parity, reduced_precision_ok, run_in_batches
 
@@ -30,13 +27,7 @@ FP32_MIN_COSINE = 0.9999
 
 def _quiet():
     """The exporter prints pages of warnings about its own internals; users want one line per artifact."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return stack
+    return quiet("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
 def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...],

@@ -157,9 +157,11 @@ def check_segment(run, feeds: dict, want: dict, fmt: str, precision: str, batch:
 
 
 def _runs(fmt: str, files: list[tuple[Path, Optional[str]]]):
-    from ..targets.early_exit import SEGMENT_RUNS
+    import importlib
 
-    return SEGMENT_RUNS[FORMAT_RUNTIME[fmt]](files, 1)
+    from ..targets import RUNTIMES
+
+    return importlib.import_module(RUNTIMES[FORMAT_RUNTIME[fmt]]).segment_runs(files, 1)
 
 
 def _check_all(fmt: str, precision: str, files, chain, batch: Optional[int]) -> list[dict[str, Any]]:

@@ -9,10 +9,8 @@ static int8/int16 recipes (transformer outputs lose their direction: cosine 0.14
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +20,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
+from ..progress import quiet
 from . import sparse as sparse_storage
 from .common import atomic_write_bytes, named, pad_to, parity, reduced_precision_ok
 
@@ -53,17 +52,11 @@ def _quiet():
     # litert-torch warns through the root logger; a handler stops logging.warning() from calling basicConfig.
     guard = logging.NullHandler()
     root.addHandler(guard)
-    levels = {name: logging.getLogger(name).level for name in
-              ("", "torch.export", "torch._dynamo", "torch.fx", "litert_torch", "ai_edge_quantizer", "absl", "jax")}
-    for name in levels:
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), silenced_stderr():
-            warnings.simplefilter("ignore")
+        with quiet("", "torch.export", "torch._dynamo", "torch.fx", "litert_torch", "ai_edge_quantizer", "absl",
+                   "jax"), silenced_stderr():
             yield
     finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
         root.removeHandler(guard)
         if previous is None:
             os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)

@@ -10,18 +10,16 @@ no latency: every result made this way carries LABEL.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import platform
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import progress
 from ..errors import TargetError
+from .ort import Run
 
 NAME = "coreml-mil-reference"
 FORMAT = "coreml"
@@ -43,13 +41,7 @@ def execution() -> str:
 
 def quiet():
     """coremltools prints a warning per missing native library and version it has not tested, on every import."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    return stack
+    return progress.quiet("coremltools", stderr=True)
 
 
 def _ct():
@@ -151,6 +143,22 @@ def benchmark(session: Session, feeds: dict[str, np.ndarray], warmup: int, repea
         session.apple_model.predict(feeds)
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
+
+def segment_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
+    """One runner per segment package (feeds by name in, every output by name out), for the early-exit driver."""
+
+    def runner(path: Path) -> Run:
+        session = load(path, threads)
+
+        def run(feeds):
+            feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
+            if session.apple_model is not None:
+                return {k: np.asarray(v) for k, v in session.apple_model.predict(feeds).items()}
+            return execute(session.function, feeds)
+
+        return run
+
+    return [runner(path) for path, _ in segments]
 
 
 # -- the MIL reference interpreter -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -26,78 +26,12 @@ from ..errors import TargetError
 from ..models.canonical import CanonicalTransformer
 from ..progress import info, progress_bar
 from . import RUNTIMES, Profile
+from .ort import Run
 
 # The accuracy budget when the profile sets none: the issue's "within 1 accuracy point" of the no-exit model.
 DEFAULT_ACCURACY_DROP = 1.0
 # Candidate entropy thresholds tried by calibration (quantiles of the exit heads' entropies beyond this many).
 MAX_THRESHOLDS = 400
-
-Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-# -- one runner per segment, per runtime: feeds by name in, every output by name out ---------------------------
-
-def _ort_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
-    from . import ort
-
-    def runner(path: Path) -> Run:
-        session = ort.load(path, threads, spinning=False)  # one pool spinning starves the next
-        names = [o.name for o in session.get_outputs()]
-        inputs = {i.name for i in session.get_inputs()}
-        return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
-
-    return [runner(path) for path, _ in segments]
-
-
-def _litert_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
-    """One Interpreter per file (XNNPACK on every signature's subgraph), one signature runner per segment."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from ai_edge_litert.interpreter import Interpreter
-
-    from .litert import silenced_stderr
-
-    interpreters: dict[Path, Any] = {}
-    runs = []
-    for path, signature in segments:
-        try:
-            with silenced_stderr():
-                if path not in interpreters:
-                    interpreters[path] = Interpreter(model_path=str(path), num_threads=threads)
-                runner = interpreters[path].get_signature_runner(signature)
-        except (ValueError, RuntimeError) as e:
-            raise TargetError(f"LiteRT cannot load signature {signature!r} of {path.name}: "
-                              f"{' '.join(str(e).split())[:300]}",
-                              "re-export the model with `pocketformer export --to tflite`.") from None
-        dtypes = {k: d["dtype"] for k, d in runner.get_input_details().items()}
-
-        def run(feeds, runner=runner, dtypes=dtypes):  # int64 token ids -> the file's int32
-            return runner(**{k: np.ascontiguousarray(feeds[k], dtype=t) for k, t in dtypes.items()})
-
-        runs.append(run)
-    return runs
-
-
-def _coreml_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
-    from . import coreml_ref
-
-    def runner(path: Path) -> Run:
-        session = coreml_ref.load(path, threads)
-
-        def run(feeds):
-            feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
-            if session.apple_model is not None:
-                return {k: np.asarray(v) for k, v in session.apple_model.predict(feeds).items()}
-            return coreml_ref.execute(session.function, feeds)
-
-        return run
-
-    return [runner(path) for path, _ in segments]
-
-
-# The runtime modules' `run` returns the first output only; a segment has two (hidden state, exit logits).
-SEGMENT_RUNS = {"onnxruntime": _ort_runs, "litert": _litert_runs, "coreml-mil-reference": _coreml_runs}
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
@@ -146,7 +80,7 @@ def open_segments(manifest_path: Path, runtime: str, threads: int) -> SegmentedM
         raise TargetError(f"{manifest_path.name} holds {manifest.get('format')} segments; {rt.NAME} runs "
                           f"{rt.FORMAT}.", f"validate it on a {manifest.get('format')} target.")
     segments = [(manifest_path.parent / s["file"], s.get("signature")) for s in manifest["segments"]]
-    runs = SEGMENT_RUNS[runtime](segments, threads)
+    runs = rt.segment_runs(segments, threads)
     return SegmentedModel(manifest, runs, manifest_path, measures_latency=getattr(rt, "MEASURES_LATENCY", True),
                           runtime=rt.NAME, runtime_version=rt.version(),
                           execution=getattr(rt, "execution", lambda: rt.NAME)())

@@ -12,10 +12,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import TargetError
+from .ort import Run
 
 NAME = "litert"
 FORMAT = "tflite"
@@ -153,3 +155,29 @@ def benchmark(session: Session, feeds: dict[str, np.ndarray], warmup: int, repea
         run(session, feeds)
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
+
+def segment_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
+    """One signature runner per segment (feeds by name in, every output by name out), for the early-exit driver;
+    one Interpreter per file, with XNNPACK on every signature's subgraph."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreters: dict[Path, Any] = {}
+    runs = []
+    for path, signature in segments:
+        try:
+            with silenced_stderr():
+                if path not in interpreters:
+                    interpreters[path] = Interpreter(model_path=str(path), num_threads=threads)
+                runner = interpreters[path].get_signature_runner(signature)
+        except (ValueError, RuntimeError) as e:
+            raise TargetError(f"LiteRT cannot load signature {signature!r} of {path.name}: "
+                              f"{' '.join(str(e).split())[:300]}",
+                              "re-export the model with `pocketformer export --to tflite`.") from None
+        dtypes = {k: d["dtype"] for k, d in runner.get_input_details().items()}
+
+        def run(feeds, runner=runner, dtypes=dtypes):  # int64 token ids -> the file's int32
+            return runner(**{k: np.ascontiguousarray(feeds[k], dtype=t) for k, t in dtypes.items()})
+
+        runs.append(run)
+    return runs

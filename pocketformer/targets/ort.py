@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
 NAME = "onnxruntime"
 FORMAT = "onnx"
+# A segment runner for the early-exit driver: feeds by name in, every output by name out.
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def version() -> str:
@@ -55,3 +58,15 @@ def benchmark(session, feeds: dict[str, np.ndarray], warmup: int, repeats: int) 
         session.run(None, feeds)
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
+
+def segment_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
+    """One runner per segment file (feeds by name in, every output by name out), for the early-exit driver. Pools
+    do not spin: the segments run one after another, and a pool spinning after its run starves the next one."""
+
+    def runner(path: Path) -> Run:
+        session = load(path, threads, spinning=False)
+        names = [o.name for o in session.get_outputs()]
+        inputs = {i.name for i in session.get_inputs()}
+        return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+
+    return [runner(path) for path, _ in segments]
