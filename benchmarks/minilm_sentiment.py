@@ -83,7 +83,7 @@ EXPORT_FORMATS = {"pruned-medium": ["onnx", "tflite"], "pruned+lowrank+int8": ["
 MATFORMER_WIDTHS = (1.0, 0.5, 0.25, 0.125)  # uniform sub-models extracted from the one nested checkpoint
 # Early exit: the gate calibrated on the validation split to these accuracy budgets (points), then run on the test split
 EXIT_BUDGETS = (1.0, 2.0)
-EXIT_RUNTIMES = {"onnx": ("early-exit", "early-exit-pabee"), "tflite": ("early-exit-pabee",)}
+EXIT_RUNTIMES = {"onnx": ("early-exit", "early-exit-pabee"), "tflite": ("early-exit", "early-exit-pabee")}
 LITERT_PRECISIONS = ("fp32", "fp16", "int8")
 PROBE_TRAIN = 2000  # examples for the peers' linear probe (as METHODS.md's frozen-MiniLM figure)
 
@@ -168,8 +168,8 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
     validation and test splits runs to full depth once, giving every head's logits in that runtime; the entropy
     gate is calibrated on the validation split to each accuracy budget, and its accuracy and exits on the test split
     follow exactly from the test logits (the driver decides from the same heads). Latency, every example of the
-    test split at batch 1: at full depth from that run, gated from one run through the driver per gate, and
-    without exits from the model's plain file."""
+    test split at batch 1: at full depth from that run; then per gate, example by example, the gated run through the
+    driver and the model's plain file without exits, alternating which goes first, so host noise hits both alike."""
     from pocketformer.compress.early_exit import exit_indices
     from pocketformer.targets.early_exit import calibrate, load as load_segments, run_split
 
@@ -191,15 +191,14 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
                          desc=f"{name} test heads")
         heads = full.head_logits
         full_acc = float((heads[:, -1].argmax(-1) == test.labels).mean() * 100)
-        plain_ms = plain_latency(out, fmt, target, seg, test, enc)
+        plain = plain_runner(out, fmt, target)
         for budget in EXIT_BUDGETS:
             gate, cal_info = calibrate(cal.head_logits, calibration.labels, "entropy", budget)
             exits = exit_indices(gate, heads)
             pred = heads[np.arange(len(exits)), exits].argmax(-1)
             print(f"== measuring {name} ({fmt}), gate for -{budget:g} pt: latency", flush=True)
-            run = run_split(seg, test, enc, gate, False, target.seq_len, warmup=target.warmup,
-                            desc=f"{name} gated latency")
-            assert (run.exits == exits).all()  # the driver stops where the logits say
+            gated_ms, plain_ms, run_exits = gated_and_plain(seg, plain, test, enc, gate, target)
+            assert (run_exits == exits).all()  # the driver stops where the logits say
             rows.append({
                 "variant": f"{name}, gate for -{budget:g} pt" + (" (LiteRT)" if fmt == "tflite" else ""),
                 "format": fmt, "precision": "fp32", "kind": "segments",
@@ -209,38 +208,62 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
                 "size_mb": rec["size_bytes"] / 1e6, "measured": True, "target": target.name, "gate": gate.model_dump(),
                 "calibration": cal_info, "exit_histogram": {f"layer {d}": int((depths[exits] == d).sum()) for d in depths},
                 "mean_layers": float(depths[exits].mean()), "layers": int(depths[-1]),
-                "latency_examples": len(test), "latency_mean_ms": float(run.latency_ms.mean()),
-                "latency_p50_ms": float(np.percentile(run.latency_ms, 50)),
-                "latency_p90_ms": float(np.percentile(run.latency_ms, 90)),
+                "latency_examples": len(test), "latency_mean_ms": float(gated_ms.mean()),
+                "latency_p50_ms": float(np.percentile(gated_ms, 50)),
+                "latency_p90_ms": float(np.percentile(gated_ms, 90)),
                 "full_depth_latency_mean_ms": float(full.full_latency_ms.mean()),
                 "full_depth_latency_p90_ms": float(np.percentile(full.full_latency_ms, 90)),
-                "speedup_vs_full_depth": float(full.full_latency_ms.mean() / run.latency_ms.mean()),
-                "no_exit_file": plain_ms["file"], "no_exit_latency_mean_ms": plain_ms["mean"],
-                "no_exit_latency_p90_ms": plain_ms["p90"],
-                "speedup_vs_no_exit_model": float(plain_ms["mean"] / run.latency_ms.mean()),
+                "speedup_vs_full_depth": float(full.full_latency_ms.mean() / gated_ms.mean()),
+                "no_exit_file": plain["file"], "no_exit_latency_mean_ms": float(plain_ms.mean()),
+                "no_exit_latency_p90_ms": float(np.percentile(plain_ms, 90)),
+                "speedup_vs_no_exit_model": float(plain_ms.mean() / gated_ms.mean()),
                 "recipe_stages": VARIANTS[name]})
     return rows
 
 
-def plain_latency(out: Path, fmt: str, target, seg, timed, enc: Encoder) -> dict:
-    """The same model without exits (its plain fp32 file, final head only) at batch 1 on the same examples, after
-    the same warm-up, in its runtime's ordinary session: what the user ships if they do not use early exit."""
+def plain_runner(out: Path, fmt: str, target) -> dict:
+    """The same model without exits: its plain fp32 file (final head only), what the user ships without early exit.
+    ORT's pool does not spin, as the segments' do not: a spinning pool would starve the driver run after it (alone,
+    spinning or not measured the same here: 47.4 and 47.6-48.3 ms)."""
     from pocketformer.targets import runtime_module
-    from pocketformer.targets.early_exit import example_feeds
 
     (rec,) = [r for r in read_manifest(out / "artifacts") if r["variant"] == "model" and r.get("kind") != "segments"
               and r["format"] == fmt and r["precision"] == "fp32"]
     rt = runtime_module(target)
-    session = rt.load(out / "artifacts" / rec["file"], target.threads)
-    feeds = [example_feeds(seg, timed, enc, i, target.seq_len) for i in range(len(timed))]
+    path = out / "artifacts" / rec["file"]
+    session = rt.load(path, target.threads, spinning=False) if fmt == "onnx" else rt.load(path, target.threads)
+    return {"file": rec["file"], "run": lambda feeds: rt.run(session, feeds)}
+
+
+def gated_and_plain(seg, plain: dict, test, enc: Encoder, gate, target):
+    """Every test example at batch 1 through the driver with `gate` and through the no-exit file, back to back,
+    alternating which goes first; both warmed up first. Returns (gated ms, no-exit ms, exits)."""
+    from pocketformer.progress import progress_bar
+    from pocketformer.targets.early_exit import example_feeds, run_example
+
+    first = example_feeds(seg, test, enc, 0, target.seq_len)
     for _ in range(target.warmup):
-        rt.run(session, feeds[0])
-    ms = []
-    for f in feeds:
+        run_example(seg, first, gate)
+        plain["run"](first)
+    gated, plain_ms, exits = [], [], []
+
+    def time_plain(feeds):
         t0 = time.perf_counter()
-        rt.run(session, f)
-        ms.append((time.perf_counter() - t0) * 1000.0)
-    return {"file": rec["file"], "mean": float(np.mean(ms)), "p90": float(np.percentile(ms, 90))}
+        plain["run"](feeds)
+        plain_ms.append((time.perf_counter() - t0) * 1000.0)
+
+    with progress_bar(f"gated and no-exit, {seg.path.name}", len(test)) as advance:
+        for i in range(len(test)):
+            feeds = example_feeds(seg, test, enc, i, target.seq_len)
+            if i % 2:
+                time_plain(feeds)
+            r = run_example(seg, feeds, gate)
+            gated.append(r.latency_ms)
+            exits.append(r.exit)
+            if not i % 2:
+                time_plain(feeds)
+            advance()
+    return np.asarray(gated), np.asarray(plain_ms), np.asarray(exits)
 
 
 def sparse_storage_rows(outs: dict[str, Path]) -> list[dict]:
@@ -319,6 +342,9 @@ def main() -> None:
                     help="precisions of the plain LiteRT rows (fp32 alone gives the LiteRT ratios' reference)")
     ap.add_argument("--limit", type=int, default=0,
                     help="smoke run: only the first N test and validation examples; prints, writes no results")
+    ap.add_argument("--update", action="store_true",
+                    help="re-measure only the --only variants' rows and replace them in the existing results; the "
+                         "other rows, and the command they came from, are kept (the reference rows are not re-run)")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -346,6 +372,8 @@ def main() -> None:
                  if r["variant"] == "baseline" and r["format"] == "onnx"]
     artifacts += [(litert_home, r, "baseline") for r in read_manifest(litert_home / "artifacts")
                   if r["variant"] == "baseline" and r["format"] == "tflite" and r["precision"] in litert_precisions]
+    if args.update:  # the reference rows stay those of the run being updated
+        artifacts = []
     for name, out in outs.items():
         if name.startswith("early-exit") or name == "matformer":  # measured as segments / extracted widths below
             continue
@@ -391,6 +419,13 @@ def main() -> None:
         rows += peer_rows(profile, test, enc, train)
     for r in rows:
         r["accuracy_drop"] = ref_acc - r["accuracy"]
+    command = f".venv/bin/python benchmarks/minilm_sentiment.py {' '.join(sys.argv[1:])}".strip()
+    previous_env, storage = {}, sparse_storage_rows(outs)
+    if args.update and not args.limit:
+        rows = merge_rows(json.loads((RESULTS / "minilm_sentiment.json").read_text()), rows)
+        previous_env = json.loads((RESULTS / "minilm_sentiment.env.json").read_text())
+        if not storage and (RESULTS / "dense_sparse_storage.json").is_file():
+            storage = json.loads((RESULTS / "dense_sparse_storage.json").read_text())
     add_ratios(rows, "fp32 ONNX")
     add_ratios([r for r in rows if r["target"] == "host-litert"], "fp32 model fp32 (LiteRT)")
     for target, ref_name in (("host-ort", "fp32 ONNX"), ("host-litert", "fp32 model fp32 (LiteRT)")):
@@ -398,13 +433,23 @@ def main() -> None:
         for r in rows:  # early exit is judged on mean latency over the split, so every row gets that ratio too
             if ref and r["target"] == target and r.get("latency_mean_ms"):
                 r["mean_speedup_vs_fp32"] = ref["latency_mean_ms"] / r["latency_mean_ms"]
-    storage = sparse_storage_rows(outs)
+    for r in rows:  # early exit's ratios: against the no-exit file, timed alternately with it on the same examples
+        if r.get("kind") == "segments":
+            r["speedup_vs_fp32"] = None  # the p50 of a gated run (two humps: early and late exits) is no ratio
+            r["mean_speedup_vs_fp32"] = r["speedup_vs_no_exit_model"]
+            r["ratio_reference"] = f"{r['no_exit_file']}, timed alternately with the gated run"
     env = {"machine": platform.machine(), "processor": platform.processor() or "x86-64", "python":
            platform.python_version(), **pipeline.versions(), "threads": profile.threads,
            "shape": f"batch {profile.batch} x {profile.seq_len} tokens", "repeats": profile.repeats,
            "warmup": profile.warmup, "test_examples": len(test), "reference_pytorch_accuracy": ref_acc,
-           "wall_s": round(time.monotonic() - t0)}
+           "wall_s": round(time.monotonic() - t0), "command": command}
     env["int8_refused_at_export"] = REFUSED
+    if previous_env:  # an update: the run being updated stays the table's provenance, this one is listed under it
+        env = {**previous_env, "updates": previous_env.get("updates", []) + [{
+            "command": command, "rows": sorted({r["variant"] for r in rows if r.get("updated")}),
+            "wall_s": env["wall_s"], "date": time.strftime("%Y-%m-%d")}]}
+        for r in rows:
+            r.pop("updated", None)
     markdown = write_markdown(rows, env, args, storage)
     print(markdown)
     if args.limit:
@@ -418,19 +463,28 @@ def main() -> None:
     (Path(__file__).parent / "RESULTS.md").write_text(markdown)
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each row of the same variant label replaced by its `new` one (in place), the rest of `new` after."""
+    fresh = {r["variant"]: {**r, "updated": True} for r in new}
+    merged = [fresh.pop(r["variant"], r) for r in old]
+    return merged + list(fresh.values())
+
+
 def write_markdown(rows, env, args, storage=()) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
     lines = ["# Benchmark results", "",
              "## MiniLM sentiment (Rotten Tomatoes, all-MiniLM-L6-v2 fine-tuned by examples/minilm-sentiment)", "",
-             f"Command: `.venv/bin/python benchmarks/minilm_sentiment.py {' '.join(sys.argv[1:])}` "
-             f"(`make bench` runs every row). Machine: {env['machine']}, 2 cores; ONNX Runtime "
+             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']}, 2 cores; ONNX Runtime "
              f"{env['onnxruntime']}, {env['threads']} intra-op threads; latency = median (p50) and p90 of "
              f"{env['repeats']} runs after {env['warmup']} warm-up runs, {env['shape']}, each artifact in a fresh "
              f"process; accuracy on the full test split ({env['test_examples']} examples). Ratios are against "
              f"the fp32 ONNX export of the same fine-tuned model, measured in the same run. Fine-tuned model in "
              f"PyTorch: {env['reference_pytorch_accuracy']:.2f}%.", "",
+             *[f"Rows re-measured on {u['date']} by `{u['command']}`: {'; '.join(u['rows'])}. The other rows, "
+               f"and the reference rows, are those of the command above." for u in env.get("updates", [])],
+             *([""] if env.get("updates") else []),
              "| variant | runtime | accuracy % | drop (pts) | p50 ms | mean ms | p90 ms | size MB | speedup (p50) | "
              "speedup (mean) | size ratio | layers | heads | params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -466,10 +520,12 @@ def write_markdown(rows, env, args, storage=()) -> str:
                   "without exits is that backbone at full depth). Segments run one after another by "
                   "pocketformer's driver at batch 1; the entropy gate is calibrated on the validation split to the "
                   "stated accuracy budget; accuracy and exits over the full test split follow from every head's logits "
-                  "in the runtime. Latency is the mean (and p90) over every test example at batch 1: through the "
-                  "driver at full depth, through the driver with each gate, and through the model's plain fp32 file "
-                  "without exits (the no-exit file, in the runtime's ordinary session), each after the same "
-                  "warm-up.", "",
+                  "in the runtime. Latency is the mean (and p90) over every test example at batch 1, after warm-up: "
+                  "through the driver at full depth (one pass), then for each gate, example by example, through the "
+                  "driver with the gate and through the model's plain fp32 file without exits (the no-exit file), "
+                  "alternating which runs first, so host noise hits both alike. The speedup in the main table (mean) "
+                  "is against that no-exit file: for early-exit (DeeBERT) it is the fine-tuned model's fp32 file "
+                  "itself; for early-exit-pabee an fp32 file of the same shape.", "",
                   "| variant | accuracy % | full depth % | mean ms | p90 ms | full-depth segments mean ms | "
                   "no-exit file mean ms | speedup vs no-exit file | speedup vs full-depth segments | "
                   "mean layers | exits per layer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
