@@ -31,7 +31,7 @@ from pocketformer.errors import ExportError  # noqa: E402
 from pocketformer.export.common import artifact_size, read_manifest  # noqa: E402
 from pocketformer.models import load  # noqa: E402
 from pocketformer.recipe import load_recipe  # noqa: E402
-from pocketformer.report import add_ratios  # noqa: E402
+from pocketformer.report import add_ratios, plot_pareto  # noqa: E402
 from pocketformer.targets import get_profile  # noqa: E402
 from pocketformer.targets.validate import measure_latency, predict_artifact  # noqa: E402
 from pocketformer.train import predict  # noqa: E402
@@ -461,6 +461,13 @@ def main() -> None:
     if storage:
         (RESULTS / "dense_sparse_storage.json").write_text(json.dumps(storage, indent=2))
     (Path(__file__).parent / "RESULTS.md").write_text(markdown)
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    """Accuracy against mean latency, ORT and LiteRT apart: mean, because early exit's latency varies per example."""
+    plot_pareto([r for r in rows if r.get("latency_mean_ms")], RESULTS / "minilm_sentiment_pareto.png",
+                "MiniLM sentiment: test accuracy vs mean latency (batch 1 x 128, 2 threads)", latency="latency_mean_ms")
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -485,6 +492,7 @@ def write_markdown(rows, env, args, storage=()) -> str:
              *[f"Rows re-measured on {u['date']} by `{u['command']}`: {'; '.join(u['rows'])}. The other rows, "
                f"and the reference rows, are those of the command above." for u in env.get("updates", [])],
              *([""] if env.get("updates") else []),
+             "Accuracy against mean latency: `results/minilm_sentiment_pareto.png`.", "",
              "| variant | runtime | accuracy % | drop (pts) | p50 ms | mean ms | p90 ms | size MB | speedup (p50) | "
              "speedup (mean) | size ratio | layers | heads | params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -28,23 +28,27 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str, latency: str = "latency_p50_ms") -> None:
+    """Accuracy against latency (the `latency` field: p50, or the mean where exits make latency vary per example),
+    one colour per target, each target's Pareto front dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.get("accuracy") is not None and r.get("latency_p50_ms")]
+    rows = [r for r in rows if r.get("accuracy") is not None and r.get(latency)]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for target in sorted({r["target"] for r in rows}):
         sub = [r for r in rows if r["target"] == target]
-        pts = [(r["latency_p50_ms"], r["accuracy"]) for r in sub]
+        pts = [(r[latency], r["accuracy"]) for r in sub]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=target, s=36)
-        for r, (x, y) in zip(sub, pts):
-            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        front = sorted((pts[i] for i in pareto_front(pts)))
+        on_front = pareto_front(pts)
+        for i, (r, (x, y)) in enumerate(zip(sub, pts)):  # many points: name only those on the front
+            if len(sub) <= 12 or i in on_front:
+                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = sorted(pts[i] for i in on_front)
         ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--", linewidth=0.8)
-    ax.set_xlabel("latency p50 (ms, batch 1)")
+    ax.set_xlabel(f"latency {'p50' if latency == 'latency_p50_ms' else 'mean'} (ms, batch 1)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
