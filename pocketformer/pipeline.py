@@ -265,11 +265,12 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     rows = []
     for r in records:
         if r.get("kind") == "segments":  # early exit: the driver runs them, gate calibrated on the validation split
-            from .targets.early_exit import validate_segments
+            from .targets.early_exit import MIN_CALIBRATION_EXAMPLES, validate_segments
 
             calibration = load_dataset(data or meta.get("data", recipe["data"]), "validation", recipe["seed"])
             row = validate_segments(art_dir / r["file"], r, profile, ds, enc, model=load(out_dir / "model")[0],
-                                    calibration=calibration.head(limit) if limit else calibration,
+                                    calibration=calibration.head(max(limit, MIN_CALIBRATION_EXAMPLES)) if limit
+                                    else calibration,
                                     reference_out=ref_out)
         else:
             row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)

@@ -30,6 +30,9 @@ from .ort import Run
 
 # The accuracy budget when the profile sets none: the issue's "within 1 accuracy point" of the no-exit model.
 DEFAULT_ACCURACY_DROP = 1.0
+# Below this many validation examples one example moves accuracy by more than 1 point, and the most aggressive gate
+# "within budget" is chance: the exported gate is kept (measured: 12 examples chose "always exit at layer 1", -8 pts).
+MIN_CALIBRATION_EXAMPLES = 100
 # Candidate entropy thresholds tried by calibration (quantiles of the exit heads' entropies beyond this many).
 MAX_THRESHOLDS = 400
 
@@ -203,7 +206,8 @@ def _stats(ms: Optional[np.ndarray], prefix: str) -> dict[str, Optional[float]]:
 
 def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Profile, ds: Dataset, enc: Encoder, *,
                       model: Optional[CanonicalTransformer] = None, calibration: Optional[Dataset] = None,
-                      reference_out: Optional[np.ndarray] = None) -> dict[str, Any]:
+                      reference_out: Optional[np.ndarray] = None,
+                      min_calibration: int = MIN_CALIBRATION_EXAMPLES) -> dict[str, Any]:
     """One row for a segmented artifact on a target. The gate is calibrated on `calibration` (the validation split)
     to the profile's accuracy budget (default: the manifest's gate); the test split `ds` is then run through the
     driver with that gate and, back to back, to full depth. `model` (the exported PyTorch model) gives the reference
@@ -213,7 +217,10 @@ def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Prof
     seg = load(manifest_path, profile)
     budget = profile.budgets.accuracy_drop if profile.budgets.accuracy_drop is not None else DEFAULT_ACCURACY_DROP
     gate, calibration_info = seg.gate, None
-    if calibration is not None and len(calibration):
+    if calibration is not None and 0 < len(calibration) < min_calibration:
+        calibration_info = {"split": calibration.split, "examples": len(calibration), "skipped":
+                            f"fewer than {min_calibration} validation examples: the exported gate is kept"}
+    elif calibration is not None and len(calibration):
         cal = run_split(seg, calibration, enc, None, True, profile.seq_len, desc=f"calibrate {manifest_path.name}")
         gate, calibration_info = calibrate(cal.head_logits, calibration.labels, seg.gate.kind, budget)
         calibration_info.update({"split": calibration.split, "gate": gate.model_dump()})
@@ -265,7 +272,8 @@ def summary_line(row: dict[str, Any]) -> str:
     """What early exit bought, in one line: the gate, depth, accuracy and latency against full depth."""
     gate = Gate.model_validate(row["gate"]).summary()
     cal = row.get("calibration")
-    source = f"calibrated on {cal['examples']} {cal['split']} examples" if cal else "the exported default"
+    source = ("the exported default" if not cal else f"the exported default: {cal['skipped']}" if cal.get("skipped")
+              else f"calibrated on {cal['examples']} {cal['split']} examples")
     line = (f"    early exit ({gate}, {source}): {row['mean_layers']:.2f} of {row['layers']} layers on average, "
             f"accuracy {row['accuracy']:.2f}% vs {row['full_depth_accuracy']:.2f}% at full depth")
     if row.get("latency_mean_ms") is not None:

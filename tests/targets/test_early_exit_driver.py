@@ -171,7 +171,7 @@ def row(vision, digits, tmp_path_factory):
     reference_out = predict_with_exits(model, (torch.from_numpy(digits["test"].images),),
                                        Gate(kind="entropy", threshold=0.0)).logits
     return validate_segments(path, record, profile, digits["test"], Encoder(None), model=model,
-                             calibration=digits["validation"], reference_out=reference_out)
+                             calibration=digits["validation"], reference_out=reference_out, min_calibration=10)
 
 
 def test_row_reports_accuracy_against_full_depth_and_the_reference(row):
@@ -201,6 +201,15 @@ def test_the_gate_is_calibrated_to_the_budget_on_the_validation_split(row):
     assert cal["split"] == "validation" and cal["examples"] == 24
     assert cal["gate_accuracy"] >= cal["full_depth_accuracy"] - 2.0
     assert row["gate"] == cal["gate"]
+
+
+def test_too_few_calibration_examples_keep_the_exported_gate_and_say_why(vision, digits, make_profile):
+    model, path, record = vision
+    profile = get_profile(str(make_profile("ee-few", budgets={"accuracy_drop": 2.0})))
+    row = validate_segments(path, record, profile, digits["test"].head(4), Encoder(None), model=model,
+                            calibration=digits["validation"].head(8))
+    assert row["gate"] == row["gate_default"]
+    assert row["calibration"]["examples"] == 8 and "fewer than 100" in row["calibration"]["skipped"]
 
 
 def test_litert_segments_validate_with_the_same_exits_as_pytorch(make_model, make_vision_inputs, digits, tmp_path,
