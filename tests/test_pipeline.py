@@ -243,3 +243,22 @@ def test_stages_compose_and_each_reports_params_macs_size_and_accuracy(tokenized
     assert model.spec.quantization["bits"] == 8 and model.config.layers[0].linears["fc1"].kind == "lowrank"
     (fp32, int8) = pipeline.export(out, ["onnx"], int8=True, baseline_formats=[])
     assert fp32["parity_vs_pytorch"]["cosine"] > 0.9999 and int8["size_bytes"] < fp32["size_bytes"]
+
+
+def test_early_exit_composes_after_pruning_lowrank_and_quantization(tokenized_bert, sentiment_csv, tmp_path):
+    """Exit heads (DeeBERT: backbone frozen, so its int8 grid stays) on a pruned, factorized, quantized model; the
+    exported segments pass their check against PyTorch."""
+    stages = [STAGES[0], {"lowrank": {"method": "ranks", "ranks": 8}}, STAGES[1],
+              {"quantize": {"tolerable_loss": 100, "min_agreement": 0.0}},
+              {"early_exit": {"exits": "all", "mode": "deebert", "epochs": 1, "max_examples": 32}}]
+    recipe = text_recipe(tokenized_bert, sentiment_csv, stages=stages,
+                         prepare=[{"finetune": {"epochs": 1, "lr": 1e-3, "max_examples": 32}}])
+    out = tmp_path / "out"
+    summary = pipeline.compress(recipe, tokenized_bert, out)
+    assert [r["stage"] for r in summary["stages"]] == ["prune", "lowrank", "distill", "quantize", "early_exit"]
+    model, _ = load(out / "model")
+    assert model.spec.exits and model.spec.quantization
+    assert any(s.linears for s in model.spec.layers)  # the low-rank factors survive the exit heads
+    records = pipeline.export(out, ["onnx"], int8=False, baseline_formats=[])
+    seg = next(r for r in records if r.get("kind") == "segments")
+    assert seg["parity_vs_pytorch"]["cosine"] > 0.9999
