@@ -116,16 +116,22 @@ def input_shapes(session: Session) -> dict[str, list]:
     return dict(session.inputs)
 
 
-def run(session: Session, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The package's first output for `feeds` (cast to the package's input dtypes, e.g. int64 ids to int32)."""
+def run_outputs(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of the package by name for `feeds` (cast to the package's input dtypes, e.g. int64 ids to
+    int32; extra feeds ignored)."""
     feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
     for n, v in feeds.items():
         if list(v.shape) != session.inputs[n]:
             raise TargetError(f"{session.path.name} takes {n} of shape {session.inputs[n]}, got {list(v.shape)}.",
                               "pad or truncate inputs to the package's fixed shape.")
     if session.apple_model is not None:
-        return np.asarray(session.apple_model.predict(feeds)[session.outputs[0]])
-    return execute(session.function, feeds)[session.outputs[0]]
+        return {k: np.asarray(v) for k, v in session.apple_model.predict(feeds).items()}
+    return execute(session.function, feeds)
+
+
+def run(session: Session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The package's first output for `feeds`."""
+    return run_outputs(session, feeds)[session.outputs[0]]
 
 
 def benchmark(session: Session, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> list[float]:
@@ -144,21 +150,11 @@ def benchmark(session: Session, feeds: dict[str, np.ndarray], warmup: int, repea
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
 
+
 def segment_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
     """One runner per segment package (feeds by name in, every output by name out), for the early-exit driver."""
-
-    def runner(path: Path) -> Run:
-        session = load(path, threads)
-
-        def run(feeds):
-            feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
-            if session.apple_model is not None:
-                return {k: np.asarray(v) for k, v in session.apple_model.predict(feeds).items()}
-            return execute(session.function, feeds)
-
-        return run
-
-    return [runner(path) for path, _ in segments]
+    sessions = [load(path, threads) for path, _ in segments]
+    return [lambda feeds, session=session: run_outputs(session, feeds) for session in sessions]
 
 
 # -- the MIL reference interpreter -------------------------------------------------------------------------------
