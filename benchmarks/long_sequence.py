@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pocketformer import pipeline  # noqa: E402
+from pocketformer import store  # noqa: E402
 from pocketformer.export import onnx as onnx_export, tflite as tflite_export  # noqa: E402
 from pocketformer.export.common import parity  # noqa: E402
 from pocketformer.models import CanonicalTransformer, HeadSpec, LayerShape, ModelConfig  # noqa: E402
@@ -109,7 +109,7 @@ def sentiment_accuracy(run: Optional[Path]) -> Optional[dict[str, Any]]:
     if run is None or not (run / "validation" / "host-ort.json").is_file():
         return None
     rows = json.loads((run / "validation" / "host-ort.json").read_text())["rows"]
-    compress = pipeline.read_compress(run)
+    compress = store.read_compress(run)
     stages = {s["stage"]: s for s in compress["stages"]}
     fp32 = next((r for r in rows if r["precision"] == "fp32" and r["variant"].startswith("model")), None)
     return {"run": str(run), "examples": fp32["examples"] if fp32 else None,
@@ -266,7 +266,7 @@ def main() -> None:
                      else "tiny encoder (hidden 64, 2 layers, 4 heads x 16, FFN 128; --quick)"),
            "bits": shape["bits"], "anchors": shape["anchors"], "threads": args.threads, "repeats": args.repeats,
            "warmup": args.warmup, "lengths": args.lengths, "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), **pipeline.versions(), "litert": litert.version(), "wall_s": None}
+           "cpu_count": os.cpu_count(), **store.versions(), "litert": litert.version(), "wall_s": None}
     result = {"env": env, "rows": rows, "crossover": cross,
               "sentiment": sentiment_accuracy(args.sentiment_run) if not args.quick else None}
     env["wall_s"] = round(time.monotonic() - t0)

@@ -25,10 +25,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pocketformer import pipeline  # noqa: E402
+from pocketformer import pipeline, store  # noqa: E402
 from pocketformer.data import Encoder, load_dataset  # noqa: E402
 from pocketformer.errors import ExportError  # noqa: E402
-from pocketformer.export.common import artifact_size, read_manifest  # noqa: E402
+from pocketformer.export.common import artifact_size  # noqa: E402
+from pocketformer.store import read_manifest  # noqa: E402
 from pocketformer.models import load  # noqa: E402
 from pocketformer.recipe import load_recipe  # noqa: E402
 from pocketformer.report import add_ratios, plot_pareto  # noqa: E402
@@ -119,7 +120,7 @@ def build_variants(work: Path, only: list[str]) -> dict[str, Path]:
             export_with_fallback(name, out, fmt, [fmt] if fmt == "onnx" or name == LITERT_VARIANTS[0] else [])
         if name == "dense-sparse":  # the same model stored densely, beside it
             dense = work / f"{name}-stored-dense"
-            for part in ("baseline", "model", pipeline.COMPRESS_FILE):
+            for part in ("baseline", "model", store.COMPRESS_FILE):
                 if not (dense / part).exists():
                     dense.mkdir(parents=True, exist_ok=True)
                     (dense / part).symlink_to((out / part).resolve())
@@ -170,7 +171,7 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
     follow exactly from the test logits (the driver decides from the same heads). Latency, every example of the
     test split at batch 1: at full depth from that run; then per gate, example by example, the gated run through the
     driver and the model's plain file without exits, alternating which goes first, so host noise hits both alike."""
-    from pocketformer.compress.early_exit import exit_indices
+    from pocketformer.models.exits import exit_indices
     from pocketformer.targets.early_exit import calibrate, load as load_segments, run_split
 
     calibration = load_dataset(recipe["data"], "validation", recipe["seed"])
@@ -356,7 +357,7 @@ def main() -> None:
     # the reference rows (fp32 ONNX of the fine-tuned model) come from the first variant exported with its baseline
     first = next((o for o in outs.values() if any(r["variant"] == "baseline" for r in read_manifest(o / "artifacts"))),
                  next(iter(outs.values())))
-    recipe = pipeline.read_compress(first)["recipe"]
+    recipe = store.read_compress(first)["recipe"]
     test = load_dataset(recipe["data"], "test", recipe["seed"])
     if args.limit:
         test = test.head(args.limit)
@@ -391,7 +392,7 @@ def main() -> None:
         target = profile if rec["format"] == "onnx" else litert_profile
         print(f"== measuring {label}", flush=True)
         pred = predict_artifact(path, target, test, enc).argmax(1)
-        meta = pipeline.read_compress(out)
+        meta = store.read_compress(out)
         d = meta["baseline"] if name == "baseline" else meta["model"]
         rows.append({
             "variant": label, "format": rec["format"], "precision": rec["precision"],
@@ -439,7 +440,7 @@ def main() -> None:
             r["mean_speedup_vs_fp32"] = r["speedup_vs_no_exit_model"]
             r["ratio_reference"] = f"{r['no_exit_file']}, timed alternately with the gated run"
     env = {"machine": platform.machine(), "processor": platform.processor() or "x86-64", "python":
-           platform.python_version(), **pipeline.versions(), "threads": profile.threads,
+           platform.python_version(), **store.versions(), "threads": profile.threads,
            "shape": f"batch {profile.batch} x {profile.seq_len} tokens", "repeats": profile.repeats,
            "warmup": profile.warmup, "test_examples": len(test), "reference_pytorch_accuracy": ref_acc,
            "wall_s": round(time.monotonic() - t0), "command": command}

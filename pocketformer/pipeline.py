@@ -15,54 +15,22 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
-from . import __version__
 from .compress import Context, StageReport
 from .compress.base import describe
 from .data import Encoder, load_dataset
-from .errors import CheckpointError, PocketformerError
-from .export.common import atomic_write_bytes, read_manifest, write_manifest
+from .errors import PocketformerError
 from .models import load, load_any, save
 from .models.io import file_sha256, is_canonical, weights_sha256
 from .progress import info
 from .recipe import Recipe
+from .store import (COMPRESS_FILE, cache_root, digest, read_compress, read_manifest, versions, write_json,
+                    write_manifest)
 from .train import evaluate, predict, seed_everything
-
-COMPRESS_FILE = "compress.json"
-
-
-def cache_root() -> Path:
-    if os.environ.get("POCKETFORMER_CACHE"):
-        return Path(os.environ["POCKETFORMER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pocketformer"
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-
-    return {"pocketformer": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-
-
-def _digest(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
-
 
 def data_source(recipe: Recipe) -> str:
     """The recipe's data as any later command finds it, whatever its working directory: a file by absolute path,
@@ -87,7 +55,7 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
     data_key = _data_key(data_source(recipe))
     for i, stage in enumerate(stages):
         cfg = stage.config.model_dump()
-        key = _digest({"input": key, "stage": stage.name, "config": cfg, "data": data_key, "seed": recipe.seed,
+        key = digest({"input": key, "stage": stage.name, "config": cfg, "data": data_key, "seed": recipe.seed,
                        "max_len": recipe.max_len, "batch_size": recipe.batch_size, "versions": versions(),
                        "teacher": ctx.notes.get("teacher_key")})
         cached = cache_root() / "stages" / f"{stage.name}-{key[:20]}"
@@ -158,14 +126,6 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
                "baseline": describe(teacher, recipe.max_len), "model": describe(compressed, recipe.max_len)}
     write_json(out_dir / COMPRESS_FILE, summary)
     return summary
-
-
-def read_compress(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / COMPRESS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{out_dir} holds no {COMPRESS_FILE}.",
-                              "run `pocketformer compress CKPT --recipe R.yaml -o OUT/` first.")
-    return json.loads(path.read_text())
 
 
 def sample_inputs(data: str, seed: int, max_len: int, checkpoint: Path, n: int = 16):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .export.common import read_manifest
+from .store import read_compress, read_manifest, write_json
 
 
 def add_ratios(rows: list[dict[str, Any]], reference_variant: str = "baseline.fp32") -> None:
@@ -118,7 +118,7 @@ def cross_format_table(artifacts: list[dict[str, Any]], rows: list[dict[str, Any
 
 
 def write_report(out_dir: Path) -> dict[str, Any]:
-    from .pipeline import read_compress, write_json
+
 
     out_dir = Path(out_dir)
     meta = read_compress(out_dir)

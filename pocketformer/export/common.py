@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..models.canonical import CanonicalTransformer
-
-MANIFEST = "artifacts.json"
-
 
 class NamedInputs(torch.nn.Module):
     """The canonical model with one named argument per input, as exporters need."""
@@ -99,22 +93,3 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     return {"max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cos.mean()),
             "min_cosine": float(cos.min()), "argmax_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
             "examples": int(len(ref))}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def read_manifest(artifacts_dir: Path) -> list[dict[str, Any]]:
-    path = Path(artifacts_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def write_manifest(artifacts_dir: Path, records: list[dict[str, Any]]) -> None:
-    """Merge records into the manifest, replacing those of the same file."""
-    current = {r["file"]: r for r in read_manifest(artifacts_dir)}
-    current.update({r["file"]: r for r in records})
-    atomic_write_bytes(Path(artifacts_dir) / MANIFEST,
-                       json.dumps(sorted(current.values(), key=lambda r: r["file"]), indent=2).encode())

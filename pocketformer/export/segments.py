@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compress.early_exit import gate_of, predict_with_exits
+from ..models.exits import gate_of, predict_with_exits
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer, attention_bias
 from . import coreml, tflite
 from . import onnx as onnx_export
-from .common import artifact_size, atomic_write_bytes, pad_to, parity, reduced_precision_ok
+from ..store import atomic_write_bytes
+from .common import artifact_size, pad_to, parity, reduced_precision_ok
 
 FORMAT_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml-mil-reference"}
 KIND = "segments"

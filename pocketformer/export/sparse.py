@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .common import atomic_write_bytes
+from ..store import atomic_write_bytes
 
 MIN_ELEMENTS = 1024  # smaller tensors stay dense: a few bytes saved are not worth a format feature
 ZERO_HEAVY = 0.5  # tensors with at least this fraction of zeros are reported when they stay dense

@@ -22,7 +22,8 @@ from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..progress import quiet
 from . import sparse as sparse_storage
-from .common import atomic_write_bytes, named, pad_to, parity, reduced_precision_ok
+from ..store import atomic_write_bytes
+from .common import named, pad_to, parity, reduced_precision_ok
 
 DEFAULT_SEQ = 128
 FP32_MIN_COSINE = 0.999

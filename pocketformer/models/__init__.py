@@ -1,5 +1,6 @@
 """The canonical transformer, its checkpoint format, and importers that map source checkpoints into it."""
 
+from . import ecoformer as _ecoformer  # noqa: F401  registers the "ecoformer" attention kind
 from .canonical import CanonicalTransformer, HeadSpec, LayerShape, ModelConfig, count_params, encoder_macs
 from .io import is_canonical, load, save
 from .importers import ARCHITECTURES, import_hf

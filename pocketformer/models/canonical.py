@@ -13,11 +13,13 @@ import math
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
 from .factorized import LinearShape, LowRankLinear, build_linear, linear_macs, linear_shape
+from .signature import GraphIO, TensorSpec
+from .tasks import Task, task_of
 
 # The linears of a layer, by the names LayerShape.linears and stage configs use.
 LINEAR_NAMES = ("q", "k", "v", "o", "fc1", "fc2")
@@ -32,10 +34,18 @@ class LayerShape(BaseModel):
     ffn: int = Field(ge=0)
     # Linears stored factorized, by name (q, k, v, o, fc1, fc2); absent = a plain dense matrix.
     linears: dict[str, LinearShape] = Field(default_factory=dict)
-    # softmax attention, or EcoFormer's binarized linear attention (hash_bits-bit codes from `anchors` RBF anchors)
-    attention: Literal["softmax", "ecoformer"] = "softmax"
+    # An ATTENTIONS kind: softmax, or EcoFormer's binarized linear attention (hash_bits-bit codes from `anchors` RBF
+    # anchors)
+    attention: str = "softmax"
     hash_bits: int = Field(0, ge=0)
     anchors: int = Field(0, ge=0)
+
+    @field_validator("attention")
+    @classmethod
+    def _known_attention(cls, v: str) -> str:
+        if v not in ATTENTIONS:
+            raise ValueError(f"unknown attention kind {v!r}; known: {', '.join(sorted(ATTENTIONS))}")
+        return v
 
     def summary(self) -> dict[str, Any]:
         """The shape without its defaults, for reports."""
@@ -86,7 +96,21 @@ class ModelConfig(BaseModel):
 
     @property
     def task(self) -> str:
+        """The task registry's name for what the output means (pocketformer.models.tasks)."""
         return "classification" if self.head.labels else "embedding"
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The model's inputs, declared once: what every exporter, runtime and encoder feeds."""
+        if self.modality == "text":
+            return (TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                    TensorSpec("attention_mask", "int64", ("batch", "sequence")))
+        return (TensorSpec("pixel_values", "float32", ("batch", self.channels, self.image_size, self.image_size)),)
+
+    def axis_bounds(self) -> dict[str, int]:
+        bounds = {"batch": 4096}
+        if self.modality == "text":
+            bounds["sequence"] = self.max_positions - self.position_offset
+        return bounds
 
 
 def _act(name: str):
@@ -111,6 +135,11 @@ class Attention(nn.Module):
         """What this attention adds to its LayerShape (nothing: softmax is the default)."""
         return {}
 
+    @staticmethod
+    def mixing_macs(shape: LayerShape, tokens: int) -> int:
+        """Multiply-accumulates of mixing the tokens (the projections aside): scores and weighted sum."""
+        return 2 * tokens * tokens * shape.heads * shape.head_dim
+
     def forward(self, x: torch.Tensor, mask_add: Optional[torch.Tensor]) -> torch.Tensor:
         if self.heads == 0:  # every head pruned: only the output bias remains
             return self.o.bias.expand_as(x)
@@ -131,6 +160,18 @@ class Attention(nn.Module):
             setattr(self, name, _take_rows(getattr(self, name), rows))
         self.o = _take_cols(self.o, rows)
         self.heads = len(keep)
+
+
+# Attention kinds by LayerShape.attention: modules taking (hidden, shape), built by Layer. Other kinds (EcoFormer)
+# register themselves from their own module, so this one never imports them.
+ATTENTIONS: dict[str, type[nn.Module]] = {"softmax": Attention}
+
+
+def register_attention(kind: str):
+    def register(cls):
+        ATTENTIONS[kind] = cls
+        return cls
+    return register
 
 
 class FeedForward(nn.Module):
@@ -167,12 +208,7 @@ class Layer(nn.Module):
     def __init__(self, hidden: int, shape: LayerShape, cfg: ModelConfig):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
-        if shape.attention == "ecoformer":
-            from .ecoformer import EcoAttention
-
-            self.attn = EcoAttention(hidden, shape)
-        else:
-            self.attn = Attention(hidden, shape)
+        self.attn = ATTENTIONS[shape.attention](hidden, shape)
         self.ln1 = nn.LayerNorm(hidden, eps=cfg.eps)
         self.ffn = FeedForward(hidden, shape, cfg.act)
         self.ln2 = nn.LayerNorm(hidden, eps=cfg.eps)
@@ -263,12 +299,27 @@ class CanonicalTransformer(nn.Module):
         return self.spec.model_copy(update={"layers": [layer.shape for layer in self.layers]}, deep=True)
 
     @property
+    def task(self) -> Task:
+        return task_of(self.spec)
+
+    @property
+    def io(self) -> GraphIO:
+        """Inputs from the modality, the output from the task: the declaration exporters derive wrappers, dynamic
+        axes and example inputs from."""
+        return GraphIO(self.spec.inputs(), (self.task.output_spec(self.spec),), self.spec.axis_bounds())
+
+    @property
     def input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask"] if self.spec.modality == "text" else ["pixel_values"]
+        return self.io.input_names
 
     @property
     def output_name(self) -> str:
-        return "logits" if self.classifier is not None else "embedding"
+        return self.task.output
+
+    def attention_mask(self, inputs: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+        """The padding mask among the model's inputs, or None for inputs without one (images)."""
+        names = self.input_names
+        return inputs[names.index("attention_mask")] if "attention_mask" in names else None
 
     # -- forward -----------------------------------------------------------------------------------------------
     def encode(self, *inputs: torch.Tensor, all_hidden: bool = False):
@@ -300,8 +351,7 @@ class CanonicalTransformer(nn.Module):
         return self.classifier(pooled) if self.classifier is not None else pooled
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        x = self.encode(*inputs)
-        return self.head_output(x, inputs[1] if self.spec.modality == "text" else None)
+        return self.head_output(self.encode(*inputs), self.attention_mask(inputs))
 
     def exit_output(self, index: int, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits of exit head `index` on the hidden state after its layer, normalised as the final head's input
@@ -313,7 +363,7 @@ class CanonicalTransformer(nn.Module):
     def exit_logits(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit head, in spec.exits order, then the final head's."""
         x, hidden = self.encode(*inputs, all_hidden=True)
-        mask = inputs[1] if self.spec.modality == "text" else None
+        mask = self.attention_mask(inputs)
         return [self.exit_output(i, hidden[layer + 1], mask) for i, layer in enumerate(self.spec.exits)] + \
             [self.head_output(x, mask)]
 
@@ -409,10 +459,7 @@ def encoder_macs(cfg: ModelConfig, seq_len: int) -> int:
         dims = {"q": (h, inner), "k": (h, inner), "v": (h, inner), "o": (inner, h), "fc1": (h, s.ffn),
                 "fc2": (s.ffn, h)}
         macs += t * sum(linear_macs(i, o, s.linears.get(n)) for n, (i, o) in dims.items())
-        if s.attention == "ecoformer":  # RBF to anchors, projection to codes, then h_i (H^T V): linear in t
-            macs += t * s.heads * (s.anchors * s.head_dim + s.anchors * s.hash_bits + 2 * s.hash_bits * s.head_dim)
-        else:
-            macs += 2 * t * t * inner  # scores and weighted sum
+        macs += ATTENTIONS[s.attention].mixing_macs(s, t)
     if cfg.head.labels:
         macs += (h * h if cfg.head.pre != "none" else 0) + h * len(cfg.head.labels)
     return macs

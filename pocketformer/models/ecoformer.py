@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch.nn import functional as F
 
-from .canonical import MASK_NEG, Attention, LayerShape
+from .canonical import MASK_NEG, Attention, LayerShape, register_attention
 
 NORM_EPS = 1e-12  # keeps an all-zero query or key finite; far below any real vector's squared norm
 
@@ -105,6 +105,7 @@ def quadratic_attention(hq: torch.Tensor, hk: torch.Tensor, v: torch.Tensor, kee
 
 # -- the module ---------------------------------------------------------------------------------------------------
 
+@register_attention("ecoformer")
 class EcoAttention(Attention):
     """Canonical attention (the same q, k, v, o) with EcoFormer's hashed linear attention in place of softmax."""
 
@@ -136,6 +137,12 @@ class EcoAttention(Attention):
 
     def shape_fields(self) -> dict[str, Any]:
         return {"attention": "ecoformer", "hash_bits": self.hash_bits, "anchors": self.n_anchors}
+
+    @staticmethod
+    def mixing_macs(shape: LayerShape, tokens: int) -> int:
+        """RBF to anchors, projection to codes, then h_i (H^T V): linear in the tokens."""
+        s = shape
+        return tokens * s.heads * (s.anchors * s.head_dim + s.anchors * s.hash_bits + 2 * s.hash_bits * s.head_dim)
 
     def codes(self, x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
         """Codes (..., heads, b, t) of queries or keys (..., heads, d, t)."""

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from ..compress.early_exit import Gate, entropy, exit_indices, predict_with_exits, should_stop
+from ..models.exits import Gate, entropy, exit_indices, predict_with_exits, should_stop
 from ..data import Dataset, Encoder
 from ..errors import TargetError
 from ..models.canonical import CanonicalTransformer

@@ -72,7 +72,7 @@ print(json.dumps({"loads": True, "runs": True, "error": None, "tflite_runtime": 
 
 
 def env_dir() -> Path:
-    from ..pipeline import cache_root
+    from ..store import cache_root
 
     return cache_root() / "envs" / ENV_NAME
 

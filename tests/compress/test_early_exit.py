@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from pocketformer.compress import Context
 from pocketformer.compress.finetune import Finetune, FinetuneConfig
-from pocketformer.compress.early_exit import (EarlyExit, EarlyExitConfig, Gate, deebert_loss, entropy, exit_indices,
-                                              pabee_loss, predict_with_exits, should_stop)
+from pocketformer.compress.early_exit import EarlyExit, EarlyExitConfig, deebert_loss, pabee_loss
+from pocketformer.models.exits import Gate, entropy, exit_indices, predict_with_exits, should_stop
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import RecipeError
 from pocketformer.models import HeadSpec, LayerShape, load, save

@@ -8,7 +8,7 @@ import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import torch
 
-from pocketformer.export.common import read_manifest, write_manifest
+from pocketformer.store import read_manifest, write_manifest
 from pocketformer.export.onnx import export
 
 TOL = 1e-4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketformer.compress.early_exit import Gate, entropy, head_logits, predict_with_exits
+from pocketformer.models.exits import Gate, entropy, head_logits, predict_with_exits
 from pocketformer.errors import ExportError
 from pocketformer.export import segments
 from pocketformer.export.common import pad_to

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pocketformer import pipeline
-from pocketformer.compress.early_exit import Gate, entropy, exit_indices, predict_with_exits
+from pocketformer.models.exits import Gate, entropy, exit_indices, predict_with_exits
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import TargetError
 from pocketformer.export import segments

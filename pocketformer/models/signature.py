@@ -1,0 +1,100 @@
+"""What a graph takes and gives, declared once: tensor names, dtypes and axes (symbolic or fixed).
+
+The canonical model declares its inputs (from its modality) and outputs (from its task); a model that exports as
+several graphs (early-exit segments today, prefill/decode tomorrow) declares each graph the same way. Exporters derive
+the forward's parameter names, dynamic axes and example inputs from these declarations, never from a modality or task
+branch of their own (as Optimum's export configs declare I/O, but once for our one model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+Axis = Union[str, int]  # a symbolic axis ("batch", "sequence") or a fixed size
+
+# Symbolic axes that may stay dynamic in a file; every other axis is fixed by the model's shapes.
+DYNAMIC_AXES = ("batch", "sequence")
+DTYPES = {"int64": torch.int64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a graph."""
+
+    name: str
+    dtype: str  # a DTYPES key
+    axes: tuple[Axis, ...]
+
+    def dims(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape with the symbolic axes given by `sizes`."""
+        return tuple(a if isinstance(a, int) else sizes[a] for a in self.axes)
+
+    def layout(self, static: Optional[dict[str, int]] = None) -> list[Axis]:
+        """The shape as a file records it: symbolic axes by name (ONNX style), or fixed by `static`."""
+        return [a if isinstance(a, int) else (static or {}).get(a, a) for a in self.axes]
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The inputs and outputs of one graph, plus the largest size each symbolic axis may take."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    bounds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Per input: axis position -> symbolic name, for the axes that may stay dynamic."""
+        return {t.name: {i: a for i, a in enumerate(t.axes) if a in DYNAMIC_AXES} for t in self.inputs}
+
+    def has_axis(self, name: str) -> bool:
+        return any(name in t.axes for t in self.inputs)
+
+
+@dataclass
+class Graph:
+    """One exportable graph: a module taking the declared inputs positionally and returning the declared outputs
+    (a tensor for one output, a tuple in declaration order for several)."""
+
+    module: nn.Module
+    io: GraphIO
+
+
+def named_forward(fn: Callable, names: list[str], outputs: Optional[list[str]] = None) -> nn.Module:
+    """A module whose forward takes one named argument per input (converters name inputs after the forward's
+    parameters: input_ids, not args_0). With `outputs`, forward(as_dict=True) is not offered: LiteRT names a
+    signature's outputs after the keys of a returned dict, so `dict_outputs` switches that on."""
+    for n in names:
+        if not n.isidentifier():
+            raise ValueError(f"input name {n!r} is not an identifier")
+    params = ", ".join(names)
+    scope: dict = {}
+    exec(f"def forward(self, {params}):\n    return self._call({params})", scope)  # noqa: S102 - names checked
+
+    class Named(nn.Module):
+        forward = scope["forward"]
+
+        def __init__(self):
+            super().__init__()
+            self.inner = fn if isinstance(fn, nn.Module) else None
+            self._fn = fn
+            self.dict_outputs = False
+
+        def _call(self, *args):
+            out = self._fn(*args)
+            if self.dict_outputs and outputs:
+                return dict(zip(outputs, out if isinstance(out, tuple) else (out,)))
+            return out
+
+    return Named().eval()

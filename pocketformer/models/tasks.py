@@ -1,0 +1,140 @@
+"""The task registry: what a model's output means, and so how it is trained, scored and compared.
+
+A task owns its output declaration, its training loss (against labels or the reference model), its distillation
+term, its quality metric, its agreement with a reference and the bar a reduced-precision file must clear. Stages,
+training, export and validation ask the model's task instead of testing `classifier is None`. A new task (a causal
+LM with past/present key-values) is one more subclass here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .signature import TensorSpec
+
+# `cfg` below is a canonical ModelConfig; not imported, since the model imports its tasks.
+TASKS: dict[str, "Task"] = {}
+
+
+def cosine_rows(a, b) -> np.ndarray:
+    """Cosine between matching rows of two arrays (flattened per example): the one cosine every comparison uses."""
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def label_agreement(a, b) -> float:
+    """Share of examples whose argmax is the same in both outputs."""
+    return float((np.asarray(a).argmax(-1) == np.asarray(b).argmax(-1)).mean())
+
+
+class Task:
+    """One entry of the registry. Subclasses register themselves by `name`."""
+
+    name: ClassVar[str]
+    output: ClassVar[str]  # the output tensor's name
+    metric: ClassVar[str]  # what `quality` reports, for humans: "accuracy %" or "cosine x100"
+    has_labels: ClassVar[bool]  # does the output predict the data's labels (exit heads, accuracy budgets)?
+    # A reduced-precision file (fp16, int8, palettes) is kept when it makes the float model's decisions.
+    min_agreement: ClassVar[float]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        TASKS[cls.name] = cls()
+
+    def output_spec(self, cfg: Any) -> TensorSpec:
+        raise NotImplementedError
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor, reference: Optional[torch.Tensor]) -> torch.Tensor:
+        """The task's training loss: against the labels, or the reference model's outputs where it has none."""
+        raise NotImplementedError
+
+    @property
+    def loss_needs_reference(self) -> bool:
+        return not self.has_labels
+
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The output term of recovery distillation."""
+        raise NotImplementedError
+
+    def label_loss(self, out: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """Cross-entropy on the true labels, where the output predicts them."""
+        return F.cross_entropy(out, labels) if self.has_labels else None
+
+    def quality(self, out, labels: Optional[np.ndarray], reference) -> float:
+        """Higher is better, in percent: accuracy against labels, or 100 x mean cosine with the reference."""
+        raise NotImplementedError
+
+    def agreement(self, out, reference) -> float:
+        """In [0, 1]: how far `out` makes the same decisions as `reference` on the same examples."""
+        raise NotImplementedError
+
+    def reduced_precision_ok(self, parity: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+
+class Classification(Task):
+    name = "classification"
+    output = "logits"
+    metric = "accuracy %"
+    has_labels = True
+    min_agreement = 0.9
+
+    def output_spec(self, cfg: Any) -> TensorSpec:
+        return TensorSpec(self.output, "float32", ("batch", len(cfg.head.labels)))
+
+    def loss(self, out, labels, reference):
+        return F.cross_entropy(out, labels)
+
+    def distill(self, student, teacher, temperature):
+        t = temperature
+        return t * t * F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                                reduction="batchmean")
+
+    def quality(self, out, labels, reference):
+        return float((np.asarray(out).argmax(-1) == np.asarray(labels)).mean() * 100.0)
+
+    def agreement(self, out, reference):
+        return label_agreement(out, reference)
+
+    def reduced_precision_ok(self, parity):
+        """Judged by argmax agreement: the cosine of a 2-logit vector swings with small shifts near the decision
+        boundary (a fine-tuned MiniLM sentiment model's ORT int8 file: logit cosine 0.985 on 16 test inputs)."""
+        return parity["argmax_agreement"] >= self.min_agreement
+
+
+class Embedding(Task):
+    name = "embedding"
+    output = "embedding"
+    metric = "cosine x100"
+    has_labels = False
+    min_agreement = 0.99
+
+    def output_spec(self, cfg: Any) -> TensorSpec:
+        return TensorSpec(self.output, "float32", ("batch", cfg.hidden))
+
+    def loss(self, out, labels, reference):
+        if reference is None:
+            raise ValueError("an embedding model's loss needs the reference model's outputs")
+        return F.mse_loss(out, reference)
+
+    def distill(self, student, teacher, temperature):
+        return F.mse_loss(student, teacher)
+
+    def quality(self, out, labels, reference):
+        return 100.0 * float(cosine_rows(out, reference).mean())
+
+    def agreement(self, out, reference):
+        return float(cosine_rows(out, reference).mean())
+
+    def reduced_precision_ok(self, parity):
+        """Embedding outputs: same direction."""
+        return parity["cosine"] >= self.min_agreement
+
+
+def task_of(cfg: Any) -> Task:
+    return TASKS[cfg.task]

@@ -1,0 +1,89 @@
+"""Shared infrastructure at the bottom of the import graph: where caches live, what versions made a result, how JSON
+and artifact bytes are written (atomically), and how a run folder's records are read back.
+
+Every layer may import this module; it imports nothing of pocketformer's but errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CheckpointError
+
+MANIFEST = "artifacts.json"  # the artifacts folder's record of every exported file
+COMPRESS_FILE = "compress.json"  # the run folder's record of the compression
+
+
+def cache_root() -> Path:
+    if os.environ.get("POCKETFORMER_CACHE"):
+        return Path(os.environ["POCKETFORMER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pocketformer"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"pocketformer": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the named distributions (missing ones as "absent"), for cache keys and provenance."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON-able object, keys sorted: the cache key of a configuration."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside `path`, then rename: a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
+
+
+def read_manifest(artifacts_dir: Path) -> list[dict[str, Any]]:
+    path = Path(artifacts_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_manifest(artifacts_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Merge records into the manifest, replacing those of the same file."""
+    current = {r["file"]: r for r in read_manifest(artifacts_dir)}
+    current.update({r["file"]: r for r in records})
+    atomic_write_bytes(Path(artifacts_dir) / MANIFEST,
+                       json.dumps(sorted(current.values(), key=lambda r: r["file"]), indent=2).encode())
+
+
+def read_compress(out_dir: Path) -> dict[str, Any]:
+    """The run folder's compress.json: recipe, versions, hashes and what each stage changed."""
+    path = Path(out_dir) / COMPRESS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{out_dir} holds no {COMPRESS_FILE}.",
+                              "run `pocketformer compress CKPT --recipe R.yaml -o OUT/` first.")
+    return json.loads(path.read_text())
