@@ -37,17 +37,18 @@ sys.path.insert(0, str(ROOT))
 
 from pocketformer import store  # noqa: E402
 from pocketformer.export import onnx as onnx_export, tflite as tflite_export  # noqa: E402
-from pocketformer.export.common import parity  # noqa: E402
+from pocketformer.export.base import parity  # noqa: E402
 from pocketformer.models import CanonicalTransformer, HeadSpec, LayerShape, ModelConfig  # noqa: E402
 from pocketformer.models.canonical import encoder_macs  # noqa: E402
-from pocketformer.targets import Profile, get_profile, litert, ort  # noqa: E402
+from pocketformer.targets import Profile, get_profile  # noqa: E402
+from pocketformer.targets.runtime import get_runtime  # noqa: E402
 from pocketformer.targets.validate import measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SENTIMENT_RUN = ROOT / "runs" / "bench" / "ecoformer"  # written by benchmarks/minilm_sentiment.py
 MINILM = dict(hidden=384, layers=6, heads=12, head_dim=32, ffn=1536, max_positions=2048, bits=16, anchors=25)
 TINY = dict(hidden=64, layers=2, heads=4, head_dim=16, ffn=128, max_positions=256, bits=8, anchors=8)
-RUNTIMES = {"onnxruntime": ("onnx", ort), "litert": ("tflite", litert)}
+RUNTIMES = {"onnxruntime": ("onnx", get_runtime("onnxruntime")), "litert": ("tflite", get_runtime("litert"))}
 ATTENTIONS = ("softmax", "ecoformer")
 
 
@@ -78,8 +79,7 @@ def export_file(model: CanonicalTransformer, fmt: str, path: Path, inputs) -> No
 
 def check_parity(model: CanonicalTransformer, runtime, path: Path, inputs) -> dict[str, float]:
     """The file against PyTorch in its runtime, recorded rather than enforced: the timing is what this measures."""
-    session = runtime.load(path, threads=1)
-    got = runtime.run(session, {n: t.numpy() for n, t in zip(model.input_names, inputs)})
+    got = runtime.open(path, 1).output({n: t.numpy() for n, t in zip(model.input_names, inputs)})
     with torch.no_grad():
         want = model(*inputs).numpy()
     return parity(want, got)
@@ -266,7 +266,7 @@ def main() -> None:
                      else "tiny encoder (hidden 64, 2 layers, 4 heads x 16, FFN 128; --quick)"),
            "bits": shape["bits"], "anchors": shape["anchors"], "threads": args.threads, "repeats": args.repeats,
            "warmup": args.warmup, "lengths": args.lengths, "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), **store.versions(), "litert": litert.version(), "wall_s": None}
+           "cpu_count": os.cpu_count(), **store.versions(), "litert": get_runtime("litert").version(), "wall_s": None}
     result = {"env": env, "rows": rows, "crossover": cross,
               "sentiment": sentiment_accuracy(args.sentiment_run) if not args.quick else None}
     env["wall_s"] = round(time.monotonic() - t0)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from pocketformer import pipeline, store  # noqa: E402
 from pocketformer.data import Encoder, load_dataset  # noqa: E402
 from pocketformer.errors import ExportError  # noqa: E402
-from pocketformer.export.common import artifact_size  # noqa: E402
+from pocketformer.export.base import artifact_size  # noqa: E402
 from pocketformer.store import read_manifest  # noqa: E402
 from pocketformer.models import load  # noqa: E402
 from pocketformer.recipe import load_recipe  # noqa: E402
@@ -138,8 +138,8 @@ def matformer_rows(out: Path, profile, test, enc: Encoder, ref_pred, feeds) -> l
     """Uniform sub-models extracted from the one nested checkpoint, each exported to ONNX and measured."""
     from pocketformer.compress.base import describe
     from pocketformer.compress.matformer import widths_at
-    from pocketformer.export import EXPORTERS
     from pocketformer.extract import extract
+    from pocketformer.targets import export_checked
 
     nested, _ = load(out / "model")
     sample = enc.encode(test.head(16), np.arange(16))
@@ -148,7 +148,7 @@ def matformer_rows(out: Path, profile, test, enc: Encoder, ref_pred, feeds) -> l
         sub = extract(nested, widths_at(nested, fraction))
         folder = out / "extracted" / f"w{fraction}"
         folder.mkdir(parents=True, exist_ok=True)
-        (rec,) = [r for r in EXPORTERS["onnx"](sub, folder, "model", sample, int8=False) if r["precision"] == "fp32"]
+        (rec,) = [r for r in export_checked(sub, folder, "model", sample, "onnx", int8=False) if r["precision"] == "fp32"]
         path = folder / rec["file"]
         print(f"== measuring matformer width {fraction}", flush=True)
         pred = predict_artifact(path, profile, test, enc).argmax(1)
@@ -226,14 +226,13 @@ def plain_runner(out: Path, fmt: str, target) -> dict:
     """The same model without exits: its plain fp32 file (final head only), what the user ships without early exit.
     ORT's pool does not spin, as the segments' do not: a spinning pool would starve the driver run after it (alone,
     spinning or not measured the same here: 47.4 and 47.6-48.3 ms)."""
-    from pocketformer.targets import runtime_module
+    from pocketformer.targets import runtime_of
 
     (rec,) = [r for r in read_manifest(out / "artifacts") if r["variant"] == "model" and r.get("kind") != "segments"
               and r["format"] == fmt and r["precision"] == "fp32"]
-    rt = runtime_module(target)
     path = out / "artifacts" / rec["file"]
-    session = rt.load(path, target.threads, spinning=False) if fmt == "onnx" else rt.load(path, target.threads)
-    return {"file": rec["file"], "run": lambda feeds: rt.run(session, feeds)}
+    session = runtime_of(target).open(path, target.threads, sequential=True)
+    return {"file": rec["file"], "run": session.output}
 
 
 def gated_and_plain(seg, plain: dict, test, enc: Encoder, gate, target):
@@ -290,7 +289,7 @@ def peer_rows(profile, test, enc: Encoder, train_probe) -> list[dict]:
     """Peers are embedding models: accuracy by a linear probe on their frozen mean-pooled embeddings."""
     from sklearn.linear_model import LogisticRegression
 
-    from pocketformer.targets import ort as rt
+    from pocketformer.targets.runtime import get_runtime
 
     rows = []
     for pkg, (label, locate, what) in PEERS.items():
@@ -299,8 +298,8 @@ def peer_rows(profile, test, enc: Encoder, train_probe) -> list[dict]:
             print(f"   {label}: package {pkg} not installed (make bench installs it); skipped")
             continue
         path = locate(Path(list(spec.submodule_search_locations)[0]))
-        session = rt.load(path, profile.threads)
-        names = rt.input_names(session)
+        session = get_runtime("onnxruntime").open(path, profile.threads)
+        names = session.input_names
 
         def embed(ds):
             outs = []
@@ -308,7 +307,7 @@ def peer_rows(profile, test, enc: Encoder, train_probe) -> list[dict]:
                 feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
                 if "token_type_ids" in names:
                     feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-                hidden = session.run(None, feeds)
+                hidden = session.run(feeds).values()
                 h = next(o for o in hidden if o.ndim == 3)
                 m = mask.numpy()[..., None]
                 outs.append((h * m).sum(1) / m.sum(1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
 import time
 import warnings
@@ -40,6 +41,23 @@ def quiet(*loggers: str, stderr: bool = False):
         finally:
             for n, level in levels.items():
                 logging.getLogger(n).setLevel(level)
+
+
+@contextmanager
+def silenced_stderr():
+    """Native code (TFLite's logger, the MLIR converter) writes to fd 2 directly, past Python's sys.stderr."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextmanager

@@ -84,9 +84,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-EXECUTED_BY = {"onnx": "ONNX Runtime", "tflite": "LiteRT"}
-
-
 def _legacy_verdict(a: dict[str, Any]) -> str:
     legacy = a.get("legacy_runtime")
     if not legacy:
@@ -112,7 +109,7 @@ def cross_format_table(artifacts: list[dict[str, Any]], rows: list[dict[str, Any
         lat = "; ".join(f"{v['latency_p50_ms']:.1f}" + ("" if v.get("latency_measured_on") == "target" else " (host)")
                         for v in vals if v.get("latency_p50_ms") is not None) or "-"
         lines.append(f"| {a['file']} | {a['format']} | {a['precision']} | {a['size_bytes'] / 1e6:.1f} | "
-                     f"{sum(a['ops'].values())} | {a.get('parity_execution') or EXECUTED_BY.get(a['format'])} | "
+                     f"{sum(a['ops'].values())} | {a.get('parity_execution', '-')} | "
                      f"{p['max_abs_diff']:.2e} | {p['cosine']:.6f} | {acc} | {lat} | {_legacy_verdict(a)} |")
     return "\n".join(lines)
 

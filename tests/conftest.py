@@ -253,3 +253,48 @@ def run_cli():
                               text=True, cwd=cwd, env=dict(os.environ), timeout=timeout)
 
     return run
+
+
+# -- exporting and running files, as the pipeline does -----------------------------------------------------------
+
+def export_format(fmt: str, model, out, stem: str, inputs, kinds=frozenset({None}), **options):
+    """The export loop for one format, checked on the runtime that runs it here; plain files by default."""
+    from pocketformer.targets import export_checked
+
+    return export_checked(model, out, stem, inputs, fmt, kinds=set(kinds), **options)
+
+
+def export_onnx(model, out, stem, inputs, **options):
+    return export_format("onnx", model, out, stem, inputs, **options)
+
+
+def export_tflite(model, out, stem, inputs, **options):
+    return export_format("tflite", model, out, stem, inputs, **options)
+
+
+def export_coreml(model, out, stem, inputs, **options):
+    return export_format("coreml", model, out, stem, inputs, **options)
+
+
+EXPORTERS = {"onnx": export_onnx, "tflite": export_tflite, "coreml": export_coreml}
+
+
+def export_segments(model, out, stem, inputs, fmt, **options):
+    """Only the early-exit segments of `model` in `fmt`."""
+    return export_format(fmt, model, out, stem, inputs, kinds={"segments"}, **options)
+
+
+def pad_to(inputs, seq: int, model):
+    """Text inputs padded (pad token, mask 0) or truncated to `seq` tokens; other inputs unchanged."""
+    return model.io.fit(inputs, {"sequence": seq})
+
+
+def open_file(runtime: str, path, threads: int = 1):
+    from pocketformer.targets.runtime import get_runtime
+
+    return get_runtime(runtime).open(path, threads)
+
+
+def run_file(runtime: str, path, feeds):
+    """The first output of a file for `feeds`, in the named runtime."""
+    return open_file(runtime, path).output(feeds)

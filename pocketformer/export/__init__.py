@@ -1,9 +1,14 @@
-"""Exporters, one module per format. Each: export(model, out_dir, stem, inputs, int8=, static_shape=) -> records."""
+"""Export: one module per format (each a Format, export/base.py), one loop (export/loop.py) that writes, checks and
+records every graph of a model in every precision. Every module of this package is imported here, which registers
+what it defines (formats in FORMATS, graph sets such as the early-exit segments): a new format is one module."""
 
-from . import coreml as _coreml
-from . import onnx as _onnx
-from . import tflite as _tflite
+import importlib
+import pkgutil
 
-EXPORTERS = {"onnx": _onnx.export, "tflite": _tflite.export, "coreml": _coreml.export}
+from .base import FORMATS, Format
+from .loop import ExportFailures, export
 
-__all__ = ["EXPORTERS"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["FORMATS", "ExportFailures", "Format", "export"]

@@ -1,5 +1,5 @@
-"""ONNX export: torch.onnx (dynamo) -> onnxsim -> optional ORT per-channel dynamic int8, each file checked in ONNX
-Runtime against PyTorch on real inputs before it is kept."""
+"""ONNX: torch.onnx (dynamo) -> onnxsim -> optional ORT per-channel dynamic int8. One file per graph, dynamic batch
+and sequence axes unless fixed shapes are asked; mostly-zero weights stored as sparse initializers."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
+from ..models.signature import GraphIO, named_forward
 from ..progress import quiet
 from . import sparse as sparse_storage
-from .common import named, pad_to, parity, reduced_precision_ok, run_in_batches
+from .base import Format, Plan, Tolerance, Written
 
 OPSET = 18
-# fp32 artifacts must match PyTorch closely; int8 by export.common.reduced_precision_ok.
+INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
+# fp32 files must match PyTorch closely; int8 ones make the same decisions (the task's rule).
 FP32_MAX_ABS = 1e-3
 FP32_MIN_COSINE = 0.9999
 
@@ -30,22 +32,22 @@ def _quiet():
     return quiet("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
+def torch_dynamic_shapes(io: GraphIO) -> tuple[dict, ...]:
+    """torch.export's dynamic shapes for every input, from the declared symbolic axes: one Dim per axis name,
+    shared by every input that has it (batch up to io.bounds, sequence up to the model's positions)."""
+    dims = {"batch": torch.export.Dim("batch", min=1, max=io.bounds.get("batch", 4096))}
+    if "sequence" in io.bounds:
+        dims["sequence"] = torch.export.Dim("seq", min=1, max=io.bounds["sequence"])
+    return tuple({axis: dims[name] for axis, name in io.dynamic_axes()[spec.name].items()} for spec in io.inputs)
+
+
 def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...],
                  static_shape: bool = False) -> None:
-    """Write a simplified fp32 ONNX file. Dynamic batch and sequence axes unless `static_shape`."""
-    names = model.input_names
-    export_module(named(model), path, example, names, [model.output_name],
-                  None if static_shape else dynamic_axes(model, len(names)))
-
-
-def dynamic_axes(model: CanonicalTransformer, n_inputs: int) -> tuple[dict, ...]:
-    """For each of `n_inputs` inputs laid out like the model's (batch first, then tokens for text): the batch axis,
-    and for text the sequence axis, left dynamic."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if model.spec.modality == "text":
-        seq = torch.export.Dim("seq", min=1, max=model.spec.max_positions - model.spec.position_offset)
-        return tuple({0: batch, 1: seq} for _ in range(n_inputs))
-    return tuple({0: batch} for _ in range(n_inputs))
+    """One unchecked fp32 file of the plain model (benchmarks and tests); `pocketformer export` goes through the
+    loop, which checks every file."""
+    io = model.io
+    export_module(named_forward(model, io.input_names), path, example, io.input_names, io.output_names,
+                  None if static_shape else torch_dynamic_shapes(io))
 
 
 def export_module(module: torch.nn.Module, path: Path, example: tuple[torch.Tensor, ...], input_names: list[str],
@@ -144,64 +146,39 @@ def describe(path: Path) -> dict[str, Any]:
                                             default=None)}
 
 
-def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...], precision: str,
-          static_batch: Optional[int] = None) -> dict[str, float]:
-    """Run the file in ONNX Runtime on real inputs and compare with PyTorch; raise ExportError out of tolerance.
-    A file with a fixed batch runs in chunks of that batch, the last one padded by repeating its last example."""
-    from ..targets import ort as runtime
+class Onnx(Format):
+    name = "onnx"
+    extension = ".onnx"
+    runtime = "onnxruntime"
+    static_only = False
 
-    session = runtime.load(path, threads=1)
-    names = model.input_names
-    if static_batch:
-        got = run_in_batches(lambda feeds: runtime.run(session, feeds), names, inputs, static_batch)
-    else:
-        got = runtime.run(session, {n: t.numpy() for n, t in zip(names, inputs)})
-    with torch.no_grad():
-        want = model(*inputs).numpy()
-    result = parity(want, got)
-    ok = (result["max_abs_diff"] <= FP32_MAX_ABS and result["cosine"] >= FP32_MIN_COSINE) if precision == "fp32" \
-        else reduced_precision_ok(result, model.classifier is not None)
-    if not ok:
-        raise ExportError(f"{path.name} disagrees with PyTorch in ONNX Runtime (max abs diff "
-                          f"{result['max_abs_diff']:.2e}, cosine {result['cosine']:.5f}).",
-                          "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights."
-                          if precision == "int8" else "report this with the model's pocketformer.json.")
-    return result
+    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
+        return ["fp32"] + (["int8"] if int8 else [])
 
+    def tolerance(self, precision: str) -> Tolerance:
+        return Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE) if precision == "fp32" else Tolerance(task=True)
 
-def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...], *,
-           int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
-           sparse: bool = True) -> list[dict[str, Any]]:
-    """Export fp32 (and int8) ONNX files named `{stem}.fp32.onnx` / `{stem}.int8.onnx`; return their records.
-    With `sparse`, a dense-sparse model's mostly-zero weights are stored as sparse initializers wherever that is
-    smaller (export.sparse; the records say what was converted)."""
-    model = model.eval()
-    store_sparse = sparse and sparse_storage.has_dense_sparse(model)
-    records = []
-    static_batch = None
-    if static_shape:
-        static_batch, seq = static_shape
-        check_inputs = pad_to(inputs, seq, model)
-        # exactly `static_batch` examples to trace with, repeating the samples if there are fewer
-        example = tuple(t[torch.arange(static_batch) % len(t)] for t in check_inputs)
-    else:
-        example = check_inputs = inputs
-    fp32 = Path(out_dir) / f"{stem}.fp32.onnx"
-    export_float(model, fp32, example, static_shape=bool(static_shape))
-    storage = sparse_storage.onnx_file(fp32) if store_sparse else None
-    records.append(_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32", static_batch), storage))
-    if int8:
-        q = Path(out_dir) / f"{stem}.int8.onnx"
-        quantize_int8(fp32, q)
-        storage = sparse_storage.onnx_file(q) if store_sparse else None
-        records.append(_record(q, stem, "int8", check(q, model, check_inputs, "int8", static_batch), storage))
-    return records
+    def fix(self, precision: str) -> str:
+        if precision == "int8":
+            return "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights."
+        return "report this with the model's pocketformer.json."
 
+    def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
+        written = []
+        for name, graph in plan.graphs.items():
+            path = paths[name]
+            if precision == "fp32":
+                export_module(graph.module, path, plan.examples[name], graph.io.input_names, graph.io.output_names,
+                              None if plan.fixed else torch_dynamic_shapes(graph.io))
+                plan.state[name] = path
+            else:
+                quantize_int8(plan.state[name], path)
+            storage = sparse_storage.onnx_file(path) if plan.sparse else None
+            written.append(Written(name, path, None, storage))
+        return written
 
-def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float],
-            storage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    from ..models.io import file_sha256
+    def describe(self, path: Path) -> dict[str, Any]:
+        return describe(path)
 
-    return {"file": path.name, "variant": stem, "format": "onnx", "precision": precision,
-            "size_bytes": path.stat().st_size, "sha256": file_sha256(path), "parity_vs_pytorch": parity_result,
-            **describe(path), **({"sparse_storage": storage} if storage is not None else {})}
+    def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
+        return bool(set(description.get("ops", {})) & INT8_OPS)

@@ -22,11 +22,12 @@ prepares the graph) before a dense matmul, so expect the dense model's latency, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from torch import nn
 
+from ..progress import quiet
 from ..store import atomic_write_bytes
 
 MIN_ELEMENTS = 1024  # smaller tensors stay dense: a few bytes saved are not worth a format feature
@@ -164,8 +165,6 @@ def tflite_sparse_weights(content: bytes) -> tuple[bytes, dict[str, Any]]:
     """A .tflite whose constant 2-D weights read by FULLY_CONNECTED / BATCH_MATMUL (directly or through a
     DEQUANTIZE) are stored CSR-sparse wherever that is smaller, each densified by a DENSIFY op placed first in the
     graph; returns (new content, what was converted)."""
-    import copy
-
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -173,82 +172,105 @@ def tflite_sparse_weights(content: bytes) -> tuple[bytes, dict[str, Any]]:
     if not _inline_buffers(model, content):
         return content, {**_summary(TFLITE_ENCODING, [], 0, ""),
                          "why_dense": "weights near 2 GB: a re-packed flatbuffer could not hold them"}
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-
-    def op_name(op) -> str:
-        code = model.operatorCodes[op.opcodeIndex]
-        return op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
-
-    buffer_users: dict[int, int] = {}
+    editor = _TfliteEditor(model, schema)
     for graph in model.subgraphs:
-        for tensor in graph.tensors:
-            buffer_users[tensor.buffer] = buffer_users.get(tensor.buffer, 0) + 1
-    converted, left_dense = [], 0
-    densify_code = None
-    for graph in model.subgraphs:
-        readers: dict[int, list] = {}
-        for op in graph.operators:
-            for i in op.inputs if op.inputs is not None else []:
-                readers.setdefault(int(i), []).append(op)
-        weights: dict[int, bool] = {}  # tensor index -> read only through a DEQUANTIZE
-        for op in graph.operators:
-            name = op_name(op)
-            if name in TFLITE_WEIGHT_CONSUMERS:
-                weights.update({int(i): False for i in op.inputs if i >= 0})
-            elif name == "DEQUANTIZE" and all(op_name(r) in TFLITE_WEIGHT_CONSUMERS
-                                              for r in readers.get(int(op.outputs[0]), [])):
-                for i in op.inputs:
-                    weights.setdefault(int(i), True)
-        densify_ops = []
-        for index, dequantized in sorted(weights.items()):
-            tensor = graph.tensors[index]
-            data = model.buffers[tensor.buffer].data if tensor.buffer else None
-            dtype = _TFLITE_DTYPES.get(type_names.get(tensor.type, ""))
-            if data is None or dtype is None or tensor.sparsity is not None or tensor.shape is None or \
-                    len(tensor.shape) != 2 or int(np.prod(tensor.shape)) < MIN_ELEMENTS:
-                continue
-            array = np.frombuffer(np.asarray(data, np.uint8).tobytes(), dtype).reshape(tuple(tensor.shape))
-            sparsity, values, sparse_bytes = min((csr_sparsity(array, order) for order in ((0, 1), (1, 0))),
-                                                 key=lambda encoded: encoded[2])
-            # int8 weights read directly are dynamic-range kernels' operands: XNNPACK fails to prepare such a
-            # FULLY_CONNECTED when its weights come from DENSIFY (LiteRT 2.3), so they stay dense.
-            if sparse_bytes >= array.nbytes or (dtype is np.int8 and not dequantized):
-                left_dense += bool(np.count_nonzero(array) <= (1 - ZERO_HEAVY) * array.size)
-                continue
-            payload = np.frombuffer(values.tobytes(), np.uint8)
-            if buffer_users[tensor.buffer] == 1:  # the dense bytes go: the sparse tensor takes over the buffer
-                model.buffers[tensor.buffer].data = payload
-                sparse_buffer = tensor.buffer
-            else:
-                model.buffers.append(schema.BufferT())
-                model.buffers[-1].data = payload
-                sparse_buffer = len(model.buffers) - 1
-            sparse_tensor = schema.TensorT()
-            sparse_tensor.shape, sparse_tensor.type, sparse_tensor.buffer = list(tensor.shape), tensor.type, \
-                sparse_buffer
-            sparse_tensor.name = (tensor.name or b"") + b"_sparse"
-            sparse_tensor.quantization = copy.deepcopy(tensor.quantization)
-            sparse_tensor.sparsity = sparsity
-            graph.tensors.append(sparse_tensor)
-            tensor.buffer = _empty_buffer(model, schema)  # now computed by DENSIFY at load
-            if densify_code is None:
-                densify_code = _operator_code(model, schema, schema.BuiltinOperator.DENSIFY)
-            densify = schema.OperatorT()
-            densify.opcodeIndex, densify.inputs, densify.outputs = densify_code, [len(graph.tensors) - 1], [index]
-            densify.builtinOptionsType = schema.BuiltinOptions.DensifyOptions
-            densify.builtinOptions = schema.DensifyOptionsT()
-            densify_ops.append(densify)
-            converted.append((array.nbytes, sparse_bytes))
+        densify_ops = [op for index, dequantized in sorted(editor.weights(graph).items())
+                       if (op := editor.store_sparse(graph, index, dequantized)) is not None]
         graph.operators = densify_ops + list(graph.operators)  # DENSIFY reads only constants: it can run first
-    result = _summary(TFLITE_ENCODING, converted, left_dense,
+    result = _summary(TFLITE_ENCODING, editor.converted, editor.left_dense,
                       "not smaller at its density, or int8 weights of a dynamic-range kernel, which XNNPACK "
                       "cannot prepare from a DENSIFY output")
-    if not converted:
+    if not editor.converted:
         return content, result
     builder = flatbuffers.Builder(len(content))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), result
+
+
+class _TfliteEditor:
+    """The steps of tflite_sparse_weights over one unpacked model: find the weights, encode one, swap it in."""
+
+    def __init__(self, model, schema):
+        self.model, self.schema = model, schema
+        self.op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        self.type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        self.buffer_users: dict[int, int] = {}
+        for graph in model.subgraphs:
+            for tensor in graph.tensors:
+                self.buffer_users[tensor.buffer] = self.buffer_users.get(tensor.buffer, 0) + 1
+        self.converted: list[tuple[int, int]] = []
+        self.left_dense = 0
+        self.densify_code = None
+
+    def op_name(self, op) -> str:
+        code = self.model.operatorCodes[op.opcodeIndex]
+        return self.op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+
+    def weights(self, graph) -> dict[int, bool]:
+        """Tensor index -> read only through a DEQUANTIZE, for every input of a weight-consuming op."""
+        readers: dict[int, list] = {}
+        for op in graph.operators:
+            for i in op.inputs if op.inputs is not None else []:
+                readers.setdefault(int(i), []).append(op)
+        weights: dict[int, bool] = {}
+        for op in graph.operators:
+            name = self.op_name(op)
+            if name in TFLITE_WEIGHT_CONSUMERS:
+                weights.update({int(i): False for i in op.inputs if i >= 0})
+            elif name == "DEQUANTIZE" and all(self.op_name(r) in TFLITE_WEIGHT_CONSUMERS
+                                              for r in readers.get(int(op.outputs[0]), [])):
+                for i in op.inputs:
+                    weights.setdefault(int(i), True)
+        return weights
+
+    def dense_array(self, tensor) -> Optional[np.ndarray]:
+        """A constant 2-D weight big enough to store sparse, as an array; else None."""
+        data = self.model.buffers[tensor.buffer].data if tensor.buffer else None
+        dtype = _TFLITE_DTYPES.get(self.type_names.get(tensor.type, ""))
+        if data is None or dtype is None or tensor.sparsity is not None or tensor.shape is None or \
+                len(tensor.shape) != 2 or int(np.prod(tensor.shape)) < MIN_ELEMENTS:
+            return None
+        return np.frombuffer(np.asarray(data, np.uint8).tobytes(), dtype).reshape(tuple(tensor.shape))
+
+    def store_sparse(self, graph, index: int, dequantized: bool):
+        """Store tensor `index` CSR-sparse where that is smaller; return the DENSIFY op that rebuilds it, or None."""
+        import copy
+
+        tensor = graph.tensors[index]
+        array = self.dense_array(tensor)
+        if array is None:
+            return None
+        sparsity, values, sparse_bytes = min((csr_sparsity(array, order) for order in ((0, 1), (1, 0))),
+                                             key=lambda encoded: encoded[2])
+        # int8 weights read directly are dynamic-range kernels' operands: XNNPACK fails to prepare such a
+        # FULLY_CONNECTED when its weights come from DENSIFY (LiteRT 2.3), so they stay dense.
+        if sparse_bytes >= array.nbytes or (array.dtype == np.int8 and not dequantized):
+            self.left_dense += bool(np.count_nonzero(array) <= (1 - ZERO_HEAVY) * array.size)
+            return None
+        model, schema = self.model, self.schema
+        payload = np.frombuffer(values.tobytes(), np.uint8)
+        if self.buffer_users[tensor.buffer] == 1:  # the dense bytes go: the sparse tensor takes over the buffer
+            model.buffers[tensor.buffer].data = payload
+            sparse_buffer = tensor.buffer
+        else:
+            model.buffers.append(schema.BufferT())
+            model.buffers[-1].data = payload
+            sparse_buffer = len(model.buffers) - 1
+        sparse_tensor = schema.TensorT()
+        sparse_tensor.shape, sparse_tensor.type, sparse_tensor.buffer = list(tensor.shape), tensor.type, sparse_buffer
+        sparse_tensor.name = (tensor.name or b"") + b"_sparse"
+        sparse_tensor.quantization = copy.deepcopy(tensor.quantization)
+        sparse_tensor.sparsity = sparsity
+        graph.tensors.append(sparse_tensor)
+        tensor.buffer = _empty_buffer(model, schema)  # now computed by DENSIFY at load
+        if self.densify_code is None:
+            self.densify_code = _operator_code(model, schema, schema.BuiltinOperator.DENSIFY)
+        densify = schema.OperatorT()
+        densify.opcodeIndex, densify.inputs, densify.outputs = self.densify_code, [len(graph.tensors) - 1], [index]
+        densify.builtinOptionsType = schema.BuiltinOptions.DensifyOptions
+        densify.builtinOptions = schema.DensifyOptionsT()
+        self.converted.append((array.nbytes, sparse_bytes))
+        return densify
 
 
 def _inline_buffers(model, content: bytes) -> bool:
@@ -307,8 +329,6 @@ def coreml_sparse_weights(mlmodel, quantized: bool = False) -> tuple[Any, dict[s
     """
     import coremltools.optimize.coreml as cto
 
-    from ..targets import coreml_ref
-
     joint = quantized and mlmodel.get_spec().specificationVersion >= IOS18
     converted, configs, left_dense = [], {}, 0
     for function in mlmodel._mil_program.functions.values():
@@ -331,7 +351,7 @@ def coreml_sparse_weights(mlmodel, quantized: bool = False) -> tuple[Any, dict[s
     result = _summary("CoreML constexpr_sparse_to_dense (values + 1-bit mask)", converted, left_dense, why)
     if not configs:
         return mlmodel, result
-    with coreml_ref.quiet():
+    with quiet("coremltools", stderr=True):
         pruned = cto.prune_weights(mlmodel, config=cto.OptimizationConfig(global_config=None,
                                                                            op_name_configs=configs),
                                    joint_compression=joint)

@@ -1,6 +1,5 @@
-"""TFLite (LiteRT) export: litert-torch -> fp32 .tflite at a static shape; fp16, int8 weight-only and dynamic int8
-by ai-edge-quantizer applied to that float file. Each file is run in LiteRT against PyTorch on real inputs before it
-is kept.
+"""TFLite (LiteRT): litert-torch -> fp32 .tflite at static shapes (several graphs: one signature each, in one file);
+fp16, int8 weight-only and dynamic int8 by ai-edge-quantizer applied to that float file.
 
 Not offered, on purpose (METHODS.md): litert-torch's own dynamic int8 (its EMBEDDING_LOOKUP fails at run time) and
 static int8/int16 recipes (transformer outputs lose their direction: cosine 0.14).
@@ -20,10 +19,11 @@ import torch
 
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
-from ..progress import quiet
-from . import sparse as sparse_storage
+from ..models.signature import Graph, named_forward
+from ..progress import quiet, silenced_stderr
 from ..store import atomic_write_bytes
-from .common import named, pad_to, parity, reduced_precision_ok
+from . import sparse as sparse_storage
+from .base import Format, Plan, Tolerance, Written, first_line
 
 DEFAULT_SEQ = 128
 FP32_MIN_COSINE = 0.999
@@ -43,8 +43,6 @@ FIX = {
 def _quiet():
     """litert-torch, the MLIR converter, TF and the quantizer print pages of progress and warnings (some from
     native code, past sys.stderr); users want one line per artifact."""
-    from ..targets.litert import silenced_stderr
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GLOG_minloglevel", "3")
     previous = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
@@ -65,20 +63,39 @@ def _quiet():
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = previous
 
 
-def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...]) -> None:
-    """Write an fp32 .tflite at the example's (static) shapes, inputs named as the model names them."""
+def convert(plan: Plan) -> bytes:
+    """The fp32 flatbuffer of every graph at the plan's static shapes, inputs named as declared. One graph is the
+    file's only signature; several are one signature each, named after the graphs, with named outputs."""
     with _quiet():
         import litert_torch
 
         try:
-            # Keyword sample args: the signature's inputs take our names (positional ones become args_0, args_1).
-            edge = litert_torch.convert(named(model), sample_kwargs=dict(zip(model.input_names, example)))
-            content = edge.model_content()
+            if len(plan.graphs) == 1:
+                (name, graph), = plan.graphs.items()
+                # Keyword sample args: the signature's inputs take our names (positional ones become args_0, ...).
+                edge = litert_torch.convert(graph.module, sample_kwargs=dict(zip(graph.io.input_names,
+                                                                                 plan.examples[name])))
+                return bytes(edge.model_content())
+            converter = litert_torch.Converter()
+            for name, graph in plan.graphs.items():
+                graph.module.dict_outputs = True  # LiteRT names a signature's outputs after the dict's keys
+                converter.signature(name, graph.module,
+                                    sample_kwargs=dict(zip(graph.io.input_names, plan.examples[name])))
+            return bytes(converter.convert().model_content())
         except Exception as e:
-            raise ExportError(f"litert-torch conversion failed: {_first_line(e)}",
+            raise ExportError(f"litert-torch conversion failed: {first_line(e)}",
                               "report this with the checkpoint's pocketformer.json.") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, bytes(content))
+        finally:
+            for graph in plan.graphs.values():
+                graph.module.dict_outputs = False
+
+
+def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...]) -> None:
+    """One unchecked fp32 file of the plain model at the example's shapes (benchmarks and tests); `pocketformer
+    export` goes through the loop, which checks every file."""
+    plan = Plan({"model": Graph(named_forward(model, model.input_names), model.io)}, {"model": example},
+                fixed=None, sparse=False, options={})
+    atomic_write_bytes(Path(path), convert(plan))
 
 
 def recipe(precision: str):
@@ -110,67 +127,49 @@ def quantize(float_path: Path, path: Path, precision: str, float_content: Option
             result = quantizer.Quantizer(source, recipe(precision)).quantize(
                 enable_progress_bar=False, enable_progress_report=False)
         except Exception as e:
-            raise ExportError(f"ai-edge-quantizer failed on {float_path.name} ({precision}): {_first_line(e)}",
+            raise ExportError(f"ai-edge-quantizer failed on {float_path.name} ({precision}): {first_line(e)}",
                               FIX[precision]) from None
     atomic_write_bytes(path, bytes(result.quantized_model))
 
 
-def check(path: Path, model: CanonicalTransformer, inputs: tuple[torch.Tensor, ...],
-          precision: str) -> dict[str, float]:
-    """Run the file in LiteRT (one static-shape batch at a time) on real inputs and compare with PyTorch; raise
-    ExportError, and delete the file, when the cosine is below tolerance."""
-    from ..errors import TargetError
-    from ..targets import litert as runtime
+class Tflite(Format):
+    name = "tflite"
+    extension = ".tflite"
+    runtime = "litert"
+    default_seq = DEFAULT_SEQ
 
-    try:
-        session = runtime.load(path, threads=1)
-    except TargetError as e:
-        path.unlink(missing_ok=True)
-        raise ExportError(e.problem, FIX[precision]) from None
-    got = runtime.run(session, {n: t.numpy() for n, t in zip(model.input_names, inputs)})
-    with torch.no_grad():
-        want = model(*inputs).numpy()
-    result = parity(want, got)
-    # A 2-logit classifier with logits near zero makes cosine noisy: record the error relative to the output scale.
-    scale = float(np.abs(want).max())
-    result.update({"reference_max_abs": scale, "relative_max_abs_diff": result["max_abs_diff"] / (scale + 1e-12)})
-    ok = result["cosine"] >= FP32_MIN_COSINE if precision == "fp32" else \
-        reduced_precision_ok(result, model.classifier is not None)
-    if not ok:
-        near_zero = " (PyTorch's outputs are near zero, which makes cosine noisy)" if scale < 1e-2 else ""
-        path.unlink(missing_ok=True)  # a file that fails its check is never left where a manifest could find it
-        raise ExportError(f"{path.name} disagrees with PyTorch in LiteRT: cosine {result['cosine']:.5f}, label "
-                          f"agreement {result['argmax_agreement']:.2f}, max abs diff {result['max_abs_diff']:.2e}"
-                          f"{near_zero}.", FIX[precision])
-    return result
+    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
+        return ["fp32", "fp16"] + (["int8-weight", "int8"] if int8 else [])
 
+    def suffix(self, precision: str) -> str:
+        return SUFFIX[precision]
 
-def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...], *,
-           int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
-           sparse: bool = True) -> list[dict[str, Any]]:
-    """Export `{stem}.fp32.tflite`, `{stem}.fp16.tflite` and, with int8, `{stem}.int8w.tflite` (int8 weights) and
-    `{stem}.int8.tflite` (dynamic int8); return their records. Shapes are static: `static_shape` (batch, seq), by
-    default batch 1 and 128 tokens (text inputs are padded or truncated to it). With `sparse`, a dense-sparse model's
-    mostly-zero weights are stored sparse (+ DENSIFY) wherever that is smaller (export.sparse; the records say what
-    was converted)."""
-    model = model.eval()
-    batch, seq = static_shape or (1, DEFAULT_SEQ)
-    check_inputs = pad_to(inputs, seq, model)
-    rows = torch.arange(batch) % len(check_inputs[0])  # fewer examples than the batch: repeat them
-    example = tuple(t[rows] for t in check_inputs)
-    out_dir = Path(out_dir)
-    fp32 = out_dir / f"{stem}.fp32.tflite"
-    export_float(model, fp32, example)
-    store_sparse = sparse and sparse_storage.has_dense_sparse(model)
-    dense = fp32.read_bytes() if store_sparse else None
-    storage = sparse_storage.tflite_file(fp32) if store_sparse else None
-    records = [_record(fp32, stem, "fp32", check(fp32, model, check_inputs, "fp32"), storage)]
-    for precision in ("fp16",) + (("int8-weight", "int8") if int8 else ()):
-        path = out_dir / f"{stem}.{SUFFIX[precision]}.tflite"
-        quantize(fp32, path, precision, float_content=dense)
-        storage = sparse_storage.tflite_file(path) if store_sparse else None
-        records.append(_record(path, stem, precision, check(path, model, check_inputs, precision), storage))
-    return records
+    def tolerance(self, precision: str) -> Tolerance:
+        return Tolerance(min_cosine=FP32_MIN_COSINE) if precision == "fp32" else Tolerance(task=True)
+
+    def fix(self, precision: str) -> str:
+        return FIX[precision]
+
+    def shares_file(self) -> bool:
+        return True
+
+    def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
+        path = next(iter(paths.values()))  # one file holds every graph
+        if precision == "fp32":
+            content = convert(plan)
+            atomic_write_bytes(path, content)
+            plan.state.update(fp32=path, dense=content if plan.sparse else None)
+        else:
+            quantize(plan.state["fp32"], path, precision, float_content=plan.state["dense"])
+        storage = sparse_storage.tflite_file(path) if plan.sparse else None
+        signed = len(plan.graphs) > 1
+        return [Written(name, path, name if signed else None, storage) for name in plan.graphs]
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        return describe(path)
+
+    def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
+        return ".int8" in Path(path).name or "DEQUANTIZE" in description.get("ops", {})
 
 
 def describe(path: Path) -> dict[str, Any]:
@@ -188,8 +187,11 @@ def describe(path: Path) -> dict[str, Any]:
         name = f"CUSTOM:{c.CustomCode().decode()}" if code == schema.BuiltinOperator.CUSTOM else \
             op_names.get(code, str(code))
         codes.append((name, c.Version()))
+    ops: Counter = Counter()
+    for g in range(fb.SubgraphsLength()):  # a multi-signature file: every signature's subgraph
+        sub = fb.Subgraphs(g)
+        ops.update(codes[sub.Operators(j).OpcodeIndex()][0] for j in range(sub.OperatorsLength()))
     graph = fb.Subgraphs(0)
-    ops = Counter(codes[graph.Operators(j).OpcodeIndex()][0] for j in range(graph.OperatorsLength()))
     versions: dict[str, int] = {}
     for name, version in codes:
         versions[name] = max(version, versions.get(name, 0))
@@ -207,26 +209,15 @@ def describe(path: Path) -> dict[str, Any]:
     else:
         ins = [(graph.Tensors(i).Name().decode(), int(i)) for i in graph.InputsAsNumpy()]
         outs = [(graph.Tensors(i).Name().decode(), int(i)) for i in graph.OutputsAsNumpy()]
-    weights = 0
-    for k in range(graph.TensorsLength()):
-        t = graph.Tensors(k)
-        b = fb.Buffers(t.Buffer())
-        if b is not None and (b.DataLength() or b.Offset()):
-            weights += int(np.prod(t.ShapeAsNumpy())) if t.ShapeLength() else 1
+    counted: dict[int, int] = {}  # buffer -> elements: signatures of one file may share a buffer
+    for g in range(fb.SubgraphsLength()):
+        sub = fb.Subgraphs(g)
+        for k in range(sub.TensorsLength()):
+            t = sub.Tensors(k)
+            b = fb.Buffers(t.Buffer())
+            if b is not None and (b.DataLength() or b.Offset()):
+                counted[t.Buffer()] = int(np.prod(t.ShapeAsNumpy())) if t.ShapeLength() else 1
+    weights = sum(counted.values())
     return {"inputs": {name: tensor(i)[0] for name, i in ins}, "outputs": {name: tensor(i)[0] for name, i in outs},
             "input_dtypes": {name: tensor(i)[1] for name, i in ins}, "ops": dict(ops.most_common()),
             "op_versions": dict(sorted(versions.items())), "weights": weights}
-
-
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
-def _record(path: Path, stem: str, precision: str, parity_result: dict[str, float],
-            storage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    from ..models.io import file_sha256
-
-    return {"file": path.name, "variant": stem, "format": "tflite", "precision": precision,
-            "size_bytes": path.stat().st_size, "sha256": file_sha256(path), "parity_vs_pytorch": parity_result,
-            **describe(path), **({"sparse_storage": storage} if storage is not None else {})}

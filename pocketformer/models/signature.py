@@ -9,7 +9,7 @@ branch of their own (as Optimum's export configs declare I/O, but once for our o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class TensorSpec:
     name: str
     dtype: str  # a DTYPES key
     axes: tuple[Axis, ...]
+    pad: float = 0  # the value that fills positions past an example's end when the sequence axis is padded
 
     def dims(self, sizes: dict[str, int]) -> tuple[int, ...]:
         """Concrete shape with the symbolic axes given by `sizes`."""
@@ -61,6 +62,24 @@ class GraphIO:
     def has_axis(self, name: str) -> bool:
         return any(name in t.axes for t in self.inputs)
 
+    def fit(self, inputs: tuple[torch.Tensor, ...], sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        """Inputs padded (with each input's pad value) or truncated along their "sequence" axis to
+        sizes["sequence"]; inputs without that axis, or sizes without it, unchanged."""
+        if "sequence" not in sizes:
+            return tuple(inputs)
+        seq = sizes["sequence"]
+        out = []
+        for spec, t in zip(self.inputs, inputs):
+            if "sequence" in spec.axes:
+                axis = spec.axes.index("sequence")
+                t = t.narrow(axis, 0, min(seq, t.shape[axis]))
+                short = seq - t.shape[axis]
+                if short:
+                    pad = [0, 0] * (t.dim() - 1 - axis) + [0, short]
+                    t = torch.nn.functional.pad(t, pad, value=spec.pad)
+            out.append(t)
+        return tuple(out)
+
 
 @dataclass
 class Graph:
@@ -71,10 +90,10 @@ class Graph:
     io: GraphIO
 
 
-def named_forward(fn: Callable, names: list[str], outputs: Optional[list[str]] = None) -> nn.Module:
-    """A module whose forward takes one named argument per input (converters name inputs after the forward's
-    parameters: input_ids, not args_0). With `outputs`, forward(as_dict=True) is not offered: LiteRT names a
-    signature's outputs after the keys of a returned dict, so `dict_outputs` switches that on."""
+def named_forward(module: nn.Module, names: list[str], outputs: Optional[list[str]] = None) -> nn.Module:
+    """`module` (taking the declared inputs positionally) behind a forward with one named parameter per input:
+    converters name a file's inputs after the forward's parameters (input_ids, not args_0). With `outputs`, setting
+    `dict_outputs` makes forward return a dict by output name (LiteRT names a signature's outputs after its keys)."""
     for n in names:
         if not n.isidentifier():
             raise ValueError(f"input name {n!r} is not an identifier")
@@ -87,12 +106,11 @@ def named_forward(fn: Callable, names: list[str], outputs: Optional[list[str]] =
 
         def __init__(self):
             super().__init__()
-            self.inner = fn if isinstance(fn, nn.Module) else None
-            self._fn = fn
+            self.model = module
             self.dict_outputs = False
 
         def _call(self, *args):
-            out = self._fn(*args)
+            out = self.model(*args)
             if self.dict_outputs and outputs:
                 return dict(zip(outputs, out if isinstance(out, tuple) else (out,)))
             return out

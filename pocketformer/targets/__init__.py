@@ -1,19 +1,18 @@
-"""Targets: device profiles as data (profiles/*.yaml) and one runtime module per runtime."""
+"""Targets: device profiles as data (profiles/*.yaml) and one runtime module per runtime (targets/runtime.py)."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import TargetError
+from ..export import FORMATS
+from .runtime import RUNTIMES, Runtime, discover, get_runtime
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-RUNTIMES = {"onnxruntime": "pocketformer.targets.ort", "litert": "pocketformer.targets.litert",
-            "coreml-mil-reference": "pocketformer.targets.coreml_ref"}
 
 
 class Budgets(BaseModel):
@@ -27,8 +26,8 @@ class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
-    format: Literal["onnx", "tflite", "coreml"]
-    runtime: Literal["onnxruntime", "litert", "coreml-mil-reference"]
+    format: str = Field(description="a registered format (pocketformer.export.FORMATS)")
+    runtime: str = Field(description="a registered runtime (pocketformer.targets.runtime.RUNTIMES) that runs it")
     threads: int = Field(ge=1, le=256)
     batch: int = Field(1, ge=1)
     seq_len: int = Field(128, ge=1)
@@ -46,6 +45,27 @@ class Profile(BaseModel):
     max_opset: Optional[int] = Field(None, ge=1)
     legacy_runtime: Optional[Literal["tflite-runtime 2.14"]] = None  # older runtime apps on such devices embed
     deployment_target: Optional[str] = None  # CoreML minimum OS, e.g. iOS17
+
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(FORMATS)}")
+        return v
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, v: str) -> str:
+        if v not in discover():
+            raise ValueError(f"unknown runtime {v!r}; known: {', '.join(sorted(RUNTIMES))}")
+        return v
+
+    @model_validator(mode="after")
+    def _runtime_runs_format(self):
+        if RUNTIMES[self.runtime].format != self.format:
+            raise ValueError(f"runtime {self.runtime} runs {RUNTIMES[self.runtime].format} files, not {self.format}")
+        return self
 
 
 def _parse(path: Path) -> Profile:
@@ -73,5 +93,13 @@ def get_profile(name: str) -> Profile:
                       "or a path to a profile .yaml.")
 
 
-def runtime_module(profile: Profile):
-    return importlib.import_module(RUNTIMES[profile.runtime])
+def runtime_of(profile: Profile) -> Runtime:
+    return get_runtime(profile.runtime)
+
+
+def export_checked(model, out_dir: Path, stem: str, inputs, fmt: str, **options):
+    """The export loop for one format, each file checked on the runtime that runs the format here."""
+    from ..export import export
+    from .runtime import runtime_for_format
+
+    return export(model, out_dir, stem, inputs, fmt, runtime_for_format(fmt), **options)

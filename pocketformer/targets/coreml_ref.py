@@ -10,87 +10,22 @@ no latency: every result made this way carries LABEL.
 
 from __future__ import annotations
 
-import platform
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .. import progress
 from ..errors import TargetError
-from .ort import Run
+from ..export.coreml import coremltools, load_program, on_macos, quiet
+from .runtime import Runtime, Session
 
-NAME = "coreml-mil-reference"
-FORMAT = "coreml"
 LABEL = "MIL reference execution, not Apple runtime"
 APPLE = "Apple Core ML runtime"
-
-
-def on_macos() -> bool:
-    return platform.system() == "Darwin"
-
-
-MEASURES_LATENCY = on_macos()  # no latency is ever shown for CoreML off macOS
 
 
 def execution() -> str:
     """What runs the packages here: Apple's runtime on macOS, the MIL reference elsewhere."""
     return APPLE if on_macos() else LABEL
-
-
-def quiet():
-    """coremltools prints a warning per missing native library and version it has not tested, on every import."""
-    return progress.quiet("coremltools", stderr=True)
-
-
-def _ct():
-    with quiet():
-        import coremltools
-
-    return coremltools
-
-
-def version() -> str:
-    return f"coremltools {_ct().__version__} ({execution()})"
-
-
-def load_program(path: Path):
-    """The saved package's MIL program: its spec plus the weights file, no Core ML runtime needed."""
-    ct = _ct()
-    from coremltools.converters.mil.frontend.milproto import load as milproto
-
-    path = Path(path)
-    if not (path / "Manifest.json").is_file():
-        raise TargetError(f"{path} is not a .mlpackage folder.", "export it with `pocketformer export --to coreml`.")
-    with quiet():
-        model = ct.models.MLModel(str(path), skip_model_load=True)
-        spec = model.get_spec()
-        if spec.WhichOneof("Type") != "mlProgram":
-            raise TargetError(f"{path.name} is a neural network model, not an ML program.",
-                              "re-export it with `pocketformer export --to coreml`.")
-        return milproto.load(spec, specification_version=spec.specificationVersion,
-                             file_weights_dir=model.weights_dir)
-
-
-class Session:
-    """A loaded package: Apple's MLModel on macOS, else the MIL program's main function."""
-
-    def __init__(self, path: Path, apple_model=None, program=None):
-        self.path = Path(path)
-        self.apple_model = apple_model
-        self.function = program.functions["main"] if program is not None else None
-        if apple_model is not None:
-            spec = apple_model.get_spec()
-            self.inputs = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
-            self.input_dtypes = {i.name: _spec_dtype(i.type.multiArrayType.dataType) for i in spec.description.input}
-            self.outputs = [o.name for o in spec.description.output]
-        else:
-            from coremltools.converters.mil.mil import types
-
-            self.inputs = {n: list(v.shape) for n, v in self.function.inputs.items()}
-            self.input_dtypes = {n: types.nptype_from_builtin(v.dtype) for n, v in self.function.inputs.items()}
-            self.outputs = [o.name for o in self.function.outputs]
 
 
 def _spec_dtype(code: int):
@@ -99,62 +34,69 @@ def _spec_dtype(code: int):
     return {A.FLOAT32: np.float32, A.DOUBLE: np.float64, A.FLOAT16: np.float16, A.INT32: np.int32}[code]
 
 
-def load(path: Path, threads: int) -> Session:
-    """`threads` is not used: Core ML chooses its own, and the reference runs numpy's."""
-    if on_macos():
-        ct = _ct()
-        with quiet():
-            return Session(path, apple_model=ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL))
-    return Session(path, program=load_program(path))
+class CoreMLSession(Session):
+    """A loaded package: Apple's MLModel on macOS, else the MIL program's main function."""
+
+    def __init__(self, path: Path, apple_model=None, program=None):
+        self.apple_model = apple_model
+        self.function = program.functions["main"] if program is not None else None
+        if apple_model is not None:
+            spec = apple_model.get_spec()
+            ins = spec.description.input
+            super().__init__(path, {i.name: list(i.type.multiArrayType.shape) for i in ins},
+                             {i.name: _spec_dtype(i.type.multiArrayType.dataType) for i in ins},
+                             [o.name for o in spec.description.output])
+        else:
+            from coremltools.converters.mil.mil import types
+
+            fn = self.function
+            super().__init__(path, {n: list(v.shape) for n, v in fn.inputs.items()},
+                             {n: types.nptype_from_builtin(v.dtype) for n, v in fn.inputs.items()},
+                             [o.name for o in fn.outputs])
+
+    def invoke(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.apple_model is not None:
+            return {k: np.asarray(v) for k, v in self.apple_model.predict(feeds).items()}
+        return execute(self.function, feeds)
 
 
-def input_names(session: Session) -> list[str]:
-    return list(session.inputs)
+class CoreMLReference(Runtime):
+    """Format "coreml". On macOS, Core ML itself runs the package; elsewhere the MIL reference interpreter below,
+    which measures no latency and checks a few examples per file at export (seconds per example)."""
 
+    name = "coreml-mil-reference"
+    format = "coreml"
+    check_examples = None if on_macos() else 4
 
-def input_shapes(session: Session) -> dict[str, list]:
-    return dict(session.inputs)
+    @property
+    def measures_latency(self) -> bool:
+        return on_macos()  # no latency is ever shown for CoreML off macOS
 
+    def no_latency(self) -> str:
+        return ("No latency is measured for CoreML off macOS: packages run here only as a "
+                f"{LABEL}, whose speed says nothing about a device.")
 
-def run_outputs(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of the package by name for `feeds` (cast to the package's input dtypes, e.g. int64 ids to
-    int32; extra feeds ignored)."""
-    feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
-    for n, v in feeds.items():
-        if list(v.shape) != session.inputs[n]:
-            raise TargetError(f"{session.path.name} takes {n} of shape {session.inputs[n]}, got {list(v.shape)}.",
-                              "pad or truncate inputs to the package's fixed shape.")
-    if session.apple_model is not None:
-        return {k: np.asarray(v) for k, v in session.apple_model.predict(feeds).items()}
-    return execute(session.function, feeds)
+    def benchmark(self, session, feeds, warmup: int, repeats: int) -> list[float]:
+        if not self.measures_latency:
+            raise TargetError(self.no_latency(), "measure CoreML latency on a Mac (or an iPhone/iPad through "
+                                                 "Xcode's performance report).")
+        return super().benchmark(session, feeds, warmup, repeats)
 
+    def version(self) -> str:
+        return f"coremltools {coremltools().__version__} ({execution()})"
 
-def run(session: Session, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The package's first output for `feeds`."""
-    return run_outputs(session, feeds)[session.outputs[0]]
+    def execution(self) -> str:
+        return execution()
 
-
-def benchmark(session: Session, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> list[float]:
-    """Latency in ms of each of `repeats` predictions after `warmup` untimed ones: Apple's runtime only."""
-    if session.apple_model is None:
-        raise TargetError(f"No latency is measured for CoreML off macOS: {session.path.name} runs here only as a "
-                          f"{LABEL}, whose speed says nothing about a device.",
-                          "measure CoreML latency on a Mac (or an iPhone/iPad through Xcode's performance report).")
-    feeds = {n: np.ascontiguousarray(feeds[n], dtype=session.input_dtypes[n]) for n in session.inputs}
-    for _ in range(warmup):
-        session.apple_model.predict(feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.apple_model.predict(feeds)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return times
-
-
-def segment_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
-    """One runner per segment package (feeds by name in, every output by name out), for the early-exit driver."""
-    sessions = [load(path, threads) for path, _ in segments]
-    return [lambda feeds, session=session: run_outputs(session, feeds) for session in sessions]
+    def open(self, path: Path, threads: int, *, signature: Optional[str] = None,
+             sequential: bool = False) -> CoreMLSession:
+        """`threads` is not used: Core ML chooses its own, and the reference runs numpy's."""
+        if on_macos():
+            ct = coremltools()
+            with quiet():
+                return CoreMLSession(path, apple_model=ct.models.MLModel(str(path),
+                                                                        compute_units=ct.ComputeUnit.ALL))
+        return CoreMLSession(path, program=load_program(path))
 
 
 # -- the MIL reference interpreter -------------------------------------------------------------------------------

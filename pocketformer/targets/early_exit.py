@@ -11,22 +11,21 @@ the MIL reference interpreter, which measures no latency.
 
 from __future__ import annotations
 
-import importlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from ..models.exits import Gate, entropy, exit_indices, predict_with_exits, should_stop
+from ..export.segments import ExitRun, run_chain
+from ..models.exits import Gate, entropy, exit_indices, predict_with_exits
 from ..data import Dataset, Encoder
 from ..errors import TargetError
 from ..models.canonical import CanonicalTransformer
 from ..progress import info, progress_bar
-from . import RUNTIMES, Profile
-from .ort import Run
+from . import Profile
+from .runtime import Session, get_runtime
 
 # The accuracy budget when the profile sets none: the issue's "within 1 accuracy point" of the no-exit model.
 DEFAULT_ACCURACY_DROP = 1.0
@@ -44,7 +43,7 @@ class SegmentedModel:
     """A loaded segmented artifact: its manifest and one runner per segment."""
 
     manifest: dict[str, Any]
-    runs: list[Run]
+    sessions: list[Session]
     path: Path
     measures_latency: bool = True
     runtime: str = ""
@@ -78,46 +77,19 @@ def open_segments(manifest_path: Path, runtime: str, threads: int) -> SegmentedM
     except (OSError, json.JSONDecodeError) as e:
         raise TargetError(f"Cannot read the segments manifest {manifest_path}: {e}.",
                           "re-export the model (`pocketformer export`).") from None
-    rt = importlib.import_module(RUNTIMES[runtime])
-    if manifest.get("format") != rt.FORMAT:
-        raise TargetError(f"{manifest_path.name} holds {manifest.get('format')} segments; {rt.NAME} runs "
-                          f"{rt.FORMAT}.", f"validate it on a {manifest.get('format')} target.")
-    segments = [(manifest_path.parent / s["file"], s.get("signature")) for s in manifest["segments"]]
-    runs = rt.segment_runs(segments, threads)
-    return SegmentedModel(manifest, runs, manifest_path, measures_latency=getattr(rt, "MEASURES_LATENCY", True),
-                          runtime=rt.NAME, runtime_version=rt.version(),
-                          execution=getattr(rt, "execution", lambda: rt.NAME)())
-
-
-def chain_feeds(segment: dict[str, Any], first_feeds: dict[str, np.ndarray],
-                previous: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """A segment's feeds: the model inputs for the first, else the previous hidden state (and the mask)."""
-    if previous is None:
-        return first_feeds
-    return {name: previous["hidden"] if name == "hidden_in" else first_feeds[name] for name in segment["inputs"]}
-
-
-class ExitRun(NamedTuple):
-    label: int
-    exit: int  # head index (the last = the final head)
-    logits: np.ndarray  # (labels,) of that head
-    latency_ms: float
-    head_logits: list[np.ndarray]  # every head run, in order
+    rt = get_runtime(runtime)
+    if manifest.get("format") != rt.format:
+        raise TargetError(f"{manifest_path.name} holds {manifest.get('format')} segments; {rt.name} runs "
+                          f"{rt.format}.", f"validate it on a {manifest.get('format')} target.")
+    files = [(manifest_path.parent / s["file"], s.get("signature")) for s in manifest["segments"]]
+    return SegmentedModel(manifest, rt.open_graphs(files, threads), manifest_path,
+                          measures_latency=rt.measures_latency, runtime=rt.name, runtime_version=rt.version(),
+                          execution=rt.execution())
 
 
 def run_example(model: SegmentedModel, feeds: dict[str, np.ndarray], gate: Optional[Gate]) -> ExitRun:
     """One example (batch 1) through the segments, stopping where `gate` says; gate None runs every segment."""
-    segments = model.manifest["segments"]
-    heads: list[np.ndarray] = []
-    previous = None
-    t0 = time.perf_counter()
-    for i, (run, segment) in enumerate(zip(model.runs, segments)):
-        previous = run(chain_feeds(segment, feeds, previous))
-        heads.append(np.asarray(previous[segment["logits_output"]])[0])
-        if gate is not None and i < len(segments) - 1 and should_stop(gate, heads):
-            break
-    latency = (time.perf_counter() - t0) * 1000.0
-    return ExitRun(int(np.argmax(heads[-1])), len(heads) - 1, heads[-1], latency, heads)
+    return run_chain(model.sessions, model.manifest["segments"], feeds, gate)
 
 
 @dataclass
@@ -137,7 +109,7 @@ def example_feeds(model: SegmentedModel, ds: Dataset, enc: Encoder, i: int, seq_
     """Example i at batch 1, text padded to the artifact's fixed length (else the profile's), as the latency of
     the plain artifacts is measured."""
     seq = model.manifest["shapes"].get("seq") or seq_len
-    inputs = enc.encode(ds, np.asarray([i]), pad_to=seq if ds.modality == "text" else None)
+    inputs = enc.encode(ds, np.asarray([i]), pad_to=seq)  # images have no sequence to pad
     return {name: t.numpy() for name, t in zip(model.input_names, inputs)}
 
 
@@ -215,29 +187,57 @@ def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Prof
     from .validate import budget_checks
 
     seg = load(manifest_path, profile)
-    budget = profile.budgets.accuracy_drop if profile.budgets.accuracy_drop is not None else DEFAULT_ACCURACY_DROP
-    gate, calibration_info = seg.gate, None
-    if calibration is not None and 0 < len(calibration) < min_calibration:
-        calibration_info = {"split": calibration.split, "examples": len(calibration), "skipped":
-                            f"fewer than {min_calibration} validation examples: the exported gate is kept"}
-    elif calibration is not None and len(calibration):
-        cal = run_split(seg, calibration, enc, None, True, profile.seq_len, desc=f"calibrate {manifest_path.name}")
-        gate, calibration_info = calibrate(cal.head_logits, calibration.labels, seg.gate.kind, budget)
-        calibration_info.update({"split": calibration.split, "gate": gate.model_dump()})
+    gate, calibration_info = calibrated_gate(seg, profile, calibration, enc, min_calibration)
     test = run_split(seg, ds, enc, gate, True, profile.seq_len, warmup=profile.warmup,
                      desc=f"early exit {manifest_path.name}")
+    row = {**_identity(seg, record, profile, ds), "gate": gate.model_dump(), "gate_default": seg.gate.model_dump(),
+           "calibration": calibration_info, **_accuracy(seg, test, ds, reference_out)}
+    if model is not None:
+        ref = [predict_with_exits(model, inputs, gate) for _, inputs in enc.batches(ds, 64)]
+        row["pytorch_exit_agreement"] = float((np.concatenate([r.exits for r in ref]) == test.exits).mean() * 100)
+        row["pytorch_prediction_agreement"] = float(
+            (np.concatenate([r.labels for r in ref]) == test.labels).mean() * 100)
+    row.update(_latency(seg, test, profile, len(ds)))
+    row["peak_rss_mb"] = None  # measured in the validating process, whose memory is not the artifact's
+    row["execution"] = seg.execution
+    row["budgets"] = budget_checks(profile, row)
+    row["pass"] = all(c["pass"] for c in row["budgets"].values())
+    info(summary_line(row))
+    return row
+
+
+def calibrated_gate(seg: SegmentedModel, profile: Profile, calibration: Optional[Dataset], enc: Encoder,
+                    min_calibration: int) -> tuple[Gate, Optional[dict[str, Any]]]:
+    """The gate calibrated on the validation split to the profile's accuracy budget, or the manifest's own gate
+    when there is no split or too few examples to calibrate on (with the reason)."""
+    budget = profile.budgets.accuracy_drop if profile.budgets.accuracy_drop is not None else DEFAULT_ACCURACY_DROP
+    if calibration is None or not len(calibration):
+        return seg.gate, None
+    if len(calibration) < min_calibration:
+        return seg.gate, {"split": calibration.split, "examples": len(calibration), "skipped":
+                          f"fewer than {min_calibration} validation examples: the exported gate is kept"}
+    cal = run_split(seg, calibration, enc, None, True, profile.seq_len, desc=f"calibrate {seg.path.name}")
+    gate, info_ = calibrate(cal.head_logits, calibration.labels, seg.gate.kind, budget)
+    info_.update({"split": calibration.split, "gate": gate.model_dump()})
+    return gate, info_
+
+
+def _identity(seg: SegmentedModel, record: dict[str, Any], profile: Profile, ds: Dataset) -> dict[str, Any]:
+    return {"variant": f"{record['variant']}.exits.{record['precision']}", "file": seg.path.name,
+            "kind": "segments", "format": record["format"], "precision": record["precision"], "runtime": seg.runtime,
+            "runtime_version": seg.runtime_version, "target": profile.name, "threads": profile.threads,
+            "shape": {"batch": 1, "seq_len": seg.manifest["shapes"].get("seq") or profile.seq_len},
+            "examples": len(ds), "size_mb": record["size_bytes"] / 1e6, "measured": True,
+            "segments": len(seg.sessions), "exits": seg.manifest["exits"]}
+
+
+def _accuracy(seg: SegmentedModel, test: SplitRun, ds: Dataset,
+              reference_out: Optional[np.ndarray]) -> dict[str, Any]:
+    """Accuracy gated and at full depth, where examples exit, and the drop against the uncompressed model."""
     depths = np.asarray(seg.depths)
-    full_pred = test.head_logits[:, -1].argmax(-1)
     row: dict[str, Any] = {
-        "variant": f"{record['variant']}.exits.{record['precision']}", "file": manifest_path.name,
-        "kind": "segments", "format": record["format"], "precision": record["precision"], "runtime": seg.runtime,
-        "runtime_version": seg.runtime_version, "target": profile.name, "threads": profile.threads,
-        "shape": {"batch": 1, "seq_len": seg.manifest["shapes"].get("seq") or profile.seq_len},
-        "examples": len(ds), "size_mb": record["size_bytes"] / 1e6, "measured": True,
-        "segments": len(seg.runs), "exits": seg.manifest["exits"], "gate": gate.model_dump(),
-        "gate_default": seg.gate.model_dump(), "calibration": calibration_info,
         "accuracy": float((test.labels == ds.labels).mean() * 100),
-        "full_depth_accuracy": float((full_pred == ds.labels).mean() * 100),
+        "full_depth_accuracy": float((test.head_logits[:, -1].argmax(-1) == ds.labels).mean() * 100),
         "exit_histogram": {f"layer {d}": int((depths[test.exits] == d).sum()) for d in depths},
         "mean_layers": float(depths[test.exits].mean()), "layers": int(depths[-1]),
     }
@@ -247,24 +247,18 @@ def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Prof
         row["reference_accuracy"] = float((ref_pred == ds.labels).mean() * 100)
         row["accuracy_drop"] = row["reference_accuracy"] - row["accuracy"]
         row["agreement_with_reference"] = float((test.labels == ref_pred).mean() * 100)
-    if model is not None:
-        ref = [predict_with_exits(model, inputs, gate) for _, inputs in enc.batches(ds, 64)]
-        row["pytorch_exit_agreement"] = float((np.concatenate([r.exits for r in ref]) == test.exits).mean() * 100)
-        row["pytorch_prediction_agreement"] = float(
-            (np.concatenate([r.labels for r in ref]) == test.labels).mean() * 100)
-    if seg.measures_latency:
-        row.update({**_stats(test.latency_ms, "latency"), **_stats(test.full_latency_ms, "full_depth_latency"),
-                    "latency_runs": int(len(ds)), "warmup_runs": profile.warmup})
-        row["speedup_vs_full_depth"] = row["full_depth_latency_mean_ms"] / row["latency_mean_ms"]
-        row["latency_measured_on"] = "target" if profile.this_host else \
-            "this host, with the target's runtime, threads and shapes (not the device)"
-    else:
-        row.update({**_stats(None, "latency"), **_stats(None, "full_depth_latency"), "latency_measured_on": None})
-    row["peak_rss_mb"] = None  # measured in the validating process, whose memory is not the artifact's
-    row["execution"] = seg.execution
-    row["budgets"] = budget_checks(profile, row)
-    row["pass"] = all(c["pass"] for c in row["budgets"].values())
-    info(summary_line(row))
+    return row
+
+
+def _latency(seg: SegmentedModel, test: SplitRun, profile: Profile, examples: int) -> dict[str, Any]:
+    """Mean/p50/p90 gated and at full depth, where the runtime's timing means something."""
+    if not seg.measures_latency:
+        return {**_stats(None, "latency"), **_stats(None, "full_depth_latency"), "latency_measured_on": None}
+    row = {**_stats(test.latency_ms, "latency"), **_stats(test.full_latency_ms, "full_depth_latency"),
+           "latency_runs": int(examples), "warmup_runs": profile.warmup}
+    row["speedup_vs_full_depth"] = row["full_depth_latency_mean_ms"] / row["latency_mean_ms"]
+    row["latency_measured_on"] = "target" if profile.this_host else \
+        "this host, with the target's runtime, threads and shapes (not the device)"
     return row
 
 

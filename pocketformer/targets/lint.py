@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TargetError
-from ..export.common import artifact_size
-from . import Profile
-
-FORMAT_OF = {".onnx": "onnx", ".tflite": "tflite", ".mlpackage": "coreml"}
+from ..export import FORMATS
+from ..export.base import artifact_size, format_of
+from . import Profile, tflite_legacy
 
 
 @dataclass
@@ -30,9 +29,10 @@ class Finding:
 
 
 def artifact_format(path: Path) -> str:
-    fmt = FORMAT_OF.get(Path(path).suffix)
+    fmt = format_of(path)
     if fmt is None:
-        raise TargetError(f"{path} is not an artifact pocketformer knows ({', '.join(FORMAT_OF)}).",
+        raise TargetError(f"{path} is not an artifact pocketformer knows "
+                          f"({', '.join(f.extension for f in FORMATS.values())}).",
                           "pass a file written by `pocketformer export`.")
     if not Path(path).exists():
         raise TargetError(f"Artifact {path} does not exist.", "check the path, or run `pocketformer export`.")
@@ -40,23 +40,7 @@ def artifact_format(path: Path) -> str:
 
 
 def describe(path: Path, fmt: str) -> dict[str, Any]:
-    if fmt == "onnx":
-        from ..export.onnx import describe as d
-    elif fmt == "tflite":
-        from ..export.tflite import describe as d
-    else:
-        from ..export.coreml import describe as d
-    return d(Path(path))
-
-
-def _is_int8(desc: dict[str, Any], fmt: str, path: Path) -> bool:
-    ops = set(desc.get("ops", {}))
-    if fmt == "onnx":
-        return bool(ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
-                           "DequantizeLinear"})
-    if fmt == "tflite":
-        return ".int8" in Path(path).name or "DEQUANTIZE" in ops
-    return ".int8" in Path(path).name
+    return FORMATS[fmt].describe(Path(path))
 
 
 def lint(path: Path, profile: Profile) -> list[Finding]:
@@ -93,7 +77,7 @@ def lint(path: Path, profile: Profile) -> list[Finding]:
                                                           f"fallback kernels: {', '.join(outside)}.",
                                "keep the model's forward to supported ops, or measure with `pocketformer validate` "
                                "to see what the fallback costs."))
-    if profile.legacy_runtime and fmt == "tflite":
+    if profile.legacy_runtime and fmt == tflite_legacy.FORMAT:
         out.extend(_legacy_findings(path, desc, profile))
     if profile.max_opset and desc.get("opset") and desc["opset"] > profile.max_opset:
         out.append(Finding("error", "opset", f"the file uses opset {desc['opset']}; "
@@ -105,7 +89,7 @@ def lint(path: Path, profile: Profile) -> list[Finding]:
     if profile.budgets.size_mb is not None and size > profile.budgets.size_mb:
         out.append(Finding("error", "size", f"{size:.1f} MB is over the {profile.budgets.size_mb:g} MB budget.",
                            "quantize weights (int8: about 4x smaller) or prune more (pocketformer compress)."))
-    if _is_int8(desc, fmt, path) and not profile.int8_speedup:
+    if FORMATS[fmt].holds_int8(path, desc) and not profile.int8_speedup:
         out.append(Finding("warning", "int8-speed", f"{profile.name} has no int8 dot-product acceleration: int8 "
                                                     "buys size here, not speed, and costs some accuracy.",
                            "use int8 only if size matters; for speed, prune or factorize (smaller matmuls)."))
@@ -115,8 +99,6 @@ def lint(path: Path, profile: Profile) -> list[Finding]:
 def _legacy_findings(path: Path, desc: dict[str, Any], profile: Profile) -> list[Finding]:
     """Run the file in the legacy runtime (its own environment) on deterministic inputs: measured, not a table."""
     import numpy as np
-
-    from . import tflite_legacy
 
     rng = np.random.default_rng(0)
     feeds = {}

@@ -1,97 +1,29 @@
-"""LiteRT (TFLite) on CPU with XNNPACK: load, run, benchmark. Same interface as targets/ort.py.
+"""LiteRT (TFLite) on CPU with XNNPACK: open a file (or one signature of a multi-signature file) and run it.
 
-Exported .tflite files have static shapes: a feed with more rows than the artifact's batch runs in chunks of that
-batch. Inputs are found by name (signature key, or tensor name without the `serving_default_` prefix), else by
-position, so files from other converters (inputs `args_0`, `args_1`) run too.
+Exported .tflite files have static shapes: a feed with more rows than the file's batch runs in chunks of that batch
+(written once, in runtime.Session). Inputs are found by name (signature key, or tensor name without the
+`serving_default_` prefix), else by position, so files from other converters (inputs `args_0`, `args_1`) run too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import TargetError
-from .ort import Run
+from ..progress import silenced_stderr
+from .runtime import Runtime, Session
 
-NAME = "litert"
-FORMAT = "tflite"
 # Our canonical input names in forward order: the fallback when an artifact's inputs carry other names.
 CANONICAL_ORDERS = (["input_ids", "attention_mask"], ["pixel_values"])
-
-
-@dataclass
-class Session:
-    interpreter: object
-    names: list[str]  # input names in forward order
-    indices: list[int]  # tensor index of each input
-    shapes: list[list[int]]
-    dtypes: list[type]
-    output: int
-
-
-def version() -> str:
-    import ai_edge_litert
-
-    return ai_edge_litert.__version__
-
-
-@contextlib.contextmanager
-def silenced_stderr():
-    """Native code (TFLite's logger, the MLIR converter) writes to fd 2 directly, past Python's sys.stderr."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 (embedded interpreters): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def load(path: Path, threads: int) -> Session:
-    """An Interpreter with the default delegate (XNNPACK) on `threads` threads, tensors allocated."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        with silenced_stderr():
-            interpreter = Interpreter(model_path=str(path), num_threads=threads)
-            interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as e:
-        raise TargetError(f"LiteRT cannot load {Path(path).name}: {' '.join(str(e).split())[:300]}",
-                          "re-export the file with `pocketformer export --to tflite`.") from None
-    details = sorted(interpreter.get_input_details(), key=lambda d: d["index"])  # forward order
-    by_index = {}
-    signatures = interpreter.get_signature_list()
-    if signatures:
-        runner = interpreter.get_signature_runner(next(iter(signatures)))
-        by_index = {d["index"]: key for key, d in runner.get_input_details().items()}
-    names = [by_index.get(d["index"]) or _strip(d["name"]) for d in details]
-    return Session(interpreter, names, [d["index"] for d in details], [list(map(int, d["shape"])) for d in details],
-                   [d["dtype"] for d in details], interpreter.get_output_details()[0]["index"])
 
 
 def _strip(tensor_name: str) -> str:
     name = tensor_name.split(":")[0]
     return name[len("serving_default_"):] if name.startswith("serving_default_") else name
-
-
-def input_names(session: Session) -> list[str]:
-    return list(session.names)
-
-
-def input_shapes(session: Session) -> dict[str, list]:
-    return dict(zip(session.names, session.shapes))
 
 
 def position(names: list[str], name: str) -> int:
@@ -105,79 +37,105 @@ def position(names: list[str], name: str) -> int:
                       "feed the inputs by the names `pocketformer inspect` lists for the artifact.")
 
 
-def ordered_feeds(session: Session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Feeds in the artifact's input order, each checked against the artifact's fixed shape (batch aside)."""
-    ordered: list = [None] * len(session.names)
-    for name, value in feeds.items():
-        ordered[position(session.names, name)] = np.asarray(value)
-    missing = [n for n, v in zip(session.names, ordered) if v is None]
-    if missing:
-        raise TargetError(f"No feed for input(s) {', '.join(missing)}.", "feed every input of the artifact.")
-    for name, value, shape in zip(session.names, ordered, session.shapes):
-        if list(value.shape[1:]) != shape[1:]:
-            raise TargetError(f"Input {name} has shape {list(value.shape)} but the artifact is fixed at {shape}.",
-                              "pad/truncate inputs to the artifact's shape, or re-export it with "
-                              "--static-shape matching the target.")
-    return ordered
+class LiteRTSession(Session):
+    """The file's main graph through the Interpreter's tensors, or one signature through its runner."""
+
+    def __init__(self, path: Path, interpreter, signature: Optional[str]):
+        self.interpreter, self.runner = interpreter, None
+        if signature is not None:
+            self.runner = interpreter.get_signature_runner(signature)
+            ins = sorted(self.runner.get_input_details().items(), key=lambda kv: kv[1]["index"])
+            outs = list(self.runner.get_output_details().items())
+            super().__init__(path, {k: [int(x) for x in d["shape"]] for k, d in ins},
+                             {k: d["dtype"] for k, d in ins}, [k for k, _ in outs])
+            return
+        details = sorted(interpreter.get_input_details(), key=lambda d: d["index"])  # forward order
+        by_index: dict[int, str] = {}
+        out_by_index: dict[int, str] = {}
+        signatures = interpreter.get_signature_list()
+        if signatures:
+            runner = interpreter.get_signature_runner(next(iter(signatures)))
+            by_index = {d["index"]: key for key, d in runner.get_input_details().items()}
+            out_by_index = {d["index"]: key for key, d in runner.get_output_details().items()}
+        names = [by_index.get(d["index"]) or _strip(d["name"]) for d in details]
+        out_details = interpreter.get_output_details()
+        super().__init__(path, {n: [int(x) for x in d["shape"]] for n, d in zip(names, details)},
+                         {n: d["dtype"] for n, d in zip(names, details)},
+                         [out_by_index.get(d["index"]) or _strip(d["name"]) for d in out_details])
+        self.indices = [d["index"] for d in details]
+        self.output_indices = [d["index"] for d in out_details]
+
+    def select(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """By name; inputs of other names (args_0, args_1 from other converters) take our feeds in our order."""
+        names = self.input_names
+        chosen = {n: feeds[n] for n in names if n in feeds}
+        if len(chosen) < len(names):
+            for name, value in feeds.items():
+                for order in CANONICAL_ORDERS:
+                    if name in order and len(order) == len(names) and name not in names:
+                        chosen.setdefault(names[order.index(name)], value)
+        missing = [n for n in names if n not in chosen]
+        if missing:
+            raise TargetError(f"No feed for input(s) {', '.join(missing)} of {self.path.name} (fed "
+                              f"{', '.join(feeds)}).", "feed the inputs by the names `pocketformer inspect` lists "
+                                                       "for the artifact.")
+        return chosen
+
+    def invoke(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.runner is not None:
+            return {k: np.asarray(v) for k, v in self.runner(**feeds).items()}
+        it = self.interpreter
+        for index, name in zip(self.indices, self.input_names):
+            it.set_tensor(index, feeds[name])
+        it.invoke()
+        return {name: it.get_tensor(index).copy() for name, index in zip(self.outputs, self.output_indices)}
 
 
-def run(session: Session, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The first output. Rows beyond the artifact's static batch run in chunks of that batch."""
-    ordered = ordered_feeds(session, feeds)
-    n, batch = len(ordered[0]), session.shapes[0][0]
-    if n == batch:
-        return _invoke(session, ordered)
-    outs = []
-    for start in range(0, n, batch):
-        chunk = [v[start:start + batch] for v in ordered]
-        short = batch - len(chunk[0])
-        if short:  # repeat the last row up to the fixed batch, then drop the extra outputs
-            chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
-        outs.append(_invoke(session, chunk)[:batch - short])
-    return np.concatenate(outs)
+class LiteRT(Runtime):
+    name = "litert"
+    format = "tflite"
 
+    def execution(self) -> str:
+        return "LiteRT"
 
-def _invoke(session: Session, ordered: list[np.ndarray]) -> np.ndarray:
-    it = session.interpreter
-    for index, value, dtype in zip(session.indices, ordered, session.dtypes):
-        it.set_tensor(index, np.ascontiguousarray(value, dtype=dtype))  # int64 token ids -> the model's int32
-    it.invoke()
-    return it.get_tensor(session.output).copy()
+    def version(self) -> str:
+        import ai_edge_litert
 
+        return ai_edge_litert.__version__
 
-def benchmark(session: Session, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> list[float]:
-    """Latency in ms of each of `repeats` runs after `warmup` untimed runs."""
-    for _ in range(warmup):
-        run(session, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(session, feeds)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return times
+    def _interpreter(self, path: Path, threads: int):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        from ai_edge_litert.interpreter import Interpreter
 
-def segment_runs(segments: list[tuple[Path, Optional[str]]], threads: int) -> list[Run]:
-    """One signature runner per segment (feeds by name in, every output by name out), for the early-exit driver;
-    one Interpreter per file, with XNNPACK on every signature's subgraph."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreters: dict[Path, Any] = {}
-    runs = []
-    for path, signature in segments:
         try:
             with silenced_stderr():
-                if path not in interpreters:
-                    interpreters[path] = Interpreter(model_path=str(path), num_threads=threads)
-                runner = interpreters[path].get_signature_runner(signature)
+                interpreter = Interpreter(model_path=str(path), num_threads=threads)
+                interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise TargetError(f"LiteRT cannot load signature {signature!r} of {path.name}: "
+            raise TargetError(f"LiteRT cannot load {Path(path).name}: {' '.join(str(e).split())[:300]}",
+                              "re-export the file with `pocketformer export --to tflite`.") from None
+        return interpreter
+
+    def open(self, path: Path, threads: int, *, signature: Optional[str] = None,
+             sequential: bool = False) -> LiteRTSession:
+        """An Interpreter with the default delegate (XNNPACK) on `threads` threads."""
+        return self._session(path, self._interpreter(path, threads), signature)
+
+    def _session(self, path: Path, interpreter, signature: Optional[str]) -> LiteRTSession:
+        try:
+            with silenced_stderr():
+                return LiteRTSession(path, interpreter, signature)
+        except (ValueError, RuntimeError) as e:
+            raise TargetError(f"LiteRT cannot load signature {signature!r} of {Path(path).name}: "
                               f"{' '.join(str(e).split())[:300]}",
                               "re-export the model with `pocketformer export --to tflite`.") from None
-        dtypes = {k: d["dtype"] for k, d in runner.get_input_details().items()}
 
-        def run(feeds, runner=runner, dtypes=dtypes):  # int64 token ids -> the file's int32
-            return runner(**{k: np.ascontiguousarray(feeds[k], dtype=t) for k, t in dtypes.items()})
-
-        runs.append(run)
-    return runs
+    def open_graphs(self, files: list[tuple[Path, Optional[str]]], threads: int) -> list[Session]:
+        """One Interpreter per file, one signature runner per graph: XNNPACK runs every signature's subgraph."""
+        interpreters: dict[Path, Any] = {}
+        sessions = []
+        for path, signature in files:
+            if path not in interpreters:
+                interpreters[path] = self._interpreter(path, threads)
+            sessions.append(self._session(path, interpreters[path], signature))
+        return sessions

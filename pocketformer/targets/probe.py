@@ -6,7 +6,6 @@ Prints one JSON line: {"latencies_ms": [...], "peak_rss_mb": ...}.
 
 from __future__ import annotations
 
-import importlib
 import json
 import resource
 import sys
@@ -16,11 +15,11 @@ import numpy as np
 
 def main(argv: list[str]) -> None:
     runtime, artifact, feeds_path, threads, warmup, repeats = argv
-    from . import RUNTIMES
+    from .runtime import get_runtime
 
-    rt = importlib.import_module(RUNTIMES[runtime])
+    rt = get_runtime(runtime)
     feeds = dict(np.load(feeds_path))
-    session = rt.load(artifact, int(threads))
+    session = rt.open(artifact, int(threads))
     times = rt.benchmark(session, feeds, int(warmup), int(repeats))
     print(json.dumps({"latencies_ms": times, "peak_rss_mb": peak_rss_kb() / 1024.0}))
 

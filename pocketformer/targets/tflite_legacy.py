@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import TargetError
 
+FORMAT = "tflite"  # the files this older runtime runs
 VERSION = "2.14.0"
 ENV_NAME = "tflite-runtime-2.14"
 REQUIREMENTS = [f"tflite-runtime=={VERSION}", "numpy<2"]
@@ -156,9 +157,10 @@ def check(artifact: Path, feeds: dict[str, np.ndarray], reference_outputs: Optio
     current LiteRT's on the same feeds). Feeds are keyed by input name; more rows than the artifact's batch run in
     chunks. Returns loads, runs, error (one line), op/op_version (what failed, when known), outputs_agree (None when
     it did not run), cosine (the lowest over examples), max_abs_diff, and the parity details."""
-    from ..export.common import parity
+    from ..export.base import parity
     from ..export.tflite import describe
     from . import litert
+    from .runtime import get_runtime
 
     names = list(describe(Path(artifact))["inputs"])  # from the file itself: it need not load in LiteRT
     ordered: list = [None] * len(names)
@@ -166,7 +168,7 @@ def check(artifact: Path, feeds: dict[str, np.ndarray], reference_outputs: Optio
         ordered[litert.position(names, name)] = np.asarray(value)
     reference = "LiteRT" if reference_outputs is None else "the reference outputs"
     if reference_outputs is None:
-        reference_outputs = litert.run(litert.load(Path(artifact), threads=1), feeds)
+        reference_outputs = get_runtime("litert").open(Path(artifact), 1).output(feeds)
     env = ensure_env()
     result: dict[str, Any] = {"runtime": f"tflite-runtime {VERSION}", "loads": False, "runs": False, "error": None,
                               "outputs_agree": None, "cosine": None, "max_abs_diff": None}

@@ -9,40 +9,29 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from ..data import Dataset, Encoder
-from ..export.common import artifact_size, fill_batch
 from ..errors import TargetError
+from ..export.base import artifact_size
 from ..models.canonical import CanonicalTransformer
+from ..models.tasks import cosine_rows
 from ..progress import progress_bar
-from . import Profile, runtime_module
-
-
-def _static_dims(shapes: dict[str, list]) -> tuple[Optional[int], Optional[int]]:
-    """(batch, seq) fixed in the artifact's first input, or None where the axis is dynamic."""
-    dims = next(iter(shapes.values()))
-    fixed = [d if isinstance(d, int) and d > 0 else None for d in dims]
-    return fixed[0], (fixed[1] if len(fixed) > 1 else None)
+from . import Profile, runtime_of
 
 
 def predict_artifact(path: Path, profile: Profile, ds: Dataset, enc: Encoder, batch_size: int = 32,
                      desc: str = "") -> np.ndarray:
-    """Outputs for every test example, run in the target's runtime (static artifacts run at their fixed shapes)."""
-    rt = runtime_module(profile)
-    session = rt.load(path, profile.threads)
-    names = rt.input_names(session)
-    static_batch, static_seq = _static_dims(rt.input_shapes(session))
-    bs = static_batch or batch_size
+    """Outputs for every test example, run in the target's runtime (static artifacts run at their fixed shapes;
+    the session fills a last short batch)."""
+    session = runtime_of(profile).open(path, profile.threads)
+    bs = session.static_batch or batch_size
     outs = []
     with progress_bar(desc or f"accuracy {path.name}", (len(ds) + bs - 1) // bs) as advance:
-        for idx, inputs in enc.batches(ds, bs, pad_to=static_seq):
-            n = len(idx)
-            if static_batch:  # the last batch is filled up to the file's fixed batch
-                inputs = fill_batch(inputs, static_batch)
-            outs.append(rt.run(session, {k: v.numpy() for k, v in zip(names, inputs)})[:n])
+        for _, inputs in enc.batches(ds, bs, pad_to=session.static_seq):
+            outs.append(session.output({k: v.numpy() for k, v in zip(session.input_names, inputs)}))
             advance()
     return np.concatenate(outs)
 
@@ -51,7 +40,7 @@ def latency_feeds(model_inputs: list[str], ds: Dataset, enc: Encoder, profile: P
     """Real examples at the profile's shape: the first `batch` test examples padded/truncated to `seq_len`."""
     idx = np.arange(min(profile.batch, len(ds)))
     idx = np.resize(idx, profile.batch)
-    inputs = enc.encode(ds, idx, pad_to=profile.seq_len if ds.modality == "text" else None)
+    inputs = enc.encode(ds, idx, pad_to=profile.seq_len)  # images have no sequence to pad
     return {k: v.numpy() for k, v in zip(model_inputs, inputs)}
 
 
@@ -91,33 +80,30 @@ def budget_checks(profile: Profile, row: dict[str, Any]) -> dict[str, Any]:
 def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: Dataset, enc: Encoder,
                       reference: CanonicalTransformer, reference_out: np.ndarray) -> dict[str, Any]:
     """One row: accuracy, agreement, latency, memory, size and budgets for one artifact on one target."""
-    rt = runtime_module(profile)
+    rt = runtime_of(profile)
     out = predict_artifact(path, profile, ds, enc)
     row: dict[str, Any] = {
         "variant": f"{record['variant']}.{record['precision']}", "file": path.name, "format": record["format"],
-        "precision": record["precision"], "runtime": rt.NAME, "runtime_version": rt.version(),
+        "precision": record["precision"], "runtime": rt.name, "runtime_version": rt.version(),
         "target": profile.name, "threads": profile.threads, "shape": {"batch": profile.batch,
                                                                      "seq_len": profile.seq_len},
         "examples": len(ds), "size_mb": artifact_size(path) / 1e6, "measured": True,
     }
-    if ds.labels is not None and out.ndim == 2 and out.shape[1] == len(ds.label_names):
-        ref_pred = reference_out.argmax(1)
-        row["accuracy"] = float((out.argmax(1) == ds.labels).mean() * 100)
-        row["reference_accuracy"] = float((ref_pred == ds.labels).mean() * 100)
+    task = reference.task
+    if task.has_labels and ds.labels is not None and out.shape[-1] == len(ds.label_names):
+        row["accuracy"] = task.quality(out, ds.labels, None)
+        row["reference_accuracy"] = task.quality(reference_out, ds.labels, None)
         row["accuracy_drop"] = row["reference_accuracy"] - row["accuracy"]
-        row["agreement_with_reference"] = float((out.argmax(1) == ref_pred).mean() * 100)
-    ref = reference_out.reshape(len(out), -1)
-    cos = (ref * out.reshape(len(out), -1)).sum(1) / (np.linalg.norm(ref, axis=1) *
-                                                      np.linalg.norm(out.reshape(len(out), -1), axis=1) + 1e-12)
-    row["output_cosine_with_reference"] = float(cos.mean())
-    if getattr(rt, "MEASURES_LATENCY", True):
+        row["agreement_with_reference"] = 100.0 * task.agreement(out, reference_out)
+    row["output_cosine_with_reference"] = float(cosine_rows(reference_out, out).mean())
+    if rt.measures_latency:
         row.update(measure_latency(path, profile, latency_feeds(reference.input_names, ds, enc, profile)))
         row["latency_measured_on"] = "target" if profile.this_host else \
             "this host, with the target's runtime, threads and shapes (not the device)"
     else:
         row.update({"latency_p50_ms": None, "latency_p90_ms": None, "peak_rss_mb": None,
                     "latency_measured_on": None})
-    row["execution"] = getattr(rt, "execution", lambda: rt.NAME)()
+    row["execution"] = rt.execution()
     row["budgets"] = budget_checks(profile, row)
     row["pass"] = all(c["pass"] for c in row["budgets"].values())
     return row

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from pocketformer.errors import TargetError
+from pocketformer.export.base import parity
 from pocketformer.export import coreml
-from pocketformer.export.common import pad_to, parity
-from pocketformer.targets import Profile, coreml_ref, runtime_module
+from pocketformer.targets import Profile, coreml_ref, runtime_of
+from pocketformer.targets.runtime import get_runtime
+from conftest import export_coreml, open_file, pad_to
 
 off_macos = pytest.mark.skipif(platform.system() == "Darwin", reason="Core ML itself runs packages on macOS")
 MIN_COSINE = {"fp32": 0.999, "fp16": 0.99, "int8": 0.99}
@@ -27,7 +29,7 @@ def text_export(tmp_path_factory, make_model, make_text_inputs):
     model = scaled(make_model("text", labels=["a", "b"]))
     inputs = make_text_inputs(batch=3, seq=12)
     out = tmp_path_factory.mktemp("coreml-text")
-    records = coreml.export(model, out, "tiny", inputs, palettize_bits=6)
+    records = export_coreml(model, out, "tiny", inputs, palettize_bits=6)
     return model, pad_to(inputs, 64, model), out, {r["precision"]: r for r in records}
 
 
@@ -36,14 +38,14 @@ def vision_export(tmp_path_factory, make_model, make_vision_inputs):
     model = scaled(make_model("vision", labels=["a", "b"]))
     inputs = make_vision_inputs(batch=3)
     out = tmp_path_factory.mktemp("coreml-vision")
-    records = coreml.export(model, out, "tiny", inputs)
+    records = export_coreml(model, out, "tiny", inputs)
     return model, inputs, out, {r["precision"]: r for r in records}
 
 
 def reference_outputs(package, model, inputs):
     """Each example through the package's MIL reference execution (the packages take batch 1)."""
-    session = coreml_ref.load(package, threads=1)
-    return np.concatenate([coreml_ref.run(session, {n: t[i:i + 1].numpy() for n, t in zip(model.input_names, inputs)})
+    session = open_file("coreml-mil-reference", package)
+    return np.concatenate([session.output({n: t[i:i + 1].numpy() for n, t in zip(model.input_names, inputs)})
                            for i in range(len(inputs[0]))])
 
 
@@ -105,7 +107,7 @@ def test_palettized_package_is_smaller_than_fp16_and_close_to_pytorch(text_expor
 
 def test_int8_compresses_only_weights_of_linear_and_embedding_ops(text_export):
     _, _, out, records = text_export
-    program = coreml_ref.load_program(out / records["int8"]["file"])
+    program = coreml.load_program(out / records["int8"]["file"])
     readers = {child.op_type for op in program.functions["main"].operations
                if op.op_type.startswith("constexpr_") for child in op.outputs[0].child_ops}
     assert readers == {"linear", "gather"}
@@ -130,28 +132,28 @@ def test_records_say_the_parity_came_from_the_mil_reference(text_export):
 
 @off_macos
 def test_runtime_version_carries_the_label():
-    assert coreml_ref.LABEL in coreml_ref.version()
+    assert coreml_ref.LABEL in get_runtime("coreml-mil-reference").version()
 
 
 @off_macos
 def test_latency_is_not_measured_off_macos(text_export):
     model, inputs, out, records = text_export
-    session = coreml_ref.load(out / records["fp32"]["file"], threads=1)
+    session = open_file("coreml-mil-reference", out / records["fp32"]["file"])
     feeds = {n: t[:1].numpy() for n, t in zip(model.input_names, inputs)}
     with pytest.raises(TargetError, match="No latency is measured for CoreML off macOS"):
-        coreml_ref.benchmark(session, feeds, warmup=0, repeats=3)
+        get_runtime("coreml-mil-reference").benchmark(session, feeds, warmup=0, repeats=3)
 
 
 def test_reexport_replaces_the_package_and_leaves_no_staging_folder(tmp_path, make_model, make_text_inputs):
     model = make_model("text")
     for _ in range(2):
-        coreml.export(model, tmp_path, "tiny", make_text_inputs(batch=1, seq=8), int8=False, static_shape=(1, 16))
+        export_coreml(model, tmp_path, "tiny", make_text_inputs(batch=1, seq=8), int8=False, static_shape=(1, 16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.fp16.mlpackage", "tiny.fp32.mlpackage"]
 
 
 def test_a_coreml_profile_selects_the_reference_runtime():
     profile = Profile(name="mac", format="coreml", runtime="coreml-mil-reference", threads=1)
-    assert runtime_module(profile) is coreml_ref
+    assert runtime_of(profile).name == "coreml-mil-reference" and runtime_of(profile).format == "coreml"
 
 
 class HiddenStates(torch.nn.Module):
@@ -166,15 +168,15 @@ class HiddenStates(torch.nn.Module):
 def test_reference_runs_transformers_bert_converted_through_torch_export(make_hf_model, make_text_inputs, tmp_path):
     """BertModel itself converts through torch.export + decompositions (not through torch.jit.trace: `new_ones`);
     its graph gathers positions with gather_nd, an op coremltools' value inference lacks."""
-    ct = coreml_ref._ct()
+    ct = coreml.coremltools()
     model = HiddenStates(make_hf_model("bert"))
     inputs = make_text_inputs(batch=1, seq=16)
-    with coreml_ref.quiet():
+    with coreml.quiet():
         program = torch.export.export(model, inputs).run_decompositions()
         ct.convert(program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
                    minimum_deployment_target=ct.target.iOS17, skip_model_load=True).save(str(tmp_path / "bert.mlpackage"))
-    session = coreml_ref.load(tmp_path / "bert.mlpackage", threads=1)
-    got = coreml_ref.run(session, {n: t.numpy() for n, t in zip(coreml_ref.input_names(session), inputs)})
+    session = open_file("coreml-mil-reference", tmp_path / "bert.mlpackage")
+    got = session.output({n: t.numpy() for n, t in zip(session.input_names, inputs)})
     with torch.no_grad():
         want = model(*inputs).numpy()
     assert np.abs(want - got).max() < 1e-4

@@ -6,10 +6,9 @@ import onnx
 import pytest
 import torch
 
-from pocketformer.export import coreml, onnx as onnx_export, tflite
-from pocketformer.export.common import pad_to
+from pocketformer.export import onnx as onnx_export
 from pocketformer.models import LayerShape
-from pocketformer.targets import coreml_ref, litert, ort
+from conftest import export_coreml, export_onnx, export_tflite, open_file, pad_to, run_file
 
 ODD_SEQ = 37  # a length equal to no other dimension of the tiny model, so a t x t tensor is recognisable
 TOL = 1e-4
@@ -37,7 +36,7 @@ def eco_model(make_model):
 def onnx_float(eco_model, make_text_inputs, tmp_path_factory):
     """The EcoFormer classifier exported once to fp32 ONNX with dynamic batch and sequence axes."""
     out = tmp_path_factory.mktemp("eco-onnx")
-    onnx_export.export(eco_model, out, "eco", make_text_inputs(batch=4, seq=12), int8=False)
+    export_onnx(eco_model, out, "eco", make_text_inputs(batch=4, seq=12), int8=False)
     return out / "eco.fp32.onnx"
 
 
@@ -51,10 +50,10 @@ def feeds(model, inputs):
 
 
 def test_onnx_runs_in_onnx_runtime_at_other_lengths_and_matches_pytorch(eco_model, onnx_float, make_text_inputs):
-    session = ort.load(onnx_float, threads=1)
+    session = open_file("onnxruntime", onnx_float)
     for seq in (9, 30):  # dynamic sequence axis: lengths it was not traced at
         inputs = make_text_inputs(batch=3, seq=seq, seed=seq)
-        np.testing.assert_allclose(ort.run(session, feeds(eco_model, inputs)), torch_out(eco_model, inputs),
+        np.testing.assert_allclose(session.output(feeds(eco_model, inputs)), torch_out(eco_model, inputs),
                                    atol=TOL, rtol=0)
 
 
@@ -66,25 +65,25 @@ def test_onnx_int8_quantizes_the_linears_and_leaves_the_hash_functions_float(eco
     graph = onnx.load(str(tmp_path / "eco.int8.onnx")).graph
     linears = sum(isinstance(m, torch.nn.Linear) for m in eco_model.modules())
     assert sum(n.op_type == "MatMulInteger" for n in graph.node) == linears
-    out = ort.run(ort.load(tmp_path / "eco.int8.onnx", threads=1), feeds(eco_model, inputs))
+    out = run_file("onnxruntime", tmp_path / "eco.int8.onnx", feeds(eco_model, inputs))
     assert out.shape == (4, 2) and np.isfinite(out).all()
 
 
 def test_tflite_runs_in_litert_and_matches_pytorch(eco_model, make_text_inputs, tmp_path):
     inputs = make_text_inputs(batch=2, seq=12)
-    records = tflite.export(eco_model, tmp_path, "eco", inputs, int8=False, static_shape=(2, 16))
+    records = export_tflite(eco_model, tmp_path, "eco", inputs, int8=False, static_shape=(2, 16))
     assert [r["precision"] for r in records] == ["fp32", "fp16"]
     padded = pad_to(inputs, 16, eco_model)
-    got = litert.run(litert.load(tmp_path / "eco.fp32.tflite", threads=1), feeds(eco_model, padded))
+    got = run_file("litert", tmp_path / "eco.fp32.tflite", feeds(eco_model, padded))
     np.testing.assert_allclose(got, torch_out(eco_model, padded), atol=TOL, rtol=0)
 
 
 def test_coreml_program_matches_pytorch_in_the_mil_reference(eco_model, make_text_inputs, tmp_path):
     inputs = make_text_inputs(batch=2, seq=12)
-    coreml.export(eco_model, tmp_path, "eco", inputs, int8=False, static_shape=(1, 16), compute_precision="fp32")
-    session = coreml_ref.load(tmp_path / "eco.fp32.mlpackage", threads=1)
+    export_coreml(eco_model, tmp_path, "eco", inputs, int8=False, static_shape=(1, 16), compute_precision="fp32")
+    session = open_file("coreml-mil-reference", tmp_path / "eco.fp32.mlpackage")
     padded = pad_to(inputs, 16, eco_model)
-    got = np.concatenate([coreml_ref.run(session, feeds(eco_model, tuple(t[i:i + 1] for t in padded)))
+    got = np.concatenate([session.output(feeds(eco_model, tuple(t[i:i + 1] for t in padded)))
                           for i in range(2)])
     np.testing.assert_allclose(got, torch_out(eco_model, padded), atol=TOL, rtol=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pocketformer.export import EXPORTERS
+from conftest import EXPORTERS
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def pruned_minilm(minilm_path, tmp_path_factory):
     train = load_dataset("rotten_tomatoes", "train").head(32)
     ctx = Context(teacher=model, train=train, validation=train, encoder=encoder, batch_size=16)
     model = Prune(PruneConfig(layers=2, heads=0.25, ffn=0.5, importance="magnitude",
-                              calibration_examples=16)).apply(model, ctx)
+                              calibration_examples=16)).apply(model, ctx).model
     test = load_dataset("rotten_tomatoes", "test")
     return model, encoder.encode(test, np.arange(4)), tmp_path_factory.mktemp("minilm-formats")
 

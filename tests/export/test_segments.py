@@ -10,9 +10,9 @@ import torch
 from pocketformer.models.exits import Gate, entropy, head_logits, predict_with_exits
 from pocketformer.errors import ExportError
 from pocketformer.export import segments
-from pocketformer.export.common import pad_to
 from pocketformer.models import LayerShape, count_params
 from pocketformer.targets.early_exit import open_segments, run_example
+from conftest import export_segments, pad_to
 
 RUNTIME = {"onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml-mil-reference"}
 EXAMPLES = {"onnx": 6, "tflite": 6, "coreml": 4}  # the MIL reference takes a while per example
@@ -54,7 +54,7 @@ def exported(classifier, tmp_path_factory):
     def get(fmt):
         if fmt not in out:
             folder = tmp_path_factory.mktemp(f"segments-{fmt}")
-            records = segments.export(model, folder, "model", inputs, fmt, int8=False)
+            records = export_segments(model, folder, "model", inputs, fmt, int8=False)
             out[fmt] = folder, {r["precision"]: r for r in records}
         return out[fmt]
 
@@ -168,7 +168,7 @@ def test_vision_segments_exit_where_pytorch_does(make_model, make_vision_inputs,
             head.out.weight.mul_(20.0)
     inputs = make_vision_inputs(batch=6)
     model.spec.exit_gate = splitting_gate(model, inputs).model_dump()
-    (record,) = segments.export(model, tmp_path, "vit", inputs, "onnx", int8=False)
+    (record,) = export_segments(model, tmp_path, "vit", inputs, "onnx", int8=False)
     got = run_driver(tmp_path / record["file"], "onnx", model, inputs)
     want = predict_with_exits(model, inputs)
     assert [r.exit for r in got] == want.exits.tolist()
@@ -178,10 +178,10 @@ def test_vision_segments_exit_where_pytorch_does(make_model, make_vision_inputs,
 def test_a_model_without_exits_is_refused(make_model, make_text_inputs, tmp_path):
     model = make_model("text", labels=("a", "b"))
     with pytest.raises(ExportError, match="no exit heads"):
-        segments.export(model, tmp_path, "model", make_text_inputs(), "onnx")
+        export_segments(model, tmp_path, "model", make_text_inputs(), "onnx")
 
 
 def test_an_embedding_model_is_refused(make_model, make_text_inputs, tmp_path):
     model = make_model("text")
     with pytest.raises(ExportError, match="classifier"):
-        segments.export(model, tmp_path, "model", make_text_inputs(), "onnx")
+        export_segments(model, tmp_path, "model", make_text_inputs(), "onnx")

@@ -10,11 +10,11 @@ import torch
 
 from pocketformer.compress import Context
 from pocketformer.compress.dense_sparse import DenseSparse, DenseSparseConfig
-from pocketformer.export import coreml, sparse, tflite
-from pocketformer.export import onnx as onnx_export
-from pocketformer.export.common import artifact_size, pad_to, parity
+from pocketformer.export import coreml, sparse
+from pocketformer.export.base import artifact_size, parity
+from pocketformer.models.signature import named_forward
 from pocketformer.models import LayerShape
-from pocketformer.targets import coreml_ref, litert
+from conftest import export_coreml, export_onnx, export_tflite, open_file, pad_to, run_file
 
 SHAPE = (1, 16)  # static (batch, seq) of the TFLite and CoreML files
 DS_LINEARS = 12  # 2 layers x q, k, v, o, fc1, fc2
@@ -46,8 +46,8 @@ def onnx_files(model, make_text_inputs, tmp_path_factory):
     """(out, sparse records, dense records): the model exported with and without sparse storage, fp32 and int8."""
     out = tmp_path_factory.mktemp("sparse-onnx")
     inputs = make_text_inputs(batch=4, seq=12)
-    stored = by_precision(onnx_export.export(model, out / "sparse", "ds", inputs))
-    dense = by_precision(onnx_export.export(model, out / "dense", "ds", inputs, sparse=False))
+    stored = by_precision(export_onnx(model, out / "sparse", "ds", inputs))
+    dense = by_precision(export_onnx(model, out / "dense", "ds", inputs, sparse=False))
     return out, stored, dense
 
 
@@ -120,8 +120,8 @@ def test_only_models_with_dense_sparse_linears_get_sparse_storage(make_model, mo
 def tflite_files(model, make_text_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("sparse-tflite")
     inputs = make_text_inputs(batch=3, seq=12)
-    stored = by_precision(tflite.export(model, out / "sparse", "ds", inputs, static_shape=SHAPE))
-    dense = by_precision(tflite.export(model, out / "dense", "ds", inputs, static_shape=SHAPE, sparse=False))
+    stored = by_precision(export_tflite(model, out / "sparse", "ds", inputs, static_shape=SHAPE))
+    dense = by_precision(export_tflite(model, out / "dense", "ds", inputs, static_shape=SHAPE, sparse=False))
     return out, stored, dense
 
 
@@ -145,8 +145,8 @@ def test_tflite_fp32_saves_at_least_half_the_bytes_of_the_s_matrices(tflite_file
 def test_tflite_sparse_file_matches_pytorch_in_litert(tflite_files, model, make_text_inputs, precision, max_abs):
     out, stored, _ = tflite_files
     inputs = pad_to(make_text_inputs(batch=3, seq=9, seed=7), SHAPE[1], model)
-    session = litert.load(out / "sparse" / stored[precision]["file"], threads=1)
-    got = litert.run(session, {n: t.numpy() for n, t in zip(model.input_names, inputs)})
+    session = open_file("litert", out / "sparse" / stored[precision]["file"])
+    got = session.output({n: t.numpy() for n, t in zip(model.input_names, inputs)})
     result = parity(torch_run(model, inputs), got)
     assert result["max_abs_diff"] < max_abs and result["min_cosine"] > 0.999
 
@@ -155,7 +155,7 @@ def test_tflite_sparse_and_dense_files_give_identical_outputs(tflite_files, mode
     """DENSIFY rebuilds exactly the dense weights: sparse storage changes the file, not one output bit."""
     out, stored, _ = tflite_files
     feeds = {n: t.numpy() for n, t in zip(model.input_names, pad_to(make_text_inputs(seed=3), SHAPE[1], model))}
-    got = [litert.run(litert.load(out / route / stored["fp16"]["file"], threads=1), feeds) for route in
+    got = [run_file("litert", out / route / stored["fp16"]["file"], feeds) for route in
            ("sparse", "dense")]
     assert np.array_equal(got[0], got[1])
 
@@ -194,8 +194,8 @@ def test_column_first_encoding_of_a_wide_s_needs_one_byte_indices(model):
 def coreml_packages(model, make_text_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("sparse-coreml")
     inputs = make_text_inputs(batch=2, seq=12)
-    stored = by_precision(coreml.export(model, out / "sparse", "ds", inputs, static_shape=SHAPE))
-    dense = by_precision(coreml.export(model, out / "dense", "ds", inputs, static_shape=SHAPE, int8=False,
+    stored = by_precision(export_coreml(model, out / "sparse", "ds", inputs, static_shape=SHAPE))
+    dense = by_precision(export_coreml(model, out / "dense", "ds", inputs, static_shape=SHAPE, int8=False,
                                        sparse=False))
     return out, stored, dense
 
@@ -214,8 +214,8 @@ def test_coreml_sparse_package_matches_pytorch_in_the_mil_reference(coreml_packa
                                                                    precision, max_abs):
     out, stored, _ = coreml_packages
     inputs = pad_to(make_text_inputs(batch=1, seq=7, seed=9), SHAPE[1], model)
-    session = coreml_ref.load(out / "sparse" / stored[precision]["file"], threads=1)
-    got = coreml_ref.run(session, {n: t.numpy() for n, t in zip(model.input_names, inputs)})
+    session = open_file("coreml-mil-reference", out / "sparse" / stored[precision]["file"])
+    got = session.output({n: t.numpy() for n, t in zip(model.input_names, inputs)})
     assert np.abs(got - torch_run(model, inputs)).max() < max_abs
 
 
@@ -228,12 +228,14 @@ def test_coreml_int8_on_ios17_stays_dense_and_the_record_says_why(coreml_package
 
 def test_coreml_int8_weights_are_stored_sparse_on_ios18(model, make_text_inputs, tmp_path):
     inputs = pad_to(make_text_inputs(batch=1, seq=12), SHAPE[1], model)
-    quantized = coreml.quantize_int8(coreml.convert(model, inputs, "fp16", "iOS18"))
+    names = model.input_names
+    quantized = coreml.quantize_int8(coreml.convert_module(named_forward(model, names), inputs, names,
+                                                           [model.output_name], "fp16", "iOS18"))
     packed, storage = sparse.coreml_sparse_weights(quantized, quantized=True)
     # int8 are only tensors above coreml.WEIGHT_THRESHOLD elements: of the S matrices, the two of fc2 (32 x 512)
     assert storage["tensors"] == 2 and storage["sparse_bytes"] == 2 * (4 * 512 + 32 * 512 // 8)
-    with coreml_ref.quiet():
+    with coreml.quiet():
         packed.save(str(tmp_path / "joint.mlpackage"))
-    got = coreml_ref.run(coreml_ref.load(tmp_path / "joint.mlpackage", threads=1),
-                         {n: t.numpy() for n, t in zip(model.input_names, inputs)})
+    got = run_file("coreml-mil-reference", tmp_path / "joint.mlpackage",
+                   {n: t.numpy() for n, t in zip(model.input_names, inputs)})
     assert parity(torch_run(model, inputs), got)["min_cosine"] > 0.999

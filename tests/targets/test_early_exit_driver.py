@@ -12,11 +12,11 @@ from pocketformer import pipeline
 from pocketformer.models.exits import Gate, entropy, exit_indices, predict_with_exits
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import TargetError
-from pocketformer.export import segments
 from pocketformer.models import HeadSpec, LayerShape
 from pocketformer.recipe import parse_recipe
 from pocketformer.targets import get_profile
 from pocketformer.targets.early_exit import calibrate, open_segments, run_example, validate_segments
+from conftest import export_segments
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -39,7 +39,7 @@ def vision(make_model, make_vision_inputs, tmp_path_factory):
         for head in [*model.exit_heads, model.classifier]:
             head.out.weight.mul_(20.0)
     folder = tmp_path_factory.mktemp("driver")
-    (record,) = segments.export(model, folder, "model", make_vision_inputs(batch=4), "onnx", int8=False)
+    (record,) = export_segments(model, folder, "model", make_vision_inputs(batch=4), "onnx", int8=False)
     return model.eval(), folder / record["file"], record
 
 
@@ -80,7 +80,7 @@ def test_stopping_after_one_of_eight_layers_is_faster_than_running_all(make_mode
     model = make_model("text", labels=("a", "b"), vocab_size=1000, max_positions=256, layers=layers(8))
     model.set_exits([0])
     inputs = make_text_inputs(batch=2, seq=128, vocab_size=1000)
-    (record,) = segments.export(model, tmp_path, "model", inputs, "onnx", int8=False)
+    (record,) = export_segments(model, tmp_path, "model", inputs, "onnx", int8=False)
     driver = open_segments(tmp_path / record["file"], "onnxruntime", threads=1)
     feeds = {n: t[:1].numpy() for n, t in zip(model.input_names, inputs)}
 
@@ -220,7 +220,7 @@ def test_litert_segments_validate_with_the_same_exits_as_pytorch(make_model, mak
         for head in [*model.exit_heads, model.classifier]:
             head.out.weight.mul_(20.0)
     model.spec.exit_gate = Gate(kind="patience", patience=1).model_dump()
-    records = segments.export(model, tmp_path, "model", make_vision_inputs(batch=2), "tflite", int8=False)
+    records = export_segments(model, tmp_path, "model", make_vision_inputs(batch=2), "tflite", int8=False)
     fp32 = next(r for r in records if r["precision"] == "fp32")
     profile = get_profile(str(make_profile("ee-litert", format="tflite", runtime="litert", precisions=["fp32"])))
     row = validate_segments(tmp_path / fp32["file"], fp32, profile, digits["test"].head(8), Encoder(None),

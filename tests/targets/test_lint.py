@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pocketformer.export import onnx as onnx_export
 from pocketformer.targets import get_profile
 from pocketformer.targets.lint import lint
+from conftest import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def onnx_files(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lint-artifacts")
     # an embedding model: the int8 gate compares output vectors, which 2-logit random classifiers make fragile
-    onnx_export.export(tiny_model("text"), out, "model", text_inputs(), int8=True)
+    export_onnx(tiny_model("text"), out, "model", text_inputs(), int8=True)
     return out / "model.fp32.onnx", out / "model.int8.onnx"
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pocketformer.export import tflite
-from pocketformer.export.common import pad_to
 from pocketformer.targets import tflite_legacy
+from conftest import export_tflite, pad_to, run_file
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def artifacts(make_model, make_text_inputs, tmp_path_factory):
         model.classifier.out.weight.mul_(20.0)
     inputs = pad_to(make_text_inputs(batch=3, seq=20, vocab_size=1000), 32, model)
     out = tmp_path_factory.mktemp("legacy-artifacts")
-    tflite.export(model, out, "tiny", inputs, static_shape=(1, 32))
+    export_tflite(model, out, "tiny", inputs, static_shape=(1, 32))
     return out, {n: t.numpy() for n, t in zip(model.input_names, inputs)}
 
 
@@ -78,9 +78,8 @@ def test_file_the_old_runtime_cannot_load_is_reported_with_the_failing_op(artifa
 
 
 def test_outputs_are_compared_with_the_reference_the_caller_gives(artifacts):
-    from pocketformer.targets import litert
 
     out, feeds = artifacts
-    litert_out = litert.run(litert.load(out / "tiny.fp32.tflite", threads=1), feeds)
+    litert_out = run_file("litert", out / "tiny.fp32.tflite", feeds)
     result = tflite_legacy.check(out / "tiny.fp32.tflite", feeds, reference_outputs=-litert_out)
     assert result["runs"] and result["outputs_agree"] is False and result["cosine"] < -0.99

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from conftest import export_onnx
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import TargetError
-from pocketformer.export.onnx import export
 from pocketformer.targets import get_profile, list_profiles
 from pocketformer.targets.validate import predict_artifact, validate_artifact
 from pocketformer.train import predict
@@ -22,7 +22,7 @@ def test_digits():
 def vision_artifact(tmp_path_factory, make_model, make_vision_inputs, test_digits):
     model = make_model("vision", labels=DIGITS)
     out = tmp_path_factory.mktemp("validate")
-    (record,) = export(model, out, "model", make_vision_inputs(batch=4), int8=False)
+    (record,) = export_onnx(model, out, "model", make_vision_inputs(batch=4), int8=False)
     reference_out = predict(model, test_digits, Encoder(None)).numpy()
     return model, out / record["file"], record, reference_out
 
@@ -108,7 +108,7 @@ def test_a_budget_the_profile_does_not_set_is_not_judged(vision_artifact, make_p
 def test_static_batch_artifact_predicts_every_example(tmp_path, vision_artifact, fast_profile, test_digits):
     model, dynamic_path, _, _ = vision_artifact
     samples = Encoder(None).encode(test_digits, np.arange(4))
-    (record,) = export(model, tmp_path, "static", samples, int8=False, static_shape=(4, 0))
+    (record,) = export_onnx(model, tmp_path, "static", samples, int8=False, static_shape=(4, 0))
     profile = get_profile(str(fast_profile))
     ds = test_digits.head(10)  # not a multiple of the fixed batch of 4
     static_out = predict_artifact(tmp_path / record["file"], profile, ds, Encoder(None))

@@ -1,0 +1,141 @@
+"""The format contract: what a format module says, and nothing else.
+
+A format converts a set of graphs (the canonical model, or its early-exit segments; prefill/decode tomorrow) to files
+in each of its precisions, stores mostly-zero weights sparse where it can, says how close each precision must stay to
+PyTorch, and describes a file (inputs, outputs, ops, weights) for lint and reports. Everything else (shapes, example
+inputs, staging, the parity check on a runtime, records and manifests) is the export loop's (export/loop.py), written
+once. A format registers itself in FORMATS by subclassing Format; a new format is one module plus its test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+
+from ..models.signature import Graph
+from ..models.tasks import cosine_rows
+
+FORMATS: dict[str, "Format"] = {}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close a file must stay to PyTorch. `task`: judged by the model's task (same decisions: label agreement
+    or embedding cosine, models/tasks.py) instead of max_abs/min_cosine."""
+
+    max_abs: Optional[float] = None
+    min_cosine: Optional[float] = None
+    task: bool = False
+
+
+@dataclass
+class Written:
+    """One graph as a format wrote it: its file (or package), the signature inside it for multi-signature files,
+    and what sparse storage did to it."""
+
+    graph: str
+    path: Path
+    signature: Optional[str] = None
+    storage: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class Plan:
+    """What the loop hands a format for one export: the graphs, example inputs of each at the file's shapes, the
+    fixed sizes of the symbolic axes (None: dynamic), the options, and a scratch dict the format keeps across its
+    precisions (the float file a quantized one is made from)."""
+
+    graphs: dict[str, Graph]
+    examples: dict[str, tuple[torch.Tensor, ...]]
+    fixed: Optional[dict[str, int]]
+    sparse: bool
+    options: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Format(ABC):
+    name: ClassVar[str]
+    extension: ClassVar[str]  # ".onnx", ".tflite", ".mlpackage"
+    runtime: ClassVar[str]  # the runtime that checks its files here (a targets RUNTIMES name)
+    static_only: ClassVar[bool] = True  # files have fixed shapes whatever the caller asks
+    default_seq: ClassVar[int] = 128  # tokens of a fixed-shape file when the caller names none
+    # Option names this format takes beyond int8/static/sparse (e.g. CoreML's palettize_bits).
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            FORMATS[cls.name] = cls()
+
+    @abstractmethod
+    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
+        """The precisions written, float first (later ones are made from earlier ones)."""
+
+    def suffix(self, precision: str) -> str:
+        """The precision as it appears in file names."""
+        return precision
+
+    @abstractmethod
+    def tolerance(self, precision: str) -> Tolerance:
+        ...
+
+    @abstractmethod
+    def fix(self, precision: str) -> str:
+        """What the user can do when a file of this precision fails its check."""
+
+    @abstractmethod
+    def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
+        """Write every graph of `plan` in `precision` to `paths` (graph name -> file path; graphs that share a file
+        share a path). Sparse storage is applied here when `plan.sparse`."""
+
+    @abstractmethod
+    def describe(self, path: Path) -> dict[str, Any]:
+        """Inputs, outputs, op counts and weights of a file (every signature's ops for multi-signature files)."""
+
+    def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
+        """Does the file compute with int8 weights? (Lint warns where int8 buys no speed.) By default the name."""
+        return ".int8" in Path(path).name
+
+    def shares_file(self) -> bool:
+        """Do several graphs go into one file (as signatures) rather than one file each?"""
+        return False
+
+    def record_extras(self, plan: Plan, precision: str) -> dict[str, Any]:
+        """Format-specific fields of a file's record (CoreML's options)."""
+        return {}
+
+
+# -- what the loop and the formats share ----------------------------------------------------------------------------
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max abs diff, and the mean and lowest over examples of the cosine between output vectors."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    cand = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+    cos = cosine_rows(ref, cand)
+    return {"max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cos.mean()),
+            "min_cosine": float(cos.min()), "argmax_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
+            "examples": int(len(ref))}
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes on disk of an artifact: a file, or a package folder (CoreML .mlpackage)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first non-empty line, for one-line errors."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def format_of(path: Path) -> Optional[str]:
+    """The format a file's extension names, or None."""
+    return next((f.name for f in FORMATS.values() if Path(path).suffix == f.extension), None)
