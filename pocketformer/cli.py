@@ -46,13 +46,13 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
                                        help="store dense-sparse weights sparsely where the format allows it")):
     """Export the compressed model and its baseline; each artifact is checked against PyTorch."""
     from .errors import ExportError
-    from .export import EXPORTERS
+    from .export import FORMATS
     from .pipeline import export as do_export
 
     formats = [f.strip() for f in to.split(",") if f.strip()]
-    bad = [f for f in formats if f not in EXPORTERS]
+    bad = [f for f in formats if f not in FORMATS]
     if bad:
-        raise ExportError(f"Unknown format {bad[0]!r}.", f"use one of: {', '.join(EXPORTERS)}.")
+        raise ExportError(f"Unknown format {bad[0]!r}.", f"use one of: {', '.join(FORMATS)}.")
     shape = None
     if static:
         try:
@@ -129,30 +129,47 @@ def targets():
 
 @app.command()
 def stages():
-    """List the compression stages and their settings (what a recipe may say)."""
+    """List the compression stages, what each needs of the model, and their settings (what a recipe may say)."""
     from .compress import REGISTRY
+    from .compress.base import facts_text
+
+    def ranges(space: dict, field: str) -> str:
+        out = []
+        for path, rng in space.items():
+            if path == field or path.startswith(f"{field}."):
+                what = f"{rng['choices']}" if "choices" in rng else \
+                    f"{rng['low']:g}..{rng['high']:g}" + (" (log)" if rng.get("log") else "")
+                inner = path[len(field) + 1:]
+                out.append(f"; search {inner + ' ' if inner else ''}{what}")
+        return "".join(out)
 
     for name, stage in REGISTRY.items():
         _echo(f"{name}: {stage.summary}")
+        order = [f"{label}: {facts_text(names)}" for label, names in
+                 (("needs", stage.requires), ("refuses a model with", stage.excludes), ("adds", stage.provides),
+                  ("ends", stage.invalidates)) if names]
+        if order:
+            _echo(f"    # {'; '.join(order)}")
+        space = stage.search_space()
         for field, info in stage.Config.model_fields.items():
             default = info.get_default(call_default_factory=True)
             if hasattr(default, "model_dump"):
                 default = default.model_dump()
             elif isinstance(default, list):
                 default = [d.model_dump() if hasattr(d, "model_dump") else d for d in default]
-            _echo(f"    {field} = {default!r}" + (f"  # {info.description}" if info.description else ""))
+            _echo(f"    {field} = {default!r}"
+                  + (f"  # {info.description}{ranges(space, field)}" if info.description else ""))
 
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder, or .onnx file"),
             seq_len: int = typer.Option(128, "--seq-len", help="sequence length for MACs")):
     """Shapes, parameters and MACs of a checkpoint, or inputs, ops and size of an artifact."""
-    from .targets.lint import FORMAT_OF, artifact_format
+    from .export.base import artifact_size, format_of
+    from .targets.lint import artifact_format
     from .targets.lint import describe as describe_artifact
 
-    if path.suffix in FORMAT_OF:
-        from .export.common import artifact_size
-
+    if format_of(path):
         fmt = artifact_format(path)  # refuses a missing file with one line
         d = describe_artifact(path, fmt)
         opset = f", opset {d['opset']}" if d.get("opset") else ""

@@ -112,23 +112,17 @@ def extract(model: CanonicalTransformer, widths: list[int]) -> CanonicalTransfor
 
 def quality_scorer(model: CanonicalTransformer, validation: Optional[Dataset],
                    encoder: Optional[Encoder]) -> tuple[str, Callable[[list[int]], float]]:
-    """(name, score(widths)), higher is better: validation accuracy (%) of a classifier, mean cosine (x100) with the
-    full model's embeddings for an embedding model, or without data the share of FFN neurons kept (%)."""
+    """(name, score(widths)), higher is better: the task's validation quality (accuracy % of a classifier, mean
+    cosine x100 with the full model's embeddings for an embedding model), or without data the share of FFN neurons
+    kept (%)."""
     total = sum(layer_widths(model))
     if validation is None:
         return "ffn_kept_pct", lambda widths: 100.0 * sum(widths) / max(1, total)
     from .train import evaluate, predict
 
-    if model.classifier is not None:
-        return "validation_accuracy", lambda widths: evaluate(extract(model, widths), validation, encoder)["accuracy"]
+    key = model.task.quality_key
     reference = predict(model, validation, encoder).numpy()
-
-    def cosine(widths: list[int]) -> float:
-        out = predict(extract(model, widths), validation, encoder).numpy()
-        cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
-        return 100.0 * float(cos.mean())
-
-    return "validation_cosine_pct", cosine
+    return f"validation_{key}", lambda widths: evaluate(extract(model, widths), validation, encoder, reference)[key]
 
 
 def example_inputs(model: CanonicalTransformer, validation: Optional[Dataset], encoder: Optional[Encoder],
@@ -144,30 +138,32 @@ def example_inputs(model: CanonicalTransformer, validation: Optional[Dataset], e
 def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str, latency: bool):
     """measure(model) -> {size_mb[, latency_p50_ms, latency_p90_ms]}: export to the profile's format in a temporary
     folder and measure the `precision` file (latency on the profile's runtime, threads and shapes)."""
-    from .export import EXPORTERS
-    from .export.common import artifact_size, fill_batch, pad_to
-    from .targets import runtime_module
+    from .export import FORMATS, export
+    from .export.base import artifact_size
+    from .targets import runtime_of
     from .targets.validate import measure_latency
 
-    if latency and not getattr(runtime_module(profile), "MEASURES_LATENCY", True):
+    runtime = runtime_of(profile)
+    if latency and not runtime.measures_latency:
         raise TargetError(f"{profile.runtime} cannot measure latency on this machine, so target {profile.name} "
                           "cannot be searched by latency.", "search by --size-mb, or use a target whose runtime "
                           "runs here.")
-    static = (profile.batch, profile.seq_len) if profile.static_shapes or profile.format != "onnx" else None
+    static = (profile.batch, profile.seq_len) if profile.static_shapes or FORMATS[profile.format].static_only \
+        else None
 
     def measure(model: CanonicalTransformer) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
-            records = EXPORTERS[profile.format](model, Path(tmp), "candidate", inputs,
-                                                int8=precision.startswith("int8"), static_shape=static)
-            record = next((r for r in records if r["precision"] == precision), None)
+            records = export(model, Path(tmp), "candidate", inputs, profile.format, runtime,
+                             int8=precision.startswith("int8"), static_shape=static)
+            record = next((r for r in records if r["precision"] == precision and r.get("kind") is None), None)
             if record is None:
                 raise TargetError(f"The {profile.format} exporter writes no {precision} file.",
                                   f"choose one of {', '.join(r['precision'] for r in records)}.")
             path = Path(tmp) / record["file"]
             row: dict[str, Any] = {"size_mb": artifact_size(path) / 1e6}
             if latency:
-                feeds = pad_to(inputs, profile.seq_len, model)
-                feeds = tuple(t[:profile.batch] for t in fill_batch(feeds, profile.batch))
+                sizes = {"batch": profile.batch, "sequence": profile.seq_len}
+                feeds = tuple(t[torch.arange(profile.batch) % len(t)] for t in model.io.fit(inputs, sizes))
                 timing = measure_latency(path, profile, {n: t.numpy() for n, t in zip(model.input_names, feeds)})
                 row.update({k: timing[k] for k in ("latency_p50_ms", "latency_p90_ms")})
             return row

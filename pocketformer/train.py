@@ -6,7 +6,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from .data import Dataset, Encoder
 from .models.canonical import CanonicalTransformer
@@ -28,11 +27,12 @@ def predict(model: CanonicalTransformer, ds: Dataset, enc: Encoder, batch_size: 
     return torch.cat(outs)
 
 
-def evaluate(model: CanonicalTransformer, ds: Dataset, enc: Encoder, batch_size: int = 64) -> dict[str, float]:
-    logits = predict(model, ds, enc, batch_size)
-    labels = torch.from_numpy(ds.labels)
-    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()) * 100.0,
-            "loss": float(F.cross_entropy(logits, labels))}
+def evaluate(model: CanonicalTransformer, ds: Dataset, enc: Encoder, reference: Optional[np.ndarray] = None,
+             batch_size: int = 64) -> dict[str, float]:
+    """The model's task quality on `ds`, under the task's key: {"accuracy": %} for a classifier; for an embedding
+    model {"cosine_pct": 100 x mean cosine} with `reference`, the original model's outputs on `ds`."""
+    out = predict(model, ds, enc, batch_size).numpy()
+    return {model.task.quality_key: model.task.quality(out, ds.labels, reference)}
 
 
 def train_loop(model: CanonicalTransformer, ds: Dataset, enc: Encoder, loss_fn: Callable, *, epochs: float,

@@ -262,3 +262,67 @@ def test_early_exit_composes_after_pruning_lowrank_and_quantization(tokenized_be
     records = pipeline.export(out, ["onnx"], int8=False, baseline_formats=[])
     seg = next(r for r in records if r.get("kind") == "segments")
     assert seg["parity_vs_pytorch"]["cosine"] > 0.9999
+
+
+# -- the stage contract in the runner -------------------------------------------------------------------------------
+
+DIGITS = [str(i) for i in range(10)]
+
+
+def digits_stages(model, stages):
+    """run_stages on a tiny ViT and 32 digit images, as compress() calls it for the `stages` section."""
+    import copy
+
+    from pocketformer.compress import Context
+
+    recipe = parse_recipe({"model": "m", "data": "digits", "batch_size": 16, "stages": stages})
+    ctx = Context(teacher=copy.deepcopy(model).eval(), train=load_dataset("digits", "train").head(32),
+                  validation=load_dataset("digits", "validation").head(32), encoder=Encoder(None), batch_size=16)
+    key = weights_sha256(model)
+    return pipeline.run_stages(copy.deepcopy(model), recipe.build("stages"), ctx, key, recipe, None, "compress",
+                               teacher_key=key)
+
+
+def test_each_stage_reports_only_its_own_details(make_model):
+    stages = [{"lowrank": {"method": "ranks", "ranks": 8, "linears": ["q", "k"]}},
+              {"dense_sparse": {"rank": 32, "nnz": 4, "linears": ["fc1", "fc2"]}}]
+    _, reports, _ = digits_stages(make_model("vision", labels=DIGITS), stages)
+    lowrank, dense_sparse = (r["details"] for r in reports)
+    assert set(lowrank) == {"linears"} and {d["linear"] for d in lowrank["linears"]} == {"q", "k"}
+    assert set(dense_sparse) == {"linears", "relative_error", "stored_params"}
+    assert {d["linear"] for d in dense_sparse["linears"]} == {"fc1", "fc2"}
+
+
+def test_bumping_a_stage_version_runs_it_again_instead_of_reusing_its_cache(make_model, monkeypatch):
+    from pocketformer.compress.lowrank import LowRank
+
+    model = make_model("vision", labels=DIGITS)
+    stages = [{"lowrank": {"method": "ranks", "ranks": 8}}]
+    _, first, key = digits_stages(model, stages)
+    _, again, same_key = digits_stages(model, stages)
+    monkeypatch.setattr(LowRank, "version", LowRank.version + 1)
+    _, bumped, new_key = digits_stages(model, stages)
+    assert [first[0]["cached"], again[0]["cached"], bumped[0]["cached"]] == [False, True, False]
+    assert key == same_key != new_key
+
+
+def test_the_versions_of_the_libraries_a_stage_calls_join_its_cache_key(monkeypatch):
+    recipe = parse_recipe({"model": "m", "data": "digits", "stages": [{"quantize": {}}]})
+    (stage,) = recipe.build("stages")
+    key = pipeline.stage_key(stage, "input", "teacher", recipe, "digits")
+    assert pipeline.stage_key(stage, "input", "teacher", recipe, "digits") == key
+    assert pipeline.stage_key(stage, "input", "another teacher", recipe, "digits") != key
+    monkeypatch.setattr(pipeline, "package_versions", lambda *names: {n: "0.0.0" for n in names})
+    assert pipeline.stage_key(stage, "input", "teacher", recipe, "digits") != key
+
+
+def test_compress_refuses_what_the_model_cannot_do_before_any_stage_runs(make_model, tmp_path, isolated_cache):
+    from pocketformer.errors import RecipeError
+    from pocketformer.models import save
+
+    save(make_model("vision"), tmp_path / "embedding")  # no classifier, so no exit heads without finetune
+    recipe = parse_recipe({"model": str(tmp_path / "embedding"), "data": "digits",
+                           "stages": [{"distill": {"max_examples": 16}}, {"early_exit": {}}]})
+    with pytest.raises(RecipeError, match="early_exit .* needs a classifier.*Fix: put finetune before early_exit"):
+        pipeline.compress(recipe, tmp_path / "embedding", tmp_path / "out")
+    assert not (isolated_cache / "stages").exists() and not (tmp_path / "out").exists()

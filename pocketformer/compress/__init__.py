@@ -1,8 +1,19 @@
-"""Compression stages, one module each, registered by name for recipes and the CLI."""
+"""Compression stages, one module each, registered by name for recipes and the CLI.
 
-# importing a stage's module registers it
-from . import (binarize, dense_sparse, distill, early_exit, finetune, lowrank, matformer, prune,  # noqa: F401
-               quantize)
-from .base import REGISTRY, Context, Stage, StageConfig, StageReport
+Stages are discovered, not listed: importing every public module of this package registers the Stage subclasses it
+defines (Stage.__init_subclass__). A new stage is one module here and its test.
+"""
 
-__all__ = ["REGISTRY", "Context", "Stage", "StageConfig", "StageReport"]
+import importlib
+import pkgutil
+
+from .base import REGISTRY, Context, Stage, StageConfig, StageReport, StageResult
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
+# By name, whatever order imports happened in (a stage module may import another's).
+_ordered = dict(sorted(REGISTRY.items()))
+REGISTRY.clear()
+REGISTRY.update(_ordered)
+
+__all__ = ["REGISTRY", "Context", "Stage", "StageConfig", "StageReport", "StageResult"]

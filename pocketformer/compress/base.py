@@ -1,7 +1,13 @@
-"""The stage contract: a registered class with a pydantic config and one `apply(model, ctx) -> model`.
+"""The stage contract: a registered class with a pydantic config and one `apply(model, ctx) -> StageResult`.
 
 The registry maps recipe names to stages, so the recipe validator, the CLI help and the docs all read the same
-declarations.
+declarations. Besides its config, a stage declares:
+- `version` (bump it when the stage's code changes) and `libraries` (the distributions it calls): both join its
+  cache key, so an edited stage never serves old results;
+- what it needs of the model and what it does to it, in facts of FACTS (`requires`, `excludes`, `provides`,
+  `invalidates`, narrowed to its settings by `effects()`), and how many layers it needs (`min_layers`): a recipe is
+  checked against these when parsed, and against the loaded model before any stage runs (`check_plan`);
+- which settings a search may vary, and over which range, in each field (`pocketformer.space.searchable`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import Dataset, Encoder
-from ..models.canonical import CanonicalTransformer, count_params, encoder_macs
+from ..models.canonical import LINEAR_NAMES, CanonicalTransformer, count_params, encoder_macs
+from ..space import search_space, searchable
 
 REGISTRY: dict[str, type["Stage"]] = {}
 
@@ -24,8 +31,10 @@ class StageConfig(BaseModel):
 class TrainingConfig(StageConfig):
     """Settings every stage that trains on the train split shares."""
 
-    epochs: float = Field(1.0, gt=0, le=100, description="passes over the train split (fractions allowed)")
-    lr: float = Field(1e-4, gt=0, lt=1)
+    epochs: float = Field(1.0, gt=0, le=100, description="passes over the train split (fractions allowed)",
+                          json_schema_extra=searchable(0.5, 5))
+    lr: float = Field(1e-4, gt=0, lt=1, description="learning rate (AdamW)",
+                      json_schema_extra=searchable(1e-5, 1e-3, log=True))
     max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
     freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed: no stage changes "
                                                       "it, and updating it slows every step")
@@ -41,23 +50,131 @@ class Context:
     encoder: Encoder
     seed: int = 0
     batch_size: int = 32
-    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: the model it made, and what this stage alone did or measured (JSON-able)."""
+
+    model: CanonicalTransformer
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# -- facts: what a stage needs of the model and does to it ----------------------------------------------------------
+
+FACTS: dict[str, str] = {
+    "labels": "a classifier (an output that predicts the data's labels)",
+    "exits": "early-exit heads",
+    "nested_ffn": "nested (MatFormer) FFN widths",
+    "quantized": "weights on an int grid",
+    "binarized": "EcoFormer attention in every layer",
+    **{f"factorized:{n}": f"factorized {n} linears" for n in LINEAR_NAMES},
+}
+
+
+def factorized(names) -> frozenset[str]:
+    """The facts "these linears of every layer are factorized (low-rank or dense-sparse)"."""
+    return frozenset(f"factorized:{n}" for n in names)
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What a stage, as configured, needs of the model and does to it, in facts of FACTS:
+    requires    must hold before it;                excludes    must not hold before it;
+    provides    hold after it;                      invalidates no longer hold after it (an error when a stage
+                                                                earlier in the recipe made them hold: its work is lost);
+    only_new    it acts only where its `provides` do not hold yet: with all of them holding it has nothing to do."""
+
+    requires: frozenset[str] = frozenset()
+    excludes: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+    invalidates: frozenset[str] = frozenset()
+    only_new: bool = False
+
+
+@dataclass
+class ModelFacts:
+    """What is known of the model at one point of a recipe: `known[fact]` True or False, absent when not known (a
+    recipe checked before its model is loaded); `by[fact]` is the (stage, recipe item) that made it hold or end;
+    `layers` is the layer count where known."""
+
+    known: dict[str, bool] = field(default_factory=dict)
+    by: dict[str, tuple[str, str]] = field(default_factory=dict)
+    layers: Optional[int] = None
+
+    @classmethod
+    def of(cls, model: CanonicalTransformer) -> "ModelFacts":
+        shapes = model.config.layers
+        known = {"labels": model.task.has_labels, "exits": bool(model.spec.exits),
+                 "nested_ffn": bool(model.spec.nested_ffn), "quantized": bool(model.spec.quantization),
+                 "binarized": bool(shapes) and all(s.attention != "softmax" for s in shapes)}
+        known.update({f"factorized:{n}": any(n in s.linears for s in shapes) for n in LINEAR_NAMES})
+        return cls(known=known, layers=len(shapes))
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A stage the model will not suit where the recipe puts it: the problem, and the fix."""
+
+    problem: str
+    fix: str
 
 
 class Stage:
+    """A compression stage. Subclasses register by `name`; a new stage is one module in `compress/`."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
+    version: ClassVar[int]  # bump when the stage's code changes what it makes: the cache then runs it again
+    libraries: ClassVar[tuple[str, ...]] = ("torch",)  # distributions whose versions join the cache key
+    # The most this stage may need and do (facts of FACTS); effects() narrows them to its settings.
+    requires: ClassVar[frozenset[str]] = frozenset()
+    excludes: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    invalidates: ClassVar[frozenset[str]] = frozenset()
+    only_new: ClassVar[bool] = False
+    # fact -> why this stage needs it, cannot run after it, or ends it (one clause for the error line); and
+    # fact -> another fix besides reordering ("{other}" is the other stage's name)
+    reasons: ClassVar[dict[str, str]] = {}
+    remedies: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: StageConfig):
         self.config = config
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        missing = [a for a in ("name", "summary", "Config", "version") if not hasattr(cls, a)]
+        if missing:
+            raise TypeError(f"stage {cls.__name__} must declare {', '.join(missing)}")
+        if not isinstance(cls.version, int) or isinstance(cls.version, bool):
+            raise TypeError(f"stage {cls.__name__}: version must be an int")
+        unknown = sorted((cls.requires | cls.excludes | cls.provides | cls.invalidates) - set(FACTS))
+        if unknown:
+            raise TypeError(f"stage {cls.__name__} declares unknown facts {unknown}; known: {', '.join(FACTS)}")
         REGISTRY[cls.name] = cls
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         raise NotImplementedError
+
+    def effects(self) -> Effects:
+        """What this stage, with its settings, needs of the model and does to it: by default all it declares.
+        Stages whose settings decide it (prune removes layers only when asked to) override this."""
+        cls = type(self)
+        return Effects(cls.requires, cls.excludes, cls.provides, cls.invalidates, cls.only_new)
+
+    def min_layers(self) -> tuple[int, str]:
+        """The fewest layers the model may have when this stage runs, and why."""
+        return 0, ""
+
+    def layers_after(self, layers: int) -> Optional[int]:
+        """The model's layer count after this stage, from the count before it (None: known only once it ran)."""
+        return layers
+
+    @classmethod
+    def search_space(cls) -> dict[str, dict[str, Any]]:
+        """{setting path: range} of every setting a search may vary (`pocketformer.space`)."""
+        return search_space(cls.Config)
 
     def fit(self, model: CanonicalTransformer, ctx: Context, loss_fn, desc: str) -> list[float]:
         """Train `model` on the train split with this stage's TrainingConfig; returns the per-step losses."""
@@ -65,14 +182,100 @@ class Stage:
 
         cfg = self.config
         data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
-        if cfg.freeze_embeddings and model.spec.modality == "text":
-            model.embeddings.word.weight.requires_grad_(False)
+        if cfg.freeze_embeddings and model.token_table() is not None:
+            model.token_table().weight.requires_grad_(False)
         try:
             return train_loop(model, data, ctx.encoder, loss_fn, epochs=cfg.epochs, lr=cfg.lr,
                               batch_size=ctx.batch_size, seed=ctx.seed, desc=desc)
         finally:
             model.requires_grad_(True)
 
+
+# -- the plan check: every stage's declarations over the whole recipe, before anything runs -------------------------
+
+def _providers(fact: str) -> list[str]:
+    return [name for name, cls in REGISTRY.items() if fact in cls.provides]
+
+
+def facts_text(facts) -> str:
+    """Facts for a sentence, factorized linears as one phrase: "factorized q, fc1 linears, weights on an int grid"."""
+    linears = [n for n in LINEAR_NAMES if f"factorized:{n}" in facts]
+    parts = [f"factorized {', '.join(linears)} linears"] if linears else []
+    return ", ".join(parts + [FACTS[f] for f in sorted(facts) if not f.startswith("factorized:")])
+
+
+def check_plan(steps: list[tuple[str, Stage]], facts: Optional[ModelFacts] = None) -> Optional[Conflict]:
+    """The first stage whose declared needs the model will not meet where the recipe puts it, or None.
+
+    `steps` are (where, stage) in order, `where` naming the recipe item ("stages item 2"). With `facts` None nothing
+    is known of the model (a recipe being parsed): only what the recipe's own order decides is checked; with the
+    loaded model's facts, everything is."""
+    state = ModelFacts(dict(facts.known), dict(facts.by), facts.layers) if facts else ModelFacts()
+    for i, (where, stage) in enumerate(steps):
+        me, eff = f"{stage.name} ({where})", stage.effects()
+
+        def why(fact: str) -> str:
+            return stage.reasons.get(fact, f"{stage.name} does not work with {FACTS[fact]}")
+
+        def remedy(fact: str, other: str) -> str:
+            text = stage.remedies.get(fact, "").format(other=other)
+            return f", or {text}" if text else ""
+
+        for fact in sorted(eff.requires):
+            have = state.known.get(fact)
+            if have:
+                continue
+            if have is False and fact in state.by:
+                other, at = state.by[fact]
+                return Conflict(f"{me} needs {FACTS[fact]}, which {other} ({at}) removes before it: {why(fact)}.",
+                                f"put {stage.name} before {other}{remedy(fact, other)}.")
+            if have is False:
+                makers = " or ".join(_providers(fact)) or "a stage that adds it"
+                return Conflict(f"{me} needs {FACTS[fact]}, and the model has none: {why(fact)}.",
+                                f"put {makers} before {stage.name} (in prepare), or start from a model with "
+                                f"{FACTS[fact]}.")
+            later = next(((w, s) for w, s in steps[i + 1:] if fact in s.effects().provides), None)
+            if later:
+                at, other = later[0], later[1].name
+                return Conflict(f"{me} needs {FACTS[fact]}, which {other} ({at}) adds only after it: {why(fact)}.",
+                                f"put {other} before {stage.name}{remedy(fact, other)}.")
+        for fact in sorted(eff.excludes):
+            if not state.known.get(fact):
+                continue
+            if fact in state.by and state.by[fact][0] == stage.name:
+                return Conflict(f"{me} cannot follow another {stage.name} ({state.by[fact][1]}): {why(fact)}.",
+                                "drop one of the two, or give them other settings.")
+            if fact in state.by:
+                other, at = state.by[fact]
+                return Conflict(f"{me} must come before {other} ({at}): {why(fact)}.",
+                                f"put {other} after {stage.name}{remedy(fact, other)}.")
+            return Conflict(f"{me} cannot run on this model, which has {FACTS[fact]}: {why(fact)}.",
+                            f"drop {stage.name}, or start from a model without {FACTS[fact]}.")
+        if eff.only_new and eff.provides and all(state.known.get(f) for f in eff.provides):
+            done = sorted({"{} ({})".format(*state.by[f]) if f in state.by else "the input model"
+                           for f in eff.provides})
+            return Conflict(f"{me} has nothing left to do: the model already has {facts_text(eff.provides)} "
+                            f"({', '.join(done)}).",
+                            f"give {stage.name} other settings, or drop it.")
+        for fact in sorted(eff.invalidates):
+            if state.known.get(fact) and fact in state.by:
+                other, at = state.by[fact]
+                return Conflict(f"{me} undoes {other} ({at}): {why(fact)}.",
+                                f"put {stage.name} before {other}{remedy(fact, other)}.")
+        need, reason = stage.min_layers()
+        if state.layers is not None and state.layers < need:
+            return Conflict(f"{me} needs at least {need} layers ({reason}), and the model has {state.layers} there.",
+                            f"remove fewer layers before {stage.name}, or change its layer settings.")
+        if state.layers is not None:
+            state.layers = stage.layers_after(state.layers)
+        for fact in eff.invalidates:
+            state.known[fact], state.by[fact] = False, (stage.name, where)
+        for fact in eff.provides:
+            state.known[fact], state.by[fact] = True, (stage.name, where)
+    return None
+
+
+# -- what a stage changed ---------------------------------------------------------------------------------------------
 
 class StageReport(BaseModel):
     """What a stage changed, measured on the model before and after it."""
@@ -100,10 +303,15 @@ def stored_bytes(model: CanonicalTransformer) -> int:
     if q.get("bits"):
         import torch
 
+        from ..models.factorized import DenseSparseLinear
+
+        kept = {id(m.first): min(m.nnz, m.rank) * m.in_features for m in model.modules()
+                if isinstance(m, DenseSparseLinear)}  # S stores only its kept entries, as count_params counts
         for m in model.modules():
             if isinstance(m, torch.nn.Linear) and m.weight.numel():
+                n = kept.get(id(m), m.weight.numel())
                 groups = 1 if q.get("group_size", -1) <= 0 else -(-m.in_features // q["group_size"])
-                total -= m.weight.numel() * 4 - (m.weight.numel() * q["bits"] + 7) // 8 - 4 * m.out_features * groups
+                total -= n * 4 - (n * q["bits"] + 7) // 8 - 4 * m.out_features * groups
     return total
 
 

@@ -10,7 +10,7 @@ For each chosen layer, in order (so a layer is calibrated on what the already-bi
    tanh(phi A), by Adam for `hash_steps`; the sign codes of the learned projections are kept only if they agree with
    the targets better than the random start did (as EcoFormer keeps the better of its two);
 5. swap in EcoAttention with the layer's q, k, v, o weights.
-ctx.notes["binarize"] reports, per layer, the code agreement with the targets (1 = every top key shares the query's
+The stage's details report, per layer, the code agreement with the targets (1 = every top key shares the query's
 code, every bottom key is its opposite) and how close the new attention's output is to the old one on calibration
 data. Recovery is the `distill` stage after this one.
 """
@@ -18,8 +18,10 @@ data. Recovery is the `distill` stage after this one.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal, Optional, Union
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch.nn import functional as F
@@ -27,18 +29,23 @@ from torch.nn import functional as F
 from ..errors import RecipeError
 from ..models.canonical import MASK_NEG, CanonicalTransformer, LayerShape
 from ..models.ecoformer import EcoAttention, binarize as sign_codes, rbf_features, squared_distances, unit_columns
+from ..models.tasks import cosine_rows, label_agreement
 from ..progress import info, progress_bar
-from .base import Context, Stage, StageConfig
+from ..space import searchable
+from .base import Context, Stage, StageConfig, StageResult
+from .importance import calibration_batches
 
 
 class BinarizeConfig(StageConfig):
     layers: Union[Literal["all"], list[int]] = Field("all", description="layer indices (0-based) to binarize, or all")
-    bits: int = Field(16, ge=1, le=256, description="hash code width b")
+    bits: int = Field(16, ge=1, le=256, description="hash code width b",
+                      json_schema_extra=searchable(choices=[8, 16, 32]))
     anchors: int = Field(25, ge=1, le=4096, description="RBF anchors m per head")
     top_k: int = Field(10, ge=1, description="per query: the k highest and k lowest scoring keys are the targets")
-    calibration_examples: int = Field(128, ge=4, le=100000)
+    calibration_examples: int = Field(128, ge=4, le=100000, description="train examples whose attention the hash is "
+                                                                         "fitted to")
     hash_steps: int = Field(200, ge=0, le=100000, description="Adam steps fitting the hash projections")
-    hash_lr: float = Field(0.05, gt=0, lt=10)
+    hash_lr: float = Field(0.05, gt=0, lt=10, description="Adam learning rate fitting the hash projections")
 
     @field_validator("layers")
     @classmethod
@@ -125,7 +132,7 @@ def _attention_inputs(model: CanonicalTransformer, layer: int,
     hook = model.layers[layer].attn.register_forward_pre_hook(lambda _m, args: captured.append(args))
     try:
         with torch.no_grad():
-            for _, inputs in batches:
+            for inputs, _ in batches:
                 model(*inputs)
     finally:
         hook.remove()
@@ -160,8 +167,24 @@ class Binarize(Stage):
     name = "binarize"
     summary = "EcoFormer binarized attention: hashed queries/keys, attention linear in sequence length"
     Config = BinarizeConfig
+    version = 1
+    excludes = frozenset({"binarized"})
+    provides = frozenset({"binarized"})
+    reasons = {"binarized": "a layer that already has EcoFormer attention cannot have its hash fitted to softmax "
+                            "targets again"}
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def effects(self):
+        cfg: BinarizeConfig = self.config
+        full = super().effects()
+        return full if cfg.layers == "all" else replace(full, provides=frozenset())
+
+    def min_layers(self) -> tuple[int, str]:
+        cfg: BinarizeConfig = self.config
+        if cfg.layers == "all":
+            return 0, ""
+        return max(cfg.layers) + 1, f"it binarizes layer {max(cfg.layers)}"
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg: BinarizeConfig = self.config
         chosen = list(range(len(model.layers))) if cfg.layers == "all" else sorted(set(cfg.layers))
         if chosen and chosen[-1] >= len(model.layers):
@@ -172,10 +195,10 @@ class Binarize(Stage):
             if isinstance(model.layers[li].attn, EcoAttention):
                 raise RecipeError(f"layer {li} already has EcoFormer attention; its hash cannot be fitted to softmax "
                                   "targets again.", "binarize each layer once (drop it from `layers`).")
-        batches = list(ctx.encoder.batches(ctx.train.head(cfg.calibration_examples), ctx.batch_size))
+        batches = calibration_batches(ctx, cfg.calibration_examples)
         model.eval()
         with torch.no_grad():
-            before = torch.cat([model(*inputs) for _, inputs in batches])
+            before = torch.cat([model(*inputs) for inputs, _ in batches])
         report = []
         for li in chosen:
             if model.layers[li].attn.heads == 0:
@@ -186,12 +209,11 @@ class Binarize(Stage):
             info(f"    layer {li}: code agreement {r['code_agreement']:.3f} (random hash {r['random_agreement']:.3f}),"
                  f" attention output cosine {r['attention_output_cosine']:.3f}")
         with torch.no_grad():
-            after = torch.cat([model(*inputs) for _, inputs in batches])
-        summary = {"layers": report, "output_cosine": float(F.cosine_similarity(before, after, dim=-1).mean())}
-        if model.classifier is not None:
-            summary["label_agreement"] = float((before.argmax(-1) == after.argmax(-1)).float().mean())
-        ctx.notes["binarize"] = summary
-        return model
+            after = torch.cat([model(*inputs) for inputs, _ in batches])
+        summary = {"layers": report, "output_cosine": float(cosine_rows(before, after).mean())}
+        if model.task.has_labels:
+            summary["label_agreement"] = label_agreement(before, after)
+        return StageResult(model, summary)
 
     def _binarize_layer(self, model: CanonicalTransformer, li: int, batches, generator: torch.Generator) -> dict:
         cfg: BinarizeConfig = self.config
@@ -224,10 +246,13 @@ class Binarize(Stage):
             new.query_projection.copy_(fit["query"])
             new.key_projection.copy_(fit["key"])
         new.train(old.training)
+        cosines = []
         with torch.no_grad():  # per real token: the old attention's output against the new one's
-            cosine = torch.cat([F.cosine_similarity(old(x, m), new(x, m), dim=-1)[_valid(x, m)] for x, m in captured])
+            for x, m in captured:
+                valid = _valid(x, m)
+                cosines.append(cosine_rows(old(x, m)[valid], new(x, m)[valid]))
         model.layers[li].attn = new
         return {"layer": li, "code_agreement": float(fit["agreement"].mean()),
                 "random_agreement": float(fit["start_agreement"].mean()),
                 "per_head_agreement": [round(float(a), 4) for a in fit["agreement"]],
-                "attention_output_cosine": float(cosine.mean())}
+                "attention_output_cosine": float(np.concatenate(cosines).mean())}

@@ -16,57 +16,43 @@ DenseSparseLinear projects S to its top-s entries with a straight-through gradie
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from dataclasses import replace
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from ..errors import RecipeError
 from ..models.canonical import LINEAR_NAMES, CanonicalTransformer
 from ..models.factorized import DenseSparseLinear, LowRankLinear
 from ..progress import info
-from .base import Context, Stage, StageConfig
-
-Size = Union[int, float]
+from ..space import searchable
+from .amounts import Size, resolve, round_to_multiple
+from .base import Context, Stage, StageConfig, StageResult, factorized
 
 
 class DenseSparseConfig(StageConfig):
     linears: list[Literal["q", "k", "v", "o", "fc1", "fc2"]] = Field(
         default_factory=lambda: list(LINEAR_NAMES), description="which linears of every layer to factorize")
-    rank: Size = Field(0.5, description="basis size k of each linear: a fraction of min(m, n) in (0, 1], or a count")
+    rank: Size = Field(0.5, description="basis size k of each linear: a fraction of min(m, n) in (0, 1], or a count",
+                       json_schema_extra=searchable(0.125, 1.0))
     nnz: Size = Field(0.125, description="non-zeros kept in each column of S: a fraction of the basis size in "
-                                         "(0, 1], or a count")
+                                         "(0, 1], or a count", json_schema_extra=searchable(0.03125, 0.5, log=True))
     refinements: int = Field(3, ge=0, le=50, description="alternating least-squares passes after the SVD start")
     round_to: int = Field(8, ge=1, le=256, description="basis sizes rounded up to multiples of this (matmul shapes "
                                                        "stay kernel-friendly)")
-
-    @field_validator("rank", "nnz", mode="before")
-    @classmethod
-    def _not_bool(cls, v):  # before coercion, or `nnz: true` would silently mean 1
-        if isinstance(v, bool):
-            raise ValueError("must be a fraction in (0, 1] or a whole count >= 1, not true/false")
-        return v
-
-    @field_validator("rank", "nnz")
-    @classmethod
-    def _size(cls, v):
-        if v <= 0 or (isinstance(v, float) and v > 1):
-            raise ValueError("must be a fraction in (0, 1] or a whole count >= 1")
-        return v
 
 
 def basis_size(rank: Size, m: int, n: int, round_to: int) -> int:
     """k for an m x n weight: a fraction of min(m, n) or a count, rounded up to `round_to`, at most min(m, n)."""
     limit = min(m, n)
-    k = round(rank * limit) if isinstance(rank, float) else int(rank)
-    return min(limit, max(round_to, -(-max(k, 1) // round_to) * round_to))
+    return round_to_multiple(resolve(rank, limit), round_to, "up", limit)
 
 
 def nnz_per_column(nnz: Size, k: int) -> int:
     """s for a basis of size k: a fraction of k or a count, at least 1, at most k."""
-    s = round(nnz * k) if isinstance(nnz, float) else int(nnz)
-    return min(k, max(1, s))
+    return resolve(nnz, k, at_least=1)
 
 
 def stored_params(m: int, n: int, k: int, s: int) -> int:
@@ -140,8 +126,16 @@ class DenseSparse(Stage):
     name = "dense_sparse"
     summary = "dense-sparse factorization W ~ D S (DSFormer): dense basis, s non-zeros per column of S"
     Config = DenseSparseConfig
+    version = 1
+    excludes = frozenset({"quantized"})
+    provides = factorized(LINEAR_NAMES)
+    only_new = True  # a factorized linear is skipped: fitting the factors would compound both errors
+    reasons = {"quantized": "factorizing quantized weights would move them off their int grid"}
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def effects(self):
+        return replace(super().effects(), provides=factorized(self.config.linears))
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg: DenseSparseConfig = self.config
         decisions = []
         for li, name, parent, module in model.linears(cfg.linears):
@@ -173,9 +167,8 @@ class DenseSparse(Stage):
         before, after = sum(d["dense_params"] for d in done), sum(d["params"] for d in done)
         info(f"    factorized {len(done)} of {len(decisions)} linears: weights {before:,} -> {after:,}, relative "
              f"error mean {sum(errors) / len(errors):.3f}, max {max(errors):.3f}")
-        ctx.notes["dense_sparse"] = {
+        return StageResult(model, {
             "linears": decisions,
             "relative_error": {"mean": round(sum(errors) / len(errors), 5), "max": max(errors)},
             "stored_params": {"before": before, "after": after},
-        }
-        return model
+        })

@@ -1,23 +1,24 @@
 """Recovery distillation: train the compressed student to match the original model (the teacher).
 
-Loss = kd * T^2 KL(student/T || teacher/T) on the outputs + hidden * MSE of hidden states (each student layer matched
-to the teacher layer at the same relative depth, TinyBERT's uniform map) + label * cross-entropy on the true labels.
-For an embedding model the output term is an MSE between embeddings.
+Loss = kd * the task's distillation term on the outputs (a classifier: T^2 KL(student/T || teacher/T); an embedding
+model: MSE between embeddings) + hidden * MSE of hidden states (each student layer matched to the teacher layer at the
+same relative depth, TinyBERT's uniform map) + label * the task's loss on the true labels, where it has labels.
 """
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch.nn import functional as F
 
 from ..models.canonical import CanonicalTransformer
 from ..train import seed_everything
-from .base import Context, Stage, TrainingConfig
+from ..space import searchable
+from .base import Context, Stage, StageResult, TrainingConfig
 
 
 class DistillConfig(TrainingConfig):
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(2.0, gt=0, description="softens both output distributions before they are matched",
+                               json_schema_extra=searchable(1.0, 8.0))
     kd: float = Field(1.0, ge=0, description="weight of the output-matching term")
     hidden: float = Field(1.0, ge=0, description="weight of the hidden-state MSE term")
     label: float = Field(0.0, ge=0, description="weight of the cross-entropy on true labels")
@@ -30,7 +31,7 @@ def layer_map(n_student: int, n_teacher: int) -> list[int]:
 
 def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, inputs, labels,
                  cfg: DistillConfig) -> torch.Tensor:
-    mask = inputs[1] if student.spec.modality == "text" else None
+    task, mask = student.task, student.attention_mask(inputs)
     with torch.no_grad():
         t_last, t_hidden = teacher.encode(*inputs, all_hidden=True)
         t_out = teacher.head_output(t_last, mask)
@@ -38,12 +39,7 @@ def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, i
     s_out = student.head_output(s_last, mask)
     loss = torch.zeros(())
     if cfg.kd:
-        if student.classifier is not None:
-            T = cfg.temperature
-            loss = loss + cfg.kd * T * T * F.kl_div(F.log_softmax(s_out / T, -1), F.log_softmax(t_out / T, -1),
-                                                    log_target=True, reduction="batchmean")
-        else:
-            loss = loss + cfg.kd * F.mse_loss(s_out, t_out)
+        loss = loss + cfg.kd * task.distill(s_out, t_out, cfg.temperature)
     if cfg.hidden:
         weight = mask[..., None].to(s_last.dtype) if mask is not None else torch.ones_like(s_last[..., :1])
         for s_i, t_i in enumerate(layer_map(len(s_hidden) - 1, len(t_hidden) - 1)):
@@ -51,8 +47,9 @@ def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, i
                 continue  # embeddings are shared and untouched by the stages
             sq = ((s_hidden[s_i] - t_hidden[t_i]) ** 2 * weight).sum() / (weight.sum() * s_last.shape[-1])
             loss = loss + cfg.hidden * sq / (len(s_hidden) - 1)
-    if cfg.label and student.classifier is not None:
-        loss = loss + cfg.label * F.cross_entropy(s_out, labels)
+    label_term = task.label_loss(s_out, labels) if cfg.label else None
+    if label_term is not None:
+        loss = loss + cfg.label * label_term
     return loss
 
 
@@ -60,11 +57,13 @@ class Distill(Stage):
     name = "distill"
     summary = "recovery distillation from the original model (outputs + hidden states)"
     Config = DistillConfig
+    version = 1
+    excludes = frozenset({"quantized"})
+    reasons = {"quantized": "training would move quantized weights off their int grid"}
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg: DistillConfig = self.config
         seed_everything(ctx.seed)
         teacher = ctx.teacher.eval()  # its forward runs under no_grad in distill_loss
         losses = self.fit(model, ctx, lambda m, x, y: distill_loss(m, teacher, x, y, cfg), "distill")
-        ctx.notes["distill_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
-        return model
+        return StageResult(model, {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))})

@@ -15,18 +15,20 @@ target's validation calibrates it to the accuracy budget (pocketformer.targets.e
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch.nn import functional as F
 
 from ..errors import RecipeError
 from ..models.canonical import CanonicalTransformer
 from ..models.exits import Gate, decide, head_logits
+from ..models.tasks import Task
 from ..train import seed_everything
-from .base import Context, Stage, TrainingConfig
+from ..space import searchable
+from .base import Context, Stage, StageResult, TrainingConfig
 
 # Heads alone learn fast; a backbone trained along (pabee) needs a fine-tuning rate.
 DEFAULT_LR = {"deebert": 1e-3, "pabee": 5e-5}
@@ -39,8 +41,10 @@ class EarlyExitConfig(TrainingConfig):
                                                                      "pabee: weighted all-layer loss, backbone too")
     gate: Gate = Field(Gate(), description="the exported default: {kind: entropy, threshold: 0..1} or "
                                            "{kind: patience, patience: n}; validation calibrates it")
-    lr: Optional[float] = Field(None, gt=0, lt=1, description="default: 1e-3 (deebert), 5e-5 (pabee)")
-    temperature: float = Field(2.0, gt=0)
+    lr: Optional[float] = Field(None, gt=0, lt=1, description="default: 1e-3 (deebert), 5e-5 (pabee)",
+                                json_schema_extra=searchable(1e-5, 1e-2, log=True))
+    temperature: float = Field(2.0, gt=0, description="softens the head's and the teacher's label distributions "
+                                                      "before they are matched")
     kd: float = Field(1.0, ge=0, description="weight of matching the teacher's logits")
     label: float = Field(1.0, ge=0, description="weight of the cross-entropy on true labels")
 
@@ -60,24 +64,23 @@ class EarlyExitConfig(TrainingConfig):
 
 # -- training ------------------------------------------------------------------------------------------------
 
-def head_loss(logits: torch.Tensor, teacher: Optional[torch.Tensor], labels: torch.Tensor,
+def head_loss(task: Task, logits: torch.Tensor, teacher: Optional[torch.Tensor], labels: torch.Tensor,
               cfg: EarlyExitConfig) -> torch.Tensor:
-    """kd * T^2 KL(head/T || teacher/T) + label * cross-entropy, for one head's logits."""
-    loss = cfg.label * F.cross_entropy(logits, labels) if cfg.label else torch.zeros(())
+    """kd * the task's distillation term (T^2 KL(head/T || teacher/T)) + label * its loss on the true labels, for one
+    head's logits."""
+    loss = cfg.label * task.label_loss(logits, labels) if cfg.label else torch.zeros(())
     if cfg.kd and teacher is not None:
-        T = cfg.temperature
-        loss = loss + cfg.kd * T * T * F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher / T, -1),
-                                                log_target=True, reduction="batchmean")
+        loss = loss + cfg.kd * task.distill(logits, teacher, cfg.temperature)
     return loss
 
 
 def deebert_loss(model: CanonicalTransformer, inputs, labels, cfg: EarlyExitConfig) -> torch.Tensor:
     """Mean over exit heads of head_loss against the model's own (frozen) final head."""
-    mask = inputs[1] if model.spec.modality == "text" else None
+    mask = model.attention_mask(inputs)
     with torch.no_grad():  # the backbone is frozen: one forward without a graph, heads trained on its states
         last, hidden = model.encode(*inputs, all_hidden=True)
         final = model.head_output(last, mask)
-    losses = [head_loss(model.exit_output(i, hidden[layer + 1], mask), final, labels, cfg)
+    losses = [head_loss(model.task, model.exit_output(i, hidden[layer + 1], mask), final, labels, cfg)
               for i, layer in enumerate(model.spec.exits)]
     return torch.stack(losses).mean()
 
@@ -90,7 +93,7 @@ def pabee_loss(model: CanonicalTransformer, teacher: Optional[CanonicalTransform
         with torch.no_grad():
             target = teacher(*inputs)
     depths = [layer + 1 for layer in model.spec.exits] + [len(model.layers)]
-    losses = [d * head_loss(z, target, labels, cfg) for d, z in zip(depths, model.exit_logits(*inputs))]
+    losses = [d * head_loss(model.task, z, target, labels, cfg) for d, z in zip(depths, model.exit_logits(*inputs))]
     return torch.stack(losses).sum() / sum(depths)
 
 
@@ -109,12 +112,31 @@ class EarlyExit(Stage):
     name = "early_exit"
     summary = "exit heads after chosen layers (DeeBERT frozen backbone or PABEE all-layer loss), entropy/patience gate"
     Config = EarlyExitConfig
+    version = 1
+    requires = frozenset({"labels"})
+    excludes = frozenset({"quantized"})
+    provides = frozenset({"exits"})
+    reasons = {"labels": "an exit head predicts the task's labels",
+               "quantized": "pabee trains the backbone, which would move quantized weights off their int grid"}
+    remedies = {"quantized": "use mode deebert, whose backbone stays frozen"}
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def effects(self):
+        full = super().effects()
+        # deebert trains only the new heads: a quantized backbone keeps its grid
+        return full if self.config.mode == "pabee" else replace(full, excludes=frozenset())
+
+    def min_layers(self) -> tuple[int, str]:
         cfg: EarlyExitConfig = self.config
-        if model.classifier is None:
-            raise RecipeError("early_exit needs a classifier: an exit head predicts the task's labels, and an "
-                              "embedding model has none.", "put a finetune stage (in prepare) before early_exit.")
+        if cfg.exits == "all":
+            return 2, "the last layer ends in the final head, so exits need a layer before it"
+        return max(cfg.exits) + 2, f"an exit after layer {max(cfg.exits)} needs a later last layer"
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
+        cfg: EarlyExitConfig = self.config
+        if not model.task.has_labels:
+            raise RecipeError(f"early_exit needs a classifier: an exit head predicts the task's labels, and a "
+                              f"{model.task.name} model has none.",
+                              "put a finetune stage (in prepare) before early_exit.")
         if len(model.layers) < 2:
             raise RecipeError("early_exit needs at least 2 layers: the last one ends in the final head.",
                               "remove fewer layers before adding exits.")
@@ -126,13 +148,12 @@ class EarlyExit(Stage):
             model.exit_heads.requires_grad_(True)
             loss_fn = lambda m, x, y: deebert_loss(m, x, y, cfg)  # noqa: E731
         else:
-            teacher = ctx.teacher.eval() if ctx.teacher.classifier is not None else None
+            teacher = ctx.teacher.eval() if ctx.teacher.task.has_labels else None
             loss_fn = lambda m, x, y: pabee_loss(m, teacher, x, y, cfg)  # noqa: E731
         losses = self.fit(model, ctx, loss_fn, f"early exit ({cfg.mode})")
-        ctx.notes["early_exit"] = {"exits": list(model.spec.exits), "gate": cfg.gate.model_dump(),
-                                   "final_loss": float(np.mean(losses[-20:])),
-                                   **exit_summary(model, ctx, cfg.gate)}
-        return model.eval()
+        return StageResult(model.eval(), {"exits": list(model.spec.exits), "gate": cfg.gate.model_dump(),
+                                          "final_loss": float(np.mean(losses[-20:])),
+                                          **exit_summary(model, ctx, cfg.gate)})
 
 
 def exit_summary(model: CanonicalTransformer, ctx: Context, gate: Gate) -> dict:
@@ -141,7 +162,7 @@ def exit_summary(model: CanonicalTransformer, ctx: Context, gate: Gate) -> dict:
     labels = ctx.validation.labels
     decided = decide(gate, logits)
     depths = np.asarray([layer + 1 for layer in model.spec.exits] + [len(model.layers)])
-    return {"head_validation_accuracy": [float((logits[:, h].argmax(-1) == labels).mean() * 100)
+    return {"head_validation_accuracy": [model.task.quality(logits[:, h], labels, None)
                                          for h in range(logits.shape[1])],
             "gate_validation_accuracy": float((decided.labels == labels).mean() * 100),
             "gate_mean_layers": float(depths[decided.exits].mean())}

@@ -12,6 +12,7 @@ stage after this one.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Union
 
 import torch
@@ -21,18 +22,24 @@ from ..errors import RecipeError
 from ..models.canonical import LINEAR_NAMES, CanonicalTransformer
 from ..models.factorized import LowRankLinear
 from ..progress import info
-from .base import Context, Stage, StageConfig
+from ..space import searchable
+from .amounts import round_to_multiple
+from .base import Context, Stage, StageConfig, StageResult, factorized
 
 
 
 class LowRankConfig(StageConfig):
     linears: list[Literal["q", "k", "v", "o", "fc1", "fc2"]] = Field(
         default_factory=lambda: list(LINEAR_NAMES), description="which linears of every layer to factorize")
-    method: Literal["energy", "budget", "ranks"] = "budget"
-    energy: float = Field(0.9, gt=0, le=1, description="energy method: fraction of squared singular values kept")
-    budget: float = Field(0.5, gt=0, lt=1, description="budget method: fraction of the chosen linears' params kept")
+    method: Literal["energy", "budget", "ranks"] = Field("budget", description="how each rank is chosen: energy, "
+                                                         "budget or ranks (see the settings of each)")
+    energy: float = Field(0.9, gt=0, le=1, description="energy method: fraction of squared singular values kept",
+                          json_schema_extra=searchable(0.5, 0.99))
+    budget: float = Field(0.5, gt=0, lt=1, description="budget method: fraction of the chosen linears' params kept",
+                          json_schema_extra=searchable(0.1, 0.9))
     ranks: Union[int, dict[str, int]] = Field(0, description="ranks method: one rank, or a rank per linear name")
-    round_to: int = Field(8, ge=1, le=256)
+    round_to: int = Field(8, ge=1, le=256, description="ranks rounded up to multiples of this (matmul shapes stay "
+                                                       "kernel-friendly)")
 
     @model_validator(mode="after")
     def _ranks_given(self):
@@ -81,16 +88,20 @@ def budget_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], bud
     return ranks
 
 
-def _round_up(r: int, step: int, limit: int) -> int:
-    return min(limit, max(step, -(-r // step) * step))
-
-
 class LowRank(Stage):
     name = "lowrank"
     summary = "low-rank factorization of linears by truncated SVD (rank by energy, budget or list)"
     Config = LowRankConfig
+    version = 1
+    excludes = frozenset({"quantized"})
+    provides = factorized(LINEAR_NAMES)
+    only_new = True  # a factorized linear is skipped: factorizing the factors again would buy nothing
+    reasons = {"quantized": "factorizing quantized weights would move them off their int grid"}
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def effects(self):
+        return replace(super().effects(), provides=factorized(self.config.linears))
+
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg: LowRankConfig = self.config
         chosen, decisions = [], []
         for li, name, parent, module in model.linears(cfg.linears):
@@ -109,7 +120,7 @@ class LowRank(Stage):
             ranks = [cfg.ranks if isinstance(cfg.ranks, int) else cfg.ranks.get(name, 0)
                      for _, name, *_ in chosen]
         for (li, name, parent, module), r, (m, n), s in zip(chosen, ranks, shapes, spectra):
-            r = _round_up(r, cfg.round_to, min(m, n)) if r else 0
+            r = round_to_multiple(r, cfg.round_to, "up", min(m, n)) if r else 0
             kept = float((s[:r].double() ** 2).sum() / (s.double() ** 2).sum()) if r else 0.0
             if not r or r >= break_even_rank(m, n):
                 decisions.append({"layer": li, "linear": name, "shape": [m, n], "rank": None,
@@ -132,5 +143,4 @@ class LowRank(Stage):
         info(f"    factorized {len(factorized)} of {len(decisions)} linears; ranks "
              + ", ".join(f"L{d['layer']}.{d['linear']}={d['rank']}" for d in factorized[:12])
              + (" ..." if len(factorized) > 12 else ""))
-        ctx.notes["lowrank"] = decisions
-        return model
+        return StageResult(model, {"linears": decisions})

@@ -1,6 +1,6 @@
 """MatFormer nested FFNs: one checkpoint whose every FFN prefix is a usable sub-network.
 
-1. Sort each layer's FFN neurons by importance (prune.py's magnitude or Taylor scores), so the first m neurons are
+1. Sort each layer's FFN neurons by importance (importance.py's magnitude or Taylor scores), so the first m neurons are
    the best m a static cut can keep.
 2. Nested recovery training: every step runs the model at each width fraction f (the first nested_width(d, f)
    neurons of every layer: fc1 rows [:m], fc2 columns [:m]) and sums the distillation losses against the original
@@ -26,9 +26,10 @@ from ..errors import RecipeError
 from ..models.canonical import CanonicalTransformer
 from ..progress import info
 from ..train import evaluate, predict, seed_everything
-from .base import Context, Stage
+from .amounts import round_to_multiple
+from .base import Context, Stage, StageResult, factorized
 from .distill import DistillConfig, distill_loss
-from .prune import _calibration, _same_weights, magnitude_scores, taylor_scores
+from .importance import calibration_batches, magnitude_scores, taylor_scores, usable_importance
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 ROUND_TO = 8  # nested widths are multiples of this where the layer allows: kernel-friendly matmul shapes
@@ -39,10 +40,7 @@ def nested_width(width: int, fraction: float, multiple: int = ROUND_TO) -> int:
     the whole layer for fraction 1, and the nearest count (at least 1) in layers narrower than `multiple`."""
     if fraction >= 1 or width == 0:
         return width
-    exact = fraction * width
-    if width < multiple:
-        return min(width, max(1, int(exact + 0.5)))
-    return min(width, max(multiple, int(exact / multiple + 0.5) * multiple))
+    return round_to_multiple(fraction * width, multiple if width >= multiple else 1, "nearest", width)
 
 
 def widths_at(model: CanonicalTransformer, fraction: float) -> list[int]:
@@ -80,17 +78,8 @@ class MatformerConfig(DistillConfig):
 
 def neuron_importance(model: CanonicalTransformer, ctx: Context, cfg: MatformerConfig) -> list[torch.Tensor]:
     """One score per FFN neuron of each layer (higher = keep first)."""
-    if cfg.importance == "taylor":
-        if model.classifier is None and _same_weights(model, ctx.teacher):
-            # An embedding model that still equals its teacher has zero loss and zero gradients: Taylor scores
-            # would order neurons by position.
-            info("matformer: taylor importance needs a loss the model does not already minimise (no classifier, "
-                 "model == teacher); using magnitude instead")
-        else:
-            calib, batches = _calibration(ctx, cfg.calibration_examples)
-            teacher = ctx.teacher if model.classifier is None else None
-            _, neurons = taylor_scores(model, teacher, batches, lambda idx: torch.from_numpy(calib.labels[idx]))
-            return neurons
+    if usable_importance(cfg.importance, model, ctx.teacher, "matformer") == "taylor":
+        return taylor_scores(model, ctx.teacher, calibration_batches(ctx, cfg.calibration_examples))[1]
     return magnitude_scores(model)[1]
 
 
@@ -115,17 +104,12 @@ def _refuse_unnestable(model: CanonicalTransformer) -> None:
 
 def width_quality(model: CanonicalTransformer, ctx: Context, plans: dict[float, list[int]],
                   reference: Optional[np.ndarray]) -> dict[str, float]:
-    """Validation accuracy (%) at each nested width; for an embedding model, mean cosine with `reference`."""
+    """The task's validation quality at each nested width (accuracy %, or for an embedding model 100 x mean cosine
+    with `reference`, the original model's outputs)."""
     result = {}
     for fraction, widths in plans.items():
         with active_widths(model, widths):
-            if model.classifier is not None:
-                result[f"{fraction:g}"] = evaluate(model, ctx.validation, ctx.encoder)["accuracy"]
-            else:
-                out = predict(model, ctx.validation, ctx.encoder).numpy()
-                cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1)
-                                                  + 1e-12)
-                result[f"{fraction:g}"] = float(cos.mean())
+            result[f"{fraction:g}"] = evaluate(model, ctx.validation, ctx.encoder, reference)[model.task.quality_key]
     return result
 
 
@@ -133,8 +117,17 @@ class Matformer(Stage):
     name = "matformer"
     summary = "MatFormer nested FFNs: sort neurons by importance, then train every width prefix against the original"
     Config = MatformerConfig
+    version = 1
+    excludes = factorized(["fc1", "fc2"]) | {"quantized"}
+    provides = frozenset({"nested_ffn"})
+    reasons = {"factorized:fc1": "nested widths need dense FFN linears",
+               "factorized:fc2": "nested widths need dense FFN linears",
+               "quantized": "it trains the weights, which would move quantized weights off their int grid"}
+    remedies = {"factorized:fc1": "run {other} on the model `pocketformer extract` writes",
+                "factorized:fc2": "run {other} on the model `pocketformer extract` writes",
+                "quantized": "quantize the model `pocketformer extract` writes"}
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg: MatformerConfig = self.config
         _refuse_unnestable(model)
         seed_everything(ctx.seed)
@@ -155,12 +148,10 @@ class Matformer(Stage):
 
         losses = self.fit(model, ctx, nested_loss, "matformer")
         model.spec.nested_ffn = list(cfg.widths)
-        reference = None if model.classifier is not None else predict(teacher, ctx.validation, ctx.encoder).numpy()
-        quality = width_quality(model, ctx, plans, reference)
-        metric = "validation_accuracy" if model.classifier is not None else "validation_cosine_with_original"
-        ctx.notes["matformer_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
-        ctx.notes["matformer_widths"] = {f"{f:g}": w for f, w in plans.items()}
-        ctx.notes[f"matformer_{metric}"] = quality
+        quality = width_quality(model, ctx, plans, predict(teacher, ctx.validation, ctx.encoder).numpy())
+        metric = f"validation_{model.task.quality_key}"
+        details = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                   "widths": {f"{f:g}": w for f, w in plans.items()}, metric: quality}
         info(f"matformer: {metric.replace('_', ' ')} by width: "
              + ", ".join(f"{f}: {v:.4g}" for f, v in quality.items()))
-        return model
+        return StageResult(model, details)

@@ -17,18 +17,19 @@ neural-compressor never sees a branch that calibration does not reach.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Callable, Literal, Optional
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import PocketformerError
 from ..models.canonical import CanonicalTransformer
 from ..progress import info, quiet
-from ..train import evaluate, predict
-from .base import Context, Stage, StageConfig
+from ..train import predict
+from ..space import searchable
+from .base import Context, Stage, StageConfig, StageResult
 
 
 class QuantizationRefused(PocketformerError):
@@ -36,7 +37,7 @@ class QuantizationRefused(PocketformerError):
 
 
 class WeightCandidate(StageConfig):
-    bits: Literal[2, 3, 4, 8] = 8
+    bits: Literal[2, 3, 4, 8] = Field(8, description="bits per weight")
     group_size: int = Field(-1, description="weights per scale along the input axis; -1 = one scale per output "
                                             "channel")
     mse_search: bool = Field(False, description="search each clipping range for the least squared error")
@@ -46,7 +47,10 @@ class QuantizeConfig(StageConfig):
     candidates: list[WeightCandidate] = Field(
         default_factory=lambda: [WeightCandidate(bits=8, group_size=-1),
                                  WeightCandidate(bits=8, group_size=-1, mse_search=True)],
-        description="weight-only RTN configs to try, in order; the first within `tolerable_loss` wins")
+        description="weight-only RTN configs to try, in order; the first within `tolerable_loss` wins",
+        json_schema_extra=searchable(choices=[[{"bits": 8, "group_size": -1}],
+                                              [{"bits": 4, "group_size": 32}],
+                                              [{"bits": 4, "group_size": 32, "mse_search": True}]]))
     tolerable_loss: float = Field(1.0, ge=0, le=100, description="validation accuracy points the quantized model "
                                                                  "may lose (embedding models: cosine x 100)")
     min_agreement: float = Field(0.97, ge=0, le=1, description="refuse below this agreement with the float model "
@@ -82,76 +86,49 @@ def dequantized_weights(quantized: nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def agreement(model: CanonicalTransformer, reference_out: torch.Tensor, data, encoder) -> float:
-    """Share of equal labels (classifier) or mean cosine of embeddings with the float model's outputs."""
-    out = predict(model, data, encoder)
-    if model.classifier is not None:
-        return float((out.argmax(-1) == reference_out.argmax(-1)).float().mean())
-    return float(F.cosine_similarity(out, reference_out, dim=-1).mean())
+def on_int_grid(model: CanonicalTransformer, quantized: nn.Module) -> tuple[CanonicalTransformer, int]:
+    """A copy of the float model whose Linear weights are neural-compressor's, dequantized onto their int grid, and
+    how many linears that is."""
+    weights = dequantized_weights(quantized)
+    if not weights:
+        raise QuantizationRefused("neural-compressor quantized no Linear of the model.",
+                                  "report this with the model's pocketformer.json.")
+    result = copy.deepcopy(model)
+    modules = dict(result.named_modules())
+    with torch.no_grad():
+        for name, w in weights.items():
+            modules[name].weight.copy_(w.to(modules[name].weight.dtype))
+    return result.eval(), len(weights)
 
 
 class Quantize(Stage):
     name = "quantize"
     summary = "weight-only int quantization through neural-compressor autotune, refused below the floor"
     Config = QuantizeConfig
+    version = 1
+    libraries = ("torch", "neural-compressor")
+    provides = frozenset({"quantized"})
 
-    def apply(self, model: CanonicalTransformer, ctx: Context) -> CanonicalTransformer:
+    def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg: QuantizeConfig = self.config
-        with _quiet():
-            from neural_compressor.torch.quantization import TuningConfig, autotune
         data = ctx.validation.head(cfg.eval_examples) if cfg.eval_examples else ctx.validation
         model = model.eval()
-        float_out = predict(model, data, ctx.encoder)
+        task = model.task
+        float_out = predict(model, data, ctx.encoder).numpy()
 
-        def metric(m: nn.Module) -> float:  # higher is better, as autotune expects
-            m.eval()
-            if model.classifier is not None:
-                return evaluate(m, data, ctx.encoder)["accuracy"]
-            return 100.0 * agreement(m, float_out, data, ctx.encoder)
+        def outputs(m: nn.Module) -> np.ndarray:
+            return predict(m, data, ctx.encoder).numpy()
 
-        baseline = metric(model)
-        # neural-compressor's tolerance is relative to the baseline: convert the recipe's points.
-        relative = cfg.tolerable_loss / max(baseline, 1e-9)
-        trials: list[dict] = []
-        calls = [0]
+        def quality(m: nn.Module) -> float:  # the task's metric in percent: higher is better, as autotune expects
+            return task.quality(outputs(m), data.labels, float_out)
 
-        def scored(m: nn.Module) -> float:
-            calls[0] += 1
-            if calls[0] == 1:  # autotune scores the float model first
-                return baseline
-            value = metric(m)
-            trials.append({"config": cfg.candidates[len(trials)].model_dump(), "metric": round(value, 4)})
-            info(f"    trial {len(trials)}: {trials[-1]['config']} -> {value:.2f}")
-            return value
-
+        baseline = quality(model)
         info(f"    float model: {baseline:.2f} on {len(data)} validation examples; tolerable loss "
              f"{cfg.tolerable_loss} points")
-        with _quiet():
-            quantized = autotune(copy.deepcopy(model), TuningConfig(
-                config_set=[_rtn(c) for c in cfg.candidates], tolerable_loss=relative,
-                max_trials=len(cfg.candidates)), eval_fn=scored)
-        ctx.notes["quantize_trials"] = trials
-        within = [i for i, t in enumerate(trials) if t["metric"] >= baseline - cfg.tolerable_loss - 1e-9]
-        if quantized is None or not within:
-            best = max((t["metric"] for t in trials), default=float("nan"))
-            raise QuantizationRefused(
-                f"no quantization candidate stays within {cfg.tolerable_loss} points of the float model "
-                f"({baseline:.2f}; best candidate {best:.2f}).",
-                "raise `tolerable_loss`, add a gentler candidate (8 bits, group_size -1), or drop the quantize stage.")
-        # autotune stops at the first candidate within tolerance, and returns that model
-        chosen = cfg.candidates[within[0]]
-        weights = dequantized_weights(quantized)
-        if not weights:
-            raise QuantizationRefused("neural-compressor quantized no Linear of the model.",
-                                      "report this with the model's pocketformer.json.")
-        result = copy.deepcopy(model)
-        modules = dict(result.named_modules())
-        with torch.no_grad():
-            for name, w in weights.items():
-                modules[name].weight.copy_(w.to(modules[name].weight.dtype))
-        result.eval()
-        agree = agreement(result, float_out, data, ctx.encoder)
-        value = metric(result)
+        quantized, trials = self._tune(model, quality, baseline)
+        chosen = self._chosen(quantized, trials, baseline)
+        result, linears = on_int_grid(model, quantized)
+        agree, value = task.agreement(outputs(result), float_out), quality(result)
         info(f"    quantized ({chosen.bits}-bit, group {chosen.group_size}): {value:.2f} "
              f"(float {baseline:.2f}), agreement with float {agree:.4f} on {len(data)} validation examples")
         if agree < cfg.min_agreement:
@@ -161,11 +138,48 @@ class Quantize(Stage):
                 "use 8 bits with group_size -1, lower `min_agreement` knowingly, or drop the quantize stage.")
         result.spec.quantization = {"library": f"neural-compressor {_inc_version()}", "scheme": "weight_only_rtn",
                                     "bits": chosen.bits, "group_size": chosen.group_size, "symmetric": True,
-                                    "mse_search": chosen.mse_search, "linears": len(weights),
+                                    "mse_search": chosen.mse_search, "linears": linears,
                                     "float_metric": round(baseline, 4), "quantized_metric": round(value, 4),
                                     "agreement": round(agree, 6), "validation_examples": len(data)}
-        ctx.notes["quantization"] = result.spec.quantization
-        return result
+        return StageResult(result, {"trials": trials, "quantization": result.spec.quantization})
+
+    def _tune(self, model: CanonicalTransformer, quality: Callable[[nn.Module], float],
+              baseline: float) -> tuple[Optional[nn.Module], list[dict]]:
+        """neural-compressor's autotune over the candidates, scored by `quality`: (its model, or None; every trial)."""
+        cfg: QuantizeConfig = self.config
+        with _quiet():
+            from neural_compressor.torch.quantization import TuningConfig, autotune
+        # neural-compressor's tolerance is relative to the baseline: convert the recipe's points.
+        relative = cfg.tolerable_loss / max(baseline, 1e-9)
+        trials: list[dict] = []
+        calls = [0]
+
+        def scored(m: nn.Module) -> float:
+            calls[0] += 1
+            if calls[0] == 1:  # autotune scores the float model first
+                return baseline
+            value = quality(m)
+            trials.append({"config": cfg.candidates[len(trials)].model_dump(), "metric": round(value, 4)})
+            info(f"    trial {len(trials)}: {trials[-1]['config']} -> {value:.2f}")
+            return value
+
+        with _quiet():
+            quantized = autotune(copy.deepcopy(model), TuningConfig(
+                config_set=[_rtn(c) for c in cfg.candidates], tolerable_loss=relative,
+                max_trials=len(cfg.candidates)), eval_fn=scored)
+        return quantized, trials
+
+    def _chosen(self, quantized: Optional[nn.Module], trials: list[dict], baseline: float) -> WeightCandidate:
+        """The candidate autotune stopped at: the first within the tolerable loss (refused if none is)."""
+        cfg: QuantizeConfig = self.config
+        within = [i for i, t in enumerate(trials) if t["metric"] >= baseline - cfg.tolerable_loss - 1e-9]
+        if quantized is None or not within:
+            best = max((t["metric"] for t in trials), default=float("nan"))
+            raise QuantizationRefused(
+                f"no quantization candidate stays within {cfg.tolerable_loss} points of the float model "
+                f"({baseline:.2f}; best candidate {best:.2f}).",
+                "raise `tolerable_loss`, add a gentler candidate (8 bits, group_size -1), or drop the quantize stage.")
+        return cfg.candidates[within[0]]
 
 
 def _inc_version() -> str:

@@ -102,9 +102,14 @@ class ModelConfig(BaseModel):
     def inputs(self) -> tuple[TensorSpec, ...]:
         """The model's inputs, declared once: what every exporter, runtime and encoder feeds."""
         if self.modality == "text":
-            return (TensorSpec("input_ids", "int64", ("batch", "sequence")),
+            return (TensorSpec("input_ids", "int64", ("batch", "sequence"), pad=self.pad_token_id),
                     TensorSpec("attention_mask", "int64", ("batch", "sequence")))
         return (TensorSpec("pixel_values", "float32", ("batch", self.channels, self.image_size, self.image_size)),)
+
+    def token_axis(self):
+        """The hidden state's token axis: symbolic for text (it follows the input), fixed for images (patches +
+        the class token)."""
+        return "sequence" if self.modality == "text" else (self.image_size // self.patch_size) ** 2 + 1
 
     def axis_bounds(self) -> dict[str, int]:
         bounds = {"batch": 4096}
@@ -316,6 +321,15 @@ class CanonicalTransformer(nn.Module):
     def output_name(self) -> str:
         return self.task.output
 
+    def embed(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The embeddings of the model's inputs (token ids, or pixels): the first input; the mask is applied
+        by attention."""
+        return self.embeddings(inputs[0])
+
+    def token_table(self) -> Optional[nn.Embedding]:
+        """The token embedding table (the largest weight of a text model, which no stage changes), or None."""
+        return getattr(self.embeddings, "word", None)
+
     def attention_mask(self, inputs: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
         """The padding mask among the model's inputs, or None for inputs without one (images)."""
         names = self.input_names
@@ -324,13 +338,9 @@ class CanonicalTransformer(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------------
     def encode(self, *inputs: torch.Tensor, all_hidden: bool = False):
         """Hidden states after the last layer (and, with all_hidden, after the embeddings and each layer)."""
-        if self.spec.modality == "text":
-            input_ids, attention_mask = inputs
-            x = self.embeddings(input_ids)
-            mask_add = attention_bias(attention_mask, x.dtype)
-        else:
-            x = self.embeddings(inputs[0])
-            mask_add = None
+        x = self.embed(*inputs)
+        mask = self.attention_mask(inputs)
+        mask_add = attention_bias(mask, x.dtype) if mask is not None else None
         hidden = [x]
         for layer in self.layers:
             x = layer(x, mask_add)

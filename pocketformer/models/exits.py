@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RecipeError
+from ..space import searchable
 from .canonical import CanonicalTransformer
 
 
@@ -24,8 +25,9 @@ class Gate(BaseModel):
     """When to stop: `entropy` below `threshold`, or `patience` further heads agreeing."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["entropy", "patience"] = "entropy"
-    threshold: float = Field(0.3, ge=0, le=1, description="entropy gate: stop below this normalised entropy")
+    kind: Literal["entropy", "patience"] = Field("entropy", description="entropy (DeeBERT) or patience (PABEE)")
+    threshold: float = Field(0.3, ge=0, le=1, description="entropy gate: stop below this normalised entropy",
+                             json_schema_extra=searchable(0.05, 0.9))
     patience: int = Field(1, ge=1, description="patience gate: stop once this many further heads agree")
 
     def summary(self) -> str:

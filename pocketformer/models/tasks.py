@@ -38,6 +38,7 @@ class Task:
     name: ClassVar[str]
     output: ClassVar[str]  # the output tensor's name
     metric: ClassVar[str]  # what `quality` reports, for humans: "accuracy %" or "cosine x100"
+    quality_key: ClassVar[str]  # the same, as a report key: "accuracy" or "cosine_pct"
     has_labels: ClassVar[bool]  # does the output predict the data's labels (exit heads, accuracy budgets)?
     # A reduced-precision file (fp16, int8, palettes) is kept when it makes the float model's decisions.
     min_agreement: ClassVar[float]
@@ -81,6 +82,7 @@ class Classification(Task):
     name = "classification"
     output = "logits"
     metric = "accuracy %"
+    quality_key = "accuracy"
     has_labels = True
     min_agreement = 0.9
 
@@ -111,6 +113,7 @@ class Embedding(Task):
     name = "embedding"
     output = "embedding"
     metric = "cosine x100"
+    quality_key = "cosine_pct"
     has_labels = False
     min_agreement = 0.99
 

@@ -46,8 +46,12 @@ def digits_context(model) -> Context:
                    encoder=Encoder(None), batch_size=8)
 
 
-def binarize(model, ctx, **settings):
+def binarize_result(model, ctx, **settings):
     return Binarize(BinarizeConfig(**{**FAST, **settings})).apply(model, ctx)
+
+
+def binarize(model, ctx, **settings):
+    return binarize_result(model, ctx, **settings).model
 
 
 # -- pure functions -------------------------------------------------------------------------------------------------
@@ -96,15 +100,13 @@ def test_query_key_value_and_output_weights_are_carried_over(text_setup):
 
 def test_learned_hash_agrees_with_the_targets_better_than_a_random_one(text_setup):
     model, ctx = text_setup
-    binarize(model, ctx)
-    for layer in ctx.notes["binarize"]["layers"]:
+    for layer in binarize_result(model, ctx).details["layers"]:
         assert layer["code_agreement"] > layer["random_agreement"] + 0.1
 
 
-def test_notes_report_how_close_the_new_attention_and_model_outputs_stay(text_setup):
+def test_details_report_how_close_the_new_attention_and_model_outputs_stay(text_setup):
     model, ctx = text_setup
-    binarize(model, ctx)
-    notes = ctx.notes["binarize"]
+    notes = binarize_result(model, ctx).details
     assert [r["layer"] for r in notes["layers"]] == [0, 1]
     assert all(0.5 < r["attention_output_cosine"] <= 1.0 + 1e-6 for r in notes["layers"])
     assert 0.5 < notes["output_cosine"] <= 1.0 + 1e-6 and 0.0 <= notes["label_agreement"] <= 1.0

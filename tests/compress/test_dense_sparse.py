@@ -23,8 +23,12 @@ def no_data_context() -> Context:
     return Context(teacher=None, train=None, validation=None, encoder=None)
 
 
-def factorize(model, ctx=None, **settings):
-    return DenseSparse(DenseSparseConfig(**settings)).apply(model, ctx or no_data_context())
+def factorize_result(model, **settings):
+    return DenseSparse(DenseSparseConfig(**settings)).apply(model, no_data_context())
+
+
+def factorize(model, **settings):
+    return factorize_result(model, **settings).model
 
 
 def linear(model, layer: int, name: str):
@@ -136,22 +140,33 @@ def test_a_model_whose_weights_the_factors_can_represent_is_reproduced(make_mode
     assert torch.allclose(got, want, atol=1e-4)
 
 
-def test_stored_parameters_fall_by_what_the_notes_report(make_model):
+def test_stored_parameters_fall_by_what_the_details_report(make_model):
     model = make_model("text")
     before = count_params(model)
-    ctx = no_data_context()
-    factorize(model, ctx)
-    notes = ctx.notes["dense_sparse"]
+    notes = factorize_result(model).details
     # 12 linears; q/k/v/o 64x64 -> 64*32 + 4*64, fc1 128x64 -> 128*32 + 4*64, fc2 64x128 -> 64*32 + 4*128
     assert notes["stored_params"] == {"before": 2 * (4 * 4096 + 2 * 8192),
                                       "after": 2 * (4 * 2304 + 4352 + 2560)}
     assert before - count_params(model) == notes["stored_params"]["before"] - notes["stored_params"]["after"]
 
 
-def test_notes_summarise_the_relative_error_of_every_linear(make_model):
-    ctx = no_data_context()
-    factorize(make_model("text"), ctx)
-    notes = ctx.notes["dense_sparse"]
+def test_stored_size_of_int8_dense_sparse_weights_counts_only_the_kept_entries(make_model):
+    """A dense-sparse model quantized after: S's int8 storage is its kept entries, as its float storage is (the
+    bookkeeping once subtracted S's dense size from its sparse one and went negative)."""
+    from pocketformer.compress.base import stored_bytes
+
+    model = factorize(make_model("text"))
+    float_bytes = stored_bytes(model)
+    model.spec.quantization = {"bits": 8, "group_size": -1}
+    int8_bytes = stored_bytes(model)
+    assert 0 < int8_bytes < float_bytes
+    linear_float = 4 * sum(min(m.nnz, m.rank) * m.in_features + m.second.weight.numel()
+                           for m in model.modules() if isinstance(m, DenseSparseLinear))
+    assert float_bytes - int8_bytes < linear_float  # only linear weights shrink, by at most 4x
+
+
+def test_details_summarise_the_relative_error_of_every_linear(make_model):
+    notes = factorize_result(make_model("text")).details
     errors = [d["relative_error"] for d in notes["linears"]]
     assert len(errors) == 12 and all(0 < e < 1 for e in errors)
     assert notes["relative_error"]["max"] == max(errors)
@@ -160,10 +175,9 @@ def test_notes_summarise_the_relative_error_of_every_linear(make_model):
 
 def test_linears_where_the_factors_would_store_no_fewer_weights_stay_dense(make_model):
     """Basis 56, 16 per column: only fc2 (64 x 128) gets smaller (64*56 + 16*128 < 64*128)."""
-    ctx = no_data_context()
-    model = factorize(make_model("text"), ctx, rank=56, nnz=16)
-    assert all(set(layer.linears) == {"fc2"} for layer in model.config.layers)
-    kept_dense = [d for d in ctx.notes["dense_sparse"]["linears"] if d["rank"] is None]
+    result = factorize_result(make_model("text"), rank=56, nnz=16)
+    assert all(set(layer.linears) == {"fc2"} for layer in result.model.config.layers)
+    kept_dense = [d for d in result.details["linears"] if d["rank"] is None]
     assert len(kept_dense) == 10 and all(d["why"].startswith("dense:") for d in kept_dense)
 
 
@@ -174,9 +188,8 @@ def test_nothing_to_factorize_is_a_recipe_error_with_a_fix(make_model):
 
 def test_already_factorized_linears_are_skipped_not_factorized_again(make_model):
     model = factorize(make_model("text"), linears=["fc1"])
-    ctx = no_data_context()
-    factorize(model, ctx, linears=["fc1", "fc2"])
-    skipped = [d for d in ctx.notes["dense_sparse"]["linears"] if d["linear"] == "fc1"]
+    details = factorize_result(model, linears=["fc1", "fc2"]).details
+    skipped = [d for d in details["linears"] if d["linear"] == "fc1"]
     assert all(d["rank"] is None and "already factorized" in d["why"] for d in skipped)
     assert model.config.layers[0].linears["fc1"] == LinearShape(kind="dense_sparse", rank=32, nnz=4)
 
@@ -250,9 +263,8 @@ def test_composes_after_pruning_with_different_shapes_per_layer(make_model, make
 def test_layers_whose_heads_were_all_pruned_are_skipped(make_model):
     model = make_model("text")
     model.keep_heads(0, [])
-    ctx = no_data_context()
-    factorize(model, ctx)
-    empty = [d for d in ctx.notes["dense_sparse"]["linears"] if d["layer"] == 0 and d["linear"] in "qkvo"]
+    details = factorize_result(model).details
+    empty = [d for d in details["linears"] if d["layer"] == 0 and d["linear"] in "qkvo"]
     assert all("no weights" in d["why"] for d in empty)
 
 

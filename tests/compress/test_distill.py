@@ -72,9 +72,9 @@ def test_distillation_lowers_the_distillation_loss(make_model, digits):
     before = loss_of(student, teacher, batch, cfg)
     ctx = Context(teacher=teacher, train=digits["train"], validation=digits["validation"], encoder=Encoder(None),
                   batch_size=32)
-    student = Distill(cfg).apply(student, ctx)
-    assert loss_of(student, teacher, batch, cfg) < 0.5 * before
-    assert ctx.notes["distill_final_loss"] > 0
+    result = Distill(cfg).apply(student, ctx)
+    assert loss_of(result.model, teacher, batch, cfg) < 0.5 * before
+    assert result.details["final_loss"] > 0
 
 
 def test_distillation_leaves_the_teacher_unchanged(make_model, digits):
@@ -93,7 +93,7 @@ def test_distillation_is_deterministic_for_a_seed(make_model, digits):
         teacher = make_model("vision", labels=DIGITS)
         ctx = Context(teacher=teacher, train=digits["train"], validation=digits["validation"],
                       encoder=Encoder(None), batch_size=32, seed=5)
-        student = Distill(DistillConfig(epochs=1, lr=3e-3, max_examples=64)).apply(pruned_copy(teacher), ctx)
+        student = Distill(DistillConfig(epochs=1, lr=3e-3, max_examples=64)).apply(pruned_copy(teacher), ctx).model
         results.append(student.state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 

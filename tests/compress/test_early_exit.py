@@ -33,7 +33,7 @@ def trained(digits, make_model):
     """A 4-layer mean-pooling digits classifier fine-tuned for one epoch: a random backbone's features are too
     uniform for frozen-backbone heads to learn from, a fine-tuned one's are not."""
     model = make_model("vision", labels=DIGITS, layers=four_layers(), head=HeadSpec(pooling="mean", labels=DIGITS))
-    return Finetune(FinetuneConfig(lr=3e-3, epochs=1)).apply(model, context(model, digits))
+    return Finetune(FinetuneConfig(lr=3e-3, epochs=1)).apply(model, context(model, digits)).model
 
 
 def context(model, digits):
@@ -147,14 +147,14 @@ def test_exits_and_gate_survive_save_and_load(make_model, tmp_path):
 def test_exits_all_places_a_head_after_every_layer_but_the_last(make_model, digits):
     model = make_model("vision", labels=DIGITS, layers=four_layers())
     cfg = EarlyExitConfig(exits="all", max_examples=32, epochs=1)
-    model = EarlyExit(cfg).apply(model, context(model, digits))
+    model = EarlyExit(cfg).apply(model, context(model, digits)).model
     assert model.spec.exits == [0, 1, 2] and len(model.exit_heads) == 3
 
 
 def test_the_gate_is_stored_in_the_model(make_model, digits):
     model = make_model("vision", labels=DIGITS, layers=four_layers())
     cfg = EarlyExitConfig(exits=[1], gate={"kind": "patience", "patience": 2}, max_examples=32)
-    model = EarlyExit(cfg).apply(model, context(model, digits))
+    model = EarlyExit(cfg).apply(model, context(model, digits)).model
     assert model.spec.exit_gate == {"kind": "patience", "threshold": 0.3, "patience": 2}
 
 
@@ -165,7 +165,7 @@ def test_deebert_training_lowers_the_exit_heads_loss(trained, digits):
     inputs, labels = held_out(digits)
     with torch.no_grad():
         before = float(deebert_loss(model, inputs, labels, cfg))
-    model = EarlyExit(cfg).apply(model, context(model, digits))
+    model = EarlyExit(cfg).apply(model, context(model, digits)).model
     with torch.no_grad():
         after = float(deebert_loss(model, inputs, labels, cfg))
     assert after < 0.9 * before
@@ -174,7 +174,7 @@ def test_deebert_training_lowers_the_exit_heads_loss(trained, digits):
 def test_deebert_leaves_the_backbone_and_the_final_head_unchanged(trained, digits):
     model = copy.deepcopy(trained)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model = EarlyExit(EarlyExitConfig(exits=[0, 2], max_examples=128)).apply(model, context(model, digits))
+    model = EarlyExit(EarlyExitConfig(exits=[0, 2], max_examples=128)).apply(model, context(model, digits)).model
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(k.startswith("exit_heads.") for k in after)
@@ -189,7 +189,7 @@ def test_pabee_trains_the_backbone_and_lowers_the_all_layer_loss(trained, digits
     with torch.no_grad():
         before = float(pabee_loss(model, teacher, inputs, labels, cfg))
     layer_weight = model.layers[1].ffn.fc1.weight.clone()
-    model = EarlyExit(cfg).apply(model, context(teacher, digits))
+    model = EarlyExit(cfg).apply(model, context(teacher, digits)).model
     with torch.no_grad():
         after = float(pabee_loss(model, teacher, inputs, labels, cfg))
     assert after < 0.85 * before
@@ -199,8 +199,7 @@ def test_pabee_trains_the_backbone_and_lowers_the_all_layer_loss(trained, digits
 def test_the_stage_reports_each_heads_validation_accuracy_and_the_gates_depth(make_model, digits):
     model = make_model("vision", labels=DIGITS, layers=four_layers())
     ctx = context(model, digits)
-    EarlyExit(EarlyExitConfig(exits=[0, 2], max_examples=64)).apply(model, ctx)
-    notes = ctx.notes["early_exit"]
+    notes = EarlyExit(EarlyExitConfig(exits=[0, 2], max_examples=64)).apply(model, ctx).details
     assert len(notes["head_validation_accuracy"]) == 3
     assert 1.0 <= notes["gate_mean_layers"] <= 4.0 and 0 <= notes["gate_validation_accuracy"] <= 100
 

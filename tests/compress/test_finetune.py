@@ -22,7 +22,7 @@ def context(model, digits) -> Context:
 
 def test_finetuning_an_embedding_model_adds_a_classifier_over_the_dataset_labels(make_model, digits):
     model = make_model("vision")
-    model = Finetune(FinetuneConfig(epochs=1, lr=1e-3, max_examples=64)).apply(model, context(model, digits))
+    model = Finetune(FinetuneConfig(epochs=1, lr=1e-3, max_examples=64)).apply(model, context(model, digits)).model
     assert model.config.head.labels == [str(i) for i in range(10)]
     (pixels,) = Encoder(None).encode(digits["validation"], list(range(3)))
     with torch.no_grad():
@@ -31,7 +31,7 @@ def test_finetuning_an_embedding_model_adds_a_classifier_over_the_dataset_labels
 
 def test_finetuning_beats_chance_on_digits(make_model, digits):
     model = make_model("vision")
-    model = Finetune(FinetuneConfig(epochs=3, lr=3e-3)).apply(model, context(model, digits))
+    model = Finetune(FinetuneConfig(epochs=3, lr=3e-3)).apply(model, context(model, digits)).model
     assert evaluate(model, digits["validation"], Encoder(None))["accuracy"] > 50.0  # chance is 10%
 
 

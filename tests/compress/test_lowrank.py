@@ -12,7 +12,7 @@ from pocketformer.compress.lowrank import (LowRank, LowRankConfig, break_even_ra
 from pocketformer.compress.prune import Prune, PruneConfig
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import RecipeError
-from pocketformer.export import EXPORTERS
+from conftest import EXPORTERS
 from pocketformer.models.canonical import count_params, encoder_macs
 from pocketformer.models.factorized import LowRankLinear
 from pocketformer.models.io import load, save
@@ -26,7 +26,7 @@ def context(model) -> Context:
 
 
 def lowrank(model, **settings):
-    return LowRank(LowRankConfig(**settings)).apply(model, context(model)).eval()
+    return LowRank(LowRankConfig(**settings)).apply(model, context(model)).model.eval()
 
 
 def run(model, inputs):
@@ -125,10 +125,10 @@ def test_composes_with_pruning_in_either_order(make_model, make_vision_inputs):
     inputs = make_vision_inputs(batch=2)
     model = make_model("vision", labels=DIGITS)
     pruned_first = Prune(PruneConfig(heads=1, ffn=0.25, importance="magnitude")).apply(copy.deepcopy(model),
-                                                                                      context(model))
+                                                                                      context(model)).model
     a = lowrank(pruned_first, method="ranks", ranks=8)
     b = lowrank(copy.deepcopy(model), method="ranks", ranks=8)
-    b = Prune(PruneConfig(heads=1, ffn=0.25, importance="magnitude")).apply(b, context(b)).eval()
+    b = Prune(PruneConfig(heads=1, ffn=0.25, importance="magnitude")).apply(b, context(b)).model.eval()
     for m in (a, b):
         assert sum(layer.attn.heads for layer in m.layers) == 7
         assert all(isinstance(layer.ffn.fc2, LowRankLinear) for layer in m.layers)

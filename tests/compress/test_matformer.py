@@ -35,14 +35,13 @@ def digits_context(model, train_examples=64) -> Context:
 
 def nest(model, train_examples=64, **settings):
     settings = {"epochs": 1, "lr": 1e-3, "calibration_examples": 16, **settings}
-    ctx = digits_context(model, train_examples)
-    return Matformer(MatformerConfig(**settings)).apply(model, ctx), ctx
+    result = Matformer(MatformerConfig(**settings)).apply(model, digits_context(model, train_examples))
+    return result.model, result.details
 
 
 @pytest.fixture(scope="module")
 def nested(make_model):
-    model, ctx = nest(make_model("vision", labels=DIGITS))
-    return model, ctx
+    return nest(make_model("vision", labels=DIGITS))
 
 
 def outputs(model, inputs):
@@ -113,11 +112,11 @@ def test_stage_records_the_nested_fractions(nested):
 
 
 def test_stage_reports_validation_accuracy_per_width(nested):
-    _, ctx = nested
-    accuracy = ctx.notes["matformer_validation_accuracy"]
+    _, details = nested
+    accuracy = details["validation_accuracy"]
     assert list(accuracy) == ["1", "0.5", "0.25", "0.125"]
     assert all(0 <= a <= 100 for a in accuracy.values())
-    assert ctx.notes["matformer_widths"]["0.125"] == [16, 16]
+    assert details["widths"]["0.125"] == [16, 16]
 
 
 def test_save_and_load_keep_the_nesting_and_its_prefixes(nested, tmp_path, make_vision_inputs):
@@ -134,7 +133,7 @@ def test_nested_training_lowers_the_narrowest_widths_distillation_loss(make_mode
     teacher = make_model("vision", labels=DIGITS)
     sorted_only = copy.deepcopy(teacher)
     sort_neurons(sorted_only, magnitude_scores(sorted_only)[1])
-    trained, ctx = nest(copy.deepcopy(teacher), train_examples=256, importance="magnitude", epochs=2)
+    trained, _ = nest(copy.deepcopy(teacher), train_examples=256, importance="magnitude", epochs=2)
     held_out = digits("validation").head(64)
     batch = ((torch.from_numpy(held_out.images),), torch.from_numpy(held_out.labels))
 

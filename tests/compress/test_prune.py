@@ -10,8 +10,11 @@ from pydantic import ValidationError
 from torch.nn import functional as F
 
 from pocketformer.compress import Context
+from pocketformer.compress.early_exit import EarlyExit, EarlyExitConfig
+from pocketformer.compress.matformer import Matformer, MatformerConfig
 from pocketformer.compress.prune import Prune, PruneConfig, resolve, select_heads, select_neurons
 from pocketformer.data import Encoder, load_dataset
+from pocketformer.errors import RecipeError
 
 DIGITS = [str(i) for i in range(10)]
 CALIBRATION, BATCH = 16, 8
@@ -29,7 +32,7 @@ def digits_context(model) -> Context:
 
 def prune(model, **settings):
     settings.setdefault("calibration_examples", CALIBRATION)
-    return Prune(PruneConfig(**settings)).apply(model, digits_context(model))
+    return Prune(PruneConfig(**settings)).apply(model, digits_context(model)).model
 
 
 def heads(model) -> list[int]:
@@ -202,3 +205,53 @@ def test_accuracy_driven_neuron_groups_keep_widths_multiples_of_round_to(make_mo
     model = prune(make_model("vision", labels=DIGITS), importance="accuracy", tolerance=1e9, layers=1, ffn=0.25,
                   round_to=16)
     assert all(w % 16 == 0 for w in widths(model))
+
+
+# -- after stages that leave invariants: early exits, nested FFNs ---------------------------------------------------
+
+def with_exit_after_layer_0(model):
+    return EarlyExit(EarlyExitConfig(exits=[0], max_examples=32)).apply(model, digits_context(model)).model
+
+
+def nested_ffn(model):
+    cfg = MatformerConfig(importance="magnitude", epochs=1, max_examples=32, calibration_examples=CALIBRATION)
+    return Matformer(cfg).apply(model, digits_context(model)).model
+
+
+def test_accuracy_driven_pruning_after_early_exit_keeps_every_layer_and_says_why(make_model, make_vision_inputs,
+                                                                                capsys):
+    model = with_exit_after_layer_0(make_model("vision", labels=DIGITS))
+    capsys.readouterr()
+    # An unlimited tolerance would take a layer first; with exits placed by layer index, none may go.
+    model = prune(model, importance="accuracy", tolerance=1e9, round_to=16)
+    assert "keeping every layer" in capsys.readouterr().err
+    assert len(model.layers) == 2 and model.spec.exits == [0] and len(model.exit_heads) == 1
+    assert heads(model) == [1, 1]  # the walk still pruned inside the layers
+    logits = [z.shape for z in model.exit_logits(*make_vision_inputs(batch=2))]
+    assert logits == [(2, 10), (2, 10)]
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "accuracy"])
+def test_removing_layers_after_early_exit_is_refused_with_a_fix(make_model, importance):
+    model = with_exit_after_layer_0(make_model("vision", labels=DIGITS))
+    with pytest.raises(RecipeError, match="early exits") as refused:
+        prune(model, layers=1, importance=importance)
+    assert "before early_exit" in refused.value.fix
+    assert len(model.layers) == 2 and model.spec.exits == [0]
+
+
+def test_accuracy_driven_pruning_after_matformer_clears_the_nesting_it_breaks(make_model):
+    model = nested_ffn(make_model("vision", labels=DIGITS))
+    assert model.spec.nested_ffn
+    model = prune(model, importance="accuracy", tolerance=1e9, round_to=16, layers=1, heads=1, ffn=32)
+    assert widths(model) == [128 - 32]  # layer 1 went whole, then two groups of 16 neurons of layer 0
+    assert model.spec.nested_ffn == []
+
+
+def test_accuracy_driven_pruning_that_removes_no_neurons_keeps_the_nesting(make_model):
+    model = nested_ffn(make_model("vision", labels=DIGITS))
+    fractions = list(model.spec.nested_ffn)
+    # A neuron budget below one group (16) removes no neurons; a whole layer and heads keep every prefix intact.
+    model = prune(model, importance="accuracy", tolerance=1e9, round_to=16, layers=1, heads=2, ffn=8)
+    assert sum(heads(model)) == 2 and widths(model) == [128]
+    assert model.spec.nested_ffn == fractions

@@ -29,7 +29,7 @@ def classifier(make_model):
 
 
 def quantize(model, **settings):
-    return Quantize(QuantizeConfig(**settings)).apply(copy.deepcopy(model), context(model))
+    return Quantize(QuantizeConfig(**settings)).apply(copy.deepcopy(model), context(model)).model
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +84,11 @@ def test_no_candidate_within_the_tolerable_loss_is_refused(make_model):
 def test_tuning_stops_at_the_first_candidate_within_tolerance(make_model):
     model = classifier(make_model)
     ctx = context(model)
-    q = Quantize(QuantizeConfig(candidates=[{"bits": 8}, {"bits": 2}], tolerable_loss=5.0,
-                                min_agreement=0.0)).apply(copy.deepcopy(model), ctx)
-    assert [t["config"]["bits"] for t in ctx.notes["quantize_trials"]] == [8]
-    assert q.spec.quantization["bits"] == 8
+    result = Quantize(QuantizeConfig(candidates=[{"bits": 8}, {"bits": 2}], tolerable_loss=5.0,
+                                     min_agreement=0.0)).apply(copy.deepcopy(model), ctx)
+    assert [t["config"]["bits"] for t in result.details["trials"]] == [8]
+    assert result.model.spec.quantization["bits"] == 8
+    assert result.details["quantization"] == result.model.spec.quantization
 
 
 def test_config_rejects_unsupported_bits():
@@ -123,7 +124,7 @@ def test_composes_after_lowrank_factors_quantizing_both(make_model):
     from pocketformer.models.factorized import LowRankLinear
 
     model = classifier(make_model)
-    model = LowRank(LowRankConfig(method="ranks", ranks=8)).apply(model, context(model)).eval()
+    model = LowRank(LowRankConfig(method="ranks", ranks=8)).apply(model, context(model)).model.eval()
     q = quantize(model, tolerable_loss=100, min_agreement=0.0)
     fc1 = q.layers[0].ffn.fc1
     assert isinstance(fc1, LowRankLinear) and q.spec.quantization["linears"] == 25  # 12 pairs + classifier
