@@ -1,7 +1,8 @@
 """The stage contract: a registered class with a pydantic config and one `apply(model, ctx) -> StageResult`.
 
 The registry maps recipe names to stages, so the recipe validator, the CLI help and the docs all read the same
-declarations. Besides its config, a stage declares:
+declarations. A stage's header says who it is: `class Prune(Stage[PruneConfig], name="prune", version=1,
+summary="...")`. Besides its name, summary and config, a stage declares:
 - `version` (bump it when the stage's code changes) and `libraries` (the distributions it calls): both join its
   cache key, so an edited stage never serves old results;
 - what it needs of the model and what it does to it, in facts of FACTS (`requires`, `excludes`, `provides`,
@@ -12,8 +13,8 @@ declarations. Besides its config, a stage declares:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Generic, Literal, Optional, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +39,13 @@ class TrainingConfig(StageConfig):
     max_examples: int = Field(0, ge=0, description="train on at most this many examples (0 = all)")
     freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed: no stage changes "
                                                       "it, and updating it slows every step")
+
+
+class FactorizationConfig(StageConfig):
+    """Settings every stage that factorizes linears shares."""
+
+    linears: list[Literal["q", "k", "v", "o", "fc1", "fc2"]] = Field(
+        default_factory=lambda: list(LINEAR_NAMES), description="which linears of every layer to factorize")
 
 
 @dataclass
@@ -120,12 +128,21 @@ class Conflict:
     fix: str
 
 
-class Stage:
-    """A compression stage. Subclasses register by `name`; a new stage is one module in `compress/`."""
+C = TypeVar("C", bound=StageConfig)
+
+
+class Stage(Generic[C]):
+    """A compression stage; a new stage is one module in `compress/`. Its header declares its config and identity,
+    which become the class attributes below, and registers it by name:
+
+        class Prune(Stage[PruneConfig], name="prune", version=1, summary="structured pruning of ..."):
+
+    A class still generic in its config (`class Factorization(Stage[F])`) is a base that stages share: it is neither
+    checked nor registered."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    Config: ClassVar[type[StageConfig]]
+    Config: ClassVar[type[StageConfig]]  # the type argument of its Stage[...] base: what `self.config` is
     version: ClassVar[int]  # bump when the stage's code changes what it makes: the cache then runs it again
     libraries: ClassVar[tuple[str, ...]] = ("torch",)  # distributions whose versions join the cache key
     # The most this stage may need and do (facts of FACTS); effects() narrows them to its settings.
@@ -139,16 +156,31 @@ class Stage:
     reasons: ClassVar[dict[str, str]] = {}
     remedies: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, config: StageConfig):
+    def __init__(self, config: C):
         self.config = config
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, *, name: Optional[str] = None, summary: Optional[str] = None,
+                          version: Optional[int] = None, **kwargs):
         super().__init_subclass__(**kwargs)
-        missing = [a for a in ("name", "summary", "Config", "version") if not hasattr(cls, a)]
+        if cls.__parameters__:  # still generic in its config: a base for stages, not one
+            if any(v is not None for v in (name, summary, version)):
+                raise TypeError(f"{cls.__name__} is generic in its config, a base for stages: name, summary and "
+                                f"version belong in the headers of the stages that fix its config")
+            return
+        config = next((arg for base in vars(cls).get("__orig_bases__", ()) for arg in get_args(base)), None)
+        if config is not None and not (isinstance(config, type) and issubclass(config, StageConfig)):
+            raise TypeError(f"stage {cls.__name__}: its config {config!r} must be a StageConfig")
+        missing = [a for a, v in (("name", name), ("summary", summary), ("version", version)) if v is None]
+        if config is None and not hasattr(cls, "Config"):
+            missing.insert(0, "Config")
         if missing:
-            raise TypeError(f"stage {cls.__name__} must declare {', '.join(missing)}")
-        if not isinstance(cls.version, int) or isinstance(cls.version, bool):
+            raise TypeError(f"stage {cls.__name__} must declare {', '.join(missing)} in its header: "
+                            f"class {cls.__name__}(Stage[ItsConfig], name=..., version=..., summary=...)")
+        if not isinstance(version, int) or isinstance(version, bool):
             raise TypeError(f"stage {cls.__name__}: version must be an int")
+        cls.name, cls.summary, cls.version = name, summary, version
+        if config is not None:
+            cls.Config = config
         unknown = sorted((cls.requires | cls.excludes | cls.provides | cls.invalidates) - set(FACTS))
         if unknown:
             raise TypeError(f"stage {cls.__name__} declares unknown facts {unknown}; known: {', '.join(FACTS)}")
@@ -189,6 +221,22 @@ class Stage:
                               batch_size=ctx.batch_size, seed=ctx.seed, desc=desc)
         finally:
             model.requires_grad_(True)
+
+
+F = TypeVar("F", bound=FactorizationConfig)
+
+
+class Factorization(Stage[F]):
+    """What the stages that factorize linears (lowrank, dense_sparse) declare alike: they add factorized linears,
+    each only those its `linears` name, and refuse quantized weights."""
+
+    excludes = frozenset({"quantized"})
+    provides = factorized(LINEAR_NAMES)
+    only_new = True  # a factorized linear is skipped: factorizing its factors would compound errors, buy nothing
+    reasons = {"quantized": "factorizing quantized weights would move them off their int grid"}
+
+    def effects(self) -> Effects:
+        return replace(super().effects(), provides=factorized(self.config.linears))
 
 
 # -- the plan check: every stage's declarations over the whole recipe, before anything runs -------------------------

@@ -163,29 +163,23 @@ def _padded_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 # -- the stage ----------------------------------------------------------------------------------------------------
 
-class Binarize(Stage):
-    name = "binarize"
-    summary = "EcoFormer binarized attention: hashed queries/keys, attention linear in sequence length"
-    Config = BinarizeConfig
-    version = 1
+class Binarize(Stage[BinarizeConfig], name="binarize", version=1,
+               summary="EcoFormer binarized attention: hashed queries/keys, attention linear in sequence length"):
     excludes = frozenset({"binarized"})
     provides = frozenset({"binarized"})
     reasons = {"binarized": "a layer that already has EcoFormer attention cannot have its hash fitted to softmax "
                             "targets again"}
 
     def effects(self):
-        cfg: BinarizeConfig = self.config
         full = super().effects()
-        return full if cfg.layers == "all" else replace(full, provides=frozenset())
+        return full if self.config.layers == "all" else replace(full, provides=frozenset())
 
     def min_layers(self) -> tuple[int, str]:
-        cfg: BinarizeConfig = self.config
-        if cfg.layers == "all":
-            return 0, ""
-        return max(cfg.layers) + 1, f"it binarizes layer {max(cfg.layers)}"
+        layers = self.config.layers
+        return (0, "") if layers == "all" else (max(layers) + 1, f"it binarizes layer {max(layers)}")
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: BinarizeConfig = self.config
+        cfg = self.config
         chosen = list(range(len(model.layers))) if cfg.layers == "all" else sorted(set(cfg.layers))
         if chosen and chosen[-1] >= len(model.layers):
             raise RecipeError(f"binarize layers {[i for i in chosen if i >= len(model.layers)]} do not exist: the "
@@ -216,7 +210,7 @@ class Binarize(Stage):
         return StageResult(model, summary)
 
     def _binarize_layer(self, model: CanonicalTransformer, li: int, batches, generator: torch.Generator) -> dict:
-        cfg: BinarizeConfig = self.config
+        cfg = self.config
         old = model.layers[li].attn
         captured = _attention_inputs(model, li, batches)
         with torch.no_grad():

@@ -16,25 +16,20 @@ DenseSparseLinear projects S to its top-s entries with a straight-through gradie
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Literal
-
 import torch
 from pydantic import Field
 from torch import nn
 
 from ..errors import RecipeError
-from ..models.canonical import LINEAR_NAMES, CanonicalTransformer
+from ..models.canonical import CanonicalTransformer
 from ..models.factorized import DenseSparseLinear, LowRankLinear
 from ..progress import info
 from ..space import searchable
 from .amounts import Size, resolve, round_to_multiple
-from .base import Context, Stage, StageConfig, StageResult, factorized
+from .base import Context, Factorization, FactorizationConfig, StageResult
 
 
-class DenseSparseConfig(StageConfig):
-    linears: list[Literal["q", "k", "v", "o", "fc1", "fc2"]] = Field(
-        default_factory=lambda: list(LINEAR_NAMES), description="which linears of every layer to factorize")
+class DenseSparseConfig(FactorizationConfig):
     rank: Size = Field(0.5, description="basis size k of each linear: a fraction of min(m, n) in (0, 1], or a count",
                        json_schema_extra=searchable(0.125, 1.0))
     nnz: Size = Field(0.125, description="non-zeros kept in each column of S: a fraction of the basis size in "
@@ -122,21 +117,10 @@ def factorize(module: nn.Linear, rank: int, nnz: int, refinements: int) -> tuple
     return new.train(module.training), relative_error(module.weight, sparse, basis)
 
 
-class DenseSparse(Stage):
-    name = "dense_sparse"
-    summary = "dense-sparse factorization W ~ D S (DSFormer): dense basis, s non-zeros per column of S"
-    Config = DenseSparseConfig
-    version = 1
-    excludes = frozenset({"quantized"})
-    provides = factorized(LINEAR_NAMES)
-    only_new = True  # a factorized linear is skipped: fitting the factors would compound both errors
-    reasons = {"quantized": "factorizing quantized weights would move them off their int grid"}
-
-    def effects(self):
-        return replace(super().effects(), provides=factorized(self.config.linears))
-
+class DenseSparse(Factorization[DenseSparseConfig], name="dense_sparse", version=1,
+                  summary="dense-sparse factorization W ~ D S (DSFormer): dense basis, s non-zeros per column of S"):
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: DenseSparseConfig = self.config
+        cfg = self.config
         decisions = []
         for li, name, parent, module in model.linears(cfg.linears):
             m, n = module.out_features, module.in_features

@@ -53,16 +53,13 @@ def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, i
     return loss
 
 
-class Distill(Stage):
-    name = "distill"
-    summary = "recovery distillation from the original model (outputs + hidden states)"
-    Config = DistillConfig
-    version = 1
+class Distill(Stage[DistillConfig], name="distill", version=1,
+              summary="recovery distillation from the original model (outputs + hidden states)"):
     excludes = frozenset({"quantized"})
     reasons = {"quantized": "training would move quantized weights off their int grid"}
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: DistillConfig = self.config
+        cfg = self.config
         seed_everything(ctx.seed)
         teacher = ctx.teacher.eval()  # its forward runs under no_grad in distill_loss
         losses = self.fit(model, ctx, lambda m, x, y: distill_loss(m, teacher, x, y, cfg), "distill")

@@ -108,11 +108,9 @@ def exit_layers(cfg: EarlyExitConfig, n_layers: int) -> list[int]:
     return sorted(set(cfg.exits))
 
 
-class EarlyExit(Stage):
-    name = "early_exit"
-    summary = "exit heads after chosen layers (DeeBERT frozen backbone or PABEE all-layer loss), entropy/patience gate"
-    Config = EarlyExitConfig
-    version = 1
+class EarlyExit(Stage[EarlyExitConfig], name="early_exit", version=1,
+                summary="exit heads after chosen layers (DeeBERT frozen backbone or PABEE all-layer loss), "
+                        "entropy/patience gate"):
     requires = frozenset({"labels"})
     excludes = frozenset({"quantized"})
     provides = frozenset({"exits"})
@@ -126,13 +124,13 @@ class EarlyExit(Stage):
         return full if self.config.mode == "pabee" else replace(full, excludes=frozenset())
 
     def min_layers(self) -> tuple[int, str]:
-        cfg: EarlyExitConfig = self.config
+        cfg = self.config
         if cfg.exits == "all":
             return 2, "the last layer ends in the final head, so exits need a layer before it"
         return max(cfg.exits) + 2, f"an exit after layer {max(cfg.exits)} needs a later last layer"
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: EarlyExitConfig = self.config
+        cfg = self.config
         if not model.task.has_labels:
             raise RecipeError(f"early_exit needs a classifier: an exit head predicts the task's labels, and a "
                               f"{model.task.name} model has none.",

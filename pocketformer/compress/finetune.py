@@ -21,17 +21,14 @@ class FinetuneConfig(TrainingConfig):
                                                                 "classifier keeps its own)")
 
 
-class Finetune(Stage):
-    name = "finetune"
-    summary = "supervised fine-tuning on the train split (adds a classifier to an embedding model)"
-    Config = FinetuneConfig
-    version = 1
+class Finetune(Stage[FinetuneConfig], name="finetune", version=1,
+               summary="supervised fine-tuning on the train split (adds a classifier to an embedding model)"):
     excludes = frozenset({"quantized"})
     provides = frozenset({"labels"})
     reasons = {"quantized": "training would move quantized weights off their int grid"}
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: FinetuneConfig = self.config
+        cfg = self.config
         seed_everything(ctx.seed)
         labels = ctx.train.label_names
         if not model.task.has_labels:

@@ -12,7 +12,6 @@ stage after this one.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal, Union
 
 import torch
@@ -24,13 +23,10 @@ from ..models.factorized import LowRankLinear
 from ..progress import info
 from ..space import searchable
 from .amounts import round_to_multiple
-from .base import Context, Stage, StageConfig, StageResult, factorized
+from .base import Context, Factorization, FactorizationConfig, StageResult
 
 
-
-class LowRankConfig(StageConfig):
-    linears: list[Literal["q", "k", "v", "o", "fc1", "fc2"]] = Field(
-        default_factory=lambda: list(LINEAR_NAMES), description="which linears of every layer to factorize")
+class LowRankConfig(FactorizationConfig):
     method: Literal["energy", "budget", "ranks"] = Field("budget", description="how each rank is chosen: energy, "
                                                          "budget or ranks (see the settings of each)")
     energy: float = Field(0.9, gt=0, le=1, description="energy method: fraction of squared singular values kept",
@@ -88,21 +84,10 @@ def budget_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], bud
     return ranks
 
 
-class LowRank(Stage):
-    name = "lowrank"
-    summary = "low-rank factorization of linears by truncated SVD (rank by energy, budget or list)"
-    Config = LowRankConfig
-    version = 1
-    excludes = frozenset({"quantized"})
-    provides = factorized(LINEAR_NAMES)
-    only_new = True  # a factorized linear is skipped: factorizing the factors again would buy nothing
-    reasons = {"quantized": "factorizing quantized weights would move them off their int grid"}
-
-    def effects(self):
-        return replace(super().effects(), provides=factorized(self.config.linears))
-
+class LowRank(Factorization[LowRankConfig], name="lowrank", version=1,
+              summary="low-rank factorization of linears by truncated SVD (rank by energy, budget or list)"):
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: LowRankConfig = self.config
+        cfg = self.config
         chosen, decisions = [], []
         for li, name, parent, module in model.linears(cfg.linears):
             if isinstance(module, LowRankLinear):  # factorizing the factors again would buy nothing

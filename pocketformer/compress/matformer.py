@@ -113,11 +113,9 @@ def width_quality(model: CanonicalTransformer, ctx: Context, plans: dict[float, 
     return result
 
 
-class Matformer(Stage):
-    name = "matformer"
-    summary = "MatFormer nested FFNs: sort neurons by importance, then train every width prefix against the original"
-    Config = MatformerConfig
-    version = 1
+class Matformer(Stage[MatformerConfig], name="matformer", version=1,
+                summary="MatFormer nested FFNs: sort neurons by importance, then train every width prefix against "
+                        "the original"):
     excludes = factorized(["fc1", "fc2"]) | {"quantized"}
     provides = frozenset({"nested_ffn"})
     reasons = {"factorized:fc1": "nested widths need dense FFN linears",
@@ -128,7 +126,7 @@ class Matformer(Stage):
                 "quantized": "quantize the model `pocketformer extract` writes"}
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: MatformerConfig = self.config
+        cfg = self.config
         _refuse_unnestable(model)
         seed_everything(ctx.seed)
         sort_neurons(model, neuron_importance(model, ctx, cfg))

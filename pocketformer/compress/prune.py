@@ -89,11 +89,8 @@ def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> 
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
-class Prune(Stage):
-    name = "prune"
-    summary = "structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy)"
-    Config = PruneConfig
-    version = 1
+class Prune(Stage[PruneConfig], name="prune", version=1,
+            summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy)"):
     excludes = frozenset({"exits"})
     invalidates = frozenset({"nested_ffn"})
     reasons = {"exits": "removing layers would misplace the exit heads, which sit after layers by index",
@@ -102,7 +99,7 @@ class Prune(Stage):
                 "nested_ffn": "cut FFN widths with `pocketformer extract` instead of pruning them"}
 
     def effects(self) -> Effects:
-        cfg: PruneConfig = self.config
+        cfg = self.config
         # Accuracy mode removes layers and neuron groups up to a budget, unbounded when it is 0; with exits present
         # it keeps every layer, so only an explicit `layers` conflicts with exits.
         return Effects(excludes=self.excludes if cfg.layers else frozenset(),
@@ -114,7 +111,7 @@ class Prune(Stage):
         return layers - resolve(self.config.layers, layers)
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: PruneConfig = self.config
+        cfg = self.config
         if cfg.layers and model.spec.exits:
             raise RecipeError(f"prune cannot remove layers from a model with early exits (after layers "
                               f"{model.spec.exits}): the exits are placed after layers by index.",

@@ -101,16 +101,13 @@ def on_int_grid(model: CanonicalTransformer, quantized: nn.Module) -> tuple[Cano
     return result.eval(), len(weights)
 
 
-class Quantize(Stage):
-    name = "quantize"
-    summary = "weight-only int quantization through neural-compressor autotune, refused below the floor"
-    Config = QuantizeConfig
-    version = 1
+class Quantize(Stage[QuantizeConfig], name="quantize", version=1,
+               summary="weight-only int quantization through neural-compressor autotune, refused below the floor"):
     libraries = ("torch", "neural-compressor")
     provides = frozenset({"quantized"})
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
-        cfg: QuantizeConfig = self.config
+        cfg = self.config
         data = ctx.validation.head(cfg.eval_examples) if cfg.eval_examples else ctx.validation
         model = model.eval()
         task = model.task
@@ -146,7 +143,7 @@ class Quantize(Stage):
     def _tune(self, model: CanonicalTransformer, quality: Callable[[nn.Module], float],
               baseline: float) -> tuple[Optional[nn.Module], list[dict]]:
         """neural-compressor's autotune over the candidates, scored by `quality`: (its model, or None; every trial)."""
-        cfg: QuantizeConfig = self.config
+        cfg = self.config
         with _quiet():
             from neural_compressor.torch.quantization import TuningConfig, autotune
         # neural-compressor's tolerance is relative to the baseline: convert the recipe's points.
@@ -171,7 +168,7 @@ class Quantize(Stage):
 
     def _chosen(self, quantized: Optional[nn.Module], trials: list[dict], baseline: float) -> WeightCandidate:
         """The candidate autotune stopped at: the first within the tolerable loss (refused if none is)."""
-        cfg: QuantizeConfig = self.config
+        cfg = self.config
         within = [i for i, t in enumerate(trials) if t["metric"] >= baseline - cfg.tolerable_loss - 1e-9]
         if quantized is None or not within:
             best = max((t["metric"] for t in trials), default=float("nan"))

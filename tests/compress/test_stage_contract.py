@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 import pocketformer.compress as compress_pkg
-from pocketformer.compress import REGISTRY, Context, Stage, StageResult
+from pocketformer.compress import REGISTRY, Context, Stage, StageResult, base
 from pocketformer.compress.base import FACTS, Effects, ModelFacts, check_plan
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import RecipeError
@@ -78,8 +78,8 @@ def test_every_stage_class_in_the_package_is_registered_without_a_hand_written_l
     found = set()
     for info in pkgutil.iter_modules(compress_pkg.__path__):
         module = importlib.import_module(f"pocketformer.compress.{info.name}")
-        found |= {obj.name for obj in vars(module).values()
-                  if inspect.isclass(obj) and issubclass(obj, Stage) and obj is not Stage}
+        found |= {obj.name for obj in vars(module).values()  # a class still generic in its config is a base
+                  if inspect.isclass(obj) and issubclass(obj, Stage) and not obj.__parameters__}
     assert found == set(REGISTRY)
 
 
@@ -124,9 +124,30 @@ def test_version_is_an_int_and_the_libraries_are_installed_distributions(name):
 
 
 def test_a_stage_without_a_version_cannot_register():
-    with pytest.raises(TypeError, match="version"):
-        type("Unversioned", (Stage,), {"name": "unversioned", "summary": "", "Config": REGISTRY["distill"].Config})
+    with pytest.raises(TypeError, match="must declare version in its header"):
+        class Unversioned(Stage[REGISTRY["distill"].Config], name="unversioned", summary=""):
+            pass
     assert "unversioned" not in REGISTRY
+
+
+def test_the_header_declares_the_stage_and_registers_it(monkeypatch):
+    monkeypatch.setattr(base, "REGISTRY", {})
+    config = REGISTRY["distill"].Config
+
+    class Example(Stage[config], name="example", version=2, summary="an example"):
+        pass
+
+    assert base.REGISTRY == {"example": Example}
+    assert {a: vars(Example)[a] for a in ("name", "version", "summary", "Config")} == {
+        "name": "example", "version": 2, "summary": "an example", "Config": config}
+
+
+def test_a_stage_config_must_be_a_stage_config(monkeypatch):
+    monkeypatch.setattr(base, "REGISTRY", {})
+    with pytest.raises(TypeError, match="must be a StageConfig"):
+        class Untyped(Stage[dict], name="untyped", version=1, summary=""):
+            pass
+    assert not base.REGISTRY
 
 
 @pytest.mark.parametrize("name", STAGES)
