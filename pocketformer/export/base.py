@@ -72,21 +72,26 @@ class Format(ABC):
         if "name" in cls.__dict__:
             FORMATS[cls.name] = cls()
 
-    @abstractmethod
+    # The precisions written, float first (later ones are made from earlier ones), and with int8 on.
+    float_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    int8_precisions: ClassVar[tuple[str, ...]] = ()
+    suffixes: ClassVar[dict[str, str]] = {}  # precision -> its name in file names, where it differs
+    fp32_tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.9999)  # reduced precisions: the task's rule
+    # precision -> what the user can do when a file of it fails its check; "*" for the others
+    fixes: ClassVar[dict[str, str]] = {"*": "report this with the model's pocketformer.json."}
+
     def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
-        """The precisions written, float first (later ones are made from earlier ones)."""
+        return list(self.float_precisions) + (list(self.int8_precisions) if int8 else [])
 
     def suffix(self, precision: str) -> str:
         """The precision as it appears in file names."""
-        return precision
+        return self.suffixes.get(precision, precision)
 
-    @abstractmethod
     def tolerance(self, precision: str) -> Tolerance:
-        ...
+        return self.fp32_tolerance if precision == "fp32" else Tolerance(task=True)
 
-    @abstractmethod
     def fix(self, precision: str) -> str:
-        """What the user can do when a file of this precision fails its check."""
+        return self.fixes.get(precision, self.fixes["*"])
 
     @abstractmethod
     def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:

@@ -167,20 +167,17 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 class CoreML(Format):
-    name = "coreml"
-    extension = ".mlpackage"
-    runtime = "coreml-mil-reference"
-    default_seq = DEFAULT_SEQ
+    name, extension, runtime, default_seq = "coreml", ".mlpackage", "coreml-mil-reference", DEFAULT_SEQ
     option_names = ("compute_precision", "deployment_target", "palettize_bits")
+    float_precisions, int8_precisions = ("fp32", "fp16"), ("int8",)
+    fp32_tolerance = Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
 
     def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
         bits = options.get("palettize_bits")
-        return ["fp32", "fp16"] + (["int8"] if int8 else []) + ([f"pal{bits}"] if bits else [])
+        return super().precisions(int8, options) + ([f"pal{bits}"] if bits else [])
 
     def tolerance(self, precision: str) -> Tolerance:
-        if precision == "fp32":
-            return Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
-        return Tolerance(task=True) if precision in ("fp16", "int8") else Tolerance(min_cosine=PAL_MIN_COSINE)
+        return Tolerance(min_cosine=PAL_MIN_COSINE) if precision.startswith("pal") else super().tolerance(precision)
 
     def fix(self, precision: str) -> str:
         return _FIXES.get(precision[:3], _FIXES["fp32"])

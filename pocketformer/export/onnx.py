@@ -147,21 +147,11 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 class Onnx(Format):
-    name = "onnx"
-    extension = ".onnx"
-    runtime = "onnxruntime"
-    static_only = False
-
-    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
-        return ["fp32"] + (["int8"] if int8 else [])
-
-    def tolerance(self, precision: str) -> Tolerance:
-        return Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE) if precision == "fp32" else Tolerance(task=True)
-
-    def fix(self, precision: str) -> str:
-        if precision == "int8":
-            return "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights."
-        return "report this with the model's pocketformer.json."
+    name, extension, runtime, static_only = "onnx", ".onnx", "onnxruntime", False
+    int8_precisions = ("int8",)
+    fp32_tolerance = Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
+    fixes = {"int8": "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights.",
+             "*": "report this with the model's pocketformer.json."}
 
     def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
         written = []

@@ -133,22 +133,11 @@ def quantize(float_path: Path, path: Path, precision: str, float_content: Option
 
 
 class Tflite(Format):
-    name = "tflite"
-    extension = ".tflite"
-    runtime = "litert"
-    default_seq = DEFAULT_SEQ
-
-    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
-        return ["fp32", "fp16"] + (["int8-weight", "int8"] if int8 else [])
-
-    def suffix(self, precision: str) -> str:
-        return SUFFIX[precision]
-
-    def tolerance(self, precision: str) -> Tolerance:
-        return Tolerance(min_cosine=FP32_MIN_COSINE) if precision == "fp32" else Tolerance(task=True)
-
-    def fix(self, precision: str) -> str:
-        return FIX[precision]
+    name, extension, runtime, default_seq = "tflite", ".tflite", "litert", DEFAULT_SEQ
+    float_precisions, int8_precisions = ("fp32", "fp16"), ("int8-weight", "int8")
+    suffixes = SUFFIX
+    fp32_tolerance = Tolerance(min_cosine=FP32_MIN_COSINE)
+    fixes = {**FIX, "*": FIX["fp32"]}
 
     def shares_file(self) -> bool:
         return True

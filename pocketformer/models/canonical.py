@@ -13,13 +13,14 @@ import math
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from ..registry import member_of
 from .factorized import LinearShape, LowRankLinear, build_linear, linear_macs, linear_shape
 from .signature import GraphIO, TensorSpec
-from .tasks import Task, task_of
+from .tasks import TASKS, Task, task_of
 
 # The linears of a layer, by the names LayerShape.linears and stage configs use.
 LINEAR_NAMES = ("q", "k", "v", "o", "fc1", "fc2")
@@ -40,12 +41,7 @@ class LayerShape(BaseModel):
     hash_bits: int = Field(0, ge=0)
     anchors: int = Field(0, ge=0)
 
-    @field_validator("attention")
-    @classmethod
-    def _known_attention(cls, v: str) -> str:
-        if v not in ATTENTIONS:
-            raise ValueError(f"unknown attention kind {v!r}; known: {', '.join(sorted(ATTENTIONS))}")
-        return v
+    _known_attention = member_of("attention", lambda: ATTENTIONS, "attention kind")
 
     def summary(self) -> dict[str, Any]:
         """The shape without its defaults, for reports."""
@@ -94,10 +90,15 @@ class ModelConfig(BaseModel):
     # How the weights were quantized in PyTorch (scheme, bits, ...): the float weights lie on that grid.
     quantization: dict[str, Any] = Field(default_factory=dict)
 
+    # A task of the registry (pocketformer.models.tasks) for models whose head does not say it; None: an encoder's
+    # task is read from its head (classification with labels, else embedding).
+    task_kind: Optional[str] = None
+    _known_task = member_of("task_kind", lambda: TASKS, "task")
+
     @property
     def task(self) -> str:
-        """The task registry's name for what the output means (pocketformer.models.tasks)."""
-        return "classification" if self.head.labels else "embedding"
+        """The task registry's name for what the output means."""
+        return self.task_kind or ("classification" if self.head.labels else "embedding")
 
     def inputs(self) -> tuple[TensorSpec, ...]:
         """The model's inputs, declared once: what every exporter, runtime and encoder feeds."""

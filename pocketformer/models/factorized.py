@@ -157,14 +157,6 @@ def linear_shape(module: nn.Module) -> Optional[LinearShape]:
     return module.shape() if isinstance(module, LowRankLinear) else None
 
 
-def linear_params(in_features: int, out_features: int, shape: Optional[LinearShape]) -> int:
-    """Weights actually stored (dense-sparse: only S's kept entries count), bias excluded."""
-    if shape is None:
-        return in_features * out_features
-    s_entries = shape.nnz * in_features if shape.kind == "dense_sparse" else shape.rank * in_features
-    return s_entries + shape.rank * out_features
-
-
 def linear_macs(in_features: int, out_features: int, shape: Optional[LinearShape]) -> int:
     """Multiply-accumulates per token as the runtimes execute it: S runs as a dense matmul (no sparse kernels)."""
     if shape is None:

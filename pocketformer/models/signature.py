@@ -18,7 +18,6 @@ Axis = Union[str, int]  # a symbolic axis ("batch", "sequence") or a fixed size
 
 # Symbolic axes that may stay dynamic in a file; every other axis is fixed by the model's shapes.
 DYNAMIC_AXES = ("batch", "sequence")
-DTYPES = {"int64": torch.int64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -26,17 +25,9 @@ class TensorSpec:
     """One input or output of a graph."""
 
     name: str
-    dtype: str  # a DTYPES key
+    dtype: str  # numpy's name: "int64", "float32"
     axes: tuple[Axis, ...]
     pad: float = 0  # the value that fills positions past an example's end when the sequence axis is padded
-
-    def dims(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        """Concrete shape with the symbolic axes given by `sizes`."""
-        return tuple(a if isinstance(a, int) else sizes[a] for a in self.axes)
-
-    def layout(self, static: Optional[dict[str, int]] = None) -> list[Axis]:
-        """The shape as a file records it: symbolic axes by name (ONNX style), or fixed by `static`."""
-        return [a if isinstance(a, int) else (static or {}).get(a, a) for a in self.axes]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ class Task:
     metric: ClassVar[str]  # what `quality` reports, for humans: "accuracy %" or "cosine x100"
     quality_key: ClassVar[str]  # the same, as a report key: "accuracy" or "cosine_pct"
     has_labels: ClassVar[bool]  # does the output predict the data's labels (exit heads, accuracy budgets)?
-    # A reduced-precision file (fp16, int8, palettes) is kept when it makes the float model's decisions.
+    # A reduced-precision file (fp16, int8, palettes) is kept when it makes the float model's decisions: this
+    # entry of its parity with PyTorch (export.base.parity) at least `min_agreement`.
+    precision_metric: ClassVar[str]
     min_agreement: ClassVar[float]
 
     def __init_subclass__(cls, **kwargs):
@@ -48,6 +50,9 @@ class Task:
         TASKS[cls.name] = cls()
 
     def output_spec(self, cfg: Any) -> TensorSpec:
+        return TensorSpec(self.output, "float32", ("batch", self.output_width(cfg)))
+
+    def output_width(self, cfg: Any) -> int:
         raise NotImplementedError
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor, reference: Optional[torch.Tensor]) -> torch.Tensor:
@@ -75,19 +80,18 @@ class Task:
         raise NotImplementedError
 
     def reduced_precision_ok(self, parity: dict[str, Any]) -> bool:
-        raise NotImplementedError
+        return parity[self.precision_metric] >= self.min_agreement
 
 
 class Classification(Task):
-    name = "classification"
-    output = "logits"
-    metric = "accuracy %"
-    quality_key = "accuracy"
-    has_labels = True
-    min_agreement = 0.9
+    name, output, has_labels = "classification", "logits", True
+    metric, quality_key = "accuracy %", "accuracy"
+    # Argmax agreement: the cosine of a 2-logit vector swings with small shifts near the decision boundary (a
+    # fine-tuned MiniLM sentiment model's ORT int8 file: logit cosine 0.985 on 16 test inputs).
+    precision_metric, min_agreement = "argmax_agreement", 0.9
 
-    def output_spec(self, cfg: Any) -> TensorSpec:
-        return TensorSpec(self.output, "float32", ("batch", len(cfg.head.labels)))
+    def output_width(self, cfg: Any) -> int:
+        return len(cfg.head.labels)
 
     def loss(self, out, labels, reference):
         return F.cross_entropy(out, labels)
@@ -103,22 +107,14 @@ class Classification(Task):
     def agreement(self, out, reference):
         return label_agreement(out, reference)
 
-    def reduced_precision_ok(self, parity):
-        """Judged by argmax agreement: the cosine of a 2-logit vector swings with small shifts near the decision
-        boundary (a fine-tuned MiniLM sentiment model's ORT int8 file: logit cosine 0.985 on 16 test inputs)."""
-        return parity["argmax_agreement"] >= self.min_agreement
-
 
 class Embedding(Task):
-    name = "embedding"
-    output = "embedding"
-    metric = "cosine x100"
-    quality_key = "cosine_pct"
-    has_labels = False
-    min_agreement = 0.99
+    name, output, has_labels = "embedding", "embedding", False
+    metric, quality_key = "cosine x100", "cosine_pct"
+    precision_metric, min_agreement = "cosine", 0.99  # embeddings: the same direction
 
-    def output_spec(self, cfg: Any) -> TensorSpec:
-        return TensorSpec(self.output, "float32", ("batch", cfg.hidden))
+    def output_width(self, cfg: Any) -> int:
+        return cfg.hidden
 
     def loss(self, out, labels, reference):
         if reference is None:
@@ -133,10 +129,6 @@ class Embedding(Task):
 
     def agreement(self, out, reference):
         return float(cosine_rows(out, reference).mean())
-
-    def reduced_precision_ok(self, parity):
-        """Embedding outputs: same direction."""
-        return parity["cosine"] >= self.min_agreement
 
 
 def task_of(cfg: Any) -> Task:

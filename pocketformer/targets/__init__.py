@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import TargetError
+from ..registry import member_of
 from ..export import FORMATS
 from .runtime import RUNTIMES, Runtime, discover, get_runtime
 
@@ -47,19 +48,8 @@ class Profile(BaseModel):
     deployment_target: Optional[str] = None  # CoreML minimum OS, e.g. iOS17
 
 
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v: str) -> str:
-        if v not in FORMATS:
-            raise ValueError(f"unknown format {v!r}; known: {', '.join(FORMATS)}")
-        return v
-
-    @field_validator("runtime")
-    @classmethod
-    def _known_runtime(cls, v: str) -> str:
-        if v not in discover():
-            raise ValueError(f"unknown runtime {v!r}; known: {', '.join(sorted(RUNTIMES))}")
-        return v
+    _known_format = member_of("format", lambda: FORMATS, "format")
+    _known_runtime = member_of("runtime", discover, "runtime")
 
     @model_validator(mode="after")
     def _runtime_runs_format(self):

@@ -7,7 +7,7 @@ budget, int8 on a CPU where int8 buys no speed, a format the target does not run
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,3 @@ def _legacy_findings(path: Path, desc: dict[str, Any], profile: Profile) -> list
         return [Finding("error", "legacy-runtime", result["error"] or f"{result['runtime']} fails on the file.",
                         "do not ship this precision to apps embedding that runtime: use fp32 or int8 weight-only.")]
     return []
-
-
-def as_dicts(findings: list[Finding]) -> list[dict[str, str]]:
-    return [asdict(f) for f in findings]

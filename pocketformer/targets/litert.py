@@ -92,16 +92,7 @@ class LiteRTSession(Session):
 
 
 class LiteRT(Runtime):
-    name = "litert"
-    format = "tflite"
-
-    def execution(self) -> str:
-        return "LiteRT"
-
-    def version(self) -> str:
-        import ai_edge_litert
-
-        return ai_edge_litert.__version__
+    name, format, display, distribution = "litert", "tflite", "LiteRT", "ai-edge-litert"
 
     def _interpreter(self, path: Path, threads: int):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -27,16 +27,7 @@ class OrtSession(Session):
 
 
 class OnnxRuntime(Runtime):
-    name = "onnxruntime"
-    format = "onnx"
-
-    def execution(self) -> str:
-        return "ONNX Runtime"
-
-    def version(self) -> str:
-        import onnxruntime
-
-        return onnxruntime.__version__
+    name, format, display, distribution = "onnxruntime", "onnx", "ONNX Runtime", "onnxruntime"
 
     def open(self, path: Path, threads: int, *, signature: Optional[str] = None,
              sequential: bool = False) -> OrtSession:

@@ -98,6 +98,8 @@ class Runtime(ABC):
 
     name: ClassVar[str]
     format: ClassVar[str]
+    display: ClassVar[str] = ""  # how reports name what runs the files ("ONNX Runtime"); default: name
+    distribution: ClassVar[str] = ""  # the package whose version is the runtime's
     # Test inputs the export parity check runs per file; None = all. A reference interpreter that takes seconds
     # per example checks a few.
     check_examples: ClassVar[Optional[int]] = None
@@ -112,13 +114,14 @@ class Runtime(ABC):
         """Does a time measured here say anything about the target? (Not for a reference interpreter.)"""
         return True
 
-    @abstractmethod
     def version(self) -> str:
-        ...
+        from importlib.metadata import version
+
+        return version(self.distribution)
 
     def execution(self) -> str:
         """What actually runs the files here, for reports."""
-        return self.name
+        return self.display or self.name
 
     @abstractmethod
     def open(self, path: Path, threads: int, *, signature: Optional[str] = None,

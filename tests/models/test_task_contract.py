@@ -54,3 +54,12 @@ def test_quality_agreement_and_precision_rule(name, make_model, make_text_inputs
     unrelated[np.arange(len(out)), out.argmax(-1)] = -10.0  # never the same decision
     assert not task.reduced_precision_ok(parity(out, unrelated))
     assert task.agreement(unrelated, out) < 1.0
+
+
+def test_a_config_may_name_its_task_and_an_unknown_one_is_refused(make_config):
+    from pydantic import ValidationError
+
+    cfg = make_config("text", labels=LABELS)
+    assert cfg.task == "classification" and cfg.model_copy(update={"task_kind": "embedding"}).task == "embedding"
+    with pytest.raises(ValidationError, match="unknown task"):
+        type(cfg).model_validate({**cfg.model_dump(), "task_kind": "speech"})
