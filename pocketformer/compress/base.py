@@ -260,67 +260,101 @@ def check_plan(steps: list[tuple[str, Stage]], facts: Optional[ModelFacts] = Non
     loaded model's facts, everything is."""
     state = ModelFacts(dict(facts.known), dict(facts.by), facts.layers) if facts else ModelFacts()
     for i, (where, stage) in enumerate(steps):
-        me, eff = f"{stage.name} ({where})", stage.effects()
+        step = _Step(stage, where, stage.effects(), state)
+        conflict = (step.requires(steps[i + 1:]) or step.excludes() or step.nothing_left() or step.undoes()
+                    or step.layers())
+        if conflict:
+            return conflict
+        step.advance()
+    return None
 
-        def why(fact: str) -> str:
-            return stage.reasons.get(fact, f"{stage.name} does not work with {FACTS[fact]}")
 
-        def remedy(fact: str, other: str) -> str:
-            text = stage.remedies.get(fact, "").format(other=other)
-            return f", or {text}" if text else ""
+class _Step:
+    """One stage of a plan against the facts known before it: each check returns the Conflict it finds, or None."""
 
-        for fact in sorted(eff.requires):
+    def __init__(self, stage: Stage, where: str, eff: Effects, state: ModelFacts):
+        self.stage, self.where, self.eff, self.state = stage, where, eff, state
+        self.me = f"{stage.name} ({where})"
+
+    def why(self, fact: str) -> str:
+        return self.stage.reasons.get(fact, f"{self.stage.name} does not work with {FACTS[fact]}")
+
+    def remedy(self, fact: str, other: str) -> str:
+        text = self.stage.remedies.get(fact, "").format(other=other)
+        return f", or {text}" if text else ""
+
+    def requires(self, later_steps: list[tuple[str, Stage]]) -> Optional[Conflict]:
+        name, state = self.stage.name, self.state
+        for fact in sorted(self.eff.requires):
             have = state.known.get(fact)
             if have:
                 continue
             if have is False and fact in state.by:
                 other, at = state.by[fact]
-                return Conflict(f"{me} needs {FACTS[fact]}, which {other} ({at}) removes before it: {why(fact)}.",
-                                f"put {stage.name} before {other}{remedy(fact, other)}.")
+                return Conflict(f"{self.me} needs {FACTS[fact]}, which {other} ({at}) removes before it: "
+                                f"{self.why(fact)}.", f"put {name} before {other}{self.remedy(fact, other)}.")
             if have is False:
                 makers = " or ".join(_providers(fact)) or "a stage that adds it"
-                return Conflict(f"{me} needs {FACTS[fact]}, and the model has none: {why(fact)}.",
-                                f"put {makers} before {stage.name} (in prepare), or start from a model with "
+                return Conflict(f"{self.me} needs {FACTS[fact]}, and the model has none: {self.why(fact)}.",
+                                f"put {makers} before {name} (in prepare), or start from a model with "
                                 f"{FACTS[fact]}.")
-            later = next(((w, s) for w, s in steps[i + 1:] if fact in s.effects().provides), None)
+            later = next(((w, s) for w, s in later_steps if fact in s.effects().provides), None)
             if later:
                 at, other = later[0], later[1].name
-                return Conflict(f"{me} needs {FACTS[fact]}, which {other} ({at}) adds only after it: {why(fact)}.",
-                                f"put {other} before {stage.name}{remedy(fact, other)}.")
-        for fact in sorted(eff.excludes):
+                return Conflict(f"{self.me} needs {FACTS[fact]}, which {other} ({at}) adds only after it: "
+                                f"{self.why(fact)}.", f"put {other} before {name}{self.remedy(fact, other)}.")
+        return None
+
+    def excludes(self) -> Optional[Conflict]:
+        name, state = self.stage.name, self.state
+        for fact in sorted(self.eff.excludes):
             if not state.known.get(fact):
                 continue
-            if fact in state.by and state.by[fact][0] == stage.name:
-                return Conflict(f"{me} cannot follow another {stage.name} ({state.by[fact][1]}): {why(fact)}.",
+            if fact in state.by and state.by[fact][0] == name:
+                return Conflict(f"{self.me} cannot follow another {name} ({state.by[fact][1]}): {self.why(fact)}.",
                                 "drop one of the two, or give them other settings.")
             if fact in state.by:
                 other, at = state.by[fact]
-                return Conflict(f"{me} must come before {other} ({at}): {why(fact)}.",
-                                f"put {other} after {stage.name}{remedy(fact, other)}.")
-            return Conflict(f"{me} cannot run on this model, which has {FACTS[fact]}: {why(fact)}.",
-                            f"drop {stage.name}, or start from a model without {FACTS[fact]}.")
+                return Conflict(f"{self.me} must come before {other} ({at}): {self.why(fact)}.",
+                                f"put {other} after {name}{self.remedy(fact, other)}.")
+            return Conflict(f"{self.me} cannot run on this model, which has {FACTS[fact]}: {self.why(fact)}.",
+                            f"drop {name}, or start from a model without {FACTS[fact]}.")
+        return None
+
+    def nothing_left(self) -> Optional[Conflict]:
+        eff, state = self.eff, self.state
         if eff.only_new and eff.provides and all(state.known.get(f) for f in eff.provides):
             done = sorted({"{} ({})".format(*state.by[f]) if f in state.by else "the input model"
                            for f in eff.provides})
-            return Conflict(f"{me} has nothing left to do: the model already has {facts_text(eff.provides)} "
-                            f"({', '.join(done)}).",
-                            f"give {stage.name} other settings, or drop it.")
-        for fact in sorted(eff.invalidates):
-            if state.known.get(fact) and fact in state.by:
-                other, at = state.by[fact]
-                return Conflict(f"{me} undoes {other} ({at}): {why(fact)}.",
-                                f"put {stage.name} before {other}{remedy(fact, other)}.")
-        need, reason = stage.min_layers()
-        if state.layers is not None and state.layers < need:
-            return Conflict(f"{me} needs at least {need} layers ({reason}), and the model has {state.layers} there.",
-                            f"remove fewer layers before {stage.name}, or change its layer settings.")
+            return Conflict(f"{self.me} has nothing left to do: the model already has {facts_text(eff.provides)} "
+                            f"({', '.join(done)}).", f"give {self.stage.name} other settings, or drop it.")
+        return None
+
+    def undoes(self) -> Optional[Conflict]:
+        for fact in sorted(self.eff.invalidates):
+            if self.state.known.get(fact) and fact in self.state.by:
+                other, at = self.state.by[fact]
+                return Conflict(f"{self.me} undoes {other} ({at}): {self.why(fact)}.",
+                                f"put {self.stage.name} before {other}{self.remedy(fact, other)}.")
+        return None
+
+    def layers(self) -> Optional[Conflict]:
+        need, reason = self.stage.min_layers()
+        if self.state.layers is not None and self.state.layers < need:
+            return Conflict(f"{self.me} needs at least {need} layers ({reason}), and the model has "
+                            f"{self.state.layers} there.",
+                            f"remove fewer layers before {self.stage.name}, or change its layer settings.")
+        return None
+
+    def advance(self) -> None:
+        """The facts after this stage."""
+        state = self.state
         if state.layers is not None:
-            state.layers = stage.layers_after(state.layers)
-        for fact in eff.invalidates:
-            state.known[fact], state.by[fact] = False, (stage.name, where)
-        for fact in eff.provides:
-            state.known[fact], state.by[fact] = True, (stage.name, where)
-    return None
+            state.layers = self.stage.layers_after(state.layers)
+        for fact in self.eff.invalidates:
+            state.known[fact], state.by[fact] = False, (self.stage.name, self.where)
+        for fact in self.eff.provides:
+            state.known[fact], state.by[fact] = True, (self.stage.name, self.where)
 
 
 # -- what a stage changed ---------------------------------------------------------------------------------------------
