@@ -119,7 +119,8 @@ def sentiment_accuracy(run: Optional[Path]) -> Optional[dict[str, Any]]:
             "latency_p50_ms_at_128": fp32["latency_p50_ms"] if fp32 else None,
             "validation_accuracy_after_binarize": stages.get("binarize", {}).get("validation_accuracy"),
             "validation_accuracy_after_distill": stages.get("distill", {}).get("validation_accuracy"),
-            "binarize_report": stages.get("binarize", {}).get("details", {}).get("binarize"),
+            # the stage's own details (runs before stage results were typed nested them under "binarize")
+            "binarize_report": (lambda d: d.get("binarize", d) or None)(stages.get("binarize", {}).get("details", {})),
             "budget_accuracy_drop": get_profile("host-ort").budgets.accuracy_drop}
 
 

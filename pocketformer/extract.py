@@ -139,7 +139,7 @@ def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str,
     """measure(model) -> {size_mb[, latency_p50_ms, latency_p90_ms]}: export to the profile's format in a temporary
     folder and measure the `precision` file (latency on the profile's runtime, threads and shapes)."""
     from .export import FORMATS, export
-    from .export.base import artifact_size
+    from .export.base import artifact_size, repeat_rows
     from .targets import runtime_of
     from .targets.validate import measure_latency
 
@@ -154,8 +154,8 @@ def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str,
     def measure(model: CanonicalTransformer) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             records = export(model, Path(tmp), "candidate", inputs, profile.format, runtime,
-                             int8=precision.startswith("int8"), static_shape=static)
-            record = next((r for r in records if r["precision"] == precision and r.get("kind") is None), None)
+                             int8=precision.startswith("int8"), static_shape=static, kinds={None})
+            record = next((r for r in records if r["precision"] == precision), None)
             if record is None:
                 raise TargetError(f"The {profile.format} exporter writes no {precision} file.",
                                   f"choose one of {', '.join(r['precision'] for r in records)}.")
@@ -163,7 +163,7 @@ def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str,
             row: dict[str, Any] = {"size_mb": artifact_size(path) / 1e6}
             if latency:
                 sizes = {"batch": profile.batch, "sequence": profile.seq_len}
-                feeds = tuple(t[torch.arange(profile.batch) % len(t)] for t in model.io.fit(inputs, sizes))
+                feeds = tuple(repeat_rows(t, profile.batch) for t in model.io.fit(inputs, sizes))
                 timing = measure_latency(path, profile, {n: t.numpy() for n, t in zip(model.input_names, feeds)})
                 row.update({k: timing[k] for k in ("latency_p50_ms", "latency_p90_ms")})
             return row

@@ -194,17 +194,19 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
                      and (art_dir / r["file"]).exists()]
+            if any(r.get("export_failed") for r in reuse):  # an export that failed part-way is tried again
+                reuse = []
             if reuse:
                 info(f"export {stem} -> {fmt}: reused {', '.join(r['file'] for r in reuse)} (same weights, options)")
                 records.extend(reuse)
                 continue
             info(f"export {stem} -> {fmt}")
+            failed = None
             try:
                 exported = export_checked(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape,
                                           sparse=sparse)
-            except ExportFailures as e:  # keep what passed, then report every failure
-                write_manifest(art_dir, records + [_stamp(r, source_hash, options, meta) for r in e.records])
-                raise
+            except ExportFailures as e:  # keep what passed, marked so a re-run tries again; then report it all
+                exported, failed = e.records, e
             for r in exported:
                 _stamp(r, source_hash, options, meta)
                 p = r["parity_vs_pytorch"]
@@ -212,7 +214,12 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                      f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
                 if fmt == tflite_legacy.FORMAT and legacy_check and r.get("kind") is None:
                     r["legacy_runtime"] = _legacy_check(art_dir / r["file"], model, inputs, r)
+                if failed is not None:
+                    r["export_failed"] = [f.problem for f in failed.failures]
                 records.append(r)
+            if failed is not None:
+                write_manifest(art_dir, records)
+                raise failed
     write_manifest(art_dir, records)
     return records
 

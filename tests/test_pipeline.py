@@ -119,6 +119,22 @@ def test_export_again_reuses_unchanged_artifacts(text_run):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "artifacts").glob("*.onnx")} == before
 
 
+def test_an_export_that_failed_part_way_is_tried_again_not_reused(text_run, tmp_path):
+    """Files kept from an export where another file failed are marked; the same export run again tries again."""
+    from pocketformer.store import read_manifest, write_manifest
+
+    out, _, records, _ = text_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    kept = [{**r, "export_failed": ["int8 disagreed"]} for r in read_manifest(copy / "artifacts")]
+    write_manifest(copy / "artifacts", kept)
+    before = {p.name: p.stat().st_mtime_ns for p in (copy / "artifacts").glob("*.onnx")}
+    again = pipeline.export(copy, ["onnx"], int8=True)
+    assert not any(r.get("export_failed") for r in again)
+    after = {p.name: p.stat().st_mtime_ns for p in (copy / "artifacts").glob("*.onnx")}
+    assert before.keys() == after.keys() and all(after[k] != before[k] for k in before)  # written anew
+
+
 def test_export_of_a_folder_never_compressed_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="compress.json"):
         pipeline.export(tmp_path, ["onnx"])

@@ -102,6 +102,9 @@ class Format(ABC):
     def describe(self, path: Path) -> dict[str, Any]:
         """Inputs, outputs, op counts and weights of a file (every signature's ops for multi-signature files)."""
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse option values the format cannot honour (ExportError), before anything is converted."""
+
     def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
         """Does the file compute with int8 weights? (Lint warns where int8 buys no speed.) By default the name."""
         return ".int8" in Path(path).name
@@ -125,6 +128,11 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     return {"max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cos.mean()),
             "min_cosine": float(cos.min()), "argmax_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
             "examples": int(len(ref))}
+
+
+def repeat_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Exactly n rows, repeating the tensor's rows when it has fewer (a file of fixed batch, few examples)."""
+    return t[torch.arange(n) % len(t)]
 
 
 def artifact_size(path: Path) -> int:

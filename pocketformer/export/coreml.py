@@ -21,7 +21,6 @@ from ..errors import ExportError, TargetError
 from . import sparse as sparse_storage
 from .base import Format, Plan, Tolerance, Written
 
-DEFAULT_SEQ = 128
 # Weights may be compressed only where an op uses them as weights. Applied to every const, compression also hits
 # constant mask/position tensors and yields NaN or garbage (METHODS.md).
 WEIGHT_OPS = ("linear", "conv", "gather")
@@ -166,11 +165,84 @@ def describe(path: Path) -> dict[str, Any]:
             "opset": fn.opset_version.name if fn.opset_version is not None else None}
 
 
+# -- sparse storage (export/sparse.py) ---------------------------------------------------------------------------------------------------------
+
+IOS18 = 9  # Core ML specification version of iOS18 / macOS15: the first with sparse + quantized weights together
+
+
+def coreml_sparse_weights(mlmodel, quantized: bool = False) -> tuple[Any, dict[str, Any]]:
+    """(ML program with its sparse linear weights stored sparse, what was converted).
+
+    Float weights become constexpr_sparse_to_dense (kept values + a one-bit mask). With `quantized`, int8 weights
+    (constexpr_blockwise_shift_scale) become constexpr_sparse_blockwise_shift_scale + constexpr_sparse_to_dense
+    (coremltools' joint compression), which needs an iOS18 program: older targets keep them dense.
+    Only weights that every reader uses as a `linear` weight are candidates, chosen by name; mask, position and other
+    constants are never touched (compressing those yields NaN or garbage, METHODS.md). Zeros are counted in float32
+    (fp16 weights included), and the pruner's threshold is 0.0: it stores exactly the zeros the weights already
+    hold and changes no value.
+    """
+    import coremltools.optimize.coreml as cto
+
+    joint = quantized and mlmodel.get_spec().specificationVersion >= IOS18
+    converted, configs, left_dense = [], {}, 0
+    for function in mlmodel._mil_program.functions.values():
+        for op in function.operations:
+            stored = _coreml_weight(op, quantized)
+            if stored is None:
+                continue
+            value, itemsize = stored
+            nnz = int(np.count_nonzero(value.astype(np.float32)))
+            dense_bytes = value.size * itemsize
+            sparse_bytes = nnz * itemsize + -(-value.size // 8)  # kept values + a one-bit mask
+            if sparse_bytes >= dense_bytes or (quantized and not joint):
+                left_dense += bool(nnz <= (1 - sparse_storage.ZERO_HEAVY) * value.size)
+                continue
+            configs[op.name] = cto.OpThresholdPrunerConfig(threshold=0.0, minimum_sparsity_percentile=0.0,
+                                                           weight_threshold=sparse_storage.MIN_ELEMENTS - 1)
+            converted.append((dense_bytes, sparse_bytes))
+    why = "int8 weights stored sparse need an iOS18 (or later) deployment target" if quantized and not joint else \
+        "a one-bit mask and the kept values would not be smaller at its density"
+    result = sparse_storage.summary("CoreML constexpr_sparse_to_dense (values + 1-bit mask)", converted, left_dense, why)
+    if not configs:
+        return mlmodel, result
+    with quiet():
+        pruned = cto.prune_weights(mlmodel, config=cto.OptimizationConfig(global_config=None,
+                                                                           op_name_configs=configs),
+                                   joint_compression=joint)
+    return pruned, result
+
+
+def _coreml_weight(op, quantized: bool):
+    """(value, bytes per stored element) of a linear weight big enough to store sparse, else None: a float const,
+    or with `quantized` an int8 weight (its dequantized value: symmetric int8 keeps zeros exact zeros)."""
+    readers = op.outputs[0].child_ops if op.outputs else []
+    if not readers or not all(r.op_type == "linear" and r.weight is op.outputs[0] for r in readers):
+        return None
+    if quantized:  # iOS18 programs quantize with constexpr_blockwise_shift_scale, older ones with affine_dequantize
+        stored = {"constexpr_blockwise_shift_scale": "data", "constexpr_affine_dequantize": "quantized_data"}
+        if op.op_type not in stored:
+            return None
+        value, itemsize = op.materialized_val_inference(), getattr(op, stored[op.op_type]).val.itemsize
+    else:
+        if op.op_type != "const":
+            return None
+        value = op.outputs[0].val
+        if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+            return None
+        itemsize = value.itemsize
+    return (value, itemsize) if value.size >= sparse_storage.MIN_ELEMENTS else None
+
+
 class CoreML(Format):
-    name, extension, runtime, default_seq = "coreml", ".mlpackage", "coreml-mil-reference", DEFAULT_SEQ
+    name, extension, runtime = "coreml", ".mlpackage", "coreml-mil-reference"
     option_names = ("compute_precision", "deployment_target", "palettize_bits")
     float_precisions, int8_precisions = ("fp32", "fp16"), ("int8",)
     fp32_tolerance = Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        if options.get("compute_precision", "fp16") not in ("fp32", "fp16"):
+            raise ExportError(f"CoreML compute precision {options['compute_precision']!r} is not supported.",
+                              "use fp16 or fp32.")
 
     def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
         bits = options.get("palettize_bits")
@@ -186,8 +258,6 @@ class CoreML(Format):
         """fp32 and fp16 convert each graph; int8 and palettes compress the program of the compute precision
         (fp16 unless options say fp32). Sparse storage for fp32, fp16 and (iOS18+) int8; palettes stay dense."""
         compute = plan.options.get("compute_precision", "fp16")
-        if compute not in ("fp32", "fp16"):
-            raise ExportError(f"CoreML compute precision {compute!r} is not supported.", "use fp16 or fp32.")
         target = plan.options.get("deployment_target", "iOS17")
         written = []
         t0 = time.perf_counter()
@@ -208,7 +278,7 @@ class CoreML(Format):
             plan.state[(precision, name)] = program
             storage = None
             if plan.sparse and precision in ("fp32", "fp16", "int8"):
-                program, storage = sparse_storage.coreml_sparse_weights(program, quantized=precision == "int8")
+                program, storage = coreml_sparse_weights(program, quantized=precision == "int8")
             with quiet():
                 program.save(str(paths[name]))
             written.append(Written(name, paths[name], None, storage))

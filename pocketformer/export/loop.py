@@ -22,11 +22,11 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
-from ..errors import ExportError
+from ..errors import ExportError, TargetError
 from ..models.canonical import CanonicalTransformer
 from ..models.io import file_sha256
 from ..models.signature import Graph, GraphIO, named_forward
-from .base import FORMATS, Format, Plan, Tolerance, Written, artifact_size, parity
+from .base import FORMATS, Format, Plan, Tolerance, Written, artifact_size, parity, repeat_rows
 from .sparse import has_dense_sparse
 
 Reference = dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]  # graph -> (feeds, outputs)
@@ -60,6 +60,8 @@ class GraphSet:
 
     kind: Optional[str] = None  # None: a plain artifact; else the record's "kind" (segments)
     batch: Optional[int] = None  # a fixed batch every file of the set has, whatever the caller asks
+    stores_sparse = True  # mostly-zero weights stored sparse where the format can (export.sparse)
+    takes_options = True  # the format's own options (CoreML palettes, compute precision) apply to this set
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -141,11 +143,6 @@ def fixed_sizes(fmt: Format, gs: GraphSet, io: GraphIO,
     return sizes
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Exactly n rows, repeating the tensor's rows when it has fewer."""
-    return t[torch.arange(n) % len(t)]
-
-
 # -- checking ------------------------------------------------------------------------------------------------------
 
 def check_graph(session, feeds: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tolerance: Tolerance,
@@ -173,29 +170,38 @@ def check_graph(session, feeds: dict[str, torch.Tensor], want: dict[str, torch.T
     return results, ok and all(r["finite"] for r in results.values())
 
 
-def _failure(path: Path, precision: str, results: dict[str, dict[str, Any]], ctx: SetContext) -> ExportError:
-    worst = min(results.values(), key=lambda r: r["cosine"])
+def _failure(w: Written, precision: str, results: dict[str, dict[str, Any]], ctx: SetContext,
+             judged: str, several: bool) -> ExportError:
+    """One line: which file (and graph of a multi-graph set), by how much, and the format's fix. Reduced
+    precisions name the output they are judged by; fp32 the worst output."""
+    shown = results[judged] if ctx.fmt.tolerance(precision).task else min(results.values(),
+                                                                         key=lambda r: r["cosine"])
     finite = all(r["finite"] for r in results.values())
     near_zero = " (PyTorch's outputs are near zero, which makes cosine noisy)" \
-        if worst["reference_max_abs"] < 1e-2 else ""
-    return ExportError(f"{path.name} ({precision}) disagrees with PyTorch in {ctx.runtime.execution()}: max abs "
-                       f"diff {worst['max_abs_diff']:.2e}, cosine {worst['cosine']:.5f}, label agreement "
-                       f"{worst['argmax_agreement']:.2f}{'' if finite else ', non-finite outputs'}{near_zero}.",
+        if shown["reference_max_abs"] < 1e-2 else ""
+    where = f"{w.path.name} ({w.graph}, {precision})" if several else f"{w.path.name} ({precision})"
+    return ExportError(f"{where} disagrees with PyTorch in {ctx.runtime.execution()}: max abs diff "
+                       f"{shown['max_abs_diff']:.2e}, cosine {shown['cosine']:.5f}, label agreement "
+                       f"{shown['argmax_agreement']:.2f}{'' if finite else ', non-finite outputs'}{near_zero}.",
                        ctx.fmt.fix(precision))
 
 
 def _check_precision(ctx: SetContext, gs: GraphSet, precision: str,
                      written: list[Written]) -> dict[str, dict[str, Any]]:
-    """Every graph of one precision checked; raises the first graph's failure."""
-    sessions = ctx.runtime.open_graphs([(w.path, w.signature) for w in written], 1)
-    checks = {}
-    for w, session in zip(written, sessions):
-        feeds, want = ctx.reference[w.graph]
-        results, ok = check_graph(session, feeds, want, ctx.fmt.tolerance(precision), gs.model)
-        if not ok:
-            raise _failure(w.path, precision, results, ctx)
-        checks[w.graph] = results
-    return checks
+    """Every graph of one precision checked; raises the first graph's failure. A file the runtime cannot load or
+    run fails its check like one that disagrees: with the format's fix, not the runtime's."""
+    try:
+        sessions = ctx.runtime.open_graphs([(w.path, w.signature) for w in written], 1)
+        checks = {}
+        for w, session in zip(written, sessions):
+            feeds, want = ctx.reference[w.graph]
+            results, ok = check_graph(session, feeds, want, ctx.fmt.tolerance(precision), gs.model)
+            if not ok:
+                raise _failure(w, precision, results, ctx, gs.graphs[w.graph].io.output_names[-1], len(written) > 1)
+            checks[w.graph] = results
+        return checks
+    except TargetError as e:
+        raise ExportError(f"{written[0].path.name} ({precision}): {e.problem}", ctx.fmt.fix(precision)) from None
 
 
 # -- the loop -----------------------------------------------------------------------------------------------------
@@ -213,6 +219,7 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
     if unknown:
         raise ExportError(f"Format {fmt.name} takes no option {unknown[0]!r}.",
                           f"its options are {', '.join(fmt.option_names) or 'none beyond int8, static, sparse'}.")
+    fmt.check_options(options)
     model = model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +246,10 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
         check_inputs = tuple(t[:runtime.check_examples] for t in check_inputs)
     reference = gs.reference(check_inputs)
     batch = fixed["batch"] if fixed else None
-    examples = {g: tuple(_rows(feeds[n], batch) if batch else feeds[n] for n in gs.graphs[g].io.input_names)
+    examples = {g: tuple(repeat_rows(feeds[n], batch) if batch else feeds[n] for n in gs.graphs[g].io.input_names)
                 for g, (feeds, _) in reference.items()}
-    plan = Plan(gs.graphs, examples, fixed, sparse, options)
+    plan = Plan(gs.graphs, examples, fixed, sparse and gs.stores_sparse,
+                {k: v for k, v in options.items() if gs.takes_options})
     ctx = SetContext(fmt, runtime, plan, stem, out_dir, check_inputs, reference)
     records: list[dict[str, Any]] = []
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{fmt.name}.staging-", dir=out_dir))
@@ -250,8 +258,8 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
         precisions = fmt.precisions(int8, options)
         for precision in precisions:
             names = {g: gs.file_name(stem, fmt, precision, g) for g in gs.graphs}
-            written = fmt.write(plan, precision, {g: staging / n for g, n in names.items()})
             try:
+                written = fmt.write(plan, precision, {g: staging / n for g, n in names.items()})
                 checked.append((precision, written, _check_precision(ctx, gs, precision, written)))
             except ExportError as e:
                 failures.append(e)

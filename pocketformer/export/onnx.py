@@ -17,6 +17,7 @@ from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..models.signature import GraphIO, named_forward
 from ..progress import quiet
+from ..store import atomic_write_bytes
 from . import sparse as sparse_storage
 from .base import Format, Plan, Tolerance, Written
 
@@ -116,7 +117,7 @@ def quantize_int8(float_path: Path, path: Path) -> None:
         pre = Path(tmp) / "pre.onnx"
         out = Path(tmp) / "q.onnx"
         # the quantizer reads only dense initializers: a dense-sparse model's fp32 file may hold sparse ones
-        source = sparse_storage.densified_onnx(float_path, Path(tmp) / "dense.onnx")
+        source = densified_onnx(float_path, Path(tmp) / "dense.onnx")
         quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -146,6 +147,71 @@ def describe(path: Path) -> dict[str, Any]:
                                             default=None)}
 
 
+# -- sparse storage (export/sparse.py) -----------------------------------------------------------------------------------------------------------
+
+ONNX_INDEX_BYTES = 8  # the spec's COO indices are int64
+
+
+def onnx_sparse_initializers(proto) -> dict[str, Any]:
+    """Move every initializer whose COO encoding is smaller than its dense bytes into graph.sparse_initializer
+    (in place). Initializers that double as graph inputs stay: a caller may override those."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    overridable = {i.name for i in graph.input}
+    keep, converted, left_dense = [], [], 0
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        nnz = int(np.count_nonzero(array))
+        dense_bytes = array.nbytes
+        sparse_bytes = nnz * (array.itemsize + ONNX_INDEX_BYTES)
+        if array.size < sparse_storage.MIN_ELEMENTS or init.name in overridable or sparse_bytes >= dense_bytes:
+            left_dense += bool(array.size >= sparse_storage.MIN_ELEMENTS and nnz <= (1 - sparse_storage.ZERO_HEAVY) * array.size)
+            keep.append(init)
+            continue
+        flat = array.reshape(-1)
+        where = np.flatnonzero(flat)  # ascending, as the spec requires
+        values = numpy_helper.from_array(flat[where], init.name)
+        indices = numpy_helper.from_array(where.astype(np.int64))  # unnamed: the values carry the name
+        graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(array.shape)))
+        converted.append((dense_bytes, sparse_bytes))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return sparse_storage.summary("ONNX sparse_initializer (COO, int64 linearized indices)", converted, left_dense,
+                    "values + 8-byte indices would not be smaller than the dense tensor at its density")
+
+
+def onnx_file(path: Path) -> dict[str, Any]:
+    """Rewrite an ONNX file with sparse initializers where they are smaller; returns what was converted."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    result = onnx_sparse_initializers(proto)
+    if result["tensors"]:
+        atomic_write_bytes(Path(path), proto.SerializeToString())
+    return result
+
+
+def densified_onnx(path: Path, out: Path) -> Path:
+    """A copy of an ONNX file with its sparse initializers dense again (`path` itself when it has none): tools such
+    as ORT's quantizer read only graph.initializer."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    if not len(graph.sparse_initializer):
+        return Path(path)
+    for sparse in graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+        dense[numpy_helper.to_array(sparse.indices).reshape(-1)] = values
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(tuple(sparse.dims)), sparse.values.name))
+    del graph.sparse_initializer[:]
+    onnx.save(proto, str(out))
+    return Path(out)
+
+
 class Onnx(Format):
     name, extension, runtime, static_only = "onnx", ".onnx", "onnxruntime", False
     int8_precisions = ("int8",)
@@ -163,7 +229,7 @@ class Onnx(Format):
                 plan.state[name] = path
             else:
                 quantize_int8(plan.state[name], path)
-            storage = sparse_storage.onnx_file(path) if plan.sparse else None
+            storage = onnx_file(path) if plan.sparse else None
             written.append(Written(name, path, None, storage))
         return written
 

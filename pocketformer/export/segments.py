@@ -148,6 +148,10 @@ def run_chain(sessions: list, entries: list[dict[str, Any]], feeds: dict[str, np
 class SegmentSet(GraphSet):
     kind = KIND
     batch = 1  # early exit saves time one example at a time
+    # Segments are stored dense, in the plain precisions, at iOS17 for CoreML: their manifest records neither sparse
+    # storage nor the format's own options.
+    stores_sparse = False
+    takes_options = False
 
     @classmethod
     def applies(cls, model: CanonicalTransformer) -> bool:

@@ -25,7 +25,6 @@ from ..store import atomic_write_bytes
 from . import sparse as sparse_storage
 from .base import Format, Plan, Tolerance, Written, first_line
 
-DEFAULT_SEQ = 128
 FP32_MIN_COSINE = 0.999
 # precision -> file suffix. fp16 is litert-torch's full_fp16_recipe (float-cast weights, explicit dequantize), which
 # litert-torch itself applies with ai-edge-quantizer after converting: applying it to our float file is the same
@@ -132,8 +131,207 @@ def quantize(float_path: Path, path: Path, precision: str, float_content: Option
     atomic_write_bytes(path, bytes(result.quantized_model))
 
 
+# -- sparse storage (export/sparse.py) ---------------------------------------------------------------------------------------------------------
+
+TFLITE_WEIGHT_CONSUMERS = ("FULLY_CONNECTED", "BATCH_MATMUL")  # DEQUANTIZE in between for fp16/int8 weights
+_TFLITE_DTYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT8": np.int8}
+FLATBUFFER_LIMIT = 2 ** 31 - 2 ** 24  # a flatbuffer addresses 2 GB; keep room for the graph itself
+TFLITE_ENCODING = "TFLite SparsityParameters (a dense dimension, a CSR dimension) + DENSIFY"
+
+
+def _index_vector(values: np.ndarray):
+    """The smallest SparseIndexVector type holding `values` (uint8, uint16 or int32), as (type, table, bytes)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    top = int(values.max(initial=0))
+    for limit, dtype, kind, table in ((255, np.uint8, schema.SparseIndexVector.Uint8Vector, schema.Uint8VectorT),
+                                      (65535, np.uint16, schema.SparseIndexVector.Uint16Vector, schema.Uint16VectorT),
+                                      (2 ** 31 - 1, np.int32, schema.SparseIndexVector.Int32Vector,
+                                       schema.Int32VectorT)):
+        if top <= limit:
+            vector = table()
+            vector.values = values.astype(dtype)
+            return kind, vector, values.size * np.dtype(dtype).itemsize
+    raise ValueError(f"index {top} does not fit a TFLite sparse index vector")
+
+
+def csr_sparsity(array: np.ndarray, order: tuple[int, int] = (0, 1)):
+    """(SparsityParametersT, non-zero values in traversal order, encoded bytes) for a 2-D array: dimension
+    `order[0]` dense, dimension `order[1]` CSR, as TFLite's DENSIFY and its format converter read them. (1, 0)
+    walks columns first: a dense-sparse S stored as (rank, in) then needs indices below the rank, often one byte."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    traversed = array.transpose(order)
+    rows = traversed.shape[0]
+    kept = traversed != 0
+    segments = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
+    columns = np.nonzero(kept)[1]
+    seg_type, seg_vector, seg_bytes = _index_vector(segments)
+    idx_type, idx_vector, idx_bytes = _index_vector(columns)
+    dense_dim = schema.DimensionMetadataT()
+    dense_dim.format, dense_dim.denseSize = schema.DimensionType.DENSE, rows
+    csr_dim = schema.DimensionMetadataT()
+    csr_dim.format = schema.DimensionType.SPARSE_CSR
+    csr_dim.arraySegmentsType, csr_dim.arraySegments = seg_type, seg_vector
+    csr_dim.arrayIndicesType, csr_dim.arrayIndices = idx_type, idx_vector
+    params = schema.SparsityParametersT()
+    params.traversalOrder, params.blockMap, params.dimMetadata = list(order), [], [dense_dim, csr_dim]
+    values = traversed[kept]
+    return params, values, values.nbytes + seg_bytes + idx_bytes
+
+
+def tflite_sparse_weights(content: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A .tflite whose constant 2-D weights read by FULLY_CONNECTED / BATCH_MATMUL (directly or through a
+    DEQUANTIZE) are stored CSR-sparse wherever that is smaller, each densified by a DENSIFY op placed first in the
+    graph; returns (new content, what was converted)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    if not _inline_buffers(model, content):
+        return content, {**sparse_storage.summary(TFLITE_ENCODING, [], 0, ""),
+                         "why_dense": "weights near 2 GB: a re-packed flatbuffer could not hold them"}
+    editor = _TfliteEditor(model, schema)
+    for graph in model.subgraphs:
+        densify_ops = [op for index, dequantized in sorted(editor.weights(graph).items())
+                       if (op := editor.store_sparse(graph, index, dequantized)) is not None]
+        graph.operators = densify_ops + list(graph.operators)  # DENSIFY reads only constants: it can run first
+    result = sparse_storage.summary(TFLITE_ENCODING, editor.converted, editor.left_dense,
+                      "not smaller at its density, or int8 weights of a dynamic-range kernel, which XNNPACK "
+                      "cannot prepare from a DENSIFY output")
+    if not editor.converted:
+        return content, result
+    builder = flatbuffers.Builder(len(content))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), result
+
+
+class _TfliteEditor:
+    """The steps of tflite_sparse_weights over one unpacked model: find the weights, encode one, swap it in."""
+
+    def __init__(self, model, schema):
+        self.model, self.schema = model, schema
+        self.op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        self.type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        self.buffer_users: dict[int, int] = {}
+        for graph in model.subgraphs:
+            for tensor in graph.tensors:
+                self.buffer_users[tensor.buffer] = self.buffer_users.get(tensor.buffer, 0) + 1
+        self.converted: list[tuple[int, int]] = []
+        self.left_dense = 0
+        self.densify_code = None
+
+    def op_name(self, op) -> str:
+        code = self.model.operatorCodes[op.opcodeIndex]
+        return self.op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+
+    def weights(self, graph) -> dict[int, bool]:
+        """Tensor index -> read only through a DEQUANTIZE, for every input of a weight-consuming op."""
+        readers: dict[int, list] = {}
+        for op in graph.operators:
+            for i in op.inputs if op.inputs is not None else []:
+                readers.setdefault(int(i), []).append(op)
+        weights: dict[int, bool] = {}
+        for op in graph.operators:
+            name = self.op_name(op)
+            if name in TFLITE_WEIGHT_CONSUMERS:
+                weights.update({int(i): False for i in op.inputs if i >= 0})
+            elif name == "DEQUANTIZE" and all(self.op_name(r) in TFLITE_WEIGHT_CONSUMERS
+                                              for r in readers.get(int(op.outputs[0]), [])):
+                for i in op.inputs:
+                    weights.setdefault(int(i), True)
+        return weights
+
+    def dense_array(self, tensor) -> Optional[np.ndarray]:
+        """A constant 2-D weight big enough to store sparse, as an array; else None."""
+        data = self.model.buffers[tensor.buffer].data if tensor.buffer else None
+        dtype = _TFLITE_DTYPES.get(self.type_names.get(tensor.type, ""))
+        if data is None or dtype is None or tensor.sparsity is not None or tensor.shape is None or \
+                len(tensor.shape) != 2 or int(np.prod(tensor.shape)) < sparse_storage.MIN_ELEMENTS:
+            return None
+        return np.frombuffer(np.asarray(data, np.uint8).tobytes(), dtype).reshape(tuple(tensor.shape))
+
+    def store_sparse(self, graph, index: int, dequantized: bool):
+        """Store tensor `index` CSR-sparse where that is smaller; return the DENSIFY op that rebuilds it, or None."""
+        import copy
+
+        tensor = graph.tensors[index]
+        array = self.dense_array(tensor)
+        if array is None:
+            return None
+        sparsity, values, sparse_bytes = min((csr_sparsity(array, order) for order in ((0, 1), (1, 0))),
+                                             key=lambda encoded: encoded[2])
+        # int8 weights read directly are dynamic-range kernels' operands: XNNPACK fails to prepare such a
+        # FULLY_CONNECTED when its weights come from DENSIFY (LiteRT 2.3), so they stay dense.
+        if sparse_bytes >= array.nbytes or (array.dtype == np.int8 and not dequantized):
+            self.left_dense += bool(np.count_nonzero(array) <= (1 - sparse_storage.ZERO_HEAVY) * array.size)
+            return None
+        model, schema = self.model, self.schema
+        payload = np.frombuffer(values.tobytes(), np.uint8)
+        if self.buffer_users[tensor.buffer] == 1:  # the dense bytes go: the sparse tensor takes over the buffer
+            model.buffers[tensor.buffer].data = payload
+            sparse_buffer = tensor.buffer
+        else:
+            model.buffers.append(schema.BufferT())
+            model.buffers[-1].data = payload
+            sparse_buffer = len(model.buffers) - 1
+        sparse_tensor = schema.TensorT()
+        sparse_tensor.shape, sparse_tensor.type, sparse_tensor.buffer = list(tensor.shape), tensor.type, sparse_buffer
+        sparse_tensor.name = (tensor.name or b"") + b"_sparse"
+        sparse_tensor.quantization = copy.deepcopy(tensor.quantization)
+        sparse_tensor.sparsity = sparsity
+        graph.tensors.append(sparse_tensor)
+        tensor.buffer = _empty_buffer(model, schema)  # now computed by DENSIFY at load
+        if self.densify_code is None:
+            self.densify_code = _operator_code(model, schema, schema.BuiltinOperator.DENSIFY)
+        densify = schema.OperatorT()
+        densify.opcodeIndex, densify.inputs, densify.outputs = self.densify_code, [len(graph.tensors) - 1], [index]
+        densify.builtinOptionsType = schema.BuiltinOptions.DensifyOptions
+        densify.builtinOptions = schema.DensifyOptionsT()
+        self.converted.append((array.nbytes, sparse_bytes))
+        return densify
+
+
+def _inline_buffers(model, content: bytes) -> bool:
+    """Move buffers stored after the flatbuffer (offset/size, as ai-edge-quantizer writes them) into it, so that
+    re-packing keeps their data; False when the weights are too big for an inline flatbuffer (2 GB)."""
+    if len(content) >= FLATBUFFER_LIMIT:
+        return False
+    for b in model.buffers:
+        if b.offset > 1:  # 0 and 1 mean "no external data"
+            b.data = np.frombuffer(content, np.uint8, count=int(b.size), offset=int(b.offset))
+            b.offset = b.size = 0
+    return True
+
+
+def _empty_buffer(model, schema) -> int:
+    """Index of an empty buffer (TFLite keeps buffer 0 empty for non-constant tensors)."""
+    if model.buffers and model.buffers[0].data is None and not model.buffers[0].size:
+        return 0
+    model.buffers.append(schema.BufferT())
+    return len(model.buffers) - 1
+
+
+def _operator_code(model, schema, builtin: int) -> int:
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def tflite_file(path: Path) -> dict[str, Any]:
+    """Rewrite a .tflite file with sparse weights where they are smaller; returns what was converted."""
+    content, result = tflite_sparse_weights(Path(path).read_bytes())
+    if result["tensors"]:
+        atomic_write_bytes(Path(path), content)
+    return result
+
+
 class Tflite(Format):
-    name, extension, runtime, default_seq = "tflite", ".tflite", "litert", DEFAULT_SEQ
+    name, extension, runtime = "tflite", ".tflite", "litert"
     float_precisions, int8_precisions = ("fp32", "fp16"), ("int8-weight", "int8")
     suffixes = SUFFIX
     fp32_tolerance = Tolerance(min_cosine=FP32_MIN_COSINE)
@@ -150,7 +348,7 @@ class Tflite(Format):
             plan.state.update(fp32=path, dense=content if plan.sparse else None)
         else:
             quantize(plan.state["fp32"], path, precision, float_content=plan.state["dense"])
-        storage = sparse_storage.tflite_file(path) if plan.sparse else None
+        storage = tflite_file(path) if plan.sparse else None
         signed = len(plan.graphs) > 1
         return [Written(name, path, name if signed else None, storage) for name in plan.graphs]
 

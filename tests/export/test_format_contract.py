@@ -95,3 +95,26 @@ def test_describe_reads_the_declared_inputs_and_outputs(name, make_model, inputs
     described = fmt.describe(tmp_path / record["file"])
     assert list(described["inputs"]) == model.input_names
     assert described["ops"] and described["weights"] > 0
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_a_precision_that_fails_to_convert_keeps_the_ones_before_it(name, make_model, inputs, tmp_path):
+    """The loop collects a conversion failure of a later precision and still records and keeps the files that
+    passed (a quantizer that crashes on int8 costs only the int8 file)."""
+    from pocketformer.errors import ExportError
+
+    fmt, model = FORMATS[name], classifier(make_model)
+    first = fmt.precisions(True, {})[0]
+
+    class LaterFails(type(fmt)):
+        def write(self, plan, precision, paths):
+            if precision != first:
+                raise ExportError(f"the quantizer crashed on {precision}", "use fp32.")
+            return super().write(plan, precision, paths)
+
+    with pytest.raises(ExportFailures, match="the quantizer crashed") as caught:
+        export(model, tmp_path, "tiny", inputs, LaterFails(), get_runtime(fmt.runtime), int8=True,
+               static_shape=SHAPE)
+    assert [r["precision"] for r in caught.value.records] == [first]
+    assert len(caught.value.failures) == len(fmt.precisions(True, {})) - 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [caught.value.records[0]["file"]]

@@ -10,7 +10,8 @@ import torch
 
 from pocketformer.compress import Context
 from pocketformer.compress.dense_sparse import DenseSparse, DenseSparseConfig
-from pocketformer.export import coreml, sparse
+from pocketformer.export import coreml, sparse, tflite
+from pocketformer.export import onnx as onnx_export
 from pocketformer.export.base import artifact_size, parity
 from pocketformer.models.signature import named_forward
 from pocketformer.models import LayerShape
@@ -102,7 +103,7 @@ def test_onnx_int8_made_from_a_sparse_fp32_file_matches_the_dense_route(onnx_fil
 
 def test_densified_onnx_restores_the_dense_initializers(onnx_files, tmp_path):
     out, _, _ = onnx_files
-    dense_path = sparse.densified_onnx(out / "sparse" / "ds.fp32.onnx", tmp_path / "dense.onnx")
+    dense_path = onnx_export.densified_onnx(out / "sparse" / "ds.fp32.onnx", tmp_path / "dense.onnx")
     restored = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(dense_path)).graph.initializer}
     original = {t.name: onnx.numpy_helper.to_array(t)
                 for t in onnx.load(str(out / "dense" / "ds.fp32.onnx")).graph.initializer}
@@ -170,7 +171,7 @@ def test_tflite_dynamic_int8_weights_stay_dense_and_the_record_says_why(tflite_f
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_csr_encoding_holds_exactly_the_non_zero_values(model, order):
     s = model.layers[0].ffn.fc2.first.weight.detach().numpy()
-    params, values, size = sparse.csr_sparsity(s, order)
+    params, values, size = tflite.csr_sparsity(s, order)
     dense_dim, csr_dim = params.dimMetadata
     segments, indices = csr_dim.arraySegments.values, csr_dim.arrayIndices.values
     rebuilt = np.zeros_like(s.transpose(order))
@@ -183,7 +184,7 @@ def test_csr_encoding_holds_exactly_the_non_zero_values(model, order):
 
 def test_column_first_encoding_of_a_wide_s_needs_one_byte_indices(model):
     s = model.layers[0].ffn.fc2.first.weight.detach().numpy()  # 32 x 512: 4 non-zeros in each column
-    (_, _, by_rows), (params, _, by_columns) = sparse.csr_sparsity(s, (0, 1)), sparse.csr_sparsity(s, (1, 0))
+    (_, _, by_rows), (params, _, by_columns) = tflite.csr_sparsity(s, (0, 1)), tflite.csr_sparsity(s, (1, 0))
     assert params.dimMetadata[1].arrayIndices.values.dtype == np.uint8
     assert by_columns < by_rows
 
@@ -231,7 +232,7 @@ def test_coreml_int8_weights_are_stored_sparse_on_ios18(model, make_text_inputs,
     names = model.input_names
     quantized = coreml.quantize_int8(coreml.convert_module(named_forward(model, names), inputs, names,
                                                            [model.output_name], "fp16", "iOS18"))
-    packed, storage = sparse.coreml_sparse_weights(quantized, quantized=True)
+    packed, storage = coreml.coreml_sparse_weights(quantized, quantized=True)
     # int8 are only tensors above coreml.WEIGHT_THRESHOLD elements: of the S matrices, the two of fc2 (32 x 512)
     assert storage["tensors"] == 2 and storage["sparse_bytes"] == 2 * (4 * 512 + 32 * 512 // 8)
     with coreml.quiet():
