@@ -11,13 +11,21 @@ import time
 import warnings
 from contextlib import contextmanager
 
-from rich.console import Console
+_console = None
 
-console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+def console():
+    """The stderr console, made on first use: a latency probe that imports a runtime never loads rich."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+    return _console
 
 
 def info(msg: str) -> None:
-    console.print(msg)
+    console().print(msg)
 
 
 @contextmanager
@@ -67,7 +75,7 @@ def progress_bar(desc: str, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      TextColumn("{task.fields[metrics]}"), console=console, transient=False) as prog:
+                      TextColumn("{task.fields[metrics]}"), console=console(), transient=False) as prog:
             task = prog.add_task(desc, total=total, metrics="")
 
             def advance(**metrics):
@@ -85,7 +93,7 @@ def progress_bar(desc: str, total: int):
         if now - last >= 10 or done == total:
             last = now
             eta = (now - start) / done * (total - done)
-            console.print(f"{desc}: {done}/{total} ({100 * done // total}%, eta {eta:.0f}s) {_fmt(metrics)}")
+            console().print(f"{desc}: {done}/{total} ({100 * done // total}%, eta {eta:.0f}s) {_fmt(metrics)}")
 
     yield advance
 

@@ -106,4 +106,5 @@ def named_forward(module: nn.Module, names: list[str], outputs: Optional[list[st
                 return dict(zip(outputs, out if isinstance(out, tuple) else (out,)))
             return out
 
+    Named.__qualname__ = Named.__name__ = "NamedInputs"  # converters put it in tensor names: keep them short
     return Named().eval()

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import TargetError
 from ..registry import member_of
-from ..export import FORMATS
 from .runtime import RUNTIMES, Runtime, discover, get_runtime
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -48,7 +47,7 @@ class Profile(BaseModel):
     deployment_target: Optional[str] = None  # CoreML minimum OS, e.g. iOS17
 
 
-    _known_format = member_of("format", lambda: FORMATS, "format")
+    _known_format = member_of("format", lambda: _formats(), "format")
     _known_runtime = member_of("runtime", discover, "runtime")
 
     @model_validator(mode="after")
@@ -56,6 +55,13 @@ class Profile(BaseModel):
         if RUNTIMES[self.runtime].format != self.format:
             raise ValueError(f"runtime {self.runtime} runs {RUNTIMES[self.runtime].format} files, not {self.format}")
         return self
+
+
+def _formats():
+    """The registered formats, imported when a profile is read (not when a latency probe imports a runtime)."""
+    from ..export import FORMATS
+
+    return FORMATS
 
 
 def _parse(path: Path) -> Profile:

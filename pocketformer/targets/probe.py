@@ -1,11 +1,15 @@
 """Latency probe, run in its own process: load an artifact, warm up, time repeated runs, report peak RSS.
 
-Usage: python -m pocketformer.targets.probe RUNTIME ARTIFACT FEEDS.npz THREADS WARMUP REPEATS
+Usage: python -m pocketformer.targets.probe MODULE:RUNTIME ARTIFACT FEEDS.npz THREADS WARMUP REPEATS
 Prints one JSON line: {"latencies_ms": [...], "peak_rss_mb": ...}.
+
+Only the runtime's own module is imported (not every runtime, nor torch through the exporters): the peak memory is
+the artifact's and its runtime's, not pocketformer's.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import resource
 import sys
@@ -14,10 +18,12 @@ import numpy as np
 
 
 def main(argv: list[str]) -> None:
-    runtime, artifact, feeds_path, threads, warmup, repeats = argv
-    from .runtime import get_runtime
+    where, artifact, feeds_path, threads, warmup, repeats = argv
+    module, _, runtime = where.partition(":")
+    importlib.import_module(module)  # registers its runtime
+    from .runtime import RUNTIMES
 
-    rt = get_runtime(runtime)
+    rt = RUNTIMES[runtime]
     feeds = dict(np.load(feeds_path))
     session = rt.open(artifact, int(threads))
     times = rt.benchmark(session, feeds, int(warmup), int(repeats))

@@ -49,7 +49,9 @@ def measure_latency(path: Path, profile: Profile, feeds: dict[str, np.ndarray]) 
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
-        cmd = [sys.executable, "-m", "pocketformer.targets.probe", profile.runtime, str(path), str(feeds_path),
+        rt = runtime_of(profile)
+        cmd = [sys.executable, "-m", "pocketformer.targets.probe", f"{type(rt).__module__}:{rt.name}", str(path),
+               str(feeds_path),
                str(profile.threads), str(profile.warmup), str(profile.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -86,3 +86,17 @@ def test_a_file_that_is_not_a_model_is_one_clear_error(name, tmp_path):
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(TargetError):
         rt.open(garbage, 1)
+
+
+@pytest.mark.parametrize("name", [n for n in RUNTIME_NAMES if RUNTIMES[n].measures_latency])
+def test_the_latency_probe_loads_only_the_runtime(name):
+    """The probe's peak memory is the artifact's and its runtime's: importing the runtime's module (as the probe
+    does) must not pull in torch or the exporters."""
+    import subprocess
+    import sys
+
+    module = type(RUNTIMES[name]).__module__
+    code = (f"import sys, importlib; importlib.import_module({module!r}); import pocketformer.targets.probe; "
+            "print(sorted(m for m in ('torch', 'pocketformer.export', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
