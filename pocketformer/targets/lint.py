@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import TargetError
+from ..errors import PocketformerError, TargetError
 from ..export import FORMATS
-from ..export.base import artifact_size, format_of
+from ..export.base import artifact_size, first_line, format_of
 from . import Profile, tflite_legacy
 
 
@@ -40,7 +40,15 @@ def artifact_format(path: Path) -> str:
 
 
 def describe(path: Path, fmt: str) -> dict[str, Any]:
-    return FORMATS[fmt].describe(Path(path))
+    """The format's description of the file; a file that is not one (garbage under the extension, a cut-short
+    download) is one clear error, whatever the format's reader raises."""
+    try:
+        return FORMATS[fmt].describe(Path(path))
+    except PocketformerError:
+        raise
+    except Exception as e:
+        raise TargetError(f"{Path(path).name} is not a readable {fmt} file ({type(e).__name__}: {first_line(e)}).",
+                          "pass a file written by `pocketformer export`, or export it again.") from None
 
 
 def lint(path: Path, profile: Profile) -> list[Finding]:

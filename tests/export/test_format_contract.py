@@ -118,3 +118,18 @@ def test_a_precision_that_fails_to_convert_keeps_the_ones_before_it(name, make_m
     assert [r["precision"] for r in caught.value.records] == [first]
     assert len(caught.value.failures) == len(fmt.precisions(True, {})) - 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [caught.value.records[0]["file"]]
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_a_file_that_is_not_one_is_one_clear_error_when_described(name, tmp_path):
+    from pocketformer.errors import TargetError
+    from pocketformer.targets.lint import describe
+
+    garbage = tmp_path / f"garbage{FORMATS[name].extension}"
+    if FORMATS[name].extension == ".mlpackage":  # a package is a folder
+        garbage.mkdir()
+        (garbage / "Manifest.json").write_bytes(b"\x00garbage")
+    else:
+        garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(TargetError, match="not a readable|not a .mlpackage"):
+        describe(garbage, name)
