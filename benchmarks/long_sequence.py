@@ -164,7 +164,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
              f"EcoFormer in every layer ({env['bits']}-bit codes, {env['anchors']} anchors per head), same weights "
              f"otherwise. Static-shape fp32 files per length; p50 of {env['repeats']} runs after {env['warmup']} "
              f"warm-up runs, batch 1, {env['threads']} threads, each file in a fresh process. ONNX Runtime "
-             f"{env['onnxruntime']}, LiteRT {env['litert']} (XNNPACK). Machine: {env['machine']}, "
+             f"{env['onnxruntime']}, LiteRT {env['litert']} (XNNPACK). Machine: {env['machine']} ({', '.join(env.get('cpu', {}).get('features', [])) or 'CPU features not recorded'}), "
              f"{env['cpu_count']} cores.", "",
              "| tokens | runtime | softmax p50 ms | EcoFormer p50 ms | softmax / EcoFormer | softmax GMACs | "
              "EcoFormer GMACs |", "|---|---|---|---|---|---|---|"]
@@ -266,7 +266,7 @@ def main() -> None:
     env = {"model": ("MiniLM-shaped encoder (hidden 384, 6 layers, 12 heads x 32, FFN 1536)" if not args.quick
                      else "tiny encoder (hidden 64, 2 layers, 4 heads x 16, FFN 128; --quick)"),
            "bits": shape["bits"], "anchors": shape["anchors"], "threads": args.threads, "repeats": args.repeats,
-           "warmup": args.warmup, "lengths": args.lengths, "machine": platform.machine(),
+           "warmup": args.warmup, "lengths": args.lengths, "machine": platform.machine(), "cpu": store.cpu(),
            "cpu_count": os.cpu_count(), **store.versions(), "litert": get_runtime("litert").version(), "wall_s": None}
     result = {"env": env, "rows": rows, "crossover": cross,
               "sentiment": sentiment_accuracy(args.sentiment_run) if not args.quick else None}

@@ -438,7 +438,7 @@ def main() -> None:
             r["speedup_vs_fp32"] = None  # the p50 of a gated run (two humps: early and late exits) is no ratio
             r["mean_speedup_vs_fp32"] = r["speedup_vs_no_exit_model"]
             r["ratio_reference"] = f"{r['no_exit_file']}, timed alternately with the gated run"
-    env = {"machine": platform.machine(), "processor": platform.processor() or "x86-64", "python":
+    env = {"machine": platform.machine(), "processor": platform.processor() or "x86-64", "cpu": store.cpu(), "python":
            platform.python_version(), **store.versions(), "threads": profile.threads,
            "shape": f"batch {profile.batch} x {profile.seq_len} tokens", "repeats": profile.repeats,
            "warmup": profile.warmup, "test_examples": len(test), "reference_pytorch_accuracy": ref_acc,
@@ -483,7 +483,8 @@ def write_markdown(rows, env, args, storage=()) -> str:
 
     lines = ["# Benchmark results", "",
              "## MiniLM sentiment (Rotten Tomatoes, all-MiniLM-L6-v2 fine-tuned by examples/minilm-sentiment)", "",
-             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']}, 2 cores; ONNX Runtime "
+             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']} ({env['cpu']['model']}; "
+             f"{', '.join(env['cpu']['features']) or 'no listed SIMD features'}), 2 cores; ONNX Runtime "
              f"{env['onnxruntime']}, {env['threads']} intra-op threads; latency = median (p50) and p90 of "
              f"{env['repeats']} runs after {env['warmup']} warm-up runs, {env['shape']}, each artifact in a fresh "
              f"process; accuracy on the full test split ({env['test_examples']} examples). Ratios are against "

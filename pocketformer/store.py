@@ -36,6 +36,28 @@ def versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+# CPU features that decide which int8/fp16 kernels a runtime picks (and so its speed, and int8's exact rounding).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",  # x86-64
+                "asimddp", "i8mm", "bf16", "sve")  # arm64: dot product, int8 matmul
+
+
+def cpu() -> dict[str, object]:
+    """This host's CPU model and the kernel-deciding features it has (Linux /proc/cpuinfo; empty elsewhere): a
+    speed claim names them."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features"):
+                flags |= set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def package_versions(*names: str) -> dict[str, str]:
     """Installed versions of the named distributions (missing ones as "absent"), for cache keys and provenance."""
     from importlib.metadata import PackageNotFoundError, version
