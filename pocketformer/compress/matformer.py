@@ -113,7 +113,7 @@ def width_quality(model: CanonicalTransformer, ctx: Context, plans: dict[float, 
     return result
 
 
-class Matformer(Stage[MatformerConfig], name="matformer", version=1,
+class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as distill
                 summary="MatFormer nested FFNs: sort neurons by importance, then train every width prefix against "
                         "the original"):
     excludes = factorized(["fc1", "fc2"]) | {"quantized"}

@@ -49,12 +49,18 @@ class LayerShape(BaseModel):
 
 
 class HeadSpec(BaseModel):
-    """The task head on top of the encoder. `labels` empty means an embedding model (no classifier)."""
+    """The task head on top of the encoder. `labels` empty means an embedding model (no classifier), whose output is
+    the pooled hidden state, then (as a sentence-transformers folder says) an optional dense projection and an
+    optional L2 normalisation."""
 
     model_config = ConfigDict(extra="forbid")
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "max"] = "mean"  # max: over the real (unmasked) tokens
     pre: Literal["none", "dense_tanh", "dense_relu"] = "none"
     labels: list[str] = Field(default_factory=list)
+    # embedding models only
+    dense: int = Field(0, ge=0, description="out features of a dense projection after pooling (0: none)")
+    dense_act: Literal["identity", "tanh", "relu"] = "identity"
+    normalize: bool = Field(False, description="L2-normalise the embedding (sentence-transformers' Normalize)")
 
 
 class ModelConfig(BaseModel):
@@ -281,6 +287,25 @@ class ClassifierHead(nn.Module):
         return self.out(pooled)
 
 
+class EmbeddingHead(nn.Module):
+    """An embedding model's head after pooling: an optional dense projection with its activation, then an optional
+    L2 normalisation, written with ops every converter takes (no `F.normalize`)."""
+
+    def __init__(self, hidden: int, spec: HeadSpec):
+        super().__init__()
+        self.act = spec.dense_act
+        self.dense = nn.Linear(hidden, spec.dense) if spec.dense else None
+        self.normalize = spec.normalize
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            pooled = self.dense(pooled)
+            pooled = torch.tanh(pooled) if self.act == "tanh" else F.relu(pooled) if self.act == "relu" else pooled
+        if self.normalize:  # as F.normalize: x / max(|x|, 1e-12)
+            pooled = pooled / torch.sqrt((pooled * pooled).sum(dim=-1, keepdim=True)).clamp(min=1e-12)
+        return pooled
+
+
 class CanonicalTransformer(nn.Module):
     """Encoder + pooling + optional classifier. Text input: (input_ids, attention_mask); vision: pixel_values."""
 
@@ -291,6 +316,8 @@ class CanonicalTransformer(nn.Module):
         self.layers = nn.ModuleList([Layer(cfg.hidden, s, cfg) for s in cfg.layers])
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps) if cfg.final_norm else None
         self.classifier = ClassifierHead(cfg.hidden, cfg.head) if cfg.head.labels else None
+        has_embedding_head = not cfg.head.labels and (cfg.head.dense or cfg.head.normalize)
+        self.embedding_head = EmbeddingHead(cfg.hidden, cfg.head) if has_embedding_head else None
         self.exit_heads = nn.ModuleList([ClassifierHead(cfg.hidden, self.exit_spec) for _ in cfg.exits])
 
     @property
@@ -352,14 +379,21 @@ class CanonicalTransformer(nn.Module):
         return (x, hidden) if all_hidden else x
 
     def pool(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.spec.head.pooling == "cls" or attention_mask is None:
-            return x[:, 0] if self.spec.head.pooling == "cls" else x.mean(dim=1)
+        pooling = self.spec.head.pooling
+        if pooling == "cls":
+            return x[:, 0]
+        if attention_mask is None:
+            return x.max(dim=1).values if pooling == "max" else x.mean(dim=1)
         m = attention_mask.to(x.dtype).unsqueeze(-1)
+        if pooling == "max":  # padded tokens pushed far below any real value, as sentence-transformers does
+            return (x * m + (1.0 - m) * MASK_NEG).max(dim=1).values
         return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
     def head_output(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         pooled = self.pool(x, attention_mask)
-        return self.classifier(pooled) if self.classifier is not None else pooled
+        if self.classifier is not None:
+            return self.classifier(pooled)
+        return self.embedding_head(pooled) if self.embedding_head is not None else pooled
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.head_output(self.encode(*inputs), self.attention_mask(inputs))
@@ -410,6 +444,7 @@ class CanonicalTransformer(nn.Module):
         """Attach a fresh classifier (fine-tuning an embedding model into a classifier)."""
         self.spec.head = HeadSpec(pooling=pooling, pre="none", labels=list(labels))
         self.classifier = ClassifierHead(self.spec.hidden, self.spec.head)
+        self.embedding_head = None  # the classifier reads the pooled state; an embedding's projection goes
 
     def set_exits(self, layers: list[int]) -> None:
         """Fresh exit heads after these layers (0-based; the last layer's head is the classifier)."""
@@ -473,4 +508,6 @@ def encoder_macs(cfg: ModelConfig, seq_len: int) -> int:
         macs += ATTENTIONS[s.attention].mixing_macs(s, t)
     if cfg.head.labels:
         macs += (h * h if cfg.head.pre != "none" else 0) + h * len(cfg.head.labels)
+    else:
+        macs += h * cfg.head.dense
     return macs

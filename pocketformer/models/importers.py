@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..errors import ArchitectureError, CheckpointError, ParityError
+from ..progress import quiet
 from .canonical import CanonicalTransformer, HeadSpec, LayerShape, ModelConfig
 from .io import file_sha256, load_safetensors
 
@@ -200,21 +201,164 @@ def import_hf(folder: Path, check_parity: bool = True) -> tuple[CanonicalTransfo
         raise ArchitectureError(f"Architecture {model_type!r} ({', '.join(cfg.get('architectures') or [])}) is not "
                                 "supported.", f"use a checkpoint of one of: {', '.join(sorted(ARCHITECTURES))}.")
     arch = ARCHITECTURES[model_type]
-    spec = arch.build(cfg).model_copy(update={"head": arch.head(cfg)})
+    spec = arch.build(cfg)
+    head = arch.head(cfg)
+    sentence = None if head.labels else read_sentence_head(folder, spec.hidden)
+    spec = spec.model_copy(update={"head": sentence.head if sentence else head})
     state, files = read_hf_weights(folder)
     if model_type == "vit":
         state = _rename_v4_vit(state)
     model = CanonicalTransformer(spec)
     _copy_weights(model, state, arch, spec)
+    if sentence is not None and sentence.dense_state:
+        model.embedding_head.dense.load_state_dict(sentence.dense_state)
     model.eval()
     provenance = {
         "source": str(folder.resolve()), "source_architecture": (cfg.get("architectures") or [model_type])[0],
         "source_model_type": model_type,
-        "source_files_sha256": {f.name: file_sha256(f) for f in files},
+        "source_files_sha256": {f.name: file_sha256(f) for f in files + (sentence.files if sentence else [])},
     }
+    if sentence is not None:
+        provenance["sentence_transformers"] = sentence.describe()
     if check_parity:
         provenance["import_parity_max_abs_diff"] = check_source_parity(model, folder, cfg)
+        if sentence is not None:
+            provenance["sentence_embedding_parity_max_abs_diff"] = check_sentence_parity(model, folder)
     return model, provenance
+
+
+# -- sentence-transformers folders: Transformer -> Pooling -> [Dense] -> [Normalize] ---------------------------------
+
+ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max"}
+ST_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Tanh": "tanh",
+                  "torch.nn.modules.activation.ReLU": "relu"}
+ST_FIX = "use a sentence-transformers model whose modules are Transformer, Pooling (cls, mean or max), at most one " \
+         "Dense (identity, tanh or relu) and Normalize, or import its Transformer folder alone as a token encoder."
+
+
+@dataclass
+class SentenceHead:
+    """What a sentence-transformers folder's modules.json puts after the transformer, as the canonical head."""
+
+    head: HeadSpec
+    modules: list[str]
+    dense_state: dict[str, torch.Tensor]
+    files: list[Path]
+    max_seq_length: Optional[int]
+
+    def describe(self) -> dict:
+        return {"modules": self.modules, "pooling": self.head.pooling, "dense": self.head.dense,
+                "dense_act": self.head.dense_act, "normalize": self.head.normalize,
+                "max_seq_length": self.max_seq_length}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing.", "re-save the sentence-transformers model.") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}).", "re-save the sentence-transformers model.") \
+            from None
+
+
+def _st_pooling(config: dict, path: Path) -> str:
+    """The one pooling mode a Pooling module's config turns on (old boolean keys, or "pooling_mode")."""
+    if isinstance(config.get("pooling_mode"), str):
+        modes = [config["pooling_mode"]]
+    else:
+        modes = [k.removeprefix("pooling_mode_") for k, v in config.items() if k.startswith("pooling_mode_") and v]
+        modes = [ST_POOLING.get(f"pooling_mode_{m}", m) for m in modes]
+    if len(modes) != 1 or modes[0] not in ("cls", "mean", "max"):
+        raise ArchitectureError(f"{path}: pooling {' + '.join(modes) or 'none'} has no equivalent in pocketformer "
+                                "(it pools by one of cls, mean or max).", ST_FIX)
+    return modes[0]
+
+
+def _st_dense(path: Path, hidden: int) -> tuple[int, str, dict[str, torch.Tensor], list[Path]]:
+    config = _read_json(path / "config.json")
+    act = ST_ACTIVATIONS.get(config.get("activation_function", "torch.nn.modules.linear.Identity"))
+    if act is None or config.get("in_features") != hidden:
+        raise ArchitectureError(f"{path}: a Dense module with activation {config.get('activation_function')!r} on "
+                                f"{config.get('in_features')} features has no equivalent here (the pooled state has "
+                                f"{hidden}).", ST_FIX)
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        state, files = load_safetensors(weights), [weights]
+    else:
+        state, files = read_hf_weights(path)  # a pytorch_model.bin, through weights_only loading
+    dense = {k.removeprefix("linear."): v.float() for k, v in state.items() if k.startswith("linear.")}
+    if set(dense) - {"weight", "bias"} or "weight" not in dense or \
+            tuple(dense["weight"].shape) != (config.get("out_features"), hidden):
+        raise CheckpointError(f"{path}'s weights do not match its config.json.", "re-save the sentence-transformers "
+                                                                               "model.")
+    if "bias" not in dense:
+        dense["bias"] = torch.zeros(config["out_features"])
+    return int(config["out_features"]), act, dense, files
+
+
+def read_sentence_head(folder: Path, hidden: int) -> Optional[SentenceHead]:
+    """The head a sentence-transformers folder declares (modules.json), or None for a plain Hugging Face folder.
+    Modules pocketformer cannot reproduce are refused, never replaced by another head."""
+    folder = Path(folder)
+    if not (folder / "modules.json").is_file():
+        return None
+    modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+        raise CheckpointError(f"{folder / 'modules.json'} is not a list of modules.", "re-save the model.")
+    kinds = [str(m["type"]).rsplit(".", 1)[-1] for m in modules]
+    if kinds[:1] != ["Transformer"] or modules[0].get("path", "") not in ("", "."):
+        raise ArchitectureError(f"{folder}: the first sentence-transformers module is {kinds[0] if kinds else 'none'} "
+                                f"at {modules[0].get('path') if modules else '-'!r}; pocketformer imports a Transformer "
+                                "stored at the folder's root.", ST_FIX)
+    pooling, dense, act, dense_state, files, normalize = None, 0, "identity", {}, [], False
+    for kind, module in zip(kinds[1:], modules[1:]):
+        path = folder / module.get("path", "")
+        order_ok = (kind == "Pooling" and pooling is None) or (kind == "Dense" and pooling and not dense
+                                                              and not normalize) or (kind == "Normalize" and pooling)
+        if not order_ok:
+            raise ArchitectureError(f"{folder}: sentence-transformers module {kind} ({module.get('path')}) "
+                                    f"after {', '.join(kinds[:kinds.index(kind)])} has no equivalent in "
+                                    "pocketformer's head.", ST_FIX)
+        if kind == "Pooling":
+            config = _read_json(path / "config.json")
+            dim = config.get("word_embedding_dimension", config.get("embedding_dimension", hidden))
+            if dim != hidden:
+                raise CheckpointError(f"{path}: pools {dim} features but the transformer has {hidden}.",
+                                      "re-save the sentence-transformers model.")
+            pooling = _st_pooling(config, path / "config.json")
+        elif kind == "Dense":
+            dense, act, dense_state, files = _st_dense(path, hidden)
+        else:
+            normalize = True
+    if pooling is None:
+        raise ArchitectureError(f"{folder}: modules.json has no Pooling module after the Transformer.", ST_FIX)
+    limit = (_read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+             if (folder / "sentence_bert_config.json").is_file() else None)
+    return SentenceHead(HeadSpec(pooling=pooling, pre="none", labels=[], dense=dense, dense_act=act,
+                                 normalize=normalize), kinds, dense_state, files, limit)
+
+
+def check_sentence_parity(model: CanonicalTransformer, folder: Path) -> float:
+    """The whole sentence embedding (pooling, dense, normalisation) against sentence-transformers itself on the same
+    token ids; raise ParityError beyond PARITY_TOL."""
+    try:
+        with quiet("sentence_transformers", "torchao", stderr=True):
+            from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise CheckpointError(f"{folder} is a sentence-transformers model, and its head can only be checked against "
+                              "sentence-transformers itself, which is not installed.",
+                              "pip install --no-deps sentence-transformers==6.2.0 (make install does).") from None
+    with quiet("sentence_transformers", "torchao", "transformers", stderr=True):
+        source = SentenceTransformer(str(folder), device="cpu").eval()
+    ids, mask = parity_inputs(model.spec)
+    with torch.no_grad():
+        want = source({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
+        diff = (model(ids, mask) - want).abs().max().item()
+    if not diff <= PARITY_TOL:
+        raise ParityError(f"The imported sentence embedding differs from sentence-transformers' by {diff:.2e} "
+                          f"(tolerance {PARITY_TOL:.0e}).", "report this with the folder's modules.json.")
+    return diff
 
 
 def _rename_v4_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -245,6 +389,9 @@ def _copy_weights(model: CanonicalTransformer, state: dict[str, torch.Tensor], a
     target = model.state_dict()
     new_state = {}
     for name in target:
+        if name.startswith("embedding_head."):  # a sentence-transformers Dense: read from its own folder
+            new_state[name] = target[name]
+            continue
         module, _, leaf = name.rpartition(".")
         src = mapping.get(module)
         if src is None and name in mapping:  # bare parameters (ViT cls token, position table)

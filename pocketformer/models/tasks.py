@@ -114,7 +114,7 @@ class Embedding(Task):
     precision_metric, min_agreement = "cosine", 0.99  # embeddings: the same direction
 
     def output_width(self, cfg: Any) -> int:
-        return cfg.hidden
+        return cfg.head.dense or cfg.hidden
 
     def loss(self, out, labels, reference):
         if reference is None:
@@ -122,7 +122,10 @@ class Embedding(Task):
         return F.mse_loss(out, reference)
 
     def distill(self, student, teacher, temperature):
-        return F.mse_loss(student, teacher)
+        """1 - cosine, per example: what retrieval compares. (Per-element MSE of L2-normalised embeddings is
+        2 (1 - cos) / dims, a gradient hundreds of times too weak: measured, MiniLM pruned and distilled that way
+        kept 0.82 cosine with its original embeddings.)"""
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
     def quality(self, out, labels, reference):
         return 100.0 * float(cosine_rows(out, reference).mean())

@@ -96,7 +96,8 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         row["accuracy"] = task.quality(out, ds.labels, None)
         row["reference_accuracy"] = task.quality(reference_out, ds.labels, None)
         row["accuracy_drop"] = row["reference_accuracy"] - row["accuracy"]
-        row["agreement_with_reference"] = 100.0 * task.agreement(out, reference_out)
+    # the task's agreement with the uncompressed model: same labels (classifier), or mean cosine (embedding)
+    row["agreement_with_reference"] = 100.0 * task.agreement(out, reference_out)
     row["output_cosine_with_reference"] = float(cosine_rows(reference_out, out).mean())
     if rt.measures_latency:
         row.update(measure_latency(path, profile, latency_feeds(reference.input_names, ds, enc, profile)))
