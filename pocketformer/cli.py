@@ -227,27 +227,48 @@ def _quiet_third_party_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def main() -> None:
+def _click_classes():
+    """(usage errors, other click errors, aborts, exits) of both clicks: typer 0.29 raises its vendored copy's
+    exceptions, which the real click's classes do not catch."""
     import click
+    import typer._click.exceptions as vendored
 
+    return ((click.exceptions.UsageError, vendored.UsageError),
+            (click.exceptions.ClickException, vendored.ClickException),
+            (click.exceptions.Abort, typer.Abort), (click.exceptions.Exit, typer.Exit))
+
+
+def usage_line(e) -> str:
+    """A usage error as one line: what is wrong with the command line, and where the usage is."""
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "pocketformer"
+    message = e.format_message().strip()
+    return f"error: {message}{'' if message.endswith(('.', '!', '?')) else '.'} Fix: see `{where} --help`."
+
+
+def main() -> None:
+    usage_errors, click_errors, aborts, exits = _click_classes()
     _quiet_third_party_logs()
     try:
-        rc = app(standalone_mode=False)
+        rc = app(prog_name="pocketformer", standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except PocketformerError as e:
         typer.echo(f"error: {e.line()}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (*aborts, KeyboardInterrupt):
         typer.echo("interrupted: finished stages are cached; run the same command again to resume.", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished stages are cached; run the same command again to resume.", err=True)
-        sys.exit(130)
-    except click.exceptions.ClickException as e:
-        e.show()
+    except usage_errors as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `pocketformer` alone: the help is the answer
+            e.show()
+        else:
+            typer.echo(usage_line(e), err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except click_errors as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except exits as e:
         sys.exit(e.exit_code)
 
 

@@ -185,3 +185,38 @@ def test_inspect_minilm(run_cli, minilm_path):
     assert proc.returncode == 0, proc.stderr
     assert "text encoder, task embedding, hidden 384, 6 layers" in proc.stdout
     assert proc.stdout.count("heads 12 x 32, ffn 1536") == 6
+
+
+# -- usage errors: every verb, as typer's own (vendored) click raises them ---------------------------------------
+
+USAGE_ERRORS = [
+    (["compress", "minilm", "-o", "OUT"], ["--recipe", "pocketformer compress --help"]),  # forgot --recipe
+    (["compress", "--recipe", "r.yaml"], ["checkpoint"]),  # no checkpoint argument
+    (["export", "OUT", "--frobnicate"], ["--frobnicate", "pocketformer export --help"]),
+    (["export"], ["out"]),
+    (["validate"], ["out"]),
+    (["validate", "OUT", "--limit", "many"], ["--limit"]),
+    (["validate", "OUT", "--target"], ["--target"]),  # an option without its value
+    (["run"], ["recipe"]),
+    (["run", "r.yaml", "--out"], ["--out"]),
+    (["lint", "a.onnx"], ["--target"]),
+    (["inspect"], ["path"]),
+    (["inspect", "x", "--seq-len", "abc"], ["--seq-len"]),
+    (["extract", "SRC"], ["--out"]),
+    (["targets", "--all"], ["--all"]),
+    (["stages", "extra-argument"], ["extra-argument"]),
+    (["nosuchverb"], ["nosuchverb"]),
+]
+
+
+@pytest.mark.parametrize("args,mentions", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_are_one_line_naming_the_help(run_cli, args, mentions):
+    proc = run_cli(*args)
+    assert_one_line_error(proc, *mentions)
+    assert "--help" in proc.stderr
+
+
+def test_no_arguments_shows_the_help(run_cli):
+    proc = run_cli()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "compress" in proc.stdout + proc.stderr
