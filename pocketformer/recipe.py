@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -62,7 +63,8 @@ class ExportSpec(BaseModel):
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = "run"
+    name: str = Field("run", description="the run's name, and its folder under runs/ unless `output` says otherwise: a plain "
+                                  "name (letters, digits, . _ -), never a path")
     model: str = Field(description="checkpoint folder (Hugging Face or pocketformer) or a built-in: minilm")
     data: str = "rotten_tomatoes"
     seed: int = 0
@@ -75,6 +77,14 @@ class Recipe(BaseModel):
     targets: list[Union[str, TargetRef]] = ["host-ort"]
     output: Optional[str] = None
     source_path: Optional[str] = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(f"{v!r} is not a plain name (letters, digits, . _ -, at most 100): the run's folder is "
+                             "named after it, so a path could write outside runs/; use `output` for a folder")
+        return v
 
     @field_validator("prepare", "stages")
     @classmethod

@@ -77,12 +77,28 @@ def digest(obj: Any) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: a reader never sees a partial file."""
+    """Write to a temporary name beside `path`, then rename: a reader never sees a partial file. The temporary file
+    is created new (a leftover of that name, or a symlink planted there, is removed, never followed), and the rename
+    replaces a symlink at `path` itself rather than writing where it points."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def contained(folder: Path, name: str, what: str) -> Path:
+    """`folder / name` for a name read from a file (a manifest's entry), refused unless it is a plain file name in
+    that folder: no separators, no `..`, not absolute."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and not Path(name).is_absolute()
+    if not plain:
+        raise CheckpointError(f"{what} names {name!r}, which is not a file in {folder}.",
+                              "re-export the artifacts; a manifest only names files beside it.")
+    return Path(folder) / name
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -90,8 +106,20 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_manifest(artifacts_dir: Path) -> list[dict[str, Any]]:
+    """The records of artifacts.json; every record's file must lie in the folder (nothing outside is read or
+    replaced because a manifest says so)."""
     path = Path(artifacts_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}).", "re-export the artifacts.") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "file" in r for r in records):
+        raise CheckpointError(f"{path} is not a list of artifact records.", "re-export the artifacts.")
+    for r in records:
+        contained(artifacts_dir, r["file"], str(path))
+    return records
 
 
 def write_manifest(artifacts_dir: Path, records: list[dict[str, Any]]) -> None:

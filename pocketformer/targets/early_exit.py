@@ -22,6 +22,7 @@ from ..export.segments import ExitRun, run_chain
 from ..models.exits import Gate, entropy, exit_indices, predict_with_exits
 from ..data import Dataset, Encoder
 from ..errors import TargetError
+from ..store import contained
 from ..models.canonical import CanonicalTransformer
 from ..progress import info, progress_bar
 from . import Profile
@@ -81,7 +82,8 @@ def open_segments(manifest_path: Path, runtime: str, threads: int) -> SegmentedM
     if manifest.get("format") != rt.format:
         raise TargetError(f"{manifest_path.name} holds {manifest.get('format')} segments; {rt.name} runs "
                           f"{rt.format}.", f"validate it on a {manifest.get('format')} target.")
-    files = [(manifest_path.parent / s["file"], s.get("signature")) for s in manifest["segments"]]
+    files = [(contained(manifest_path.parent, s["file"], manifest_path.name), s.get("signature"))
+             for s in manifest["segments"]]
     return SegmentedModel(manifest, rt.open_graphs(files, threads), manifest_path,
                           measures_latency=rt.measures_latency, runtime=rt.name, runtime_version=rt.version(),
                           execution=rt.execution())
