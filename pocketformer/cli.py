@@ -179,6 +179,7 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
         _echo("  ops:     " + ", ".join(f"{k} x{v}" for k, v in d["ops"].items()))
         if d.get("op_precision"):
             _echo(f"  compute precision: {d['op_precision']}")
+        _echo("  " + _artifact_provenance(path, fmt))
         return
     folders = [path / "baseline", path / "model"] if (path / "compress.json").is_file() else [path]
     from .models import count_params, encoder_macs, load_any
@@ -186,6 +187,11 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
     for folder in folders:
         model, prov = load_any(folder)
         cfg = model.config
+        made = {k: prov[k] for k in ("role", "recipe_sha256", "source", "source_weights_sha256") if k in prov}
+        if "input" in prov:
+            made["input"] = prov["input"].get("path")
+        if made:
+            _echo(f"{folder}: made by " + ", ".join(f"{k} {str(v)[:64]}" for k, v in made.items()))
         _echo(f"{folder}: {cfg.modality} encoder, task {cfg.task}, hidden {cfg.hidden}, {len(cfg.layers)} layers, "
               f"{count_params(model):,} params, {encoder_macs(cfg, seq_len) / 1e6:,.1f}M MACs at {seq_len} tokens")
         for i, s in enumerate(cfg.layers):
@@ -216,6 +222,22 @@ def extract(source: Path = typer.Argument(..., help="nested checkpoint (matforme
     quality = next((f", {k} {p[k]:.2f}" for k in ("validation_accuracy", "validation_cosine_pct") if k in p), "")
     _echo(f"extracted FFN widths {p['widths']} of {p['source_ffn_widths']}: params {p['source_params']:,} -> "
           f"{p['params']:,}{quality}; wrote {out}")
+
+
+def _artifact_provenance(path: Path, fmt: str) -> str:
+    """What made an artifact, from the artifacts.json beside it, and whether the file is still the one recorded."""
+    from .export import FORMATS
+    from .store import read_manifest
+
+    record = next((r for r in read_manifest(path.parent) if r["file"] == path.name), None)
+    if record is None:
+        return "provenance: none recorded (no artifacts.json entry beside the file)"
+    same = FORMATS[fmt].content_sha256(path) == record.get("sha256")
+    versions = record.get("versions", {})
+    return (f"provenance: recipe sha256 {str(record.get('recipe_sha256'))[:16]}, source weights sha256 "
+            f"{str(record.get('source_weights_sha256'))[:16]}, options {record.get('options')}, pocketformer "
+            f"{versions.get('pocketformer')}, torch {versions.get('torch')}; content "
+            + ("matches its record" if same else "DIFFERS from its record: the file changed after export"))
 
 
 def _quiet_third_party_logs() -> None:

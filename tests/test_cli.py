@@ -220,3 +220,16 @@ def test_no_arguments_shows_the_help(run_cli):
     proc = run_cli()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert "compress" in proc.stdout + proc.stderr
+
+
+def test_inspect_shows_an_artifacts_provenance_and_whether_it_changed(cli_run, run_cli, tmp_path):
+    import shutil
+
+    out, procs = cli_run
+    assert "made by role compressed, recipe_sha256" in procs["inspect"].stdout
+    copy = tmp_path / "artifacts"
+    shutil.copytree(out / "artifacts", copy)
+    proc = run_cli("inspect", copy / "model.fp32.onnx")
+    assert proc.returncode == 0 and "provenance: recipe sha256" in proc.stdout and "matches its record" in proc.stdout
+    shutil.copy2(copy / "baseline.fp32.onnx", copy / "model.fp32.onnx")  # another valid file under its name
+    assert "DIFFERS from its record" in run_cli("inspect", copy / "model.fp32.onnx").stdout

@@ -9,6 +9,7 @@ once. A format registers itself in FORMATS by subclassing Format; a new format i
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,11 @@ class Format(ABC):
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse option values the format cannot honour (ExportError), before anything is converted."""
 
+    def content_sha256(self, path: Path) -> str:
+        """A hash of what the file holds, equal whenever the same model is exported again (for byte-deterministic
+        formats: the file's sha256; a package: every file's relative path and content)."""
+        return tree_sha256(path)
+
     def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
         """Does the file compute with int8 weights? (Lint warns where int8 buys no speed.) By default the name."""
         return ".int8" in Path(path).name
@@ -133,6 +139,24 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
 def repeat_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """Exactly n rows, repeating the tensor's rows when it has fewer (a file of fixed batch, few examples)."""
     return t[torch.arange(n) % len(t)]
+
+
+def tree_sha256(path: Path, skip: tuple[str, ...] = (), content=None) -> str:
+    """sha256 of a file, or of a folder's files (relative path and content, in path order) except those named in
+    `skip`; `content(file) -> bytes` may stand in for a file's raw bytes."""
+    path = Path(path)
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip)
+    h = hashlib.sha256()
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        if content is not None:
+            h.update(content(f))
+            continue
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def artifact_size(path: Path) -> int:

@@ -19,7 +19,7 @@ import torch
 from .. import progress
 from ..errors import ExportError, TargetError
 from . import sparse as sparse_storage
-from .base import Format, Plan, Tolerance, Written
+from .base import Format, Plan, Tolerance, Written, tree_sha256
 
 # Weights may be compressed only where an op uses them as weights. Applied to every const, compression also hits
 # constant mask/position tensors and yields NaN or garbage (METHODS.md).
@@ -294,3 +294,17 @@ class CoreML(Format):
 
     def describe(self, path: Path) -> dict[str, Any]:
         return describe(path)
+
+    def content_sha256(self, path: Path) -> str:
+        """Over the package's files without Manifest.json (random item UUIDs on every save), the spec re-serialised
+        deterministically (coremltools writes protobuf maps in arbitrary order): equal for the same model."""
+        from coremltools.proto import Model_pb2
+
+        def canonical(f: Path) -> bytes:
+            if f.suffix != ".mlmodel":
+                return f.read_bytes()
+            spec = Model_pb2.Model()
+            spec.ParseFromString(f.read_bytes())
+            return spec.SerializeToString(deterministic=True)
+
+        return tree_sha256(path, skip=("Manifest.json",), content=canonical)

@@ -12,7 +12,6 @@ the caller (pocketformer.targets knows runtimes; this package does not import it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -24,7 +23,6 @@ import torch
 
 from ..errors import ExportError, TargetError
 from ..models.canonical import CanonicalTransformer
-from ..models.io import file_sha256
 from ..models.signature import Graph, GraphIO, named_forward
 from .base import FORMATS, Format, Plan, Tolerance, Written, artifact_size, parity, repeat_rows
 from .sparse import has_dense_sparse
@@ -89,7 +87,7 @@ class GraphSet:
                 checks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         (w,) = written
         return [{"file": w.path.name, "variant": ctx.stem, "format": ctx.fmt.name, "precision": precision,
-                 "size_bytes": artifact_size(w.path), "sha256": artifact_sha256(w.path),
+                 "size_bytes": artifact_size(w.path), "sha256": ctx.fmt.content_sha256(w.path),
                  "parity_vs_pytorch": {**checks[w.graph][self.graphs[w.graph].io.output_names[-1]],
                                        "execution": ctx.runtime.execution()},
                  "parity_execution": ctx.runtime.execution(), **ctx.fmt.record_extras(ctx.plan, precision),
@@ -103,21 +101,6 @@ class SetContext:
                  inputs: tuple[torch.Tensor, ...], reference: Reference):
         self.fmt, self.runtime, self.plan, self.stem, self.out_dir = fmt, runtime, plan, stem, out_dir
         self.inputs, self.reference = inputs, reference
-
-
-def artifact_sha256(path: Path) -> str:
-    """A file's sha256; for a package folder, one hash over every file (relative path and content), in path
-    order."""
-    path = Path(path)
-    if not path.is_dir():
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def graph_sets(model: CanonicalTransformer, kinds: Optional[set] = None) -> list[GraphSet]:

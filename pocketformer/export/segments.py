@@ -29,7 +29,8 @@ from ..models.exits import Gate, gate_of, predict_with_exits, should_stop
 from ..models.signature import Graph, GraphIO, TensorSpec, named_forward
 from ..store import atomic_write_bytes
 from .base import Format, Written, artifact_size
-from .loop import GraphSet, Reference, SetContext, artifact_sha256
+from .base import tree_sha256
+from .loop import GraphSet, Reference, SetContext
 
 KIND = "segments"
 
@@ -203,8 +204,8 @@ class SegmentSet(GraphSet):
             ops.update(d["ops"])
         return [{"file": manifest_path.name, "kind": KIND, "variant": ctx.stem, "format": fmt.name,
                  "precision": precision, "size_bytes": sum(artifact_size(p) for p in unique),
-                 "sha256": artifact_sha256(manifest_path),
-                 "files_sha256": {p.name: artifact_sha256(p) for p in unique},
+                 "sha256": tree_sha256(manifest_path),
+                 "files_sha256": {p.name: fmt.content_sha256(p) for p in unique},
                  "segments": [e["file"] + (f":{e['signature']}" if e["signature"] else "") for e in entries],
                  "exits": list(model.spec.exits), "gate": gate.model_dump(),
                  "parity_vs_pytorch": {"max_abs_diff": max(r["max_abs_diff"] for r in logits),

@@ -133,3 +133,14 @@ def test_a_file_that_is_not_one_is_one_clear_error_when_described(name, tmp_path
         garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(TargetError, match="not a readable|not a .mlpackage"):
         describe(garbage, name)
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_the_same_model_exported_twice_records_the_same_hashes(name, make_model, inputs, tmp_path):
+    """Reproducible artifacts: ONNX and TFLite files are byte-identical; a CoreML package's content hash leaves out
+    Manifest.json's random item ids and re-serialises the spec deterministically."""
+    fmt, model = FORMATS[name], classifier(make_model)
+    hashes = [{r["file"]: r["sha256"] for r in export(model, tmp_path / str(i), "tiny", inputs, name,
+                                                     get_runtime(fmt.runtime), int8=False, static_shape=SHAPE)}
+              for i in range(2)]
+    assert hashes[0] == hashes[1]
