@@ -249,6 +249,9 @@ def _quiet_third_party_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+INTERRUPTED = "interrupted: finished stages are cached; run the same command again to resume."
+
+
 def _click_classes():
     """(usage errors, other click errors, aborts, exits) of both clicks: typer 0.29 raises its vendored copy's
     exceptions, which the real click's classes do not catch."""
@@ -273,13 +276,15 @@ def main() -> None:
     _quiet_third_party_logs()
     try:
         rc = app(prog_name="pocketformer", standalone_mode=False)
+        if rc == 130:  # typer turns Ctrl-C into exit code 130 and returns it
+            typer.echo(INTERRUPTED, err=True)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except PocketformerError as e:
         typer.echo(f"error: {e.line()}", err=True)
         sys.exit(2)
     except (*aborts, KeyboardInterrupt):
-        typer.echo("interrupted: finished stages are cached; run the same command again to resume.", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except usage_errors as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `pocketformer` alone: the help is the answer

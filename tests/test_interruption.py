@@ -1,0 +1,140 @@
+"""Interruption: `pocketformer run` killed with SIGKILL at points spread over compress, export and validate (and once
+interrupted with Ctrl-C) leaves no partial file under a final name, keeps what it finished, and the same command run
+again resumes from the last finished step and ends with the hashes of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pocketformer.models import save
+
+# (kill point, the stderr line that marks it, seconds to wait after that line)
+KILL_POINTS = [
+    ("after loading, before any stage", "loaded ckpt", 0.0),
+    ("during prune", "[compress 1/2]", 0.0),
+    ("between stages", "    params 69,194", 0.0),
+    ("during distill", "[compress 2/2]", 0.3),
+    ("after compress, before export", "    params 52,650 -> 52,650", 0.0),
+    ("during the baseline's ONNX conversion", "export baseline -> onnx", 0.5),
+    ("mid-artifact write", "export baseline -> onnx", 1.5),
+    ("between artifacts", "    baseline.fp32.onnx:", 0.0),
+    ("during the model's export", "export model -> onnx", 0.8),
+    ("before validation", "validate on", 0.0),
+    ("mid-validation", "validate on", 1.0),
+    ("while writing the report", "    model.fp32.onnx: accuracy", 0.0),
+]
+STAGES = [{"prune": {"heads": 2, "ffn": 0.25, "importance": "magnitude", "calibration_examples": 16}},
+          {"distill": {"epochs": 1, "max_examples": 256, "lr": 1e-3}}]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny ViT checkpoint, a recipe (digits, prune + distill, fp32 ONNX) and a fast profile."""
+    from conftest import tiny_model
+
+    work = tmp_path_factory.mktemp("interrupt")
+    save(tiny_model("vision", labels=[str(i) for i in range(10)]), work / "ckpt")
+    (work / "fast.yaml").write_text(yaml.safe_dump(
+        {"name": "fast", "format": "onnx", "runtime": "onnxruntime", "threads": 1, "batch": 1, "seq_len": 16,
+         "warmup": 1, "repeats": 3}))
+    (work / "r.yaml").write_text(json.dumps(
+        {"name": "k", "model": "ckpt", "data": "digits", "batch_size": 64, "stages": STAGES,
+         "export": {"formats": ["onnx"], "baseline_formats": ["onnx"], "int8": False},
+         "targets": [{"name": "fast.yaml", "limit": 100}]}))
+    return work
+
+
+def run(work: Path, tag: str, kill_at=None, sig=signal.SIGKILL) -> tuple[int, str]:
+    """`pocketformer run` into out-TAG with cache-TAG; with `kill_at` (marker, delay), send `sig` that long after
+    the first stderr line starting with the marker. Returns (exit code, stderr)."""
+    env = {**os.environ, "POCKETFORMER_CACHE": str(work / f"cache-{tag}")}
+    proc = subprocess.Popen([sys.executable, "-m", "pocketformer.cli", "run", "r.yaml", "--out", f"out-{tag}"],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if kill_at and line.startswith(kill_at[0]):
+            time.sleep(kill_at[1])
+            proc.send_signal(sig)
+            kill_at = None
+    return proc.wait(timeout=600), "".join(lines)
+
+
+def check_final_names(folder: Path) -> None:
+    """Every file under a final name (no leading dot anywhere in its path) is complete: it parses or loads."""
+    import onnx
+    from safetensors.torch import load_file
+
+    for path in folder.rglob("*"):
+        if path.is_dir() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".onnx":
+            onnx.load(str(path))
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+        else:
+            assert path.stat().st_size > 0, path
+
+
+def finished_stages(err: str) -> list[str]:
+    """Stages whose report line ("    params a -> b ...") was printed: finished and cached before the kill."""
+    current, finished = None, []
+    for line in err.splitlines():
+        if line.startswith("[compress"):
+            current = line.split("]", 1)[1].split(":", 1)[0].strip()
+        elif line.startswith("    params") and current:
+            finished.append(current)
+    return finished
+
+
+def fingerprint(out: Path) -> dict:
+    """What an uninterrupted run must end with: weights, artifacts and accuracies (latency aside)."""
+    meta = {stem: json.loads((out / stem / "pocketformer.json").read_text())["weights_sha256"]
+            for stem in ("baseline", "model")}
+    artifacts = {r["file"]: r["sha256"] for r in json.loads((out / "artifacts" / "artifacts.json").read_text())}
+    rows = json.loads((out / "validation" / "fast.json").read_text())["rows"]
+    return {"weights": meta, "artifacts": artifacts, "accuracy": {r["file"]: r["accuracy"] for r in rows}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace):
+    code, err = run(workspace, "reference")
+    assert code == 0, err
+    return fingerprint(workspace / "out-reference")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,marker,delay", KILL_POINTS, ids=[p for p, _, _ in KILL_POINTS])
+def test_a_run_killed_anywhere_resumes_to_the_same_result(workspace, uninterrupted, point, marker, delay):
+    tag = f"kill-{KILL_POINTS.index((point, marker, delay))}"
+    code, err = run(workspace, tag, (marker, delay))
+    assert code == -signal.SIGKILL, f"the run ended before the kill point ({code}): {err[-500:]}"
+    out = workspace / f"out-{tag}"
+    if out.exists():
+        check_final_names(out)
+    check_final_names(workspace / f"cache-{tag}")
+    code, again = run(workspace, tag)
+    assert code == 0, again
+    for stage in finished_stages(err):  # stages that had finished before the kill come from the cache
+        assert f"{stage}: reused cached result" in again, again
+    assert fingerprint(out) == uninterrupted
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_the_same_command_does(workspace, uninterrupted):
+    code, err = run(workspace, "ctrl-c", ("[compress 2/2]", 0.3), sig=signal.SIGINT)
+    assert code == 130 and "run the same command again to resume" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    check_final_names(workspace / "cache-ctrl-c")
+    code, again = run(workspace, "ctrl-c")
+    assert code == 0 and "prune: reused cached result" in again
+    assert fingerprint(workspace / "out-ctrl-c") == uninterrupted
