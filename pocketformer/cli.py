@@ -1,35 +1,48 @@
 """Command line: compress, export, validate, run, lint, targets, stages, inspect, extract.
 
 User errors print one line (the problem and the fix) and exit 2; nothing the user typed produces a traceback.
+`pocketformer --debug VERB ...` prints the error's full traceback instead, for bug reports.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
-from .errors import PocketformerError
+from .errors import AccessError, PocketformerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a trained transformer smaller and faster, export it, and measure it on your target.")
+
+
+TRUST_PICKLE_HELP = ("read a checkpoint stored only as a pickle (pytorch_model.bin) with "
+                     "torch.load(weights_only=True); only for a source you trust")
+DEBUG = {"on": False}  # set by --debug before any command runs; read by main() when a command fails
 
 
 def _echo(msg: str) -> None:
     typer.echo(msg)
 
 
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="on an error, print its full traceback "
+                                                                       "(for a bug report) instead of one line")):
+    DEBUG["on"] = debug
+
+
 @app.command()
 def compress(checkpoint: str = typer.Argument(..., help="Hugging Face folder, pocketformer checkpoint, or minilm"),
              recipe: Path = typer.Option(..., "--recipe", "-r", help="recipe YAML"),
-             out: Path = typer.Option(..., "--out", "-o", help="output folder")):
+             out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+             trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):
     """Run the recipe's stages on CHECKPOINT; write OUT/model, OUT/baseline and OUT/compress.json."""
     from .pipeline import compress as do_compress
     from .recipe import load_recipe, resolve_checkpoint
 
-    summary = do_compress(load_recipe(recipe), resolve_checkpoint(checkpoint), out)
+    summary = do_compress(load_recipe(recipe), resolve_checkpoint(checkpoint), out, trust_pickle=trust_pickle)
     b, m = summary["baseline"], summary["model"]
     _echo(f"compressed: params {b['params']:,} -> {m['params']:,} ({b['params'] / m['params']:.2f}x), "
           f"MACs {b['macs'] / 1e6:,.0f}M -> {m['macs'] / 1e6:,.0f}M ({b['macs'] / m['macs']:.2f}x); wrote {out}")
@@ -60,6 +73,9 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
             shape = (b, s)
         except ValueError:
             raise ExportError(f"--static {static!r} is not BATCHxSEQ.", "write it like 1x128.") from None
+        if b < 1 or s < 1:
+            raise ExportError(f"--static {static!r} has an empty axis.", "give a batch and a sequence of at least "
+                                                                          "1, like 1x128.")
     records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check, sparse=sparse)
     _echo(f"wrote {len(records)} artifacts to {out / 'artifacts'}")
 
@@ -68,7 +84,8 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
 def validate(out: Path = typer.Argument(..., help="folder written by `compress` and `export`"),
              target: str = typer.Option("host-ort", "--target", "-t", help="profile name or .yaml path"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="dataset (default: the recipe's)"),
-             limit: int = typer.Option(0, "--limit", help="validate on the first N test examples (0 = all)")):
+             limit: int = typer.Option(0, "--limit", min=0,
+                                       help="validate on the first N test examples (0 = all)")):
     """Accuracy, agreement, latency, memory and size of each artifact on TARGET's runtime, against its budgets."""
     from .pipeline import validate as do_validate
     from .report import write_report
@@ -163,7 +180,8 @@ def stages():
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder, or .onnx file"),
-            seq_len: int = typer.Option(128, "--seq-len", help="sequence length for MACs")):
+            seq_len: int = typer.Option(128, "--seq-len", min=1, help="sequence length for MACs"),
+            trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):
     """Shapes, parameters and MACs of a checkpoint, or inputs, ops and size of an artifact."""
     from .export.base import artifact_size, format_of
     from .targets.lint import artifact_format
@@ -185,7 +203,7 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
     from .models import count_params, encoder_macs, load_any
 
     for folder in folders:
-        model, prov = load_any(folder)
+        model, prov = load_any(folder, trust_pickle=trust_pickle)
         cfg = model.config
         made = {k: prov[k] for k in ("role", "recipe_sha256", "source", "source_weights_sha256") if k in prov}
         if "input" in prov:
@@ -213,12 +231,13 @@ def extract(source: Path = typer.Argument(..., help="nested checkpoint (matforme
             data: Optional[str] = typer.Option(None, "--data", "-d", help="score by validation quality on this data "
                                                                          "(default: the run's; none: FFN kept)"),
             precision: Optional[str] = typer.Option(None, "--precision", help="artifact precision the budget is "
-                                                                              "for (default: the profile's first)")):
+                                                                              "for (default: the profile's first)"),
+            trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):
     """Cut a sub-model (an FFN width per layer) out of a nested checkpoint as a plain dense checkpoint."""
     from .extract import run_extract
 
     p = run_extract(source, out, widths=widths, target=target, latency_ms=latency_ms, size_mb=size_mb, data=data,
-                    precision=precision)
+                    precision=precision, trust_pickle=trust_pickle)
     quality = next((f", {k} {p[k]:.2f}" for k in ("validation_accuracy", "validation_cosine_pct") if k in p), "")
     _echo(f"extracted FFN widths {p['widths']} of {p['source_ffn_widths']}: params {p['source_params']:,} -> "
           f"{p['params']:,}{quality}; wrote {out}")
@@ -271,6 +290,18 @@ def usage_line(e) -> str:
     return f"error: {message}{'' if message.endswith(('.', '!', '?')) else '.'} Fix: see `{where} --help`."
 
 
+def _fail(e: PocketformerError) -> NoReturn:
+    """A user's error: one line and exit 2; with --debug, the full traceback instead."""
+    if DEBUG["on"]:  # the whole story, including the exception the one line was raised `from None` over
+        import traceback
+
+        e.__suppress_context__ = False
+        traceback.print_exception(e)
+    else:
+        typer.echo(f"error: {e.line()}", err=True)
+    sys.exit(2)
+
+
 def main() -> None:
     usage_errors, click_errors, aborts, exits = _click_classes()
     _quiet_third_party_logs()
@@ -281,8 +312,13 @@ def main() -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except PocketformerError as e:
-        typer.echo(f"error: {e.line()}", err=True)
-        sys.exit(2)
+        _fail(e)
+    except PermissionError as e:  # a path the user named, or a folder above it, is closed to this user: not a bug
+        denied = AccessError(f"Permission denied: {e.filename or e}.",
+                             "check the permissions of that path and of the folders above it (read access for "
+                             "inputs, write access for the output folder and the cache).")
+        denied.__context__ = e
+        _fail(denied)
     except (*aborts, KeyboardInterrupt):
         typer.echo(INTERRUPTED, err=True)
         sys.exit(130)

@@ -47,6 +47,32 @@ class Dataset:
                        self.texts[:n] if self.texts is not None else None,
                        self.images[:n] if self.images is not None else None)
 
+    def for_model(self, modality: str, labels: list[str], model: str) -> "Dataset":
+        """This data as inputs and targets of a model taking `modality` and, if a classifier, predicting `labels`:
+        label ids re-indexed to the model's order when it names the same labels in another order, taken by
+        position when it names others (a checkpoint's generic LABEL_0, LABEL_1, ...). Data of another modality,
+        or with another number of labels than the classifier predicts, is a DataError: every accuracy measured
+        on it would be meaningless. `model` names the model at the start of a sentence ("The model in X")."""
+        if self.modality != modality:
+            raise DataError(f"{model} takes {modality}, but data {self.name!r} is {self.modality}.",
+                            f"choose {modality} data for this model.")
+        labels = list(labels)
+        if not labels or labels == self.label_names:
+            return self
+        if len(labels) != len(self.label_names):
+            raise DataError(f"{model} is a classifier of {len(labels)} labels ({_names(labels)}) but data "
+                            f"{self.name!r} has {len(self.label_names)} ({_names(self.label_names)}).",
+                            "use data with the model's labels, or start from an embedding model (a `finetune` "
+                            "stage in the recipe's prepare then adds a classifier of the data's labels).")
+        if sorted(labels) != sorted(self.label_names):
+            return self
+        order = np.asarray([labels.index(n) for n in self.label_names], dtype=np.int64)
+        return Dataset(self.name, self.split, order[self.labels], labels, self.texts, self.images)
+
+
+def _names(labels: list[str], show: int = 5) -> str:
+    return ", ".join(labels[:show]) + (f", ... ({len(labels) - show} more)" if len(labels) > show else "")
+
 
 def _class_quotas(counts: np.ndarray, size: int) -> np.ndarray:
     """Examples of each class for a split of `size`: proportional, rounded, then nudged so they sum to `size`
@@ -113,25 +139,46 @@ def _digits(split: str, seed: int) -> Dataset:
 def _read_rows(path: Path) -> list[dict]:
     try:
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DataError(f"Row {bad + 1} of {path} is not a JSON object.",
+                                'write one object per line, like {"text": "...", "label": "..."}.')
+            return rows
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text.", "save it as UTF-8 (CSV or JSONL with text,label).") from None
+    except OSError as e:
+        raise DataError(f"Cannot read {path} ({e.strerror or e}).", "check the file's permissions.") from None
+    except (json.JSONDecodeError, csv.Error) as e:
         raise DataError(f"Cannot read {path}: {e}.", "pass a UTF-8 CSV or JSONL file with text,label.") from None
 
 
 def _user_file(path: Path, split: str, seed: int) -> Dataset:
     rows = _read_rows(path)
-    if not rows or "text" not in rows[0] or "label" not in rows[0]:
-        raise DataError(f"{path} needs `text` and `label` columns; found {sorted(rows[0]) if rows else 'no rows'}.",
+    if not rows:
+        raise DataError(f"{path} has no examples.", "add rows of text,label (a header line, then one example a "
+                                                     "line).")
+    if "text" not in rows[0] or "label" not in rows[0]:
+        raise DataError(f"{path} needs `text` and `label` columns; found {sorted(rows[0])}.",
                         "rename the columns to text and label.")
+    short = next((i for i, r in enumerate(rows) if r.get("text") is None or r.get("label") is None), None)
+    if short is not None:
+        raise DataError(f"Example {short + 1} of {path} has no text or no label.", "give every example both.")
     names = sorted({str(r["label"]) for r in rows})
     y = np.asarray([names.index(str(r["label"])) for r in rows], dtype=np.int64)
     if "split" in rows[0]:
-        idx = np.asarray([i for i, r in enumerate(rows) if r["split"] == split], dtype=np.int64)
+        idx = np.asarray([i for i, r in enumerate(rows) if r.get("split") == split], dtype=np.int64)
+        how = f"no row has split {split!r}"
+        fix = f"mark some rows with split {split!r} (splits: {', '.join(SPLITS)})."
     else:
         n = len(rows)
         idx = _split_indices(y, {"validation": max(1, n // 10), "test": max(1, n // 10)}, seed)[split]
+        how = f"{n} examples split 80/10/10"
+        fix = "give at least 10 examples, or a `split` column (train/validation/test)."
+    if len(idx) == 0:
+        raise DataError(f"{path} has no {split} examples ({how}).", fix)
     return Dataset(path.stem, split, y[idx], names, texts=[str(rows[i]["text"]) for i in idx])
 
 
@@ -144,6 +191,8 @@ def load_dataset(name: str, split: str, seed: int = 0) -> Dataset:
         return _digits(split, seed)
     path = Path(name)
     if path.suffix in (".csv", ".jsonl"):
+        if path.is_dir():
+            raise DataError(f"Data file {path} is a folder.", "pass the .csv or .jsonl file itself.")
         if not path.is_file():
             raise DataError(f"Data file {path} does not exist.", "check the path.")
         return _user_file(path, split, seed)

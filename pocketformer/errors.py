@@ -13,6 +13,25 @@ class PocketformerError(Exception):
         return f"{self.problem} Fix: {self.fix}" if self.fix else self.problem
 
 
+def first_error(e: Exception) -> str:
+    """The first thing an exception says, on one line: a pydantic error as `field: message`, else its first line
+    (or its type, when it says nothing)."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            err = errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            return f"{loc}: {err['msg']}" if loc else err["msg"]
+        except Exception:
+            pass
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class AccessError(PocketformerError):
+    """A path exists but this user may not open it (or a folder above it)."""
+
+
 class CheckpointError(PocketformerError):
     """A checkpoint is missing, truncated, unsafe to load, or not what it claims to be."""
 

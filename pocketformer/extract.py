@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,6 +28,7 @@ from .data import Dataset, Encoder, load_dataset
 from .errors import PocketformerError, TargetError
 from .models.canonical import CanonicalTransformer, count_params
 from .progress import info
+from .store import COMPRESS_FILE, output_folder, read_compress
 
 # Validation examples each candidate is scored on during a search: enough to rank widths, few enough to score
 # a dozen candidates in PyTorch quickly.
@@ -268,15 +268,14 @@ def search(model: CanonicalTransformer, profile, *, latency_ms: Optional[float] 
 def resolve_source(path: Path) -> tuple[Path, dict[str, Any]]:
     """A run folder means its model/ (and its compress.json: data, max_len); anything else is the checkpoint."""
     path = Path(path)
-    summary = path / "compress.json"
-    if summary.is_file():
-        return path / "model", json.loads(summary.read_text())
+    if (path / COMPRESS_FILE).is_file():
+        return path / "model", read_compress(path)
     return path, {}
 
 
 def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target: Optional[str] = None,
                 latency_ms: Optional[float] = None, size_mb: Optional[float] = None, data: Optional[str] = None,
-                precision: Optional[str] = None) -> dict[str, Any]:
+                precision: Optional[str] = None, trust_pickle: bool = False) -> dict[str, Any]:
     """Load a (nested) checkpoint or run folder, choose widths (given, or searched on a target), save the plain
     dense sub-model to `out` with provenance; return that provenance."""
     from .models import load_any
@@ -290,13 +289,15 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
         raise ExtractError("--latency-ms and --size-mb are budgets on a target.", "add --target NAME.")
     if latency_ms is not None and size_mb is not None:
         raise ExtractError("Search for one budget at a time.", "pass either --latency-ms or --size-mb.")
+    output_folder(out, "Output checkpoint")
     folder, run_summary = resolve_source(source)
-    model, source_provenance = load_any(folder)
+    model, source_provenance = load_any(folder, trust_pickle=trust_pickle)
     recipe = run_summary.get("recipe", {})
     data = data or run_summary.get("data")
     max_len = recipe.get("max_len", 128)
     seed = recipe.get("seed", 0)
-    validation = load_dataset(data, "validation", seed) if data else None
+    validation = load_dataset(data, "validation", seed).for_model(
+        model.spec.modality, model.spec.head.labels, f"The model in {folder}") if data else None
     encoder = Encoder(folder, max_len) if data else None
     provenance: dict[str, Any] = {
         "role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),

@@ -23,13 +23,13 @@ from typing import Any, Optional
 from .compress import Context, Stage, StageReport
 from .compress.base import ModelFacts, describe
 from .data import Encoder, load_dataset
-from .errors import PocketformerError
+from .errors import TargetError
 from .models import load, load_any, save
 from .models.io import file_sha256, is_canonical, weights_sha256
 from .progress import info
 from .recipe import Recipe
-from .store import (COMPRESS_FILE, cache_root, digest, package_versions, read_compress, read_manifest, versions,
-                    write_json, write_manifest)
+from .store import (COMPRESS_FILE, RECORD_KEYS, cache_root, digest, output_folder, package_versions, read_compress,
+                    read_manifest, versions, write_json, write_manifest)
 from .train import evaluate, predict, seed_everything
 
 def data_source(recipe: Recipe) -> str:
@@ -101,22 +101,24 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
     return model, reports, key
 
 
-def compress(recipe: Recipe, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
-    """Load the checkpoint, make the reference (prepare stages), compress it (stages), save both into out_dir."""
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """Load the checkpoint, make the reference (prepare stages), compress it (stages), save both into out_dir. A
+    checkpoint stored only as a pickle is read only with `trust_pickle` (or the recipe's)."""
+    checkpoint, out_dir = Path(checkpoint), output_folder(out_dir)
     seed_everything(recipe.seed)
-    # Read the data and the checkpoint before printing anything: a mistake in either is then one line on stderr.
+    # Read the data and the checkpoint, and check they suit each other and the recipe, before printing anything: a
+    # mistake in any is then one line on stderr.
     data = data_source(recipe)
     train = load_dataset(data, "train", recipe.seed)
     validation = load_dataset(data, "validation", recipe.seed)
-    model, provenance = load_any(checkpoint)
-    info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
-    if train.modality != model.spec.modality:
-        raise PocketformerError(f"Data {recipe.data!r} is {train.modality} but the model takes {model.spec.modality}.",
-                                "choose data of the model's modality.")
-    encoder = Encoder(checkpoint, recipe.max_len)
+    model, provenance = load_any(checkpoint, trust_pickle=trust_pickle or recipe.trust_pickle)
+    labels = model.spec.head.labels
+    train, validation = (ds.for_model(model.spec.modality, labels, f"The model in {checkpoint}")
+                         for ds in (train, validation))
     # Every stage's declared needs against this model, before any stage trains.
     recipe.check_plan(ModelFacts.of(model), model=str(checkpoint))
+    info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
+    encoder = Encoder(checkpoint, recipe.max_len)
     ctx = Context(teacher=model, train=train, validation=validation, encoder=encoder, seed=recipe.seed,
                   batch_size=recipe.batch_size)
     input_key = weights_sha256(model)
@@ -227,6 +229,7 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
 def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int = 0,
              variants: Optional[list[str]] = None) -> list[dict[str, Any]]:
     from .targets import get_profile
+    from .targets.lint import describe as describe_artifact
     from .targets.validate import validate_artifact
 
     out_dir = Path(out_dir)
@@ -234,16 +237,24 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     meta = read_compress(out_dir)
     recipe = meta["recipe"]
     art_dir = out_dir / "artifacts"
-    records = [r for r in read_manifest(art_dir) if r["format"] == profile.format
+    records = [r for r in read_manifest(art_dir, RECORD_KEYS) if r["format"] == profile.format
                and r["precision"] in profile.precisions and (art_dir / r["file"]).exists()
                and (not variants or r["variant"] in variants)]
     if not records:
-        raise PocketformerError(f"{art_dir} has no {profile.format} artifact for target {profile.name}.",
-                                f"run `pocketformer export {out_dir} --to {profile.format}` first.")
-    ds = load_dataset(data or meta.get("data", recipe["data"]), "test", recipe["seed"])
+        raise TargetError(f"{art_dir} has no {profile.format} artifact for target {profile.name}.",
+                          f"run `pocketformer export {out_dir} --to {profile.format}` first.")
+    for r in records:  # a damaged file is one line before any work, not a failure half-way through
+        if r.get("kind") != "segments":
+            describe_artifact(art_dir / r["file"], r["format"])
+    reference, _ = load(out_dir / "baseline")
+
+    def split(name: str):
+        ds = load_dataset(data or meta.get("data", recipe["data"]), name, recipe["seed"])
+        return ds.for_model(reference.spec.modality, reference.spec.head.labels, f"The model in {out_dir}")
+
+    ds = split("test")
     if limit:
         ds = ds.head(limit)
-    reference, _ = load(out_dir / "baseline")
     enc = Encoder(out_dir / "baseline", recipe["max_len"])
     info(f"validate on {profile.name}: {profile.description} ({len(ds)} test examples)")
     ref_out = predict(reference, ds, enc).numpy()
@@ -252,7 +263,7 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
         if r.get("kind") == "segments":  # early exit: the driver runs them, gate calibrated on the validation split
             from .targets.early_exit import MIN_CALIBRATION_EXAMPLES, validate_segments
 
-            calibration = load_dataset(data or meta.get("data", recipe["data"]), "validation", recipe["seed"])
+            calibration = split("validation")
             row = validate_segments(art_dir / r["file"], r, profile, ds, enc, model=load(out_dir / "model")[0],
                                     calibration=calibration.head(max(limit, MIN_CALIBRATION_EXAMPLES)) if limit
                                     else calibration,
@@ -275,16 +286,15 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
 def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
     """compress -> export -> validate on every target -> report."""
     from .report import write_report
+    from .targets import get_profile
 
     if out_dir is None:  # relative to where the command runs, like every other path the user types
         out_dir = Path(recipe.output) if recipe.output else Path("runs") / recipe.name
+    profiles = [get_profile(t.name) for t in recipe.target_refs()]  # an unknown target: refused before compressing
     compress(recipe, recipe.resolve_model(), out_dir)
     static = None
     if recipe.export.onnx.static_shape:
-        from .targets import get_profile
-
-        p = get_profile(recipe.target_refs()[0].name)
-        static = (p.batch, p.seq_len)
+        static = (profiles[0].batch, profiles[0].seq_len)
     export(out_dir, recipe.export.formats, int8=recipe.export.int8, static_shape=static,
            legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats,
            sparse=recipe.export.sparse)

@@ -66,6 +66,8 @@ class Recipe(BaseModel):
     name: str = Field("run", description="the run's name, and its folder under runs/ unless `output` says otherwise: a plain "
                                   "name (letters, digits, . _ -), never a path")
     model: str = Field(description="checkpoint folder (Hugging Face or pocketformer) or a built-in: minilm")
+    trust_pickle: bool = Field(False, description="read a checkpoint stored only as a pickle (pytorch_model.bin) "
+                                                  "with torch.load(weights_only=True); only for a source you trust")
     data: str = "rotten_tomatoes"
     seed: int = 0
     max_len: int = Field(128, ge=8, le=4096)
@@ -176,11 +178,22 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"Recipe {path} is a folder, not a YAML file.", "pass the recipe file itself (see "
+                                                                          "examples/*/recipe.yaml).")
     if not path.is_file():
         raise RecipeError(f"Recipe {path} does not exist.", "check the path (see examples/*/recipe.yaml).")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"Recipe {path} cannot be read ({e.strerror or e}).", "check the file's permissions.") \
+            from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"Recipe {path} is not UTF-8 text.", "save the recipe as UTF-8 YAML.") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"Recipe {path} is not valid YAML ({str(e).splitlines()[0]}).",
                           "fix the YAML syntax.") from None
+    if data is None:
+        raise RecipeError(f"Recipe {path} is empty.", "write at least `model:` and `data:` (see "
+                                                      "examples/*/recipe.yaml).")
     return parse_recipe(data, str(path))

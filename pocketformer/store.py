@@ -18,6 +18,11 @@ from .errors import CheckpointError
 
 MANIFEST = "artifacts.json"  # the artifacts folder's record of every exported file
 COMPRESS_FILE = "compress.json"  # the run folder's record of the compression
+# What later commands read of a run folder's records; a record without one was written by an older pocketformer.
+COMPRESS_KEYS = ("recipe", "recipe_sha256", "versions", "input", "prepare", "stages", "baseline", "model")
+COMPRESS_RECIPE_KEYS = ("name", "data", "seed", "max_len")
+RECORD_KEYS = ("file", "variant", "format", "precision")
+RERUN_COMPRESS = "re-run `pocketformer compress CKPT --recipe R.yaml -o OUT/` with this pocketformer"
 
 
 def cache_root() -> Path:
@@ -101,24 +106,48 @@ def contained(folder: Path, name: str, what: str) -> Path:
     return Path(folder) / name
 
 
+def output_folder(path: Path, what: str = "Output folder") -> Path:
+    """A folder a command will write into: refused up front (before any work) when a file stands at its path,
+    which writing would otherwise fail on, or replace."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{what} {path} is a file, not a folder.",
+                              "pass a new or existing folder for the output (--out).")
+    return path
+
+
+def read_json_file(path: Path, what: str, fix: str) -> Any:
+    """A JSON file's content; unreadable or invalid JSON is one CheckpointError naming `what` it is and `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e}).",
+                              "check the file's permissions.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({getattr(e, 'msg', e)}).", fix) from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
 
 
-def read_manifest(artifacts_dir: Path) -> list[dict[str, Any]]:
-    """The records of artifacts.json; every record's file must lie in the folder (nothing outside is read or
-    replaced because a manifest says so)."""
+def read_manifest(artifacts_dir: Path, require: tuple[str, ...] = ("file",)) -> list[dict[str, Any]]:
+    """The records of artifacts.json, each holding the keys `require`s (RECORD_KEYS for a command that picks
+    artifacts by them); every record's file must lie in the folder (nothing outside is read or replaced because a
+    manifest says so)."""
     path = Path(artifacts_dir) / MANIFEST
     if not path.is_file():
         return []
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg}).", "re-export the artifacts.") from None
+    records = read_json_file(path, "Artifact manifest", "re-export the artifacts (`pocketformer export OUT/`).")
     if not isinstance(records, list) or not all(isinstance(r, dict) and "file" in r for r in records):
         raise CheckpointError(f"{path} is not a list of artifact records.", "re-export the artifacts.")
     for r in records:
         contained(artifacts_dir, r["file"], str(path))
+        missing = [k for k in require if k not in r]
+        if missing:
+            raise CheckpointError(f"{path}: the record of {r['file']} has no {', '.join(missing)} (written by an "
+                                  "older pocketformer).", f"re-export the artifacts: `pocketformer export "
+                                                          f"{Path(artifacts_dir).parent}`.")
     return records
 
 
@@ -131,9 +160,28 @@ def write_manifest(artifacts_dir: Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_compress(out_dir: Path) -> dict[str, Any]:
-    """The run folder's compress.json: recipe, versions, hashes and what each stage changed."""
-    path = Path(out_dir) / COMPRESS_FILE
+    """The run folder's compress.json: recipe, versions, hashes and what each stage changed. A folder that is not a
+    run, or a record an older pocketformer wrote without what this one reads, is one CheckpointError."""
+    out_dir = Path(out_dir)
+    path = out_dir / COMPRESS_FILE
+    if not out_dir.exists():
+        raise CheckpointError(f"Run folder {out_dir} does not exist.",
+                              "check the path, or run `pocketformer compress CKPT --recipe R.yaml -o OUT/` first.")
+    if not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file, not a run folder.",
+                              "pass the folder written by `pocketformer compress` (-o OUT/).")
     if not path.is_file():
         raise CheckpointError(f"{out_dir} holds no {COMPRESS_FILE}.",
                               "run `pocketformer compress CKPT --recipe R.yaml -o OUT/` first.")
-    return json.loads(path.read_text())
+    meta = read_json_file(path, "Run record", f"{RERUN_COMPRESS}; the file was damaged or cut short.")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object.", f"{RERUN_COMPRESS}.")
+    missing = [k for k in COMPRESS_KEYS if k not in meta]
+    recipe = meta.get("recipe")
+    if not missing and not isinstance(recipe, dict):
+        missing = ["recipe"]
+    missing += [f"recipe.{k}" for k in COMPRESS_RECIPE_KEYS if not missing and k not in recipe]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}: it was written by an older pocketformer.",
+                              f"{RERUN_COMPRESS} (finished stages are cached).")
+    return meta

@@ -244,15 +244,31 @@ def make_recipe(tmp_path):
 
 # -- the command line ---------------------------------------------------------------------------------------------
 
+def cli_command(*args) -> list[str]:
+    """The command `python -m pocketformer.cli ARGS`, as users run it (a fresh process)."""
+    return [sys.executable, "-m", "pocketformer.cli", *map(str, args)]
+
+
 @pytest.fixture
 def run_cli():
     """Run `python -m pocketformer.cli ARGS` in a fresh process (inheriting the isolated cache)."""
 
     def run(*args, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pocketformer.cli", *map(str, args)], capture_output=True,
-                              text=True, cwd=cwd, env=dict(os.environ), timeout=timeout)
+        return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd, env=dict(os.environ),
+                              timeout=timeout)
 
     return run
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *mentions: str) -> None:
+    """The rule for bad input: exit 2, no traceback, one line on stderr starting "error:" that names each of
+    `mentions` (the problem, and the fix where a test names it)."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and len(lines[0]) > len("error: "), proc.stderr
+    for word in mentions:
+        assert word in lines[0], lines[0]
 
 
 # -- exporting and running files, as the pipeline does -----------------------------------------------------------

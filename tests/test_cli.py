@@ -1,91 +1,13 @@
 """The command line, run as users run it (a fresh `python -m pocketformer.cli` process): bad input is one line on
-stderr starting with "error:" and exit code 2, never a traceback; the happy path works step by step."""
+stderr starting with "error:" and exit code 2, never a traceback (usage errors here, every other kind of bad input in
+test_bad_input.py); the happy path works step by step."""
 
 import json
 
 import pytest
+from conftest import assert_one_line_error
 
 from pocketformer.models import save
-
-
-def assert_one_line_error(proc, *mentions):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and len(lines[0]) > len("error: "), proc.stderr
-    for word in mentions:
-        assert word in lines[0]
-
-
-@pytest.fixture
-def recipe_for(make_recipe, tmp_path):
-    def make(**fields):
-        return make_recipe("recipe", **{"model": str(tmp_path / "ckpt"), "data": "digits", **fields})
-
-    return make
-
-
-# -- bad input -------------------------------------------------------------------------------------------------------
-
-def test_missing_checkpoint_path(run_cli, tmp_path, recipe_for):
-    proc = run_cli("compress", tmp_path / "no-such-checkpoint", "--recipe", recipe_for(), "--out", tmp_path / "out")
-    assert_one_line_error(proc, "no-such-checkpoint", "does not exist")
-
-
-
-
-def test_truncated_safetensors(run_cli, make_hf_checkpoint):
-    folder = make_hf_checkpoint("bert")
-    weights = folder / "model.safetensors"
-    with open(weights, "r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
-    assert_one_line_error(run_cli("inspect", folder), "truncated or corrupt")
-
-
-
-
-def test_missing_data_file(run_cli, tmp_path, make_model, recipe_for):
-    save(make_model("text"), tmp_path / "ckpt")
-    proc = run_cli("compress", tmp_path / "ckpt", "--recipe", recipe_for(data="missing.csv"), "--out", tmp_path / "o")
-    assert_one_line_error(proc, "missing.csv", "does not exist")
-
-
-def test_unsupported_architecture(run_cli, tmp_path):
-    import transformers
-
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
-    transformers.GPT2Model(cfg).save_pretrained(str(tmp_path / "gpt2"))
-    assert_one_line_error(run_cli("inspect", tmp_path / "gpt2"), "'gpt2'", "not supported")
-
-
-@pytest.mark.parametrize("fields,mentions", [
-    ({"colour": "red"}, ["colour"]),
-    ({"stages": [{"prune": {"heads": 2, "speed": "max"}}]}, ["speed"]),
-    ({"stages": [{"prune": {"heads": 1.5}}]}, ["heads"]),
-    ({"stages": [{"distill": {"epochs": -1}}]}, ["epochs"]),
-], ids=["unknown-top-level-key", "unknown-stage-setting", "heads-out-of-range", "negative-epochs"])
-def test_bad_recipes(run_cli, recipe_for, fields, mentions):
-    assert_one_line_error(run_cli("run", recipe_for(**fields)), *mentions)
-
-
-
-
-def test_missing_recipe_file(run_cli, tmp_path):
-    assert_one_line_error(run_cli("run", tmp_path / "nope.yaml"), "nope.yaml")
-
-
-def test_unknown_target_for_validate(run_cli, tmp_path):
-    assert_one_line_error(run_cli("validate", tmp_path, "--target", "no-such-target"), "no-such-target")
-
-
-def test_unknown_export_format(run_cli, tmp_path):
-    assert_one_line_error(run_cli("export", tmp_path, "--to", "nonsense-format"), "nonsense-format")
-
-
-
-
-def test_validate_before_compress(run_cli, tmp_path, fast_profile):
-    assert_one_line_error(run_cli("validate", tmp_path, "--target", fast_profile), "compress.json")
 
 
 # -- listings ---------------------------------------------------------------------------------------------------------

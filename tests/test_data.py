@@ -107,6 +107,26 @@ def test_unknown_split_is_a_data_error():
         load_dataset("digits", "dev")
 
 
+def test_a_classifiers_labels_in_another_order_are_matched_by_name(sentiment_csv):
+    ds = load_dataset(str(sentiment_csv), "test")  # label names sorted: neg, pos
+    flipped = ds.for_model("text", ["pos", "neg"], "The model")
+    assert flipped.label_names == ["pos", "neg"]
+    assert [flipped.label_names[i] for i in flipped.labels] == [ds.label_names[i] for i in ds.labels]
+
+
+def test_a_classifiers_other_label_names_are_taken_by_position(sentiment_csv):
+    ds = load_dataset(str(sentiment_csv), "test")
+    assert ds.for_model("text", ["LABEL_0", "LABEL_1"], "The model") is ds
+
+
+def test_another_number_of_labels_or_another_modality_is_a_data_error(sentiment_csv):
+    ds = load_dataset(str(sentiment_csv), "test")
+    with pytest.raises(DataError, match="3 labels"):
+        ds.for_model("text", ["neg", "neutral", "pos"], "The model")
+    with pytest.raises(DataError, match="takes vision"):
+        ds.for_model("vision", [], "The model")
+
+
 def test_head_takes_the_first_examples():
     ds = load_dataset("digits", "test")
     head = ds.head(5)

@@ -9,12 +9,13 @@ __all__ = ["ARCHITECTURES", "CanonicalTransformer", "HeadSpec", "LayerShape", "M
            "encoder_macs", "import_hf", "is_canonical", "load", "save", "load_any"]
 
 
-def load_any(path):
-    """A canonical checkpoint folder or a Hugging Face folder -> (model, provenance)."""
+def load_any(path, trust_pickle: bool = False):
+    """A canonical checkpoint folder or a Hugging Face folder -> (model, provenance). A Hugging Face folder whose
+    weights are only a pickle is read (weights_only) only with `trust_pickle`."""
     from pathlib import Path
 
     path = Path(path)
     if is_canonical(path):
         model, meta = load(path)
         return model, meta.get("provenance", {})
-    return import_hf(path)
+    return import_hf(path, trust_pickle=trust_pickle)

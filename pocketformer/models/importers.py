@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import ArchitectureError, CheckpointError, ParityError
+from ..errors import ArchitectureError, CheckpointError, ParityError, first_error
 from ..progress import quiet
+from ..store import contained, read_json_file
 from .canonical import CanonicalTransformer, HeadSpec, LayerShape, ModelConfig
 from .io import file_sha256, load_safetensors
 
@@ -42,12 +43,22 @@ def _labels(cfg: dict) -> list[str]:
     return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n)]
 
 
+def _head_dim(cfg: dict, hidden: str = "hidden_size", heads: str = "num_attention_heads") -> int:
+    """Each head's width: the hidden size split evenly over the heads (ValueError for a config that cannot be)."""
+    for key in (hidden, heads):
+        if type(cfg[key]) is not int or cfg[key] < 1:
+            raise ValueError(f"{key} is {cfg[key]!r}, not a positive whole number")
+    if cfg[hidden] % cfg[heads]:
+        raise ValueError(f"{hidden} {cfg[hidden]} does not split into {cfg[heads]} heads ({heads}) of equal width")
+    return cfg[hidden] // cfg[heads]
+
+
 def _bert_like(cfg: dict, position_offset: int = 0) -> ModelConfig:
     heads = cfg["num_attention_heads"]
     return ModelConfig(
         modality="text", hidden=cfg["hidden_size"], eps=cfg.get("layer_norm_eps", 1e-12),
         act=_act(cfg.get("hidden_act", "gelu")),
-        layers=[LayerShape(heads=heads, head_dim=cfg["hidden_size"] // heads, ffn=cfg["intermediate_size"])
+        layers=[LayerShape(heads=heads, head_dim=_head_dim(cfg), ffn=cfg["intermediate_size"])
                 for _ in range(cfg["num_hidden_layers"])],
         vocab_size=cfg["vocab_size"], max_positions=cfg["max_position_embeddings"],
         type_vocab_size=cfg.get("type_vocab_size", 2), position_offset=position_offset,
@@ -81,7 +92,7 @@ def _distilbert(cfg: dict) -> ModelConfig:
     heads = cfg["n_heads"]
     return ModelConfig(
         modality="text", hidden=cfg["dim"], eps=1e-12, act=_act(cfg.get("activation", "gelu")),
-        layers=[LayerShape(heads=heads, head_dim=cfg["dim"] // heads, ffn=cfg["hidden_dim"])
+        layers=[LayerShape(heads=heads, head_dim=_head_dim(cfg, "dim", "n_heads"), ffn=cfg["hidden_dim"])
                 for _ in range(cfg["n_layers"])],
         vocab_size=cfg["vocab_size"], max_positions=cfg["max_position_embeddings"], type_vocab_size=0,
         pad_token_id=cfg.get("pad_token_id") or 0,
@@ -100,7 +111,7 @@ def _vit(cfg: dict) -> ModelConfig:
     return ModelConfig(
         modality="vision", hidden=cfg["hidden_size"], eps=cfg.get("layer_norm_eps", 1e-12), norm="pre",
         act=_act(cfg.get("hidden_act", "gelu")),
-        layers=[LayerShape(heads=heads, head_dim=cfg["hidden_size"] // heads, ffn=cfg["intermediate_size"])
+        layers=[LayerShape(heads=heads, head_dim=_head_dim(cfg), ffn=cfg["intermediate_size"])
                 for _ in range(cfg["num_hidden_layers"])],
         image_size=cfg["image_size"], patch_size=cfg["patch_size"], channels=cfg.get("num_channels", 3),
         embed_norm=False, final_norm=True,
@@ -154,29 +165,46 @@ def read_hf_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is a file, not a checkpoint folder.",
                               "pass the folder that holds config.json and model.safetensors.")
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
+    if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder} has no config.json.",
-                              "pass a folder written by `save_pretrained` or by `pocketformer compress`.") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e.msg}).",
-                              "re-download or re-save the checkpoint.") from None
+                              "pass a folder written by `save_pretrained` or by `pocketformer compress`.")
+    cfg = read_json_file(folder / "config.json", "Checkpoint config", "re-download or re-save the checkpoint.")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a JSON object of settings.",
+                              "re-download or re-save the checkpoint.")
+    return cfg
 
 
-def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """The checkpoint's tensors, from safetensors (single or sharded); a pickle only through weights_only loading."""
+def _shards(index: Path) -> list[Path]:
+    """The files a sharded checkpoint's index names (each a plain file name beside the index)."""
+    fix = "re-download or re-save the checkpoint."
+    weight_map = read_json_file(index, "Shard index", fix)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map (which file holds which tensor).", fix)
+    return sorted({contained(index.parent, f, str(index)) for f in weight_map.values()})
+
+
+def read_hf_weights(folder: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """The checkpoint's tensors, from safetensors (single or sharded). A pickle (pytorch_model.bin, *.pt) only with
+    `trust_pickle`, and then only through weights_only loading."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = _shards(index)
     else:
-        pickles = [p for p in (folder / "pytorch_model.bin", *folder.glob("*.pt")) if p.is_file()]
+        pickles = [p for p in (folder / "pytorch_model.bin", *sorted(folder.glob("*.pt"))) if p.is_file()]
         if not pickles:
             raise CheckpointError(f"{folder} has no model.safetensors.", "save the model with "
                                   "`save_pretrained(..., safe_serialization=True)`.")
+        if not trust_pickle:
+            raise CheckpointError(f"{folder} holds its weights only as a pickle ({pickles[0].name}), and unpickling "
+                                  "a file can run any code in it, so it is not read by default.",
+                                  "convert it to model.safetensors (`save_pretrained(..., safe_serialization=True)`)"
+                                  ", or, if you trust where it came from, pass --trust-pickle (in a recipe: "
+                                  "trust_pickle: true) to read its tensors with torch.load(weights_only=True).")
         try:  # weights_only refuses any pickle that would run code: only tensors come back
             state = torch.load(pickles[0], map_location="cpu", weights_only=True)
         except Exception as e:
@@ -192,20 +220,25 @@ def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     return state, files
 
 
-def import_hf(folder: Path, check_parity: bool = True) -> tuple[CanonicalTransformer, dict]:
-    """Import a Hugging Face folder. Returns the canonical model and its provenance (source, hashes, parity)."""
+def import_hf(folder: Path, check_parity: bool = True, trust_pickle: bool = False
+              ) -> tuple[CanonicalTransformer, dict]:
+    """Import a Hugging Face folder. Returns the canonical model and its provenance (source, hashes, parity).
+    Weights stored only as a pickle are read (weights_only) only with `trust_pickle`."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     model_type = cfg.get("model_type")
-    if model_type not in ARCHITECTURES:
+    known = ", ".join(sorted(ARCHITECTURES))
+    if model_type is None:
+        raise ArchitectureError(f"{folder / 'config.json'} names no model_type, so its architecture is unknown.",
+                                f"pass a checkpoint saved by transformers (`save_pretrained`) of one of: {known}.")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ArchitectureError(f"Architecture {model_type!r} ({', '.join(cfg.get('architectures') or [])}) is not "
-                                "supported.", f"use a checkpoint of one of: {', '.join(sorted(ARCHITECTURES))}.")
+                                "supported.", f"use a checkpoint of one of: {known}.")
     arch = ARCHITECTURES[model_type]
-    spec = arch.build(cfg)
-    head = arch.head(cfg)
-    sentence = None if head.labels else read_sentence_head(folder, spec.hidden)
+    spec, head = _read_spec(arch, cfg, folder)
+    sentence = None if head.labels else read_sentence_head(folder, spec.hidden, trust_pickle)
     spec = spec.model_copy(update={"head": sentence.head if sentence else head})
-    state, files = read_hf_weights(folder)
+    state, files = read_hf_weights(folder, trust_pickle)
     if model_type == "vit":
         state = _rename_v4_vit(state)
     model = CanonicalTransformer(spec)
@@ -225,6 +258,20 @@ def import_hf(folder: Path, check_parity: bool = True) -> tuple[CanonicalTransfo
         if sentence is not None:
             provenance["sentence_embedding_parity_max_abs_diff"] = check_sentence_parity(model, folder)
     return model, provenance
+
+
+def _read_spec(arch: Architecture, cfg: dict, folder: Path) -> tuple[ModelConfig, HeadSpec]:
+    """The canonical shapes and head a config.json describes; a setting missing, of the wrong type or out of range is
+    one CheckpointError naming it."""
+    fix = "the config.json does not describe a model of its model_type: re-save the checkpoint with " \
+          "`save_pretrained`."
+    try:
+        return arch.build(cfg), arch.head(cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{folder / 'config.json'} has no {e.args[0]!r} setting.", fix) from None
+    except (TypeError, ValueError, AttributeError) as e:  # pydantic's ValidationError is a ValueError
+        raise CheckpointError(f"{folder / 'config.json'} describes no model pocketformer can build "
+                              f"({first_error(e)}).", fix) from None
 
 
 # -- sentence-transformers folders: Transformer -> Pooling -> [Dense] -> [Normalize] ---------------------------------
@@ -275,7 +322,8 @@ def _st_pooling(config: dict, path: Path) -> str:
     return modes[0]
 
 
-def _st_dense(path: Path, hidden: int) -> tuple[int, str, dict[str, torch.Tensor], list[Path]]:
+def _st_dense(path: Path, hidden: int, trust_pickle: bool = False
+              ) -> tuple[int, str, dict[str, torch.Tensor], list[Path]]:
     config = _read_json(path / "config.json")
     act = ST_ACTIVATIONS.get(config.get("activation_function", "torch.nn.modules.linear.Identity"))
     if act is None or config.get("in_features") != hidden:
@@ -286,7 +334,7 @@ def _st_dense(path: Path, hidden: int) -> tuple[int, str, dict[str, torch.Tensor
     if weights.is_file():
         state, files = load_safetensors(weights), [weights]
     else:
-        state, files = read_hf_weights(path)  # a pytorch_model.bin, through weights_only loading
+        state, files = read_hf_weights(path, trust_pickle)  # a pytorch_model.bin: only if trusted
     dense = {k.removeprefix("linear."): v.float() for k, v in state.items() if k.startswith("linear.")}
     if set(dense) - {"weight", "bias"} or "weight" not in dense or \
             tuple(dense["weight"].shape) != (config.get("out_features"), hidden):
@@ -297,7 +345,7 @@ def _st_dense(path: Path, hidden: int) -> tuple[int, str, dict[str, torch.Tensor
     return int(config["out_features"]), act, dense, files
 
 
-def read_sentence_head(folder: Path, hidden: int) -> Optional[SentenceHead]:
+def read_sentence_head(folder: Path, hidden: int, trust_pickle: bool = False) -> Optional[SentenceHead]:
     """The head a sentence-transformers folder declares (modules.json), or None for a plain Hugging Face folder.
     Modules pocketformer cannot reproduce are refused, never replaced by another head."""
     folder = Path(folder)
@@ -328,7 +376,7 @@ def read_sentence_head(folder: Path, hidden: int) -> Optional[SentenceHead]:
                                       "re-save the sentence-transformers model.")
             pooling = _st_pooling(config, path / "config.json")
         elif kind == "Dense":
-            dense, act, dense_state, files = _st_dense(path, hidden)
+            dense, act, dense_state, files = _st_dense(path, hidden, trust_pickle)
         else:
             normalize = True
     if pooling is None:

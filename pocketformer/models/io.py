@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..store import output_folder
 from .canonical import CanonicalTransformer, ModelConfig
 
 META_FILE = "pocketformer.json"
@@ -60,6 +61,9 @@ class _AtomicDir:
         self.final = final
 
     def __enter__(self) -> Path:
+        output_folder(self.final)  # a file there would be silently replaced by the folder
+        if self.final.parent.exists():
+            output_folder(self.final.parent)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
         return self.tmp
@@ -124,6 +128,12 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Weights file {path} is missing.", "re-create or re-download the checkpoint.")
+    try:
+        with open(path, "rb"):  # an unreadable file is a permission problem, not a corrupt one
+            pass
+    except OSError as e:
+        raise CheckpointError(f"Weights file {path} cannot be read ({e.strerror or e}).",
+                              "check the file's permissions.") from None
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import TargetError
+from ..errors import TargetError, first_error
 from ..registry import member_of
 from .runtime import RUNTIMES, Runtime, discover, get_runtime
 
@@ -65,12 +65,29 @@ def _formats():
 
 
 def _parse(path: Path) -> Profile:
+    fields = ", ".join(Profile.model_fields)
     try:
-        return Profile.model_validate(yaml.safe_load(path.read_text()))
-    except (ValidationError, yaml.YAMLError) as e:
-        raise TargetError(f"Target profile {path} is invalid: {str(e).splitlines()[0]} "
-                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else ''}",
-                          "fix the profile file.") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TargetError(f"Target profile {path} cannot be read ({e.strerror or e}).",
+                          "check the file's permissions.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TargetError(f"Target profile {path} is not valid YAML ({first_error(e)}).", "fix the YAML syntax.") \
+            from None
+    if data is None:
+        raise TargetError(f"Target profile {path} is empty.", f"write its fields ({fields}); see "
+                                                              f"{PROFILE_DIR / 'host-ort.yaml'}.")
+    if not isinstance(data, dict):
+        raise TargetError(f"Target profile {path} is not a mapping of fields to values.",
+                          f"see {PROFILE_DIR / 'host-ort.yaml'}.")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        what = f"unknown field {'.'.join(map(str, err['loc']))!r}" if err["type"] == "extra_forbidden" \
+            else first_error(e).replace("Value error, ", "")
+        raise TargetError(f"Target profile {path} is invalid: {what}.", f"fix the profile file (fields: {fields}).") \
+            from None
 
 
 def list_profiles() -> list[Profile]:
@@ -79,8 +96,14 @@ def list_profiles() -> list[Profile]:
 
 def get_profile(name: str) -> Profile:
     """A built-in profile by name, or a profile YAML file by path."""
-    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
-        return _parse(Path(name))
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if path.is_dir():
+            raise TargetError(f"Target profile {path} is a folder, not a YAML file.", "pass the profile file itself.")
+        if not path.is_file():
+            raise TargetError(f"Target profile {path} does not exist.",
+                              "check the path, or name a built-in target (see `pocketformer targets`).")
+        return _parse(path)
     for p in list_profiles():
         if p.name == name:
             return p

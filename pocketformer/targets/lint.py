@@ -2,7 +2,8 @@
 
 Reads the artifact (never trusts its name) and the target profile: dynamic shapes where the runtime wants static
 ones, ops outside the target delegate's list or beyond its runtime's op versions / opset, a file over the size
-budget, int8 on a CPU where int8 buys no speed, a format the target does not run.
+budget, int8 on a CPU where int8 buys no speed. A file of a format the target does not run is not linted at all: that
+is a TargetError (one line, exit 2), as is a file that is not what its extension says.
 """
 
 from __future__ import annotations
@@ -42,23 +43,27 @@ def artifact_format(path: Path) -> str:
 def describe(path: Path, fmt: str) -> dict[str, Any]:
     """The format's description of the file; a file that is not one (garbage under the extension, a cut-short
     download) is one clear error, whatever the format's reader raises."""
+    fix = "pass a file written by `pocketformer export`, or export it again."
     try:
-        return FORMATS[fmt].describe(Path(path))
+        desc = FORMATS[fmt].describe(Path(path))
     except PocketformerError:
         raise
     except Exception as e:
         raise TargetError(f"{Path(path).name} is not a readable {fmt} file ({type(e).__name__}: {first_line(e)}).",
-                          "pass a file written by `pocketformer export`, or export it again.") from None
+                          fix) from None
+    if not desc.get("inputs"):  # e.g. an empty file, which parses as an empty ONNX graph
+        raise TargetError(f"{Path(path).name} is not a readable {fmt} file (it declares no inputs).", fix)
+    return desc
 
 
 def lint(path: Path, profile: Profile) -> list[Finding]:
     path = Path(path)
     fmt = artifact_format(path)
     out: list[Finding] = []
-    if fmt != profile.format:
-        return [Finding("error", "format", f"{path.name} is {fmt}; {profile.name} runs {profile.format} "
-                                           f"({profile.runtime}).",
-                        f"pocketformer export OUT/ --to {profile.format}")]
+    if fmt != profile.format:  # nothing else can be judged: the target would not even open the file
+        raise TargetError(f"{path.name} is {fmt}; target {profile.name} runs {profile.format} files "
+                          f"({profile.runtime}).", f"lint the {profile.format} file instead; write one with "
+                                                   f"`pocketformer export OUT/ --to {profile.format}`.")
     desc = describe(path, fmt)
     # shapes
     dynamic = {name: dims for name, dims in desc["inputs"].items()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pocketformer.errors import TargetError
 from pocketformer.targets import get_profile
 from pocketformer.targets.lint import lint
 from conftest import export_onnx
@@ -52,17 +53,17 @@ def test_opset_newer_than_the_device_runtime_is_an_error(onnx_files, make_profil
     assert findings and "13" in findings[0].message
 
 
-def test_wrong_format_names_the_export_that_fixes_it(onnx_files):
-    findings = lint(onnx_files[0], get_profile("android-litert"))
-    assert [f.check for f in findings] == ["format"]
-    assert "--to tflite" in findings[0].fix
+def test_wrong_format_is_refused_naming_the_export_that_fixes_it(onnx_files):
+    with pytest.raises(TargetError, match="runs tflite files") as e:
+        lint(onnx_files[0], get_profile("android-litert"))
+    assert "--to tflite" in e.value.fix
 
 
 def test_cli_exit_codes(onnx_files, run_cli, make_profile):
     clean = run_cli("lint", onnx_files[0], "--target", make_profile("clean"))
     assert clean.returncode == 0, clean.stderr
     assert "0 errors" in clean.stdout
-    bad = run_cli("lint", onnx_files[0], "--target", "android-litert")
+    bad = run_cli("lint", onnx_files[0], "--target", make_profile("tiny-budget", budgets={"size_mb": 0.01}))
     assert bad.returncode == 1
     assert "ERROR" in bad.stdout and "Fix:" in bad.stdout
     missing = run_cli("lint", onnx_files[0].with_name("absent.onnx"), "--target", "host-ort")
