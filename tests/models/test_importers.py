@@ -183,8 +183,14 @@ def test_pickle_with_code_is_refused_without_running_it(tmp_path, make_hf_model)
     folder = _pickle_checkpoint(tmp_path / "evil", make_hf_model, {"embeddings.word_embeddings.weight":
                                                                    RunsCode(marker)})
     with pytest.raises(CheckpointError, match="not a plain tensor pickle"):
-        import_hf(folder)
+        import_hf(folder, trust_pickle=True)  # even when trusted, only tensors come out
     assert not marker.exists()
+
+
+def test_a_pickle_is_refused_unless_trusted(tmp_path, make_hf_model):
+    folder = _pickle_checkpoint(tmp_path / "plain", make_hf_model, None)
+    with pytest.raises(CheckpointError, match="trust"):
+        import_hf(folder)
 
 
 def test_the_malicious_pickle_really_runs_code_when_loaded_unsafely(tmp_path, make_hf_model):
@@ -198,12 +204,12 @@ def test_the_malicious_pickle_really_runs_code_when_loaded_unsafely(tmp_path, ma
 def test_pickle_with_non_tensor_values_is_refused(tmp_path, make_hf_model):
     folder = _pickle_checkpoint(tmp_path / "odd", make_hf_model, {"w": torch.zeros(2), "note": "not a tensor"})
     with pytest.raises(CheckpointError, match="no state dict of tensors"):
-        read_hf_weights(folder)
+        read_hf_weights(folder, trust_pickle=True)
 
 
 def test_tensor_only_pickle_loads_through_weights_only(tmp_path, make_hf_model):
     folder = _pickle_checkpoint(tmp_path / "plain", make_hf_model, None)
-    _, provenance = import_hf(folder)
+    _, provenance = import_hf(folder, trust_pickle=True)
     assert list(provenance["source_files_sha256"]) == ["pytorch_model.bin"]
     assert provenance["import_parity_max_abs_diff"] <= 1e-4
 
