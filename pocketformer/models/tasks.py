@@ -79,6 +79,11 @@ class Task:
         """In [0, 1]: how far `out` makes the same decisions as `reference` on the same examples."""
         raise NotImplementedError
 
+    def correct(self, out, labels: np.ndarray) -> np.ndarray:
+        """(N,) booleans: is each example's output right? The paired accuracy tests (pocketformer.verdict) compare
+        two models' correctness example by example. Only tasks with labels have it."""
+        raise NotImplementedError(f"a {self.name} model's outputs are not right or wrong against labels")
+
     def reduced_precision_ok(self, parity: dict[str, Any]) -> bool:
         return parity[self.precision_metric] >= self.min_agreement
 
@@ -102,7 +107,10 @@ class Classification(Task):
                                 reduction="batchmean")
 
     def quality(self, out, labels, reference):
-        return float((np.asarray(out).argmax(-1) == np.asarray(labels)).mean() * 100.0)
+        return float(self.correct(out, labels).mean() * 100.0)
+
+    def correct(self, out, labels):
+        return np.asarray(out).argmax(-1) == np.asarray(labels)
 
     def agreement(self, out, reference):
         return label_agreement(out, reference)

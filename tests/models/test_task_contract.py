@@ -54,6 +54,8 @@ def test_quality_agreement_and_precision_rule(name, make_model, make_text_inputs
     unrelated[np.arange(len(out)), out.argmax(-1)] = -10.0  # never the same decision
     assert not task.reduced_precision_ok(parity(out, unrelated))
     assert task.agreement(unrelated, out) < 1.0
+    if task.has_labels:  # the paired accuracy tests compare correctness example by example
+        assert task.correct(out, labels).all() and not task.correct(unrelated, labels).any()
 
 
 def test_a_config_may_name_its_task_and_an_unknown_one_is_refused(make_config):
