@@ -85,16 +85,22 @@ def validate(out: Path = typer.Argument(..., help="folder written by `compress` 
              target: str = typer.Option("host-ort", "--target", "-t", help="profile name or .yaml path"),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="dataset (default: the recipe's)"),
              limit: int = typer.Option(0, "--limit", min=0,
-                                       help="validate on the first N test examples (0 = all)")):
-    """Accuracy, agreement, latency, memory and size of each artifact on TARGET's runtime, against its budgets."""
+                                       help="validate on the first N test examples (0 = all)"),
+             confidence: Optional[float] = typer.Option(None, "--confidence",
+                                                        help="of each budget verdict (default: the profile's, "
+                                                             "0.95)")):
+    """Accuracy, agreement, latency, memory and size of each artifact on TARGET's runtime, each budget a verdict:
+    PASS (its whole interval within budget), FAIL (wholly over) or INCONCLUSIVE (too few examples or runs)."""
     from .pipeline import validate as do_validate
     from .report import write_report
 
-    rows = do_validate(out, target, data, limit)
+    rows = do_validate(out, target, data, limit, confidence=confidence)
     write_report(out)
-    failed = [r["variant"] for r in rows if not r["pass"]]
-    _echo(f"{len(rows) - len(failed)}/{len(rows)} artifacts within {rows[0]['target']}'s budgets"
-          + (f" (over budget: {', '.join(failed)})" if failed else "") + f"; report: {out / 'report.md'}")
+    by = {v: [r["variant"] for r in rows if r["verdict"] == v] for v in ("PASS", "INCONCLUSIVE", "FAIL")}
+    _echo(f"{rows[0]['target']}'s budgets at {rows[0]['confidence']:.0%} confidence: "
+          + "; ".join(f"{v} {len(names)}" + (f" ({', '.join(names)})" if names and v != "PASS" else "")
+                      for v, names in by.items())
+          + f"; report: {out / 'report.md'}")
 
 
 @app.command()

@@ -31,6 +31,7 @@ from .recipe import Recipe
 from .store import (COMPRESS_FILE, RECORD_KEYS, cache_root, digest, output_folder, package_versions, read_compress,
                     read_manifest, versions, write_json, write_manifest)
 from .train import evaluate, predict, seed_everything
+from .verdict import check_line
 
 def data_source(recipe: Recipe) -> str:
     """The recipe's data as any later command finds it, whatever its working directory: a file by absolute path,
@@ -227,13 +228,15 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
 
 
 def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int = 0,
-             variants: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    from .targets import get_profile
+             variants: Optional[list[str]] = None, confidence: Optional[float] = None) -> list[dict[str, Any]]:
+    """Every artifact of `out_dir` for the target's format on its runtime, each budget a verdict at the profile's
+    confidence (or `confidence`): writes validation/TARGET.json and returns its rows."""
+    from .targets import get_profile, with_confidence
     from .targets.lint import describe as describe_artifact
     from .targets.validate import validate_artifact
 
     out_dir = Path(out_dir)
-    profile = get_profile(target)
+    profile = with_confidence(get_profile(target), confidence)
     meta = read_compress(out_dir)
     recipe = meta["recipe"]
     art_dir = out_dir / "artifacts"
@@ -264,23 +267,30 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
             from .targets.early_exit import MIN_CALIBRATION_EXAMPLES, validate_segments
 
             calibration = split("validation")
+            if limit:
+                calibration = calibration.head(max(limit, MIN_CALIBRATION_EXAMPLES))
             row = validate_segments(art_dir / r["file"], r, profile, ds, enc, model=load(out_dir / "model")[0],
-                                    calibration=calibration.head(max(limit, MIN_CALIBRATION_EXAMPLES)) if limit
-                                    else calibration,
-                                    reference_out=ref_out)
+                                    calibration=calibration, reference_out=ref_out,
+                                    calibration_reference_out=predict(reference, calibration, enc).numpy())
         else:
             row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)
         row["data"] = ds.name
         rows.append(row)
-        acc = f"accuracy {row['accuracy']:.2f}% (drop {row['accuracy_drop']:+.2f}), " if "accuracy" in row else \
-            f"cosine with the uncompressed model's outputs {row['output_cosine_with_reference']:.4f}, "
-        lat = (f"p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms"
-               + (f", peak RSS {row['peak_rss_mb']:.0f} MB" if row["peak_rss_mb"] is not None else "")
-               if row["latency_p50_ms"] is not None else f"no latency ({row['execution']})")
-        info(f"    {row['file']}: {acc}{lat}, {row['size_mb']:.1f} MB -> {'PASS' if row['pass'] else 'FAIL'}")
+        info(row_line(row))
     write_json(out_dir / "validation" / f"{profile.name}.json",
                {"target": profile.model_dump(), "versions": versions(), "rows": rows})
     return rows
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """One validated artifact: what was measured, then each budget's verdict with its interval."""
+    acc = f"accuracy {row['accuracy']:.2f}%, " if "accuracy" in row else \
+        f"cosine with the uncompressed model's outputs {row['output_cosine_with_reference']:.4f}, "
+    lat = (f"p50 {row['latency_p50_ms']:.1f} ms, p90 {row['latency_p90_ms']:.1f} ms"
+           + (f", peak RSS {row['peak_rss_mb']:.0f} MB" if row["peak_rss_mb"] is not None else "")
+           if row["latency_p50_ms"] is not None else f"no latency ({row['execution']})")
+    checks = "".join(f"\n        {check_line(name, c)}" for name, c in row["budgets"].items())
+    return f"    {row['file']}: {acc}{lat}, {row['size_mb']:.1f} MB -> {row['verdict']}{checks}"
 
 
 def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
@@ -299,5 +309,5 @@ def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
            legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats,
            sparse=recipe.export.sparse)
     for target in recipe.target_refs():
-        validate(out_dir, target.name, limit=target.limit, variants=target.variants)
+        validate(out_dir, target.name, limit=target.limit, variants=target.variants, confidence=target.confidence)
     return write_report(out_dir)

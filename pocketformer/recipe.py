@@ -32,6 +32,8 @@ class TargetRef(BaseModel):
     name: str
     limit: int = Field(0, ge=0)
     variants: list[Literal["baseline", "model"]] = Field(default_factory=list, description="empty = all exported")
+    confidence: Optional[float] = Field(None, ge=0.5, lt=1, description="of each budget verdict (default: the "
+                                                                          "profile's, 0.95)")
 
 
 class TfliteOptions(BaseModel):

@@ -72,20 +72,42 @@ def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _drop(r: dict[str, Any]) -> str:
+    if r.get("accuracy_drop") is None:
+        return "-"
+    interval = r.get("accuracy_drop_interval")
+    return f"{r['accuracy_drop']:+.2f}" + (f" ({interval[0]:+.2f}..{interval[1]:+.2f})" if interval else "")
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    """The row's verdict, and which budget decided it when it is not PASS."""
+    verdict = r.get("verdict") or ("PASS" if r.get("pass") else "FAIL")
+    named = [k for k, c in r.get("budgets", {}).items() if c.get("verdict", "PASS") == verdict]
+    return verdict if verdict == "PASS" else f"{verdict}: {', '.join(named)}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | target | runtime | threads | accuracy % | drop (pts) | agreement % | p50 ms | p90 ms | "
-             "size MB | speedup | size ratio | peak RSS MB | budgets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    confidence = next((r["confidence"] for r in rows if r.get("confidence")), None)
+    interval = f" ({confidence:.0%} interval)" if confidence else ""
+    lines = [f"| variant | target | runtime | threads | n | accuracy % | drop, pts{interval} | agreement % | p50 ms | "
+             "p90 ms | size MB | speedup | size ratio | peak RSS MB | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        failed = [k for k, c in r.get("budgets", {}).items() if not c["pass"]]
-        verdict = "pass" if r.get("pass") else "FAIL: " + ", ".join(failed)
-        lines.append(f"| {r['variant']} | {r['target']} | {r['runtime']} | {r['threads']} | "
-                     f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('accuracy_drop'))} | "
+        lines.append(f"| {r['variant']} | {r['target']} | {r['runtime']} | {r['threads']} | {r.get('examples', '-')} | "
+                     f"{_fmt(r.get('accuracy'))} | {_drop(r)} | "
                      f"{_fmt(r.get('agreement_with_reference'))} | {_fmt(r.get('latency_p50_ms'), '.1f')} | "
                      f"{_fmt(r.get('latency_p90_ms'), '.1f')} | {_fmt(r['size_mb'], '.1f')} | "
                      f"{_ratio(r.get('speedup_vs_fp32'))} | {_ratio(r.get('size_ratio_vs_fp32'))} | "
-                     f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {verdict} |")
+                     f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {_verdict(r)} |")
     return "\n".join(lines)
+
+
+def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Every budget check, one bullet each, with its interval and, for INCONCLUSIVE, what would settle it."""
+    from .verdict import check_line
+
+    return [f"- {r['variant']} on {r['target']}: {check_line(name, c)}" for r in rows
+            for name, c in r.get("budgets", {}).items() if "verdict" in c]
 
 
 def _legacy_verdict(a: dict[str, Any]) -> str:
@@ -155,7 +177,11 @@ def write_report(out_dir: Path) -> dict[str, Any]:
            "threads, not the device. CoreML on Linux: MIL reference execution, not Apple runtime; no latency.", ""]
     md += ["", "## Validation on targets (test split, target runtime)", "", markdown_table(rows), "",
            "Latency: median (p50) and p90 of repeated batch-1 runs after warm-up, in a fresh process at the "
-           "target's thread count; speedup and size ratio against `baseline.fp32` on the same target.", ""]
+           "target's thread count; speedup and size ratio against `baseline.fp32` on the same target.", "",
+           "Verdicts: PASS when the whole interval of the measured value is within the budget (the accuracy drop: "
+           "paired with the uncompressed model on the same n test examples; latency: the p50's interval over the "
+           "repeated runs), FAIL when the whole interval is over it, INCONCLUSIVE when it straddles the budget.", "",
+           *budget_lines(rows), ""]
     if rows:
         md += ["![accuracy vs latency](pareto.png)", ""]
     (out_dir / "report.md").write_text("\n".join(md))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Any, Literal, Optional
 
@@ -53,8 +54,8 @@ def _score(lost: float, gained: float, n: float, delta: float) -> float:
     return num / math.sqrt(var)
 
 
-def _root(f, lo: float, hi: float, iterations: int = 80) -> float:
-    """x in [lo, hi] where the decreasing f crosses 0, by bisection."""
+def _root(f, lo: float, hi: float, iterations: int = 52) -> float:
+    """x in [lo, hi] where the decreasing f crosses 0, by bisection (52 halvings: float precision)."""
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if f(mid) > 0:
@@ -64,19 +65,27 @@ def _root(f, lo: float, hi: float, iterations: int = 80) -> float:
     return (lo + hi) / 2
 
 
+@lru_cache(maxsize=4096)  # calibration asks the same counts again and again
+def drop_bound(lost: float, gained: float, n: float, confidence: float, side: Literal["low", "high"]) -> float:
+    """One end of drop_interval."""
+    if n <= 0:
+        return -1.0 if side == "low" else 1.0
+    z = z_of(confidence)
+    point = (lost - gained) / n
+    if side == "low":
+        if _score(lost, gained, n, -1 + 1e-12) <= z:
+            return -1.0
+        return min(point, _root(lambda d: _score(lost, gained, n, d) - z, -1.0, point))
+    if _score(lost, gained, n, 1 - 1e-12) >= -z:
+        return 1.0
+    return max(point, _root(lambda d: _score(lost, gained, n, d) + z, point, 1.0))
+
+
 def drop_interval(lost: float, gained: float, n: float, confidence: float = DEFAULT_CONFIDENCE
                   ) -> tuple[float, float]:
     """The two-sided interval of the paired drop (a fraction in [-1, 1]) at `confidence`. Counts may be fractional
     (scaled, to ask what a larger sample at the same rates would show)."""
-    if n <= 0:
-        return -1.0, 1.0
-    z = z_of(confidence)
-    point = (lost - gained) / n
-    low = -1.0 if _score(lost, gained, n, -1 + 1e-12) <= z else \
-        _root(lambda d: _score(lost, gained, n, d) - z, -1.0, point)
-    high = 1.0 if _score(lost, gained, n, 1 - 1e-12) >= -z else \
-        _root(lambda d: _score(lost, gained, n, d) + z, point, 1.0)
-    return min(low, point), max(high, point)
+    return drop_bound(lost, gained, n, confidence, "low"), drop_bound(lost, gained, n, confidence, "high")
 
 
 def verdict_of(low: float, high: float, budget: float) -> Verdict:
@@ -132,6 +141,11 @@ class PairedDrop:
         low, high = drop_interval(self.lost, self.gained, self.n, self.confidence)
         return 100.0 * low, 100.0 * high
 
+    @property
+    def upper(self) -> float:
+        """The interval's upper end alone (points): what a PASS needs within the budget."""
+        return 100.0 * drop_bound(self.lost, self.gained, self.n, self.confidence, "high")
+
     def verdict(self, budget: float) -> Verdict:
         return verdict_of(*self.interval, budget)
 
@@ -170,13 +184,18 @@ class Check:
         return {**asdict(self), "interval": [self.low, self.high], "pass": self.passed}
 
     def line(self, name: str) -> str:
-        """One line: `accuracy_drop +0.35 pts (95% interval -0.20..+0.90) <= 1.5: PASS`."""
-        spread = "" if self.confidence is None else \
-            f" ({self.confidence:.0%} interval {self.low:+.2f}..{self.high:+.2f})"
-        text = f"{name} {self.value:+.2f} {self.unit}{spread} vs budget {self.budget:g}: {self.verdict}"
-        if self.verdict == "INCONCLUSIVE" and self.detail.get("reason"):
-            text += f" ({self.detail['reason']})"
-        return text
+        return check_line(name, self.to_json())
+
+
+def check_line(name: str, check: dict[str, Any]) -> str:
+    """One budget's verdict as a line, from its JSON (Check.to_json, as report.json keeps it):
+    `accuracy_drop +0.35 pts (95% interval -0.20..+0.90) vs budget 1.5: PASS`."""
+    spread = "" if check["confidence"] is None else \
+        f" ({check['confidence']:.0%} interval {check['low']:+.2f}..{check['high']:+.2f})"
+    text = f"{name} {check['value']:+.2f} {check['unit']}{spread} vs budget {check['budget']:g}: {check['verdict']}"
+    if check["verdict"] == "INCONCLUSIVE" and check["detail"].get("reason"):
+        text += f" ({check['detail']['reason']})"
+    return text
 
 
 def accuracy_check(drop: PairedDrop, budget: float) -> Check:
@@ -209,16 +228,17 @@ def median_interval(samples: np.ndarray, confidence: float = DEFAULT_CONFIDENCE)
     return float(x[k - 1]), float(x[n - k])
 
 
-def latency_check(samples_ms: np.ndarray, budget: float, confidence: float = DEFAULT_CONFIDENCE) -> Check:
-    """Is the p50 latency within `budget` ms, given the spread of the repeated runs?"""
-    low, high = median_interval(samples_ms, confidence)
+def latency_check(p50: float, interval: tuple[float, float], runs: Optional[int], budget: float,
+                  confidence: float = DEFAULT_CONFIDENCE) -> Check:
+    """Is the p50 latency within `budget` ms, given the interval of the median over the repeated runs
+    (median_interval)?"""
+    low, high = interval
     verdict = verdict_of(low, high, budget)
-    detail: dict[str, Any] = {"runs": int(len(samples_ms))}
+    detail: dict[str, Any] = {"runs": runs}
     if verdict == "INCONCLUSIVE":
-        detail["reason"] = f"the p50's interval over {len(samples_ms)} runs straddles the budget; repeat more runs"
-    return Check(budget=budget, value=float(np.median(samples_ms)), low=low, high=high, verdict=verdict,
-                 confidence=confidence, method="p50 of repeated runs; order-statistic interval of the median",
-                 unit="ms", detail=detail)
+        detail["reason"] = f"the p50's interval over {runs} runs straddles the budget; repeat more runs"
+    return Check(budget=budget, value=p50, low=low, high=high, verdict=verdict, confidence=confidence,
+                 method="p50 of repeated runs; order-statistic interval of the median", unit="ms", detail=detail)
 
 
 def size_check(size_mb: float, budget: float) -> Check:

@@ -44,11 +44,12 @@ def entropy(logits: np.ndarray) -> np.ndarray:
     return -(np.exp(log_p) * log_p).sum(axis=-1) / np.log(z.shape[-1])
 
 
-def stops(gate: Gate, head_logits: np.ndarray) -> np.ndarray:
+def stops(gate: Gate, head_logits: np.ndarray, entropies: Optional[np.ndarray] = None) -> np.ndarray:
     """(N, heads) booleans: would the gate stop at head h, having seen heads 0..h? `head_logits` is (N, heads,
-    labels). The one implementation of the gate: the driver asks it after each head, the reference for all."""
+    labels); `entropies`, if given, their entropy(), computed once by a caller that tries many gates. The one
+    implementation of the gate: the driver asks it after each head, the reference for all."""
     if gate.kind == "entropy":
-        return entropy(head_logits) < gate.threshold
+        return (entropy(head_logits) if entropies is None else entropies) < gate.threshold
     labels = head_logits.argmax(-1)
     agreeing = np.zeros(labels.shape, dtype=np.int64)  # heads in a row before h that agree with head h
     for h in range(1, labels.shape[1]):
@@ -61,9 +62,9 @@ def should_stop(gate: Gate, head_logits: list[np.ndarray]) -> bool:
     return bool(stops(gate, np.stack(head_logits)[None])[0, -1])
 
 
-def exit_indices(gate: Gate, head_logits: np.ndarray) -> np.ndarray:
+def exit_indices(gate: Gate, head_logits: np.ndarray, entropies: Optional[np.ndarray] = None) -> np.ndarray:
     """(N,) the head each example stops at: the first exit head where the gate stops, else the final head."""
-    early = stops(gate, head_logits)[:, :-1]
+    early = stops(gate, head_logits, entropies)[:, :-1]
     n_heads = head_logits.shape[1]
     return np.where(early.any(axis=1), early.argmax(axis=1), n_heads - 1)
 

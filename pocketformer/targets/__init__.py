@@ -20,6 +20,9 @@ class Budgets(BaseModel):
     latency_ms: Optional[float] = Field(None, gt=0)
     size_mb: Optional[float] = Field(None, gt=0)
     accuracy_drop: Optional[float] = Field(None, ge=0)
+    # Each verdict is PASS only when the whole interval of the measured value at this confidence is within budget
+    # (pocketformer.verdict): 0.95 = a PASS that is wrong at most 2.5% of the time.
+    confidence: float = Field(0.95, ge=0.5, lt=1)
 
 
 class Profile(BaseModel):
@@ -110,6 +113,15 @@ def get_profile(name: str) -> Profile:
     raise TargetError(f"Unknown target {name!r}.",
                       f"use one of {', '.join(p.name for p in list_profiles())} (see `pocketformer targets`), "
                       "or a path to a profile .yaml.")
+
+
+def with_confidence(profile: Profile, confidence: Optional[float]) -> Profile:
+    """The profile with its budgets' verdicts at `confidence` (None: as the profile says)."""
+    if confidence is None:
+        return profile
+    if not 0.5 <= confidence < 1:
+        raise TargetError(f"Confidence {confidence:g} is outside [0.5, 1).", "give e.g. 0.95 for 95%.")
+    return profile.model_copy(update={"budgets": profile.budgets.model_copy(update={"confidence": confidence})})
 
 
 def runtime_of(profile: Profile) -> Runtime:

@@ -20,6 +20,8 @@ import numpy as np
 
 from ..export.segments import ExitRun, run_chain
 from ..models.exits import Gate, entropy, exit_indices, predict_with_exits
+from ..models.tasks import TASKS
+from ..verdict import DEFAULT_CONFIDENCE, PairedDrop, paired_drop
 from ..data import Dataset, Encoder
 from ..errors import TargetError
 from ..store import contained
@@ -33,8 +35,10 @@ DEFAULT_ACCURACY_DROP = 1.0
 # Below this many validation examples one example moves accuracy by more than 1 point, and the most aggressive gate
 # "within budget" is chance: the exported gate is kept (measured: 12 examples chose "always exit at layer 1", -8 pts).
 MIN_CALIBRATION_EXAMPLES = 100
-# Candidate entropy thresholds tried by calibration (quantiles of the exit heads' entropies beyond this many).
+# Candidate entropy thresholds the point rule tried (quantiles of the exit heads' entropies beyond this many).
 MAX_THRESHOLDS = 400
+# The bound rule's fixed grid of entropy thresholds: (k / (ENTROPY_GRID - 1))^2, k = 0..ENTROPY_GRID - 1.
+ENTROPY_GRID = 401
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
@@ -141,32 +145,65 @@ def run_split(model: SegmentedModel, ds: Dataset, enc: Encoder, gate: Optional[G
 
 # -- calibration ---------------------------------------------------------------------------------------------
 
-def calibrate(head_logits: np.ndarray, labels: np.ndarray, kind: str, accuracy_drop: float) -> tuple[Gate, dict]:
-    """The most aggressive gate of `kind` whose accuracy on (head_logits, labels) stays within `accuracy_drop`
-    points of the final head's. Entropy: the largest threshold; patience: the smallest patience. A gate that never
-    exits early always qualifies, so there is always an answer."""
-    final_acc = float((head_logits[:, -1].argmax(-1) == labels).mean() * 100)
-    floor = final_acc - accuracy_drop
+def candidate_gates(kind: str, head_logits: np.ndarray, rule: str) -> list[Gate]:
+    """Gates of `kind`, ordered from least to most aggressive (the first never exits early). The bound rule tests a
+    fixed grid of entropy thresholds (denser near 0, where confident heads sit), chosen before any data is seen, as
+    fixed-sequence testing needs; the point rule (the earlier calibration, kept to compare) tried the midpoints of
+    the observed entropies."""
+    if kind == "patience":
+        return [Gate(kind="patience", patience=p) for p in range(max(1, head_logits.shape[1] - 1), 0, -1)]
+    if rule == "bound":
+        return [Gate(kind="entropy", threshold=float(t)) for t in np.linspace(0, 1, ENTROPY_GRID) ** 2]
+    values = np.unique(entropy(head_logits[:, :-1]))
+    if len(values) > MAX_THRESHOLDS:
+        values = np.quantile(values, np.linspace(0, 1, MAX_THRESHOLDS))
+    # between observed entropies (a threshold on one would make ties decide), plus never and always
+    return [Gate(kind="entropy", threshold=float(t))
+            for t in np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]])]
+
+
+def calibrate(head_logits: np.ndarray, labels: np.ndarray, kind: str, accuracy_drop: float, *,
+              reference_correct: Optional[np.ndarray] = None, confidence: float = DEFAULT_CONFIDENCE,
+              rule: str = "bound") -> tuple[Gate, dict]:
+    """The most aggressive gate of `kind` that keeps the accuracy drop within `accuracy_drop` points, on
+    (head_logits, labels). The drop is paired, example by example, against `reference_correct` (the uncompressed
+    model's correctness on the same examples: what the target's budget is judged against), else against the final
+    head's.
+
+    rule "bound" (the default): walk the gates from least to most aggressive and keep the last one whose drop's
+    upper bound at `confidence` (pocketformer.verdict) is within the budget, stopping at the first that is not.
+    Testing a fixed sequence this way keeps the stated confidence for the gate chosen, on examples calibration did
+    not see (fixed-sequence testing; Angelopoulos et al. 2021, "Learn then Test"). rule "point": the most aggressive
+    gate whose point estimate is within the budget, the earlier calibration, which breaks the budget out of sample
+    (selection on noise). A gate that never exits early is chosen when nothing else qualifies."""
     n_heads = head_logits.shape[1]
-    if kind == "entropy":
-        values = np.unique(entropy(head_logits[:, :-1]))
-        if len(values) > MAX_THRESHOLDS:
-            values = np.quantile(values, np.linspace(0, 1, MAX_THRESHOLDS))
-        # between observed entropies (a threshold on one would make ties decide), plus never and always
-        candidates = [Gate(kind="entropy", threshold=float(t))
-                      for t in np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]])]
-    else:
-        candidates = [Gate(kind="patience", patience=p) for p in range(max(1, n_heads - 1), 0, -1)]
-    chosen, chosen_acc, chosen_exits = candidates[0], final_acc, np.full(len(labels), n_heads - 1)
-    for gate in candidates:  # ordered from least to most aggressive; depth falls along the list
-        exits = exit_indices(gate, head_logits)
-        acc = float((head_logits[np.arange(len(exits)), exits].argmax(-1) == labels).mean() * 100)
-        if acc >= floor:
-            chosen, chosen_acc, chosen_exits = gate, acc, exits
-    return chosen, {"examples": int(len(labels)), "accuracy_drop_budget": accuracy_drop,
-                    "full_depth_accuracy": final_acc, "gate_accuracy": chosen_acc,
+    final_correct = head_logits[:, -1].argmax(-1) == labels
+    ref = final_correct if reference_correct is None else np.asarray(reference_correct, dtype=bool)
+    candidates = candidate_gates(kind, head_logits, rule)
+    chosen, chosen_drop, chosen_exits = candidates[0], None, np.full(len(labels), n_heads - 1)
+    tried, entropies = 0, entropy(head_logits)
+    for gate in candidates:
+        exits = exit_indices(gate, head_logits, entropies)
+        correct = head_logits[np.arange(len(exits)), exits].argmax(-1) == labels
+        drop = paired_drop(ref, correct, confidence)
+        tried += 1
+        ok = (drop.upper if rule == "bound" else drop.drop) <= accuracy_drop
+        if ok:
+            chosen, chosen_drop, chosen_exits = gate, drop, exits
+        elif rule == "bound":
+            break  # the fixed sequence stops at its first failure
+    if chosen_drop is None:  # not even the gate that never exits early is within the budget
+        correct = head_logits[:, -1].argmax(-1) == labels
+        chosen_drop = paired_drop(ref, correct, confidence)
+    return chosen, {"examples": int(len(labels)), "accuracy_drop_budget": accuracy_drop, "rule": rule,
+                    "confidence": confidence if rule == "bound" else None,
+                    "against": "the uncompressed model" if reference_correct is not None else "full depth",
+                    "full_depth_accuracy": float(final_correct.mean() * 100),
+                    "reference_accuracy": float(ref.mean() * 100),
+                    "gate_accuracy": float(ref.mean() * 100) - chosen_drop.drop,
+                    "drop": chosen_drop.drop, "drop_interval": list(chosen_drop.interval),
                     "early_exit_fraction": float((chosen_exits < n_heads - 1).mean()),
-                    "candidates": len(candidates)}
+                    "candidates": len(candidates), "candidates_tested": tried}
 
 
 # -- the validation row ------------------------------------------------------------------------------------------
@@ -181,37 +218,45 @@ def _stats(ms: Optional[np.ndarray], prefix: str) -> dict[str, Optional[float]]:
 def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Profile, ds: Dataset, enc: Encoder, *,
                       model: Optional[CanonicalTransformer] = None, calibration: Optional[Dataset] = None,
                       reference_out: Optional[np.ndarray] = None,
+                      calibration_reference_out: Optional[np.ndarray] = None,
                       min_calibration: int = MIN_CALIBRATION_EXAMPLES) -> dict[str, Any]:
     """One row for a segmented artifact on a target. The gate is calibrated on `calibration` (the validation split)
-    to the profile's accuracy budget (default: the manifest's gate); the test split `ds` is then run through the
-    driver with that gate and, back to back, to full depth. `model` (the exported PyTorch model) gives the reference
-    exits; `reference_out` (the uncompressed model's outputs on `ds`) the accuracy drop, as for plain artifacts."""
-    from .validate import budget_checks
+    to the profile's accuracy budget at its confidence, against the uncompressed model's outputs on that split
+    (`calibration_reference_out`; without them, against full depth), else the manifest's gate is kept; the test
+    split `ds` is then run through the driver with that gate and, back to back, to full depth, and judged against
+    the budgets as plain artifacts are. `model` (the exported PyTorch model) gives the reference exits;
+    `reference_out` (the uncompressed model's outputs on `ds`) the accuracy drop."""
+    from .validate import judge, latency_interval
 
     seg = load(manifest_path, profile)
-    gate, calibration_info = calibrated_gate(seg, profile, calibration, enc, min_calibration)
+    gate, calibration_info = calibrated_gate(seg, profile, calibration, enc, min_calibration,
+                                             calibration_reference_out)
     test = run_split(seg, ds, enc, gate, True, profile.seq_len, warmup=profile.warmup,
                      desc=f"early exit {manifest_path.name}")
+    accuracy, drop = _accuracy(seg, test, ds, reference_out, profile)
     row = {**_identity(seg, record, profile, ds), "gate": gate.model_dump(), "gate_default": seg.gate.model_dump(),
-           "calibration": calibration_info, **_accuracy(seg, test, ds, reference_out)}
+           "calibration": calibration_info, **accuracy}
     if model is not None:
         ref = [predict_with_exits(model, inputs, gate) for _, inputs in enc.batches(ds, 64)]
         row["pytorch_exit_agreement"] = float((np.concatenate([r.exits for r in ref]) == test.exits).mean() * 100)
         row["pytorch_prediction_agreement"] = float(
             (np.concatenate([r.labels for r in ref]) == test.labels).mean() * 100)
     row.update(_latency(seg, test, profile, len(ds)))
+    if seg.measures_latency:
+        row.update(latency_interval(test.latency_ms, profile))
     row["peak_rss_mb"] = None  # measured in the validating process, whose memory is not the artifact's
     row["execution"] = seg.execution
-    row["budgets"] = budget_checks(profile, row)
-    row["pass"] = all(c["pass"] for c in row["budgets"].values())
+    judge(profile, row, drop)
     info(summary_line(row))
     return row
 
 
 def calibrated_gate(seg: SegmentedModel, profile: Profile, calibration: Optional[Dataset], enc: Encoder,
-                    min_calibration: int) -> tuple[Gate, Optional[dict[str, Any]]]:
-    """The gate calibrated on the validation split to the profile's accuracy budget, or the manifest's own gate
-    when there is no split or too few examples to calibrate on (with the reason)."""
+                    min_calibration: int, reference_out: Optional[np.ndarray] = None
+                    ) -> tuple[Gate, Optional[dict[str, Any]]]:
+    """The gate calibrated on the validation split to the profile's accuracy budget at its confidence (against
+    the uncompressed model's outputs on that split, `reference_out`, when given), or the manifest's own gate when
+    there is no split or too few examples to calibrate on (with the reason)."""
     budget = profile.budgets.accuracy_drop if profile.budgets.accuracy_drop is not None else DEFAULT_ACCURACY_DROP
     if calibration is None or not len(calibration):
         return seg.gate, None
@@ -219,7 +264,9 @@ def calibrated_gate(seg: SegmentedModel, profile: Profile, calibration: Optional
         return seg.gate, {"split": calibration.split, "examples": len(calibration), "skipped":
                           f"fewer than {min_calibration} validation examples: the exported gate is kept"}
     cal = run_split(seg, calibration, enc, None, True, profile.seq_len, desc=f"calibrate {seg.path.name}")
-    gate, info_ = calibrate(cal.head_logits, calibration.labels, seg.gate.kind, budget)
+    reference_correct = None if reference_out is None else reference_out.argmax(-1) == calibration.labels
+    gate, info_ = calibrate(cal.head_logits, calibration.labels, seg.gate.kind, budget,
+                            reference_correct=reference_correct, confidence=profile.budgets.confidence)
     info_.update({"split": calibration.split, "gate": gate.model_dump()})
     return gate, info_
 
@@ -233,23 +280,26 @@ def _identity(seg: SegmentedModel, record: dict[str, Any], profile: Profile, ds:
             "segments": len(seg.sessions), "exits": seg.manifest["exits"]}
 
 
-def _accuracy(seg: SegmentedModel, test: SplitRun, ds: Dataset,
-              reference_out: Optional[np.ndarray]) -> dict[str, Any]:
-    """Accuracy gated and at full depth, where examples exit, and the drop against the uncompressed model."""
+def _accuracy(seg: SegmentedModel, test: SplitRun, ds: Dataset, reference_out: Optional[np.ndarray],
+              profile: Profile) -> tuple[dict[str, Any], Optional[PairedDrop]]:
+    """Accuracy gated and at full depth, where examples exit, and the paired drop against the uncompressed model."""
+    from .validate import accuracy_drop
+
     depths = np.asarray(seg.depths)
+    full_depth = test.head_logits[:, -1]
     row: dict[str, Any] = {
         "accuracy": float((test.labels == ds.labels).mean() * 100),
-        "full_depth_accuracy": float((test.head_logits[:, -1].argmax(-1) == ds.labels).mean() * 100),
+        "full_depth_accuracy": float((full_depth.argmax(-1) == ds.labels).mean() * 100),
         "exit_histogram": {f"layer {d}": int((depths[test.exits] == d).sum()) for d in depths},
         "mean_layers": float(depths[test.exits].mean()), "layers": int(depths[-1]),
     }
     row["accuracy_drop_vs_full_depth"] = row["full_depth_accuracy"] - row["accuracy"]
-    if reference_out is not None:
-        ref_pred = reference_out.argmax(1)
-        row["reference_accuracy"] = float((ref_pred == ds.labels).mean() * 100)
-        row["accuracy_drop"] = row["reference_accuracy"] - row["accuracy"]
-        row["agreement_with_reference"] = float((test.labels == ref_pred).mean() * 100)
-    return row
+    if reference_out is None:
+        return row, None
+    figures, drop = accuracy_drop(TASKS["classification"], test.logits, reference_out, ds.labels, profile)
+    row.update(figures)
+    row["agreement_with_reference"] = float((test.labels == reference_out.argmax(-1)).mean() * 100)
+    return row, drop
 
 
 def _latency(seg: SegmentedModel, test: SplitRun, profile: Profile, examples: int) -> dict[str, Any]:
@@ -265,11 +315,19 @@ def _latency(seg: SegmentedModel, test: SplitRun, profile: Profile, examples: in
 
 
 def summary_line(row: dict[str, Any]) -> str:
-    """What early exit bought, in one line: the gate, depth, accuracy and latency against full depth."""
+    """What early exit bought, in one line: the gate, how it was calibrated, depth, accuracy and latency against full
+    depth, and the drop on the test split against the budget."""
     gate = Gate.model_validate(row["gate"]).summary()
     cal = row.get("calibration")
-    source = ("the exported default" if not cal else f"the exported default: {cal['skipped']}" if cal.get("skipped")
-              else f"calibrated on {cal['examples']} {cal['split']} examples")
+    if not cal:
+        source = "the exported default"
+    elif cal.get("skipped"):
+        source = f"the exported default: {cal['skipped']}"
+    else:
+        low, high = cal["drop_interval"]
+        source = (f"calibrated on {cal['examples']} {cal['split']} examples to lose <= {cal['accuracy_drop_budget']:g} "
+                  f"pts against {cal['against']} at {cal['confidence']:.0%}: there {cal['drop']:+.2f} "
+                  f"({low:+.2f}..{high:+.2f})")
     line = (f"    early exit ({gate}, {source}): {row['mean_layers']:.2f} of {row['layers']} layers on average, "
             f"accuracy {row['accuracy']:.2f}% vs {row['full_depth_accuracy']:.2f}% at full depth")
     if row.get("latency_mean_ms") is not None:

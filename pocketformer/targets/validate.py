@@ -1,6 +1,8 @@
 """Validate artifacts on a target: task accuracy and agreement with the uncompressed model on the test split (on the
 target's own runtime), latency p50/p90 at the profile's threads and shapes after warm-up, peak memory, file size,
-and pass/fail against the profile's budgets. Never branches on the format: the runtime module does the running."""
+and a verdict against each of the profile's budgets: PASS, FAIL or INCONCLUSIVE at the profile's confidence, from the
+paired accuracy difference and the p50's interval (pocketformer.verdict). Never branches on the format: the runtime
+module does the running."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from ..export.base import artifact_size
 from ..models.canonical import CanonicalTransformer
 from ..models.tasks import cosine_rows
 from ..progress import progress_bar
+from ..verdict import PairedDrop, accuracy_check, latency_check, median_interval, overall, paired_drop, size_check
 from . import Profile, runtime_of
 
 
@@ -62,21 +65,41 @@ def measure_latency(path: Path, profile: Profile, feeds: dict[str, np.ndarray]) 
     times = np.asarray(result["latencies_ms"])
     return {"latency_p50_ms": float(np.percentile(times, 50)), "latency_p90_ms": float(np.percentile(times, 90)),
             "latency_mean_ms": float(times.mean()), "latency_runs": len(times), "warmup_runs": profile.warmup,
-            "peak_rss_mb": result["peak_rss_mb"]}
+            **latency_interval(times, profile), "peak_rss_mb": result["peak_rss_mb"]}
 
 
-def budget_checks(profile: Profile, row: dict[str, Any]) -> dict[str, Any]:
+def latency_interval(times_ms: np.ndarray, profile: Profile) -> dict[str, Any]:
+    """The p50's interval over the repeated runs, at the profile's confidence: the run-to-run spread."""
+    return {"latency_p50_interval_ms": list(median_interval(times_ms, profile.budgets.confidence))}
+
+
+def accuracy_drop(task, out: np.ndarray, reference_out: np.ndarray, labels: np.ndarray,
+                  profile: Profile) -> tuple[dict[str, Any], PairedDrop]:
+    """Accuracy, the reference's accuracy on the same examples, and the paired drop with its interval."""
+    ref_ok, ok = task.correct(reference_out, labels), task.correct(out, labels)
+    drop = paired_drop(ref_ok, ok, profile.budgets.confidence)
+    return {"accuracy": float(ok.mean() * 100), "reference_accuracy": float(ref_ok.mean() * 100),
+            "accuracy_drop": drop.drop, "accuracy_drop_interval": list(drop.interval),
+            "discordant": {"lost": drop.lost, "gained": drop.gained}}, drop
+
+
+def judge(profile: Profile, row: dict[str, Any], drop: Optional[PairedDrop]) -> None:
+    """Each of the profile's budgets as a verdict at its confidence (row["budgets"]), and the row's verdict: FAIL if
+    any fails, INCONCLUSIVE if any cannot tell, else PASS (row["pass"] is PASS alone)."""
     b = profile.budgets
     checks = {}
     if b.latency_ms is not None and row.get("latency_p50_ms") is not None:
-        checks["latency_ms"] = {"budget": b.latency_ms, "value": row["latency_p50_ms"],
-                                "pass": row["latency_p50_ms"] <= b.latency_ms}
+        interval = row.get("latency_p50_interval_ms") or [row["latency_p50_ms"]] * 2
+        checks["latency_ms"] = latency_check(row["latency_p50_ms"], tuple(interval), row.get("latency_runs"),
+                                             b.latency_ms, b.confidence).to_json()
     if b.size_mb is not None:
-        checks["size_mb"] = {"budget": b.size_mb, "value": row["size_mb"], "pass": row["size_mb"] <= b.size_mb}
-    if b.accuracy_drop is not None and row.get("accuracy_drop") is not None:
-        checks["accuracy_drop"] = {"budget": b.accuracy_drop, "value": row["accuracy_drop"],
-                                   "pass": row["accuracy_drop"] <= b.accuracy_drop}
-    return checks
+        checks["size_mb"] = size_check(row["size_mb"], b.size_mb).to_json()
+    if b.accuracy_drop is not None and drop is not None:
+        checks["accuracy_drop"] = accuracy_check(drop, b.accuracy_drop).to_json()
+    row["budgets"] = checks
+    row["confidence"] = b.confidence
+    row["verdict"] = overall(checks)
+    row["pass"] = row["verdict"] == "PASS"
 
 
 def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: Dataset, enc: Encoder,
@@ -91,11 +114,10 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
                                                                      "seq_len": profile.seq_len},
         "examples": len(ds), "size_mb": artifact_size(path) / 1e6, "measured": True,
     }
-    task = reference.task
+    task, drop = reference.task, None
     if task.has_labels and ds.labels is not None and out.shape[-1] == len(ds.label_names):
-        row["accuracy"] = task.quality(out, ds.labels, None)
-        row["reference_accuracy"] = task.quality(reference_out, ds.labels, None)
-        row["accuracy_drop"] = row["reference_accuracy"] - row["accuracy"]
+        figures, drop = accuracy_drop(task, out, reference_out, ds.labels, profile)
+        row.update(figures)
     # the task's agreement with the uncompressed model: same labels (classifier), or mean cosine (embedding)
     row["agreement_with_reference"] = 100.0 * task.agreement(out, reference_out)
     row["output_cosine_with_reference"] = float(cosine_rows(reference_out, out).mean())
@@ -107,6 +129,5 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         row.update({"latency_p50_ms": None, "latency_p90_ms": None, "peak_rss_mb": None,
                     "latency_measured_on": None})
     row["execution"] = rt.execution()
-    row["budgets"] = budget_checks(profile, row)
-    row["pass"] = all(c["pass"] for c in row["budgets"].values())
+    judge(profile, row, drop)
     return row

@@ -98,6 +98,42 @@ def test_a_size_budget_below_the_file_size_fails(vision_artifact, make_profile, 
     tight = make_profile("tight", budgets={"size_mb": 0.001})
     failed = validate(vision_artifact, tight, test_digits)
     assert failed["budgets"]["size_mb"]["pass"] is False and failed["pass"] is False
+    assert failed["budgets"]["size_mb"]["verdict"] == failed["verdict"] == "FAIL"
+
+
+def test_too_few_examples_to_resolve_the_accuracy_budget_are_inconclusive(vision_artifact, make_profile,
+                                                                          test_digits):
+    """The fp32 file makes the reference's every decision on 24 examples: a drop of 0, yet 24 examples cannot
+    rule out a drop of 1.5 points (the 95% interval reaches 13.8); a 20-point budget they can."""
+    strict = validate(vision_artifact, make_profile("strict", budgets={"accuracy_drop": 1.5}), test_digits)
+    check = strict["budgets"]["accuracy_drop"]
+    assert strict["accuracy_drop"] == 0.0 and check["value"] == 0.0
+    assert check["interval"][1] > 1.5 and check["verdict"] == strict["verdict"] == "INCONCLUSIVE"
+    assert strict["pass"] is False and check["detail"]["examples_needed"] > len(test_digits)
+    assert "24 examples cannot tell; need about" in check["detail"]["reason"]
+    loose = validate(vision_artifact, make_profile("loose", budgets={"accuracy_drop": 20}), test_digits)
+    assert loose["budgets"]["accuracy_drop"]["verdict"] == loose["verdict"] == "PASS"
+
+
+def test_the_latency_verdict_uses_the_p50_interval_over_runs(vision_artifact, make_profile, test_digits):
+    row = validate(vision_artifact, make_profile("slow", repeats=20, budgets={"latency_ms": 1e-6}), test_digits)
+    check = row["budgets"]["latency_ms"]
+    low, high = row["latency_p50_interval_ms"]
+    assert low <= row["latency_p50_ms"] <= high and check["interval"] == [low, high]
+    assert check["verdict"] == "FAIL" and check["detail"]["runs"] == 20
+
+
+def test_a_lower_confidence_gives_a_narrower_interval(vision_artifact, make_profile, test_digits):
+    from pocketformer.targets import with_confidence
+
+    model, path, record, reference_out = vision_artifact
+    profile = get_profile(str(make_profile("conf", budgets={"accuracy_drop": 1.5})))
+    rows = [validate_artifact(path, record, with_confidence(profile, c), test_digits, Encoder(None), model,
+                              reference_out) for c in (0.8, 0.99)]
+    assert rows[0]["confidence"] == 0.8 and rows[1]["confidence"] == 0.99
+    assert rows[0]["accuracy_drop_interval"][1] < rows[1]["accuracy_drop_interval"][1]
+    with pytest.raises(TargetError, match="outside"):
+        with_confidence(profile, 1.0)
 
 
 def test_a_budget_the_profile_does_not_set_is_not_judged(vision_artifact, make_profile, test_digits):
