@@ -2,9 +2,12 @@
 
 Importance, per unit: magnitude or taylor (scored in importance.py), or
 - accuracy (AxFormer): walk layers from the output side, then heads, then neuron groups; delete each, re-evaluate
-  the validation loss on a calibration subset, keep the deletion if the loss does not rise by more than
+  the task loss on a calibration subset of the train split, keep the deletion if the loss does not rise by more than
   `tolerance`. Targets, when given, cap how much is removed. Each deletion is tried on a copy of the model and
-  kept through the model's own shrink methods, so its invariants hold.
+  kept through the model's own shrink methods, so its invariants hold. The walk chooses on train examples; what it
+  kept is then confirmed on the validation split: the paired accuracy drop against the model before the walk, with
+  its interval (pocketformer.verdict). With `max_drop`, the walk's deletions are tested on validation in the order
+  the walk made them, and undone from the first whose model does not PASS.
 Heads and neurons are ranked globally after normalising scores within each layer; every layer keeps at least one
 head and a multiple of `round_to` neurons, so matmul shapes stay kernel-friendly. Layers are never removed from a
 model with early exits: the exits are placed after layers by index.
@@ -15,16 +18,19 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..errors import RecipeError
 from ..models.canonical import CanonicalTransformer
+from ..models.tasks import cosine_rows
 from ..progress import info, progress_bar
 from ..space import searchable
+from ..train import predict
+from ..verdict import DEFAULT_CONFIDENCE, PairedDrop, accuracy_check, paired_drop
 from .amounts import Removal, resolve, round_to_multiple
 from .base import Context, Effects, Stage, StageConfig, StageResult
 from .importance import (calibration_batches, layer_scores, magnitude_scores, mean_task_loss, neuron_magnitudes,
@@ -43,8 +49,25 @@ class PruneConfig(StageConfig):
                               "accuracy (delete, re-evaluate, keep if the loss holds)",
         json_schema_extra=searchable(choices=["magnitude", "taylor", "accuracy"]))
     calibration_examples: int = Field(512, ge=8, le=100000, description="train examples the importance is scored on")
-    tolerance: float = Field(0.0, ge=0, description="accuracy mode: allowed validation-loss rise per deletion")
+    tolerance: float = Field(0.0, ge=0, description="accuracy mode: allowed rise of the calibration (train) loss per "
+                                                        "deletion")
     round_to: int = Field(8, ge=1, le=256, description="FFN widths kept as multiples of this")
+    # Not searchable: a budget the user states, not a knob to tune.
+    max_drop: Optional[float] = Field(None, ge=0, le=100, description=(
+        "accuracy mode: the most validation accuracy (points) the pruned model may lose against the model before "
+        "the walk, at `confidence`: the walk's deletions are tested on the validation split in the order made, "
+        "and undone from the first whose model does not PASS (none: the drop is only measured)"))
+    confidence: float = Field(DEFAULT_CONFIDENCE, ge=0.5, lt=1, description=(
+        "accuracy mode: two-sided confidence of the validation drop's interval that `max_drop` is checked with"))
+
+    @field_validator("max_drop")
+    @classmethod
+    def _accuracy_only(cls, v, info: ValidationInfo):
+        importance = info.data.get("importance")
+        if v is not None and importance != "accuracy":
+            raise ValueError(f"applies to the accuracy-driven walk only, and importance is {importance}: "
+                             "set `importance: accuracy`, or remove max_drop")
+        return v
 
 
 # -- selection ------------------------------------------------------------------------------------------------
@@ -89,7 +112,7 @@ def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> 
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
-class Prune(Stage[PruneConfig], name="prune", version=1,
+class Prune(Stage[PruneConfig], name="prune", version=2,
             summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy)"):
     excludes = frozenset({"exits"})
     invalidates = frozenset({"nested_ffn"})
@@ -116,10 +139,17 @@ class Prune(Stage[PruneConfig], name="prune", version=1,
             raise RecipeError(f"prune cannot remove layers from a model with early exits (after layers "
                               f"{model.spec.exits}): the exits are placed after layers by index.",
                               "put prune before early_exit in the recipe, or set `layers: 0`.")
+        if cfg.max_drop is not None and not model.task.has_labels:
+            raise RecipeError(f"prune's max_drop is an accuracy budget, and a {model.task.name} model has no labels "
+                              "to be right or wrong against.",
+                              "remove max_drop (the validation cosine is still recorded), or put a finetune stage "
+                              "(in prepare) before prune.")
         batches = calibration_batches(ctx, cfg.calibration_examples)
         if cfg.importance == "accuracy":
-            self._accuracy_driven(model, ctx, cfg, batches)
-            return StageResult(model)
+            before = copy.deepcopy(model)
+            deletions = accuracy_walk(model, ctx, cfg, batches)
+            model, confirmation = confirm(before, model, deletions, ctx, cfg.max_drop, cfg.confidence)
+            return StageResult(model, {"confirmation": confirmation})
         importance = usable_importance(cfg.importance, model, ctx.teacher, "prune")
         n_layers = resolve(cfg.layers, len(model.layers))
         if n_layers:
@@ -141,27 +171,136 @@ class Prune(Stage[PruneConfig], name="prune", version=1,
                 model.keep_neurons(li, k)
         return StageResult(model)
 
-    def _accuracy_driven(self, model: CanonicalTransformer, ctx: Context, cfg: PruneConfig, batches) -> None:
-        """AxFormer's greedy walk from the output side: per layer, the whole layer, else its heads, then its neuron
-        groups; each deletion is kept if the calibration loss does not rise by more than the tolerance."""
-        def cap(amount, total: int) -> float:
-            return resolve(amount, total) if amount else math.inf
 
-        budget = _Budget(layers=cap(cfg.layers, len(model.layers)),
-                         heads=cap(cfg.heads, sum(l.attn.heads for l in model.layers)),
-                         neurons=cap(cfg.ffn, sum(l.ffn.width for l in model.layers)))
-        if model.spec.exits:  # an explicit `layers` was refused in apply
-            budget.layers = 0
-            info(f"prune (accuracy): keeping every layer: the model has early exits after layers {model.spec.exits},"
-                 " placed by index (put prune before early_exit to let it remove layers)")
-        walk = _Walk(model, lambda m: mean_task_loss(m, ctx.teacher, batches), cfg.tolerance)
-        with progress_bar("prune (accuracy-driven)", len(model.layers)) as advance:
-            for li in reversed(range(len(model.layers))):
-                if not _remove_layer(walk, li, budget):
-                    _remove_heads(walk, li, budget)
-                    _remove_neuron_groups(walk, li, budget, cfg.round_to)
-                advance()
-        info(f"prune (accuracy): {len(walk.kept)} deletions kept, calibration loss {walk.loss:.4f}")
+# -- the accuracy-driven walk ---------------------------------------------------------------------------------
+
+def accuracy_walk(model: CanonicalTransformer, ctx: Context, cfg: PruneConfig, batches) -> list[Deletion]:
+    """AxFormer's greedy walk from the output side: per layer, the whole layer, else its heads, then its neuron
+    groups; each deletion is kept if the calibration loss does not rise by more than the tolerance. Prunes
+    `model` in place and returns the deletions kept, in order."""
+    def cap(amount, total: int) -> float:
+        return resolve(amount, total) if amount else math.inf
+
+    budget = _Budget(layers=cap(cfg.layers, len(model.layers)),
+                     heads=cap(cfg.heads, sum(l.attn.heads for l in model.layers)),
+                     neurons=cap(cfg.ffn, sum(l.ffn.width for l in model.layers)))
+    if model.spec.exits:  # an explicit `layers` was refused in apply
+        budget.layers = 0
+        info(f"prune (accuracy): keeping every layer: the model has early exits after layers {model.spec.exits},"
+             " placed by index (put prune before early_exit to let it remove layers)")
+    walk = _Walk(model, lambda m: mean_task_loss(m, ctx.teacher, batches), cfg.tolerance)
+    with progress_bar("prune (accuracy-driven)", len(model.layers)) as advance:
+        for li in reversed(range(len(model.layers))):
+            if not _remove_layer(walk, li, budget):
+                _remove_heads(walk, li, budget)
+                _remove_neuron_groups(walk, li, budget, cfg.round_to)
+            advance()
+    info(f"prune (accuracy): {len(walk.kept)} deletions kept, calibration loss {walk.loss:.4f}")
+    return walk.kept
+
+
+# -- confirmation on the validation split ---------------------------------------------------------------------
+
+def confirm(before: CanonicalTransformer, after: CanonicalTransformer, deletions: list[Deletion], ctx: Context,
+            max_drop: Optional[float], confidence: float) -> tuple[CanonicalTransformer, dict[str, Any]]:
+    """What the walk kept, measured on the validation split against the model before it (`before`; `after` is
+    `before` with `deletions` made): the paired accuracy drop and its interval at `confidence`, or for a model
+    without labels the mean cosine of the two models' outputs. With `max_drop`, the longest prefix of `deletions`
+    whose every prefix passes it is kept (fixed_sequence), rebuilt from `before`. Returns the model and the record."""
+    data = ctx.validation
+    record: dict[str, Any] = {"split": "validation", "examples": len(data)}
+    reference = predict(before, data, ctx.encoder).numpy()
+    if not after.task.has_labels:
+        cosine = float(cosine_rows(predict(after, data, ctx.encoder).numpy(), reference).mean())
+        info(f"prune (accuracy): validation mean cosine {cosine:.4f} with the model before the walk "
+             f"({len(data)} examples)")
+        return after, {**record, "cosine": cosine, "verdict": None, "deletions_kept": len(deletions),
+                       "deletions_undone": 0}
+    reference_correct = after.task.correct(reference, data.labels)
+    drops: dict[int, PairedDrop] = {}
+
+    def drop_of(k: int, model: CanonicalTransformer) -> PairedDrop:
+        """The drop of `model`, `before` with the first k deletions made (measured once per k)."""
+        if k not in drops:
+            correct = model.task.correct(predict(model, data, ctx.encoder).numpy(), data.labels)
+            drops[k] = paired_drop(reference_correct, correct, confidence)
+        return drops[k]
+
+    def measured(k: int, model: CanonicalTransformer) -> dict[str, Any]:
+        if not k:  # the model before the walk is the reference itself: its drop is exactly 0, not an estimate
+            return {"drop": 0.0, "interval": [0.0, 0.0], "lost": 0, "gained": 0,
+                    "verdict": None if max_drop is None else "PASS"}
+        return _drop_record(drop_of(k, model), max_drop)
+
+    record.update(confidence=confidence, budget=max_drop,
+                  walk={"deletions": len(deletions), **measured(len(deletions), after)})
+    kept, tested = len(deletions), []
+    if max_drop is not None and deletions:
+        kept, tested = fixed_sequence(before, deletions, drop_of, max_drop)
+    model = after if kept == len(deletions) else replay(before, deletions[:kept])
+    record.update(measured(kept, model), deletions_kept=kept, deletions_undone=len(deletions) - kept, tested=tested)
+    info("prune (accuracy): " + _confirmation_line(record))
+    return model, record
+
+
+def fixed_sequence(before: CanonicalTransformer, deletions: list[Deletion],
+                   drop_of: Callable[[int, CanonicalTransformer], PairedDrop], max_drop: float
+                   ) -> tuple[int, list[dict[str, Any]]]:
+    """How many of the walk's deletions to keep: `before` with the first 1, 2, ... deletions made is tested against
+    `max_drop` in that order, stopping at the first that does not PASS; the deletions from it on are undone.
+
+    The order was fixed on the train split alone (the walk's), before any validation example was seen, and every
+    test is the same one-sided check (the upper end of the two-sided interval within the budget). That is
+    fixed-sequence testing (as in Learn-then-Test, Angelopoulos et al. 2021): the first model in the order whose
+    true drop is over the budget must PASS for any wrong model to be kept, so the kept model exceeds the budget with
+    probability at most (1 - confidence) / 2, however many models were tested. Testing from the walk's end instead,
+    undoing until one passes, would give every tested model its own chance to pass by luck; so the undoing here
+    stops where the sequence first fails, not where a test first passes. Returns the count kept and the tests."""
+    model, tested, kept = copy.deepcopy(before), [], 0
+    with progress_bar("prune: confirming deletions on validation", len(deletions)) as advance:
+        for k, deletion in enumerate(deletions, 1):
+            deletion.apply(model)
+            result = _drop_record(drop_of(k, model), max_drop)
+            tested.append({"deletions": k, **result})
+            advance()
+            if result["verdict"] != "PASS":
+                break
+            kept = k
+    return kept, tested
+
+
+def _drop_record(drop: PairedDrop, budget: Optional[float]) -> dict[str, Any]:
+    low, high = drop.interval
+    record: dict[str, Any] = {"drop": drop.drop, "interval": [low, high], "lost": drop.lost, "gained": drop.gained,
+                              "verdict": None}
+    if budget is not None:
+        check = accuracy_check(drop, budget)
+        record["verdict"] = check.verdict
+        if "reason" in check.detail:
+            record["reason"] = check.detail["reason"]
+    return record
+
+
+def _confirmation_line(record: dict[str, Any]) -> str:
+    """`validation (180 examples): the walk's 11 deletions drop accuracy +5.00 pts (95% interval +1.2..+9.1) vs
+    max_drop 1: FAIL; 8 undone, the first 3 kept: +0.56 pts (95% interval -0.9..+2.0): PASS`."""
+    def drop_text(r: dict[str, Any]) -> str:
+        low, high = r["interval"]
+        return f"{r['drop']:+.2f} pts ({record['confidence']:.0%} interval {low:+.2f}..{high:+.2f})"
+
+    walk, budget = record["walk"], record["budget"]
+    text = (f"validation ({record['examples']} examples): the walk's {walk['deletions']} deletions drop accuracy "
+            f"{drop_text(walk)} against the model before it")
+    if budget is None:
+        return text
+    text += f" vs max_drop {budget:g}: {walk['verdict']}"
+    if record["deletions_undone"]:
+        kept = record["deletions_kept"]
+        text += (f"; {record['deletions_undone']} undone (fixed-sequence test), the first {kept} kept: "
+                 f"{drop_text(record)}: {record['verdict']}" if kept else
+                 f"; all {record['deletions_undone']} undone (the first does not PASS: "
+                 f"{drop_text(record['tested'][0])}: {record['tested'][0]['verdict']})")
+    return text
 
 
 # -- the accuracy-driven walk's steps -----------------------------------------------------------------------------
@@ -175,6 +314,33 @@ class _Budget:
     neurons: float
 
 
+@dataclass(frozen=True)
+class Deletion:
+    """One deletion of the walk, as the units it keeps: made again on a copy of the model before the walk, the
+    walk's first k deletions rebuild the model it had after them."""
+
+    kind: Literal["layer", "head", "neurons"]
+    layer: int
+    keep: tuple[int, ...]  # layers of the model, heads or neurons of `layer`, as they were numbered then
+
+    def apply(self, model: CanonicalTransformer) -> None:
+        """Make this deletion on `model`, through its own shrink methods."""
+        if self.kind == "layer":
+            model.keep_layers(list(self.keep))
+        elif self.kind == "head":
+            model.keep_heads(self.layer, list(self.keep))
+        else:
+            model.keep_neurons(self.layer, list(self.keep))
+
+
+def replay(model: CanonicalTransformer, deletions: list[Deletion]) -> CanonicalTransformer:
+    """A copy of `model` with `deletions` made, in order."""
+    model = copy.deepcopy(model)
+    for deletion in deletions:
+        deletion.apply(model)
+    return model
+
+
 class _Walk:
     """The model being pruned, its calibration loss, and the deletions kept so far."""
 
@@ -182,19 +348,18 @@ class _Walk:
                  tolerance: float):
         self.model, self.loss_of, self.tolerance = model, loss_of, tolerance
         self.loss = loss_of(model)
-        self.kept: list[tuple[str, int, float]] = []
+        self.kept: list[Deletion] = []
 
-    def attempt(self, kind: str, layer: int, edit: Callable[[CanonicalTransformer], None]) -> bool:
-        """Run `edit` (a shrink method of the model) on a copy; if the copy's loss rises by at most the tolerance,
-        make the same edit on the model."""
+    def attempt(self, deletion: Deletion) -> bool:
+        """Make `deletion` on a copy; if the copy's loss rises by at most the tolerance, make it on the model."""
         trial = copy.deepcopy(self.model)
-        edit(trial)
+        deletion.apply(trial)
         loss = self.loss_of(trial)
         if loss > self.loss + self.tolerance:
             return False
-        edit(self.model)
+        deletion.apply(self.model)
         self.loss = loss
-        self.kept.append((kind, layer, loss))
+        self.kept.append(deletion)
         return True
 
 
@@ -202,7 +367,7 @@ def _remove_layer(walk: _Walk, li: int, budget: _Budget) -> bool:
     if budget.layers <= 0 or len(walk.model.layers) <= 1:
         return False
     keep = [j for j in range(len(walk.model.layers)) if j != li]
-    if not walk.attempt("layer", li, lambda m: m.keep_layers(keep)):
+    if not walk.attempt(Deletion("layer", li, tuple(keep))):
         return False
     budget.layers -= 1
     return True
@@ -215,7 +380,7 @@ def _remove_heads(walk: _Walk, li: int, budget: _Budget) -> None:
         if budget.heads <= 0 or heads <= 1:
             break
         keep = [k for k in range(heads) if k != h]
-        if walk.attempt("head", li, lambda m: m.keep_heads(li, keep)):
+        if walk.attempt(Deletion("head", li, tuple(keep))):
             budget.heads -= 1
 
 
@@ -229,7 +394,7 @@ def _remove_neuron_groups(walk: _Walk, li: int, budget: _Budget, round_to: int) 
         ffn = walk.model.layers[li].ffn
         weakest = set(torch.argsort(neuron_magnitudes(ffn), stable=True)[:group].tolist())
         keep = [k for k in range(ffn.width) if k not in weakest]
-        if not walk.attempt("neurons", li, lambda m: m.keep_neurons(li, keep)):
+        if not walk.attempt(Deletion("neurons", li, tuple(keep))):
             break
         removed += group
         budget.neurons -= group

@@ -1,6 +1,7 @@
 """Structured pruning: importance scorers, how much is removed, and what the pruned model still computes."""
 
 import copy
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -12,9 +13,13 @@ from torch.nn import functional as F
 from pocketformer.compress import Context
 from pocketformer.compress.early_exit import EarlyExit, EarlyExitConfig
 from pocketformer.compress.matformer import Matformer, MatformerConfig
-from pocketformer.compress.prune import Prune, PruneConfig, resolve, select_heads, select_neurons
+from pocketformer.compress.importance import calibration_batches, same_weights
+from pocketformer.compress.prune import (Prune, PruneConfig, accuracy_walk, replay, resolve, select_heads,
+                                         select_neurons)
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import RecipeError
+from pocketformer.train import evaluate, predict
+from pocketformer.verdict import drop_interval
 
 DIGITS = [str(i) for i in range(10)]
 CALIBRATION, BATCH = 16, 8
@@ -255,3 +260,145 @@ def test_accuracy_driven_pruning_that_removes_no_neurons_keeps_the_nesting(make_
     model = prune(model, importance="accuracy", tolerance=1e9, round_to=16, layers=1, heads=2, ffn=8)
     assert sum(heads(model)) == 2 and widths(model) == [128]
     assert model.spec.nested_ffn == fractions
+
+
+# -- confirmation on the validation split ---------------------------------------------------------------------------
+
+def pruned_and_confirmed(model, **settings):
+    """The pruned model and the confirmation record of an accuracy-driven prune (calibration_examples 16)."""
+    cfg = PruneConfig(importance="accuracy", calibration_examples=CALIBRATION, round_to=16, **settings)
+    result = Prune(cfg).apply(model, digits_context(model))
+    json.dumps(result.details)
+    return result.model, result.details["confirmation"]
+
+
+def same_model(a, b) -> bool:
+    return a.config == b.config and same_weights(a, b)
+
+
+def accuracy(model) -> float:
+    return evaluate(model, digits("validation"), Encoder(None))["accuracy"]
+
+
+def with_identity_last_layer(model):
+    """Pre-norm with zero out-projections: layer 1 is the identity, so deleting it (the walk's first deletion)
+    changes no prediction."""
+    with torch.no_grad():
+        for lin in (model.layers[1].attn.o, model.layers[1].ffn.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    return model
+
+
+def the_walk_stopped_after(model, k: int):
+    """The model the walk (every deletion kept, round_to 16) has after its first k deletions, made by a walk whose
+    targets stop it there: layer 1 goes first, then heads 3, 2, 1 of layer 0, then groups of 16 of its neurons."""
+    if k == 0:
+        return copy.deepcopy(model)
+    if k == 1:
+        model = copy.deepcopy(model)
+        model.keep_layers([0])
+        return model
+    # A neuron target below one group (16) removes no neurons; a head target of 0 would mean "no target".
+    targets = dict(heads=k - 1, ffn=8) if k <= 4 else dict(heads=3, ffn=16 * (k - 4))
+    return prune(copy.deepcopy(model), importance="accuracy", tolerance=1e9, round_to=16, layers=1, **targets)
+
+
+def assert_verdict_follows_the_interval(record, budget):
+    low, high = record["interval"]
+    assert low <= record["drop"] <= high
+    if budget is None:
+        assert record["verdict"] is None
+    else:
+        assert record["verdict"] == ("PASS" if high <= budget else "FAIL" if low > budget else "INCONCLUSIVE")
+
+
+@pytest.mark.parametrize("tolerance,max_drop", [(0.0, None), (1e9, None), (1e9, 100), (1e9, 0)],
+                         ids=["tolerance-0", "every-deletion", "every-deletion-max-drop-100", "max-drop-0"])
+def test_the_walk_is_confirmed_on_validation_with_a_verdict_its_interval_supports(make_model, tolerance, max_drop):
+    model = make_model("vision", labels=DIGITS)
+    before = copy.deepcopy(model)
+    pruned, confirmation = pruned_and_confirmed(model, tolerance=tolerance, max_drop=max_drop)
+    assert confirmation["split"] == "validation" and confirmation["examples"] == len(digits("validation"))
+    assert confirmation["confidence"] == 0.95 and confirmation["budget"] == max_drop
+    assert confirmation["walk"]["deletions"] > 0
+    assert confirmation["drop"] == pytest.approx(accuracy(before) - accuracy(pruned))
+    for record in [confirmation, confirmation["walk"], *confirmation["tested"]]:
+        assert_verdict_follows_the_interval(record, max_drop)
+    kept, undone = confirmation["deletions_kept"], confirmation["deletions_undone"]
+    assert kept + undone == confirmation["walk"]["deletions"]
+    if max_drop is None:
+        assert undone == 0 and confirmation["tested"] == []
+
+
+def test_deletions_validation_does_not_confirm_are_undone_until_what_is_left_passes(make_model):
+    model = make_model("vision", labels=DIGITS)
+    before = copy.deepcopy(model)
+    # Every deletion passes the calibration loss; no drop can be shown to be at most 0 points.
+    pruned, confirmation = pruned_and_confirmed(model, tolerance=1e9, max_drop=0)
+    assert confirmation["walk"]["verdict"] != "PASS"
+    assert confirmation["deletions_undone"] > 0
+    assert confirmation["verdict"] == "PASS" or confirmation["deletions_kept"] == 0
+    if confirmation["deletions_kept"] == 0:
+        assert same_model(pruned, before) and confirmation["interval"] == [0.0, 0.0]
+
+
+def test_undoing_stops_at_the_first_deletion_validation_does_not_pass_and_replays_the_ones_before(make_model):
+    model = with_identity_last_layer(make_model("vision", labels=DIGITS))
+    before = copy.deepcopy(model)
+    # The budget a drop with no changed prediction passes at: the first deletion (the identity layer) passes.
+    max_drop = 100 * drop_interval(0, 0, len(digits("validation")))[1] + 1e-9
+    pruned, confirmation = pruned_and_confirmed(model, tolerance=1e9, max_drop=max_drop)
+    assert confirmation["walk"]["verdict"] != "PASS"  # so the fixed sequence stops before the walk's end
+    kept, tested = confirmation["deletions_kept"], confirmation["tested"]
+    assert 1 <= kept < confirmation["walk"]["deletions"] and confirmation["deletions_undone"] >= 1
+    assert [t["deletions"] for t in tested] == list(range(1, kept + 2))  # in the walk's order, from its first
+    assert all(t["verdict"] == "PASS" for t in tested[:-1]) and tested[-1]["verdict"] != "PASS"
+    assert confirmation["verdict"] == "PASS"
+    assert same_model(pruned, the_walk_stopped_after(before, kept))
+    assert confirmation["drop"] == pytest.approx(accuracy(before) - accuracy(pruned))
+
+
+def test_replaying_the_first_k_deletions_rebuilds_the_model_the_walk_had_after_them(make_model):
+    model = make_model("vision", labels=DIGITS)
+    before = copy.deepcopy(model)
+    ctx = digits_context(model)
+    cfg = PruneConfig(importance="accuracy", tolerance=1e9, round_to=16, calibration_examples=CALIBRATION)
+    deletions = accuracy_walk(model, ctx, cfg, calibration_batches(ctx, CALIBRATION))
+    n = len(deletions)
+    assert [d.kind for d in deletions] == ["layer"] + ["head"] * 3 + ["neurons"] * (n - 4)
+    assert same_model(replay(before, deletions), model)
+    for k in range(n + 1):
+        assert same_model(replay(before, deletions[:k]), the_walk_stopped_after(before, k)), k
+    assert same_model(before, the_walk_stopped_after(before, 0))  # replay left the model before the walk alone
+
+
+def test_an_embedding_model_records_its_validation_cosine_with_the_model_before_the_walk(make_model):
+    model = make_model("vision")
+    before = copy.deepcopy(model)
+    pruned, confirmation = pruned_and_confirmed(model, tolerance=1e9)
+    ds = digits("validation")
+    cosine = F.cosine_similarity(predict(pruned, ds, Encoder(None)), predict(before, ds, Encoder(None)), dim=-1)
+    assert confirmation["cosine"] == pytest.approx(float(cosine.mean()), abs=1e-6)
+    assert confirmation["verdict"] is None and "drop" not in confirmation
+    assert confirmation["examples"] == len(ds) and confirmation["deletions_undone"] == 0
+
+
+def test_an_accuracy_budget_on_an_embedding_model_is_refused_with_a_fix(make_model):
+    with pytest.raises(RecipeError, match="no labels") as refused:
+        pruned_and_confirmed(make_model("vision"), tolerance=1e9, max_drop=1)
+    assert "remove max_drop" in refused.value.fix
+
+
+@pytest.mark.parametrize("settings", [dict(max_drop=1), dict(importance="magnitude", max_drop=1),
+                                      dict(importance="accuracy", confidence=1.0),
+                                      dict(importance="accuracy", confidence=0.4),
+                                      dict(importance="accuracy", max_drop=-1)],
+                         ids=["taylor", "magnitude", "confidence-1", "confidence-0.4", "negative"])
+def test_accuracy_budget_settings_outside_accuracy_mode_or_their_range_are_refused(settings):
+    with pytest.raises(ValidationError, match="max_drop" if "max_drop" in settings else "confidence"):
+        PruneConfig(**settings)
+
+
+def test_the_accuracy_budget_is_not_a_search_setting():
+    assert not {"max_drop", "confidence"} & set(Prune.search_space())
