@@ -164,19 +164,35 @@ def matformer_rows(out: Path, profile, test, enc: Encoder, ref_pred, feeds) -> l
     return rows
 
 
-def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out, recipe, limit: int = 0) -> list[dict]:
+def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out, reference, recipe,
+                    limit: int = 0) -> list[dict]:
     """The segmented fp32 artifact in each runtime through pocketformer's driver at batch 1. Every example of the
     validation and test splits runs to full depth once, giving every head's logits in that runtime; the entropy
     gate is calibrated on the validation split to each accuracy budget, and its accuracy and exits on the test split
     follow exactly from the test logits (the driver decides from the same heads). Latency, every example of the
     test split at batch 1: at full depth from that run; then per gate, example by example, the gated run through the
-    driver and the model's plain file without exits, alternating which goes first, so host noise hits both alike."""
+    driver and the model's plain file without exits, alternating which goes first, so host noise hits both alike.
+    Calibration (issue 13): the bound rule against the fine-tuned model at 95% (what validation does), measured;
+    beside it, from the same logits, the earlier point-estimate rule against full depth, and where each lands on
+    the test split with its interval."""
     from pocketformer.models.exits import exit_indices
     from pocketformer.targets.early_exit import calibrate, load as load_segments, run_split
+    from pocketformer.verdict import accuracy_check, paired_drop
 
     calibration = load_dataset(recipe["data"], "validation", recipe["seed"])
     if limit:  # a smoke run
         calibration = calibration.head(limit)
+    ref_cal_ok = predict(reference, calibration, enc).numpy().argmax(1) == calibration.labels
+    ref_test_ok = ref_out.argmax(1) == test.labels
+
+    def on_test(gate, heads, budget, depths) -> dict:
+        exits = exit_indices(gate, heads)
+        ok = heads[np.arange(len(exits)), exits].argmax(-1) == test.labels
+        check = accuracy_check(paired_drop(ref_test_ok, ok), budget)
+        return {"test_accuracy": float(ok.mean() * 100), "test_drop": check.value,
+                "test_drop_interval": [check.low, check.high], "test_verdict": check.verdict,
+                "test_verdict_reason": check.detail.get("reason"), "test_mean_layers": float(depths[exits].mean())}
+
     rows = []
     for target in profiles:
         fmt = "onnx" if target.format == "onnx" else "tflite"
@@ -194,7 +210,9 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
         full_acc = float((heads[:, -1].argmax(-1) == test.labels).mean() * 100)
         plain = plain_runner(out, fmt, target)
         for budget in EXIT_BUDGETS:
-            gate, cal_info = calibrate(cal.head_logits, calibration.labels, "entropy", budget)
+            gate, cal_info = calibrate(cal.head_logits, calibration.labels, "entropy", budget,
+                                       reference_correct=ref_cal_ok)
+            old_gate, old_info = calibrate(cal.head_logits, calibration.labels, "entropy", budget, rule="point")
             exits = exit_indices(gate, heads)
             pred = heads[np.arange(len(exits)), exits].argmax(-1)
             print(f"== measuring {name} ({fmt}), gate for -{budget:g} pt: latency", flush=True)
@@ -218,6 +236,9 @@ def early_exit_rows(name: str, out: Path, profiles, test, enc: Encoder, ref_out,
                 "no_exit_file": plain["file"], "no_exit_latency_mean_ms": float(plain_ms.mean()),
                 "no_exit_latency_p90_ms": float(np.percentile(plain_ms, 90)),
                 "speedup_vs_no_exit_model": float(plain_ms.mean() / gated_ms.mean()),
+                "budget": budget, **on_test(gate, heads, budget, depths),
+                "old_calibration": {"gate": old_gate.model_dump(), "calibration": old_info,
+                                    **on_test(old_gate, heads, budget, depths)},
                 "recipe_stages": VARIANTS[name]})
     return rows
 
@@ -413,7 +434,8 @@ def main() -> None:
     if "matformer" in outs:
         rows += matformer_rows(outs["matformer"], profile, test, enc, ref_pred, inputs_of[profile.name])
     for name in [n for n in outs if n.startswith("early-exit")]:
-        rows += early_exit_rows(name, outs[name], (profile, litert_profile), test, enc, ref_out, recipe, args.limit)
+        rows += early_exit_rows(name, outs[name], (profile, litert_profile), test, enc, ref_out, reference, recipe,
+                                args.limit)
     if not args.no_peers:
         train = load_dataset(recipe["data"], "train", recipe["seed"]).head(PROBE_TRAIN)
         rows += peer_rows(profile, test, enc, train)
@@ -447,7 +469,7 @@ def main() -> None:
     if previous_env:  # an update: the run being updated stays the table's provenance, this one is listed under it
         env = {**previous_env, "updates": previous_env.get("updates", []) + [{
             "command": command, "rows": sorted({r["variant"] for r in rows if r.get("updated")}),
-            "wall_s": env["wall_s"], "date": time.strftime("%Y-%m-%d")}]}
+            "wall_s": env["wall_s"], "date": time.strftime("%Y-%m-%d"), "cpu": store.cpu()}]}
         for r in rows:
             r.pop("updated", None)
     markdown = write_markdown(rows, env, args, storage)
@@ -477,6 +499,41 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return merged + list(fresh.values())
 
 
+def exit_calibration_table(exits: list[dict]) -> list[str]:
+    """Issue 13: the budget asked, the drop on the validation split the gate was calibrated on, the drop on the test
+    split with its 95% interval and verdict; the new rule (measured above) beside the earlier one."""
+    rows = [r for r in exits if r.get("old_calibration")]
+    if not rows:
+        return []
+
+    def drop(value, interval) -> str:
+        return f"{value:+.2f} ({interval[0]:+.2f}..{interval[1]:+.2f})"
+
+    lines = ["Calibration that holds out of sample. New rule (the rows above, what `pocketformer validate` does): the "
+             "most aggressive entropy threshold, walking a fixed grid from never-exit upwards, whose 95% upper bound "
+             "of the accuracy drop against the fine-tuned model on the 1,000 validation examples is within the "
+             "budget (fixed-sequence testing: the stated confidence holds for the gate chosen). Old rule: the most "
+             "aggressive threshold whose point estimate against full depth was within the budget. Both from the "
+             "same validation logits; the test drop (2,000 examples, paired with the fine-tuned model, 95% "
+             "interval) follows from the same test logits. Verdict: PASS when the whole interval is within the "
+             "budget, FAIL when it is wholly over, INCONCLUSIVE when 2,000 examples cannot tell.", "",
+             "| variant | budget pts | new gate | validation drop | test drop (95% interval) | verdict | "
+             "mean layers | old gate | old: validation drop | old: test drop (95% interval) | old verdict | "
+             "old mean layers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cal, old = r["calibration"], r["old_calibration"]
+        lines.append(f"| {r['variant']} | {r['budget']:g} | entropy < {r['gate']['threshold']:.4g} | "
+                     f"{drop(cal['drop'], cal['drop_interval'])} | {drop(r['test_drop'], r['test_drop_interval'])} | "
+                     f"{r['test_verdict']} | {r['test_mean_layers']:.2f} | "
+                     f"entropy < {old['gate']['threshold']:.4g} | {old['calibration']['drop']:+.2f} | "
+                     f"{drop(old['test_drop'], old['test_drop_interval'])} | {old['test_verdict']} | "
+                     f"{old['test_mean_layers']:.2f} |")
+    reasons = sorted({f"{r['variant']}: {r['test_verdict_reason']}" for r in rows if r.get("test_verdict_reason")})
+    if reasons:
+        lines += ["", "INCONCLUSIVE, why: " + "; ".join(reasons) + "."]
+    return lines + [""]
+
+
 def write_markdown(rows, env, args, storage=()) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
@@ -490,8 +547,10 @@ def write_markdown(rows, env, args, storage=()) -> str:
              f"process; accuracy on the full test split ({env['test_examples']} examples). Ratios are against "
              f"the fp32 ONNX export of the same fine-tuned model, measured in the same run. Fine-tuned model in "
              f"PyTorch: {env['reference_pytorch_accuracy']:.2f}%.", "",
-             *[f"Rows re-measured on {u['date']} by `{u['command']}`: {'; '.join(u['rows'])}. The other rows, "
-               f"and the reference rows, are those of the command above." for u in env.get("updates", [])],
+             *[f"Rows re-measured on {u['date']} by `{u['command']}`"
+               + (f" on {u['cpu']['model']} ({', '.join(u['cpu']['features'])})" if u.get("cpu") else "")
+               + f": {'; '.join(u['rows'])}. The other rows, and the reference rows, are those of the command above."
+               for u in env.get("updates", [])],
              *([""] if env.get("updates") else []),
              "Accuracy against mean latency: `results/minilm_sentiment_pareto.png`.", "",
              "| variant | runtime | accuracy % | drop (pts) | p50 ms | mean ms | p90 ms | size MB | speedup (p50) | "
@@ -546,6 +605,7 @@ def write_markdown(rows, env, args, storage=()) -> str:
                          f"{f(r['speedup_vs_full_depth'])}x | {f(r['mean_layers'])} | "
                          f"{', '.join(str(v) for v in r['exit_histogram'].values())} |")
         lines.append("")
+        lines += exit_calibration_table(exits)
     if storage:
         lines += ["Dense-sparse storage: the same dense-sparse model's artifacts stored sparse (ONNX sparse "
                   "initializers; TFLite sparsity + DENSIFY; CoreML sparse constexpr) and stored dense. Every "
