@@ -238,12 +238,18 @@ def extract(source: Path = typer.Argument(..., help="nested checkpoint (matforme
                                                                          "(default: the run's; none: FFN kept)"),
             precision: Optional[str] = typer.Option(None, "--precision", help="artifact precision the budget is "
                                                                               "for (default: the profile's first)"),
+            max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy points the sub-model may "
+                                                                             "lose on the test split (default: the "
+                                                                             "target's budget)"),
+            confidence: Optional[float] = typer.Option(None, "--confidence", help="of the test-split verdict "
+                                                                                 "(default: the target's, 0.95)"),
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):
-    """Cut a sub-model (an FFN width per layer) out of a nested checkpoint as a plain dense checkpoint."""
+    """Cut a sub-model (an FFN width per layer) out of a nested checkpoint as a plain dense checkpoint, and confirm
+    it on the test split (never seen by the search): its accuracy drop, with its interval, and a verdict."""
     from .extract import run_extract
 
     p = run_extract(source, out, widths=widths, target=target, latency_ms=latency_ms, size_mb=size_mb, data=data,
-                    precision=precision, trust_pickle=trust_pickle)
+                    precision=precision, max_drop=max_drop, confidence=confidence, trust_pickle=trust_pickle)
     quality = next((f", {k} {p[k]:.2f}" for k in ("validation_accuracy", "validation_cosine_pct") if k in p), "")
     _echo(f"extracted FFN widths {p['widths']} of {p['source_ffn_widths']}: params {p['source_params']:,} -> "
           f"{p['params']:,}{quality}; wrote {out}")

@@ -10,6 +10,11 @@
   that fits and the next wider one, a greedy Mix'n'Match walk that narrows one layer at a time (the layer whose
   narrowing costs the least validation accuracy, or without data the fewest neurons) until the budget is met: at
   most (fractions + layers - 1) exports.
+- `confirm(sub, reference, test, encoder, ...)`: what a choice is worth on data it never saw. The widths are chosen
+  on validation examples, so the chosen model's validation quality is optimistic; its accuracy drop against the
+  reference on the test split, paired, with its interval at a stated confidence, is the honest one, and a verdict
+  against an accuracy budget (pocketformer.verdict). The drop on the examples the choice was made on is kept beside
+  it, to compare.
 - `run_extract(...)`: the `pocketformer extract` command's I/O: load, choose, extract, save with provenance.
 """
 
@@ -29,6 +34,8 @@ from .errors import PocketformerError, TargetError
 from .models.canonical import CanonicalTransformer, count_params
 from .progress import info
 from .store import COMPRESS_FILE, output_folder, read_compress
+from .train import evaluate, predict
+from .verdict import DEFAULT_CONFIDENCE, PairedDrop, accuracy_check, paired_drop
 
 # Validation examples each candidate is scored on during a search: enough to rank widths, few enough to score
 # a dozen candidates in PyTorch quickly.
@@ -118,8 +125,6 @@ def quality_scorer(model: CanonicalTransformer, validation: Optional[Dataset],
     total = sum(layer_widths(model))
     if validation is None:
         return "ffn_kept_pct", lambda widths: 100.0 * sum(widths) / max(1, total)
-    from .train import evaluate, predict
-
     key = model.task.quality_key
     reference = predict(model, validation, encoder).numpy()
     return f"validation_{key}", lambda widths: evaluate(extract(model, widths), validation, encoder, reference)[key]
@@ -263,6 +268,61 @@ def search(model: CanonicalTransformer, profile, *, latency_ms: Optional[float] 
             "score": score_name, "widths": chosen, "candidates": log}
 
 
+# -- confirmation on held-out data ---------------------------------------------------------------------------------
+
+def held_out_quality(sub: CanonicalTransformer, reference: CanonicalTransformer, ds: Dataset, encoder: Encoder,
+                     confidence: float) -> dict[str, Any]:
+    """The sub-model against the reference on `ds`: a classifier's paired accuracy drop (points) with its interval
+    at `confidence`, or an embedding model's mean cosine with the reference's embeddings."""
+    task = sub.task
+    ref_out, out = predict(reference, ds, encoder).numpy(), predict(sub, ds, encoder).numpy()
+    row: dict[str, Any] = {"split": ds.split, "examples": len(ds)}
+    if not task.has_labels:
+        return {**row, "cosine": task.agreement(out, ref_out)}
+    ref_ok, ok = task.correct(ref_out, ds.labels), task.correct(out, ds.labels)
+    drop = paired_drop(ref_ok, ok, confidence)
+    return {**row, "accuracy": float(ok.mean() * 100), "reference_accuracy": float(ref_ok.mean() * 100),
+            "drop": drop.drop, "interval": list(drop.interval), "lost": drop.lost, "gained": drop.gained}
+
+
+def confirm(sub: CanonicalTransformer, reference: CanonicalTransformer, test: Dataset, encoder: Encoder, *,
+            budget: Optional[float] = None, confidence: float = DEFAULT_CONFIDENCE,
+            search_split: Optional[Dataset] = None) -> dict[str, Any]:
+    """The chosen sub-model on `test`, data its choice never saw (held_out_quality), with a PASS / FAIL /
+    INCONCLUSIVE verdict when it is a classifier and there is an accuracy `budget` (points of drop); and the same
+    measure on `search_split`, the examples it was chosen on."""
+    record = held_out_quality(sub, reference, test, encoder, confidence)
+    labelled = "drop" in record
+    record.update({"confidence": confidence if labelled else None, "budget": budget if labelled else None,
+                   "verdict": None})
+    if labelled and budget is not None:
+        check = accuracy_check(PairedDrop(record["examples"], record["lost"], record["gained"], confidence),
+                               budget)
+        record["verdict"] = check.verdict
+        record.update({k: check.detail[k] for k in ("examples_needed", "reason") if k in check.detail})
+    record["search_split"] = None if search_split is None else \
+        held_out_quality(sub, reference, search_split, encoder, confidence)
+    return record
+
+
+def confirmation_line(c: dict[str, Any]) -> str:
+    """A confirmation (confirm, plus its reference) as one line: the held-out measure and verdict, then the same
+    measure on the examples the widths were chosen on."""
+    if "skipped" in c:
+        return f"extract: not confirmed on held-out data: {c['skipped']}"
+    if "drop" in c:
+        low, high = c["interval"]
+        what = f"drop {c['drop']:+.2f} pts ({c['confidence']:.0%} interval {low:+.2f}..{high:+.2f})"
+        what += " (no accuracy budget)" if c["budget"] is None else \
+            f" vs budget {c['budget']:g} -> {c['verdict']}" + (f" ({c['reason']})" if c.get("reason") else "")
+    else:
+        what = f"mean cosine with the reference's embeddings {c['cosine']:.4f} (no labels, so no accuracy verdict)"
+    s = c["search_split"]
+    tail = "" if s is None else f"; on the {s['examples']} {s['split']} examples it was chosen on: " \
+        + (f"{s['drop']:+.2f}" if "drop" in s else f"{s['cosine']:.4f}")
+    return f"extract: confirmed on {c['examples']} {c['split']} examples against the {c['reference']}: {what}{tail}"
+
+
 # -- the command ----------------------------------------------------------------------------------------------------
 
 def resolve_source(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -275,11 +335,15 @@ def resolve_source(path: Path) -> tuple[Path, dict[str, Any]]:
 
 def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target: Optional[str] = None,
                 latency_ms: Optional[float] = None, size_mb: Optional[float] = None, data: Optional[str] = None,
-                precision: Optional[str] = None, trust_pickle: bool = False) -> dict[str, Any]:
-    """Load a (nested) checkpoint or run folder, choose widths (given, or searched on a target), save the plain
-    dense sub-model to `out` with provenance; return that provenance."""
+                precision: Optional[str] = None, max_drop: Optional[float] = None,
+                confidence: Optional[float] = None, trust_pickle: bool = False) -> dict[str, Any]:
+    """Load a (nested) checkpoint or run folder, choose widths (given, or searched on a target), confirm the choice
+    on the test split (confirm) against the run's baseline/ (else the source at full width), save the plain dense
+    sub-model to `out` with provenance; return that provenance. The accuracy budget is `max_drop`, else the target's;
+    the confidence `confidence`, else the target's, else DEFAULT_CONFIDENCE."""
     from .models import load_any
     from .models.io import save, weights_sha256
+    from .targets import get_profile
 
     if (widths is None) == (target is None):
         raise ExtractError("Say which sub-model to extract: either --widths, or --target (with an optional "
@@ -289,15 +353,34 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
         raise ExtractError("--latency-ms and --size-mb are budgets on a target.", "add --target NAME.")
     if latency_ms is not None and size_mb is not None:
         raise ExtractError("Search for one budget at a time.", "pass either --latency-ms or --size-mb.")
+    if max_drop is not None and not max_drop >= 0:
+        raise ExtractError(f"--max-drop {max_drop:g} is not a drop: it is the accuracy points the sub-model may "
+                           "lose.", "give 0 or more, e.g. --max-drop 1.5.")
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise ExtractError(f"--confidence {confidence:g} is outside [0.5, 1).", "give e.g. 0.95 for 95%.")
     output_folder(out, "Output checkpoint")
     folder, run_summary = resolve_source(source)
-    model, source_provenance = load_any(folder, trust_pickle=trust_pickle)
-    recipe = run_summary.get("recipe", {})
     data = data or run_summary.get("data")
+    if max_drop is not None and not data:
+        raise ExtractError(f"--max-drop is checked on the test split, and there is no data for {folder}.",
+                           "pass --data, or extract from a run folder (its recipe names the data).")
+    profile = get_profile(target) if target is not None else None
+    budget = max_drop if max_drop is not None else profile.budgets.accuracy_drop if profile else None
+    if confidence is None:
+        confidence = profile.budgets.confidence if profile else DEFAULT_CONFIDENCE
+    model, source_provenance = load_any(folder, trust_pickle=trust_pickle)
+    if max_drop is not None and not model.task.has_labels:
+        raise ExtractError(f"The model in {folder} is a {model.task.name} model: it has no accuracy to drop.",
+                           "leave out --max-drop: its test-split cosine with the reference is reported instead.")
+    recipe = run_summary.get("recipe", {})
     max_len = recipe.get("max_len", 128)
     seed = recipe.get("seed", 0)
-    validation = load_dataset(data, "validation", seed).for_model(
-        model.spec.modality, model.spec.head.labels, f"The model in {folder}") if data else None
+
+    def split(name: str) -> Dataset:
+        return load_dataset(data, name, seed).for_model(model.spec.modality, model.spec.head.labels,
+                                                        f"The model in {folder}")
+
+    validation = split("validation") if data else None
     encoder = Encoder(folder, max_len) if data else None
     provenance: dict[str, Any] = {
         "role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),
@@ -310,9 +393,7 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
                  "neurons by position, not the best ones")
         provenance["widths_spec"] = widths
     else:
-        from .targets import get_profile
-
-        result = search(model, get_profile(target), latency_ms=latency_ms, size_mb=size_mb, validation=validation,
+        result = search(model, profile, latency_ms=latency_ms, size_mb=size_mb, validation=validation,
                         encoder=encoder, precision=precision)
         provenance["search"] = result
         if result["widths"] is None:
@@ -328,5 +409,18 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
     if validation is not None:
         score_name, score = quality_scorer(model, validation, encoder)
         provenance[score_name] = score(chosen)
+        # What `pocketformer validate` budgets against: the run's uncompressed model, else the source itself.
+        reference_dir = Path(source) / "baseline"
+        if run_summary and reference_dir.is_dir():
+            reference, name = load_any(reference_dir, trust_pickle=trust_pickle)[0], "baseline"
+        else:
+            reference, reference_dir, name = model, folder, "source at full width"
+        provenance["confirmation"] = {
+            "reference": name, "reference_path": str(reference_dir.resolve()),
+            **confirm(sub, reference, split("test"), encoder, budget=budget, confidence=confidence,
+                      search_split=validation.head(SEARCH_EXAMPLES) if widths is None else None)}
+    else:
+        provenance["confirmation"] = {"skipped": "no data (pass --data, or extract from a run folder)"}
+    info(confirmation_line(provenance["confirmation"]))
     save(sub, out, provenance, tokenizer_dir=folder)
     return provenance

@@ -443,6 +443,9 @@ OPTIONS = cases("option value", [
                                               ["nonsense-format", "onnx"])),
     ("validate --limit -1", lambda k: (["validate", k.run(), "--limit", "-1"], ["--limit"])),
     ("inspect --seq-len 0", lambda k: (["inspect", k.ckpt(), "--seq-len", "0"], ["--seq-len"])),
+    ("extract --max-drop -1", lambda k: (_extract(k, "-w", "0.5", "--max-drop", "-1"), ["--max-drop", "0 or more"])),
+    ("extract --confidence 1", lambda k: (_extract(k, "-w", "0.5", "--confidence", "1"), ["--confidence", "[0.5, 1)"])),
+    ("extract --max-drop without data", lambda k: (_extract(k, "-w", "0.5", "--max-drop", "1"), ["--max-drop", "--data"])),
 ])
 
 ALL = (MISSING + UNREADABLE + EMPTY + FILE_OR_FOLDER + CORRUPT + PICKLES + CONFIG_LIES + ARCHITECTURE + RECIPES

@@ -1,14 +1,20 @@
-"""Sub-model extraction: prefix weights exactly, width specs and their errors, the bounded Mix'n'Match search, and
-`pocketformer extract` on a nested run folder (given widths, and a search measured in ONNX Runtime)."""
+"""Sub-model extraction: prefix weights exactly, width specs and their errors, the bounded Mix'n'Match search,
+`pocketformer extract` on a nested run folder (given widths, and a search measured in ONNX Runtime), and the chosen
+sub-model's confirmation on the test split (paired drop against the baseline, its interval, a verdict)."""
 
 import pytest
 import torch
 
 from pocketformer import pipeline
-from pocketformer.extract import ExtractError, choose_widths, extract, nested_choices, parse_widths
+from pocketformer.data import Encoder, load_dataset
+from pocketformer.extract import (SEARCH_EXAMPLES, ExtractError, choose_widths, confirm, extract, nested_choices,
+                                  parse_widths, run_extract)
 from pocketformer.models import load, save
 from pocketformer.models.io import weights_sha256
 from pocketformer.recipe import parse_recipe
+from pocketformer.store import read_compress
+from pocketformer.train import predict
+from pocketformer.verdict import paired_drop, verdict_of
 
 DIGITS = [str(i) for i in range(10)]
 WIDTHS = [128, 128]  # the tiny models' FFN widths
@@ -166,3 +172,80 @@ def test_cli_wrong_number_of_widths_is_one_line(run_cli, nested_run, tmp_path):
 
 def test_cli_needs_widths_or_a_target(run_cli, nested_run, tmp_path):
     assert_one_line_error(run_cli("extract", nested_run, "-o", tmp_path / "out"), "--widths", "--target")
+
+
+# -- confirmation on the test split ---------------------------------------------------------------------------------
+
+def splits_of(run, model):
+    seed = read_compress(run)["recipe"]["seed"]
+    return [load_dataset("digits", name, seed).for_model("vision", model.spec.head.labels, "the model")
+            for name in ("validation", "test")]
+
+
+def recomputed(sub, reference, ds, confidence):
+    enc = Encoder(None)
+    ref_out, out = predict(reference, ds, enc).numpy(), predict(sub, ds, enc).numpy()
+    return paired_drop(sub.task.correct(ref_out, ds.labels), sub.task.correct(out, ds.labels), confidence)
+
+
+def test_cli_search_is_confirmed_on_the_test_split_against_the_baseline(run_cli, nested_run, tmp_path, make_profile):
+    profile = make_profile(budgets={"latency_ms": 10000, "accuracy_drop": 5, "confidence": 0.9})
+    proc = run_cli("extract", nested_run, "-o", tmp_path / "fit", "--target", profile)
+    assert proc.returncode == 0, proc.stderr
+    c = load(tmp_path / "fit")[1]["provenance"]["confirmation"]
+    sub, baseline = load(tmp_path / "fit")[0], load(nested_run / "baseline")[0]
+    validation, test = splits_of(nested_run, baseline)
+    assert c["reference"] == "baseline" and c["reference_path"] == str((nested_run / "baseline").resolve())
+    assert (c["split"], c["examples"], c["budget"], c["confidence"]) == ("test", len(test), 5, 0.9)
+    held_out = recomputed(sub, baseline, test, 0.9)
+    assert (c["drop"], c["interval"], c["lost"], c["gained"]) == (held_out.drop, list(held_out.interval),
+                                                                  held_out.lost, held_out.gained)
+    assert c["verdict"] == verdict_of(*c["interval"], 5)
+    # The search scored on validation examples; the confirmation's examples are none of them.
+    searched = validation.head(SEARCH_EXAMPLES)
+    s = c["search_split"]
+    assert (s["split"], s["examples"], s["drop"]) == ("validation", len(searched),
+                                                      recomputed(sub, baseline, searched, 0.9).drop)
+    assert not {x.tobytes() for x in searched.images} & {x.tobytes() for x in test.images}
+    assert f"confirmed on {len(test)} test examples against the baseline" in proc.stderr
+    assert f"-> {c['verdict']}" in proc.stderr and f"on the {len(searched)} validation examples" in proc.stderr
+
+
+def test_confirmation_verdict_follows_its_interval_and_the_budget(nested_run):
+    model, baseline = load(nested_run / "model")[0], load(nested_run / "baseline")[0]
+    validation, test = splits_of(nested_run, baseline)
+    sub = extract(model, [32, 32])
+    unbudgeted = confirm(sub, baseline, test, Encoder(None), confidence=0.95)
+    low, high = unbudgeted["interval"]
+    assert unbudgeted["verdict"] is None and unbudgeted["budget"] is None and unbudgeted["search_split"] is None
+    for budget, verdict in ((high + 1, "PASS"), (low - 1, "FAIL"), ((low + high) / 2, "INCONCLUSIVE")):
+        c = confirm(sub, baseline, test, Encoder(None), budget=budget, confidence=0.95)
+        assert (c["verdict"], c["interval"]) == (verdict, [low, high])
+    assert c["examples_needed"] and "cannot tell" in c["reason"]
+
+
+def test_given_widths_take_the_budget_and_confidence_given(nested_run, tmp_path):
+    c = run_extract(nested_run, tmp_path / "sub", widths="0.25", max_drop=2.0, confidence=0.8)["confirmation"]
+    assert (c["budget"], c["confidence"], c["search_split"]) == (2.0, 0.8, None)
+    assert c["verdict"] == verdict_of(*c["interval"], 2.0)
+
+
+def test_an_embedding_model_is_confirmed_by_cosine_with_the_source(make_model, tmp_path):
+    model = make_model("vision")
+    model.spec.nested_ffn = [1.0, 0.5]
+    save(model, tmp_path / "ckpt")
+    c = run_extract(tmp_path / "ckpt", tmp_path / "sub", widths="0.5", data="digits")["confirmation"]
+    test = load_dataset("digits", "test", 0)
+    sub, source = load(tmp_path / "sub")[0], load(tmp_path / "ckpt")[0]
+    enc = Encoder(None)
+    cosine = source.task.agreement(predict(sub, test, enc).numpy(), predict(source, test, enc).numpy())
+    assert c["reference"] == "source at full width" and c["examples"] == len(test)
+    assert c["cosine"] == pytest.approx(cosine) and c["verdict"] is None and "drop" not in c
+    with pytest.raises(ExtractError, match="no accuracy"):
+        run_extract(tmp_path / "ckpt", tmp_path / "sub2", widths="0.5", data="digits", max_drop=1.0)
+
+
+def test_without_data_the_provenance_says_nothing_was_confirmed(make_model, tmp_path):
+    save(make_model("vision", labels=DIGITS), tmp_path / "ckpt")
+    provenance = run_extract(tmp_path / "ckpt", tmp_path / "sub", widths="0.5")
+    assert "no data" in provenance["confirmation"]["skipped"]
