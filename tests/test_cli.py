@@ -84,7 +84,11 @@ def test_validate_writes_a_report_with_a_row_per_artifact(cli_run):
     report = json.loads((out / "report.json").read_text())
     assert sorted(r["variant"] for r in report["validation"]) == ["baseline.fp32", "model.fp32"]
     assert all(r["examples"] == 40 for r in report["validation"])
-    assert procs["validate"].stdout.startswith("2/2 artifacts within")
+    verdicts = [r["verdict"] for r in report["validation"]]
+    counts = "; ".join(f"{v} {verdicts.count(v)}" for v in ("PASS", "INCONCLUSIVE", "FAIL"))
+    line = procs["validate"].stdout
+    assert line.startswith(f"{report['validation'][0]['target']}'s budgets at 95% confidence: {counts.split(';')[0]}")
+    assert all(f"{v} {verdicts.count(v)}" in line for v in ("PASS", "INCONCLUSIVE", "FAIL"))
 
 
 def test_inspect_of_a_run_folder_shows_baseline_and_model(cli_run):
