@@ -472,16 +472,17 @@ def main() -> None:
             "wall_s": env["wall_s"], "date": time.strftime("%Y-%m-%d"), "cpu": store.cpu()}]}
         for r in rows:
             r.pop("updated", None)
+    if not args.limit:  # the measurements first: a table that fails to draw must not lose them
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "minilm_sentiment.json").write_text(json.dumps(rows, indent=2))
+        (RESULTS / "minilm_sentiment.env.json").write_text(json.dumps(env, indent=2))
+        if storage:
+            (RESULTS / "dense_sparse_storage.json").write_text(json.dumps(storage, indent=2))
     markdown = write_markdown(rows, env, args, storage)
     print(markdown)
     if args.limit:
         print(f"(smoke run on {args.limit} examples: nothing written)")
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "minilm_sentiment.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / "minilm_sentiment.env.json").write_text(json.dumps(env, indent=2))
-    if storage:
-        (RESULTS / "dense_sparse_storage.json").write_text(json.dumps(storage, indent=2))
     (Path(__file__).parent / "RESULTS.md").write_text(markdown)
     plot(rows)
 
@@ -534,14 +535,22 @@ def exit_calibration_table(exits: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def cpu_text(env: dict) -> str:
+    """The CPU and its SIMD features, as recorded; runs recorded before features were an AVX2 host, unlisted."""
+    cpu = env.get("cpu")
+    if not cpu:
+        return f"{env.get('processor') or 'x86-64'}, an AVX2 host; its CPU features were not recorded"
+    return f"{cpu['model']}; {', '.join(cpu['features']) or 'no listed SIMD features'}"
+
+
 def write_markdown(rows, env, args, storage=()) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
     lines = ["# Benchmark results", "",
              "## MiniLM sentiment (Rotten Tomatoes, all-MiniLM-L6-v2 fine-tuned by examples/minilm-sentiment)", "",
-             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']} ({env['cpu']['model']}; "
-             f"{', '.join(env['cpu']['features']) or 'no listed SIMD features'}), 2 cores; ONNX Runtime "
+             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']} ({cpu_text(env)}), "
+             f"2 cores; ONNX Runtime "
              f"{env['onnxruntime']}, {env['threads']} intra-op threads; latency = median (p50) and p90 of "
              f"{env['repeats']} runs after {env['warmup']} warm-up runs, {env['shape']}, each artifact in a fresh "
              f"process; accuracy on the full test split ({env['test_examples']} examples). Ratios are against "
