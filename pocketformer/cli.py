@@ -144,10 +144,11 @@ def targets():
         b = p.budgets
         budgets = ", ".join(x for x in (f"p50 <= {b.latency_ms:g} ms" if b.latency_ms else "",
                                         f"size <= {b.size_mb:g} MB" if b.size_mb else "",
-                                        f"drop <= {b.accuracy_drop:g} pts" if b.accuracy_drop is not None else "")
+                                        f"drop <= {b.accuracy_drop:g} pts" if b.accuracy_drop is not None else "",
+                                        f"cosine >= {b.min_cosine:g}" if b.min_cosine is not None else "")
                             if x)
         _echo(f"{p.name:15} {p.format:7} {p.runtime:21} {p.threads} threads, {p.batch}x{p.seq_len}, "
-              f"{'/'.join(p.precisions)}; budgets: {budgets}\n{'':16}{p.description}")
+              f"{'/'.join(p.precisions)}; budgets: {budgets} at {b.confidence:.0%}\n{'':16}{p.description}")
 
 
 @app.command()

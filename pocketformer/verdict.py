@@ -190,9 +190,12 @@ class Check:
 def check_line(name: str, check: dict[str, Any]) -> str:
     """One budget's verdict as a line, from its JSON (Check.to_json, as report.json keeps it):
     `accuracy_drop +0.35 pts (95% interval -0.20..+0.90) vs budget 1.5: PASS`."""
+    spec = {"pts": "+.2f", "cosine": ".4f"}.get(check["unit"], ".2f")
     spread = "" if check["confidence"] is None else \
-        f" ({check['confidence']:.0%} interval {check['low']:+.2f}..{check['high']:+.2f})"
-    text = f"{name} {check['value']:+.2f} {check['unit']}{spread} vs budget {check['budget']:g}: {check['verdict']}"
+        f" ({check['confidence']:.0%} interval {check['low']:{spec}}..{check['high']:{spec}})"
+    bound = "at least" if check["unit"] == "cosine" else "budget"
+    text = (f"{name} {check['value']:{spec}} {check['unit']}{spread} vs {bound} {check['budget']:g}: "
+            f"{check['verdict']}")
     if check["verdict"] == "INCONCLUSIVE" and check["detail"].get("reason"):
         text += f" ({check['detail']['reason']})"
     return text
@@ -239,6 +242,28 @@ def latency_check(p50: float, interval: tuple[float, float], runs: Optional[int]
         detail["reason"] = f"the p50's interval over {runs} runs straddles the budget; repeat more runs"
     return Check(budget=budget, value=p50, low=low, high=high, verdict=verdict, confidence=confidence,
                  method="p50 of repeated runs; order-statistic interval of the median", unit="ms", detail=detail)
+
+
+def mean_floor_check(values: np.ndarray, floor: float, confidence: float = DEFAULT_CONFIDENCE) -> Check:
+    """Is the mean of per-example `values` (an embedding model's cosine with the reference) at least `floor`? The
+    mean's t-interval at `confidence`: PASS when its lower end is at or over the floor, FAIL when its upper end is
+    under it, else INCONCLUSIVE with about how many examples at the same spread would settle it."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=np.float64)
+    n, mean = len(x), float(x.mean())
+    sd = float(x.std(ddof=1)) if n > 1 else math.inf
+    half = float(t.ppf(0.5 + confidence / 2, max(n - 1, 1))) * sd / math.sqrt(n) if n > 1 else math.inf
+    low, high = mean - half, mean + half
+    verdict: Verdict = "PASS" if low >= floor else "FAIL" if high < floor else "INCONCLUSIVE"
+    detail: dict[str, Any] = {"examples": n, "sd": sd}
+    if verdict == "INCONCLUSIVE":
+        need = math.ceil((z_of(confidence) * sd / abs(mean - floor)) ** 2) if mean != floor and n > 1 else None
+        detail.update(examples_needed=need, reason=f"{n} examples cannot tell" + (f"; need about {need:,}" if need
+                                                                                   else ""))
+    return Check(budget=floor, value=mean, low=low, high=high, verdict=verdict, confidence=confidence,
+                 method="mean of per-example cosines with the reference; t-interval; a floor", unit="cosine",
+                 detail=detail)
 
 
 def size_check(size_mb: float, budget: float) -> Check:

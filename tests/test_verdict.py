@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from pocketformer.verdict import (_score, accuracy_check, drop_interval, examples_needed, latency_check,
-                                  median_interval, overall, paired_drop, size_check, verdict_of)
+                                  mean_floor_check, median_interval, overall, paired_drop, size_check, verdict_of)
 
 
 def constrained_rate(lost, gained, n, delta):
@@ -109,3 +109,16 @@ def test_a_check_reads_as_one_line_with_its_interval():
     line = accuracy_check(paired_drop(ref, ref), 1.5).line("accuracy_drop")
     assert line.startswith("accuracy_drop +0.00 pts (95% interval -24.25..+24.25) vs budget 1.5: INCONCLUSIVE")
     assert "12 examples cannot tell; need about" in line
+
+
+def test_a_cosine_floor_is_judged_by_the_means_interval():
+    rng = np.random.default_rng(0)
+    assert mean_floor_check(rng.normal(0.97, 0.02, 400), 0.95).verdict == "PASS"
+    assert mean_floor_check(rng.normal(0.82, 0.10, 400), 0.95).verdict == "FAIL"
+    close = mean_floor_check(rng.normal(0.951, 0.03, 40), 0.95)
+    assert close.low < 0.95 <= close.high and close.verdict == "INCONCLUSIVE"
+    assert close.detail["examples_needed"] > 40 and "40 examples cannot tell" in close.detail["reason"]
+    # coverage of the mean's interval
+    samples = rng.normal(0.9, 0.05, size=(2000, 30))
+    covered = np.mean([(c := mean_floor_check(s, 0.5)).low <= 0.9 <= c.high for s in samples])
+    assert covered >= 0.93

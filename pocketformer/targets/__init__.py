@@ -20,6 +20,8 @@ class Budgets(BaseModel):
     latency_ms: Optional[float] = Field(None, gt=0)
     size_mb: Optional[float] = Field(None, gt=0)
     accuracy_drop: Optional[float] = Field(None, ge=0)
+    # Embedding models (no labels): the mean cosine of each file's embeddings with the uncompressed model's.
+    min_cosine: Optional[float] = Field(None, gt=-1, le=1)
     # Each verdict is PASS only when the whole interval of the measured value at this confidence is within budget
     # (pocketformer.verdict): 0.95 = a PASS that is wrong at most 2.5% of the time.
     confidence: float = Field(0.95, ge=0.5, lt=1)

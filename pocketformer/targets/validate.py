@@ -21,7 +21,8 @@ from ..export.base import artifact_size
 from ..models.canonical import CanonicalTransformer
 from ..models.tasks import cosine_rows
 from ..progress import progress_bar
-from ..verdict import PairedDrop, accuracy_check, latency_check, median_interval, overall, paired_drop, size_check
+from ..verdict import (PairedDrop, accuracy_check, latency_check, mean_floor_check, median_interval, overall,
+                       paired_drop, size_check)
 from . import Profile, runtime_of
 
 
@@ -83,9 +84,11 @@ def accuracy_drop(task, out: np.ndarray, reference_out: np.ndarray, labels: np.n
             "discordant": {"lost": drop.lost, "gained": drop.gained}}, drop
 
 
-def judge(profile: Profile, row: dict[str, Any], drop: Optional[PairedDrop]) -> None:
+def judge(profile: Profile, row: dict[str, Any], drop: Optional[PairedDrop],
+          cosines: Optional[np.ndarray] = None) -> None:
     """Each of the profile's budgets as a verdict at its confidence (row["budgets"]), and the row's verdict: FAIL if
-    any fails, INCONCLUSIVE if any cannot tell, else PASS (row["pass"] is PASS alone)."""
+    any fails, INCONCLUSIVE if any cannot tell, else PASS (row["pass"] is PASS alone). `drop`: a labelled model's
+    paired accuracy drop; `cosines`: an embedding model's per-example cosine with the uncompressed model."""
     b = profile.budgets
     checks = {}
     if b.latency_ms is not None and row.get("latency_p50_ms") is not None:
@@ -96,6 +99,8 @@ def judge(profile: Profile, row: dict[str, Any], drop: Optional[PairedDrop]) -> 
         checks["size_mb"] = size_check(row["size_mb"], b.size_mb).to_json()
     if b.accuracy_drop is not None and drop is not None:
         checks["accuracy_drop"] = accuracy_check(drop, b.accuracy_drop).to_json()
+    if b.min_cosine is not None and cosines is not None:
+        checks["min_cosine"] = mean_floor_check(cosines, b.min_cosine, b.confidence).to_json()
     row["budgets"] = checks
     row["confidence"] = b.confidence
     row["verdict"] = overall(checks)
@@ -120,7 +125,8 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         row.update(figures)
     # the task's agreement with the uncompressed model: same labels (classifier), or mean cosine (embedding)
     row["agreement_with_reference"] = 100.0 * task.agreement(out, reference_out)
-    row["output_cosine_with_reference"] = float(cosine_rows(reference_out, out).mean())
+    cosines = cosine_rows(reference_out, out)
+    row["output_cosine_with_reference"] = float(cosines.mean())
     if rt.measures_latency:
         row.update(measure_latency(path, profile, latency_feeds(reference.input_names, ds, enc, profile)))
         row["latency_measured_on"] = "target" if profile.this_host else \
@@ -129,5 +135,5 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         row.update({"latency_p50_ms": None, "latency_p90_ms": None, "peak_rss_mb": None,
                     "latency_measured_on": None})
     row["execution"] = rt.execution()
-    judge(profile, row, drop)
+    judge(profile, row, drop, None if task.has_labels else cosines)
     return row

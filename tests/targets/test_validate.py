@@ -151,3 +151,22 @@ def test_static_batch_artifact_predicts_every_example(tmp_path, vision_artifact,
     dynamic_out = predict_artifact(dynamic_path, profile, ds, Encoder(None))
     assert static_out.shape == (10, 10)
     assert np.abs(static_out - dynamic_out).max() < 1e-4
+
+
+def test_an_embedding_models_cosine_floor_is_a_verdict_on_its_mean(tmp_path, make_model, make_vision_inputs,
+                                                                    make_profile, test_digits):
+    """No labels, so no accuracy drop: the floor on the mean cosine with the uncompressed model's embeddings, by
+    the mean's interval. The file against its own model's embeddings passes; against another model's it fails."""
+    model = make_model("vision")
+    assert not model.task.has_labels
+    (record,) = export_onnx(model, tmp_path, "emb", make_vision_inputs(batch=4), int8=False)
+    profile = get_profile(str(make_profile("emb", budgets={"min_cosine": 0.95, "accuracy_drop": 1.5})))
+    own = predict(model, test_digits, Encoder(None)).numpy()
+    other = predict(make_model("vision", seed=1), test_digits, Encoder(None)).numpy()
+    rows = [validate_artifact(tmp_path / record["file"], record, profile, test_digits, Encoder(None), model, ref)
+            for ref in (own, other)]
+    assert [set(r["budgets"]) for r in rows] == [{"min_cosine"}] * 2  # the accuracy budget does not apply
+    same, unrelated = (r["budgets"]["min_cosine"] for r in rows)
+    assert same["verdict"] == "PASS" and same["low"] >= 0.95 and same["value"] > 0.9999
+    assert unrelated["verdict"] == "FAIL" and unrelated["high"] < 0.95
+    assert unrelated["value"] == pytest.approx(rows[1]["output_cosine_with_reference"])
