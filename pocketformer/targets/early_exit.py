@@ -328,6 +328,9 @@ def summary_line(row: dict[str, Any]) -> str:
         source = (f"calibrated on {cal['examples']} {cal['split']} examples to lose <= {cal['accuracy_drop_budget']:g} "
                   f"pts against {cal['against']} at {cal['confidence']:.0%}: there {cal['drop']:+.2f} "
                   f"({low:+.2f}..{high:+.2f})")
+        if cal["early_exit_fraction"] == 0:
+            source += ("; no early exit is certified within the budget on these examples, so none is taken: the "
+                       "plain file is the faster one to ship")
     line = (f"    early exit ({gate}, {source}): {row['mean_layers']:.2f} of {row['layers']} layers on average, "
             f"accuracy {row['accuracy']:.2f}% vs {row['full_depth_accuracy']:.2f}% at full depth")
     if row.get("latency_mean_ms") is not None:
