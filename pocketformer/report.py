@@ -76,20 +76,25 @@ def _drop(r: dict[str, Any]) -> str:
     if r.get("accuracy_drop") is None:
         return "-"
     interval = r.get("accuracy_drop_interval")
-    return f"{r['accuracy_drop']:+.2f}" + (f" ({interval[0]:+.2f}..{interval[1]:+.2f})" if interval else "")
+    confidence = f"{r['confidence']:.0%}: " if r.get("confidence") else ""
+    return f"{r['accuracy_drop']:+.2f}" + (f" ({confidence}{interval[0]:+.2f}..{interval[1]:+.2f})" if interval
+                                            else "")
+
+
+def _check_verdict(c: dict[str, Any]) -> str:
+    """A budget check's verdict; rows validated before verdicts existed hold only pass: true/false."""
+    return c.get("verdict") or ("PASS" if c.get("pass") else "FAIL")
 
 
 def _verdict(r: dict[str, Any]) -> str:
     """The row's verdict, and which budget decided it when it is not PASS."""
     verdict = r.get("verdict") or ("PASS" if r.get("pass") else "FAIL")
-    named = [k for k, c in r.get("budgets", {}).items() if c.get("verdict", "PASS") == verdict]
+    named = [k for k, c in r.get("budgets", {}).items() if _check_verdict(c) == verdict]
     return verdict if verdict == "PASS" else f"{verdict}: {', '.join(named)}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    confidence = next((r["confidence"] for r in rows if r.get("confidence")), None)
-    interval = f" ({confidence:.0%} interval)" if confidence else ""
-    lines = [f"| variant | target | runtime | threads | n | accuracy % | drop, pts{interval} | agreement % | p50 ms | "
+    lines = ["| variant | target | runtime | threads | n | accuracy % | drop, pts (interval) | agreement % | p50 ms | "
              "p90 ms | size MB | speedup | size ratio | peak RSS MB | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -138,7 +138,9 @@ def test_cli_extracts_given_widths_from_a_run_folder(run_cli, nested_run, tmp_pa
     provenance = meta["provenance"]
     assert provenance["widths"] == [64, 64] and provenance["source_nested_ffn"] == [1.0, 0.5, 0.25, 0.125]
     assert provenance["source_weights_sha256"] == weights_sha256(source)
-    assert "validation_accuracy" in provenance and "validation_accuracy" in proc.stdout  # the run's data
+    assert "validation_accuracy" in provenance  # the run's data
+    drop = provenance["confirmation"]["drop"]
+    assert f"test drop {drop:+.2f} pts" in proc.stdout  # the held-out figure leads, not the validation one
 
 
 def test_cli_search_measures_candidates_on_the_targets_runtime(run_cli, nested_run, tmp_path, fast_profile):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from pocketformer.verdict import (_score, accuracy_check, drop_interval, examples_needed, latency_check,
-                                  mean_floor_check, median_interval, overall, paired_drop, size_check, verdict_of)
+from pocketformer.verdict import (_score, accuracy_check, check_line, drop_interval, examples_needed,
+                                  latency_check, mean_floor_check, median_interval, overall, paired_drop, size_check,
+                                  unmeasured, verdict_of)
 
 
 def constrained_rate(lost, gained, n, delta):
@@ -91,7 +92,10 @@ def test_the_median_interval_covers_the_median_at_its_confidence():
     samples = rng.lognormal(3.0, 0.3, size=(2000, 30))  # true median e^3
     covered = np.mean([lo <= math.exp(3.0) <= hi for lo, hi in (median_interval(s) for s in samples)])
     assert covered >= 0.94
-    assert median_interval(np.arange(5.0)) == (0.0, 4.0)  # too few runs for 95%: the whole range
+    assert median_interval(np.arange(5.0)) is None  # 5 runs: even the whole range covers only 93.75%
+    assert median_interval(np.arange(6.0)) == (0.0, 5.0)  # 6 runs: the whole range covers 96.9%
+    check = latency_check(20.0, None, 5, 40.0)
+    assert check.verdict == "INCONCLUSIVE" and "5 runs are too few" in check.detail["reason"]
 
 
 def test_latency_and_size_verdicts_and_a_rows_verdict():
@@ -102,6 +106,18 @@ def test_latency_and_size_verdicts_and_a_rows_verdict():
     checks = {"a": {"verdict": "PASS"}, "b": {"verdict": "INCONCLUSIVE"}}
     assert overall(checks) == "INCONCLUSIVE"
     assert overall({**checks, "c": {"verdict": "FAIL"}}) == "FAIL" and overall({}) == "PASS"
+
+
+def test_non_finite_cosines_fail_and_one_example_gives_no_interval():
+    bad = mean_floor_check(np.array([0.99, np.nan, 0.98]), 0.95)
+    assert bad.verdict == "FAIL" and "1 outputs are not finite" in bad.detail["reason"]
+    one = mean_floor_check(np.array([0.99]), 0.95)
+    assert one.verdict == "INCONCLUSIVE" and (one.low, one.high) == (-1.0, 1.0)
+
+
+def test_an_unmeasured_budget_is_inconclusive_and_says_why():
+    line = check_line("latency_ms", unmeasured(40.0, "ms", "the runtime measures no latency here").to_json())
+    assert line == ("latency_ms not measured vs budget 40: INCONCLUSIVE (the runtime measures no latency here)")
 
 
 def test_a_check_reads_as_one_line_with_its_interval():

@@ -30,7 +30,7 @@ from ..models.tasks import cosine_rows
 from ..progress import info, progress_bar
 from ..space import searchable
 from ..train import predict
-from ..verdict import DEFAULT_CONFIDENCE, PairedDrop, accuracy_check, paired_drop
+from ..verdict import DEFAULT_CONFIDENCE, Confidence, PairedDrop, accuracy_check, paired_drop
 from .amounts import Removal, resolve, round_to_multiple
 from .base import Context, Effects, Stage, StageConfig, StageResult
 from .importance import (calibration_batches, layer_scores, magnitude_scores, mean_task_loss, neuron_magnitudes,
@@ -57,7 +57,7 @@ class PruneConfig(StageConfig):
         "accuracy mode: the most validation accuracy (points) the pruned model may lose against the model before "
         "the walk, at `confidence`: the walk's deletions are tested on the validation split in the order made, "
         "and undone from the first whose model does not PASS (none: the drop is only measured)"))
-    confidence: float = Field(DEFAULT_CONFIDENCE, ge=0.5, lt=1, description=(
+    confidence: Confidence = Field(DEFAULT_CONFIDENCE, description=(
         "accuracy mode: two-sided confidence of the validation drop's interval that `max_drop` is checked with"))
 
     @field_validator("max_drop")

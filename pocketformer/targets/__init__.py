@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import TargetError, first_error
 from ..registry import member_of
+from ..verdict import DEFAULT_CONFIDENCE, Confidence
 from .runtime import RUNTIMES, Runtime, discover, get_runtime
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -24,7 +25,7 @@ class Budgets(BaseModel):
     min_cosine: Optional[float] = Field(None, gt=-1, le=1)
     # Each verdict is PASS only when the whole interval of the measured value at this confidence is within budget
     # (pocketformer.verdict): 0.95 = a PASS that is wrong at most 2.5% of the time.
-    confidence: float = Field(0.95, ge=0.5, lt=1)
+    confidence: Confidence = DEFAULT_CONFIDENCE
 
 
 class Profile(BaseModel):

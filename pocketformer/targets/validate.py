@@ -22,7 +22,7 @@ from ..models.canonical import CanonicalTransformer
 from ..models.tasks import cosine_rows
 from ..progress import progress_bar
 from ..verdict import (PairedDrop, accuracy_check, latency_check, mean_floor_check, median_interval, overall,
-                       paired_drop, size_check)
+                       paired_drop, size_check, unmeasured)
 from . import Profile, runtime_of
 
 
@@ -71,7 +71,8 @@ def measure_latency(path: Path, profile: Profile, feeds: dict[str, np.ndarray]) 
 
 def latency_interval(times_ms: np.ndarray, profile: Profile) -> dict[str, Any]:
     """The p50's interval over the repeated runs, at the profile's confidence: the run-to-run spread."""
-    return {"latency_p50_interval_ms": list(median_interval(times_ms, profile.budgets.confidence))}
+    interval = median_interval(times_ms, profile.budgets.confidence)
+    return {"latency_p50_interval_ms": None if interval is None else list(interval)}
 
 
 def accuracy_drop(task, out: np.ndarray, reference_out: np.ndarray, labels: np.ndarray,
@@ -84,23 +85,30 @@ def accuracy_drop(task, out: np.ndarray, reference_out: np.ndarray, labels: np.n
             "discordant": {"lost": drop.lost, "gained": drop.gained}}, drop
 
 
-def judge(profile: Profile, row: dict[str, Any], drop: Optional[PairedDrop],
+def judge(profile: Profile, row: dict[str, Any], task, drop: Optional[PairedDrop],
           cosines: Optional[np.ndarray] = None) -> None:
-    """Each of the profile's budgets as a verdict at its confidence (row["budgets"]), and the row's verdict: FAIL if
-    any fails, INCONCLUSIVE if any cannot tell, else PASS (row["pass"] is PASS alone). `drop`: a labelled model's
-    paired accuracy drop; `cosines`: an embedding model's per-example cosine with the uncompressed model."""
+    """Each of the profile's budgets that applies to `task` as a verdict at its confidence (row["budgets"]), and the
+    row's verdict: FAIL if any fails, INCONCLUSIVE if any cannot tell, else PASS (row["pass"] is PASS alone).
+    `drop`: a labelled model's paired accuracy drop; `cosines`: an embedding model's per-example cosine with the
+    uncompressed model. A budget that applies but was not measured is INCONCLUSIVE, never silently skipped."""
     b = profile.budgets
     checks = {}
-    if b.latency_ms is not None and row.get("latency_p50_ms") is not None:
-        interval = row.get("latency_p50_interval_ms") or [row["latency_p50_ms"]] * 2
-        checks["latency_ms"] = latency_check(row["latency_p50_ms"], tuple(interval), row.get("latency_runs"),
-                                             b.latency_ms, b.confidence).to_json()
+    if b.latency_ms is not None:
+        if row.get("latency_p50_ms") is None:
+            checks["latency_ms"] = unmeasured(b.latency_ms, "ms", f"{row['runtime']} measures no latency here: "
+                                                                  "validate on a host that runs it").to_json()
+        else:
+            interval = row.get("latency_p50_interval_ms")
+            checks["latency_ms"] = latency_check(row["latency_p50_ms"], None if interval is None else tuple(interval),
+                                                 row.get("latency_runs"), b.latency_ms, b.confidence).to_json()
     if b.size_mb is not None:
         checks["size_mb"] = size_check(row["size_mb"], b.size_mb).to_json()
-    if b.accuracy_drop is not None and drop is not None:
-        checks["accuracy_drop"] = accuracy_check(drop, b.accuracy_drop).to_json()
-    if b.min_cosine is not None and cosines is not None:
-        checks["min_cosine"] = mean_floor_check(cosines, b.min_cosine, b.confidence).to_json()
+    if b.accuracy_drop is not None and task.has_labels:
+        checks["accuracy_drop"] = (accuracy_check(drop, b.accuracy_drop) if drop is not None else unmeasured(
+            b.accuracy_drop, "pts", "no labels in the data, or no reference outputs, to measure it on")).to_json()
+    if b.min_cosine is not None and not task.has_labels:
+        checks["min_cosine"] = (mean_floor_check(cosines, b.min_cosine, b.confidence) if cosines is not None else
+                                unmeasured(b.min_cosine, "cosine", "no reference outputs")).to_json()
     row["budgets"] = checks
     row["confidence"] = b.confidence
     row["verdict"] = overall(checks)
@@ -135,5 +143,5 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         row.update({"latency_p50_ms": None, "latency_p90_ms": None, "peak_rss_mb": None,
                     "latency_measured_on": None})
     row["execution"] = rt.execution()
-    judge(profile, row, drop, None if task.has_labels else cosines)
+    judge(profile, row, task, drop, None if task.has_labels else cosines)
     return row

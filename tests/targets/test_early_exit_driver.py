@@ -175,6 +175,25 @@ def test_patience_calibration_picks_the_smallest_patience_within_the_budget():
     assert calibrate(heads, labels, "patience", 15.0)[0].patience == 2
 
 
+def test_a_full_depth_model_not_certified_leaves_the_exits_the_remainder_against_full_depth():
+    """The final head is wrong on 30 of 200 examples the reference gets right: 15 points, whose 95% upper bound
+    (20.6) is over a 20-point budget, so no gate is certified against the reference. The exits get what the
+    full-depth model leaves (5 points), certified against full depth, and the whole story is recorded."""
+    heads, labels = synthetic_heads()
+    heads[:30, -1] = np.eye(3)[(labels[:30] + 1) % 3] * 10
+    reference_correct = np.ones(len(labels), bool)
+    gate, info = calibrate(heads, labels, "entropy", 20.0, reference_correct=reference_correct)
+    assert info["mode"] == "remainder" and info["against"] == "full depth"
+    assert info["full_depth_drop"] == pytest.approx(15.0) and info["full_depth_drop_interval"][1] > 20.0
+    assert info["budget_for_exits"] == pytest.approx(5.0)
+    assert info["drop_interval"][1] <= 5.0 or info["early_exit_fraction"] == 0.0
+    exits = exit_indices(gate, heads)
+    gated_ok = heads[np.arange(len(exits)), exits].argmax(-1) == labels
+    assert info["drop_vs_reference"] == pytest.approx(100 * (1 - gated_ok.mean()))
+    certified, info = calibrate(heads[30:], labels[30:], "entropy", 20.0, reference_correct=reference_correct[30:])
+    assert info["mode"] == "total" and info["against"] == "the uncompressed model"
+
+
 def population(rng, n):
     """Two exit heads and a final head (right 88% of the time) on a binary task: an exit head is more often right
     the more confident it is, so the drop against the final head grows with the entropy threshold."""
@@ -227,7 +246,7 @@ def row(vision, digits, tmp_path_factory):
     reference_out = predict_with_exits(model, (torch.from_numpy(digits["test"].images),),
                                        Gate(kind="entropy", threshold=0.0)).logits
     return validate_segments(path, record, profile, digits["test"], Encoder(None), model=model,
-                             calibration=digits["validation"], reference_out=reference_out, min_calibration=10)
+                             calibration=digits["validation"], reference_out=reference_out)
 
 
 def test_row_reports_accuracy_against_full_depth_and_the_reference(row):
@@ -267,13 +286,14 @@ def test_the_test_split_drop_is_judged_with_its_interval(row):
     assert row["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and row["pass"] == (row["verdict"] == "PASS")
 
 
-def test_too_few_calibration_examples_keep_the_exported_gate_and_say_why(vision, digits, make_profile):
+def test_too_few_calibration_examples_certify_no_exit(vision, digits, make_profile):
+    """8 validation examples cannot bound a drop within 2 points: the gate never exits, and the line says so."""
     model, path, record = vision
     profile = get_profile(str(make_profile("ee-few", budgets={"accuracy_drop": 2.0})))
     row = validate_segments(path, record, profile, digits["test"].head(4), Encoder(None), model=model,
                             calibration=digits["validation"].head(8))
-    assert row["gate"] == row["gate_default"]
-    assert row["calibration"]["examples"] == 8 and "fewer than 100" in row["calibration"]["skipped"]
+    assert row["calibration"]["examples"] == 8 and row["calibration"]["early_exit_fraction"] == 0.0
+    assert row["mean_layers"] == row["layers"]
 
 
 def test_litert_segments_validate_with_the_same_exits_as_pytorch(make_model, make_vision_inputs, digits, tmp_path,
