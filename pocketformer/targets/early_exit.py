@@ -197,20 +197,24 @@ def calibrate(head_logits: np.ndarray, labels: np.ndarray, kind: str, accuracy_d
     tried, entropies = 0, entropy(head_logits)
     for gate in candidates:
         exits = exit_indices(gate, head_logits, entropies)
+        tried += 1
+        if ref is final_correct and (exits == n_heads - 1).all():
+            continue  # no example exits early: the full-depth model itself, a drop of exactly 0, nothing to test
         correct = head_logits[np.arange(len(exits)), exits].argmax(-1) == labels
         drop = paired_drop(ref, correct, confidence)
-        tried += 1
         if (drop.upper if rule == "bound" else drop.drop) <= budget:
             chosen, chosen_drop, chosen_correct, chosen_exits = gate, drop, correct, exits
         elif rule == "bound":
             break  # the fixed sequence stops at its first failure
-    if chosen_drop is None:  # not even the gate that never exits early is within the budget
+    if chosen_drop is None:  # no gate that exits early is within the budget
         chosen_drop = paired_drop(ref, final_correct, confidence)
+    exact = ref is final_correct and (chosen_exits == n_heads - 1).all()  # full depth against itself
+    drop_record = {"drop": 0.0, "drop_interval": [0.0, 0.0]} if exact else \
+        {"drop": chosen_drop.drop, "drop_interval": list(chosen_drop.interval)}
     record = {"examples": int(len(labels)), "accuracy_drop_budget": accuracy_drop, "rule": rule,
               "confidence": confidence if rule == "bound" else None, "against": against, "mode": mode,
               "budget_for_exits": budget, "full_depth_accuracy": float(final_correct.mean() * 100),
-              "gate_accuracy": float(chosen_correct.mean() * 100),
-              "drop": chosen_drop.drop, "drop_interval": list(chosen_drop.interval),
+              "gate_accuracy": float(chosen_correct.mean() * 100), **drop_record,
               "early_exit_fraction": float((chosen_exits < n_heads - 1).mean()),
               "candidates": len(candidates), "candidates_tested": tried}
     if reference_correct is not None:  # the split's whole story against the reference, whatever was calibrated
