@@ -261,17 +261,19 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     enc = Encoder(out_dir / "baseline", recipe["max_len"])
     info(f"validate on {profile.name}: {profile.description} ({len(ds)} test examples)")
     ref_out = predict(reference, ds, enc).numpy()
+    exits = None  # what every segments file is calibrated with, loaded once on the first of them
     rows = []
     for r in records:
         if r.get("kind") == "segments":  # early exit: the driver runs them, gate calibrated on the validation split
             from .targets.early_exit import MIN_CALIBRATION_EXAMPLES, validate_segments
 
-            calibration = split("validation")
-            if limit:
-                calibration = calibration.head(max(limit, MIN_CALIBRATION_EXAMPLES))
-            row = validate_segments(art_dir / r["file"], r, profile, ds, enc, model=load(out_dir / "model")[0],
-                                    calibration=calibration, reference_out=ref_out,
-                                    calibration_reference_out=predict(reference, calibration, enc).numpy())
+            if exits is None:
+                calibration = split("validation")
+                if limit:
+                    calibration = calibration.head(max(limit, MIN_CALIBRATION_EXAMPLES))
+                exits = {"model": load(out_dir / "model")[0], "calibration": calibration,
+                         "calibration_reference_out": predict(reference, calibration, enc).numpy()}
+            row = validate_segments(art_dir / r["file"], r, profile, ds, enc, reference_out=ref_out, **exits)
         else:
             row = validate_artifact(art_dir / r["file"], r, profile, ds, enc, reference, ref_out)
         row["data"] = ds.name

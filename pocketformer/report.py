@@ -82,13 +82,13 @@ def _drop(r: dict[str, Any]) -> str:
 
 
 def _check_verdict(c: dict[str, Any]) -> str:
-    """A budget check's verdict; rows validated before verdicts existed hold only pass: true/false."""
+    """A row's or a budget check's verdict; those validated before verdicts existed hold only pass: true/false."""
     return c.get("verdict") or ("PASS" if c.get("pass") else "FAIL")
 
 
 def _verdict(r: dict[str, Any]) -> str:
     """The row's verdict, and which budget decided it when it is not PASS."""
-    verdict = r.get("verdict") or ("PASS" if r.get("pass") else "FAIL")
+    verdict = _check_verdict(r)
     named = [k for k, c in r.get("budgets", {}).items() if _check_verdict(c) == verdict]
     return verdict if verdict == "PASS" else f"{verdict}: {', '.join(named)}"
 

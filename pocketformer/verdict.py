@@ -114,12 +114,12 @@ def examples_needed(lost: int, gained: int, n: int, budget: float, confidence: f
         low, high = drop_interval(lost * m / n, gained * m / n, m, confidence)
         return verdict_of(low, high, budget) != "INCONCLUSIVE"
 
-    hi = max(n, 1)
+    hi = n
     while not settles(hi):
         hi *= 2
         if hi > MAX_EXAMPLES:
             return None
-    lo = hi // 2 if hi > n else 1
+    lo = hi // 2
     while hi - lo > max(1, lo // 100):  # about: within 1%
         mid = (lo + hi) // 2
         if settles(mid):

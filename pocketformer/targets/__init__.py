@@ -24,7 +24,7 @@ class Budgets(BaseModel):
     # Embedding models (no labels): the mean cosine of each file's embeddings with the uncompressed model's.
     min_cosine: Optional[float] = Field(None, gt=-1, le=1)
     # Each verdict is PASS only when the whole interval of the measured value at this confidence is within budget
-    # (pocketformer.verdict): 0.95 = a PASS that is wrong at most 2.5% of the time.
+    # (pocketformer.verdict): 0.95 = a true drop over budget still PASSes about 2.5% of the time.
     confidence: Confidence = DEFAULT_CONFIDENCE
 
 

@@ -206,11 +206,11 @@ def calibrate(head_logits: np.ndarray, labels: np.ndarray, kind: str, accuracy_d
             chosen, chosen_drop, chosen_correct, chosen_exits = gate, drop, correct, exits
         elif rule == "bound":
             break  # the fixed sequence stops at its first failure
-    if chosen_drop is None:  # no gate that exits early is within the budget
-        chosen_drop = paired_drop(ref, final_correct, confidence)
-    exact = ref is final_correct and (chosen_exits == n_heads - 1).all()  # full depth against itself
-    drop_record = {"drop": 0.0, "drop_interval": [0.0, 0.0]} if exact else \
-        {"drop": chosen_drop.drop, "drop_interval": list(chosen_drop.interval)}
+    if chosen_drop is None and ref is final_correct:  # nothing exits early: full depth against itself, exactly 0
+        drop_record = {"drop": 0.0, "drop_interval": [0.0, 0.0]}
+    else:
+        chosen_drop = chosen_drop or paired_drop(ref, final_correct, confidence)
+        drop_record = {"drop": chosen_drop.drop, "drop_interval": list(chosen_drop.interval)}
     record = {"examples": int(len(labels)), "accuracy_drop_budget": accuracy_drop, "rule": rule,
               "confidence": confidence if rule == "bound" else None, "against": against, "mode": mode,
               "budget_for_exits": budget, "full_depth_accuracy": float(final_correct.mean() * 100),
@@ -246,11 +246,11 @@ def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Prof
     `reference_out` (the uncompressed model's outputs on `ds`) the accuracy drop."""
     from .validate import judge, latency_interval
 
-    seg = load(manifest_path, profile)
-    gate, calibration_info = calibrated_gate(seg, profile, calibration, enc, calibration_reference_out, _task(model))
+    seg, task = load(manifest_path, profile), _task(model)
+    gate, calibration_info = calibrated_gate(seg, profile, calibration, enc, calibration_reference_out, task)
     test = run_split(seg, ds, enc, gate, True, profile.seq_len, warmup=profile.warmup,
                      desc=f"early exit {manifest_path.name}")
-    accuracy, drop = _accuracy(seg, test, ds, reference_out, profile, _task(model))
+    accuracy, drop = _accuracy(seg, test, ds, reference_out, profile, task)
     row = {**_identity(seg, record, profile, ds), "gate": gate.model_dump(), "gate_default": seg.gate.model_dump(),
            "calibration": calibration_info, **accuracy}
     if model is not None:
@@ -263,7 +263,7 @@ def validate_segments(manifest_path: Path, record: dict[str, Any], profile: Prof
         row.update(latency_interval(test.latency_ms, profile))
     row["peak_rss_mb"] = None  # measured in the validating process, whose memory is not the artifact's
     row["execution"] = seg.execution
-    judge(profile, row, _task(model), drop)
+    judge(profile, row, task, drop)
     info(summary_line(row))
     return row
 
@@ -339,8 +339,6 @@ def summary_line(row: dict[str, Any]) -> str:
     cal = row.get("calibration")
     if not cal:
         source = "the exported default"
-    elif cal.get("skipped"):
-        source = f"the exported default: {cal['skipped']}"
     else:
         low, high = cal["drop_interval"]
         source = f"calibrated on {cal['examples']} {cal['split']} examples at {cal['confidence']:.0%}: "
