@@ -20,6 +20,7 @@ import torch
 
 from ..models.signature import Graph
 from ..models.tasks import cosine_rows
+from .card import Card
 
 FORMATS: dict[str, "Format"] = {}
 
@@ -57,6 +58,7 @@ class Plan:
     sparse: bool
     options: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
+    card: Optional[Card] = None  # what the files say about the model (export/card.py), written by annotate
 
 
 class Format(ABC):
@@ -118,6 +120,15 @@ class Format(ABC):
     def shares_file(self) -> bool:
         """Do several graphs go into one file (as signatures) rather than one file each?"""
         return False
+
+    def annotate(self, path: Path, card: Card, precision: str) -> None:
+        """Write the card into the file, in place and in the format's own convention (labels, tokenizer, max
+        length, inputs, provenance), before the file's check; a file the format cannot annotate stays as it is."""
+
+    def read_card(self, path: Path) -> Optional[dict[str, Any]]:
+        """The card a file carries (export.card.from_metadata's values), plus where its tokenizer is ("embedded"
+        or the folder beside it); None when it carries none."""
+        return None
 
     def record_extras(self, plan: Plan, precision: str) -> dict[str, Any]:
         """Format-specific fields of a file's record (CoreML's options)."""

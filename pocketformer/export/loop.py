@@ -25,6 +25,7 @@ from ..errors import ExportError, TargetError
 from ..models.canonical import CanonicalTransformer
 from ..models.signature import Graph, GraphIO, named_forward
 from .base import FORMATS, Format, Plan, Tolerance, Written, artifact_size, parity, repeat_rows
+from .card import Card
 from .sparse import has_dense_sparse
 
 Reference = dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]  # graph -> (feeds, outputs)
@@ -192,11 +193,12 @@ def _check_precision(ctx: SetContext, gs: GraphSet, precision: str,
 def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...],
            fmt: str | Format, runtime: CheckRuntime, *, int8: bool = True,
            static_shape: Optional[tuple[int, int]] = None, sparse: bool = True, kinds: Optional[set] = None,
-           **options: Any) -> list[dict[str, Any]]:
+           card: Optional[Card] = None, **options: Any) -> list[dict[str, Any]]:
     """Export every graph set of `model` to `fmt` in each of its precisions, each file checked on `runtime`
     against PyTorch on `inputs` (real test inputs); return the artifacts.json records. `kinds`: only the graph
     sets of these kinds (None: the plain model; "segments"), default all that apply. Raises ExportFailures
-    (holding the records that passed) after trying everything, if any file failed."""
+    (holding the records that passed) after trying everything, if any file failed. `card`: what every file
+    carries about the model (export/card.py), written by the format before the file's check."""
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
     unknown = sorted(set(options) - set(fmt.option_names))
     if unknown:
@@ -211,7 +213,7 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
     for gs in graph_sets(model, kinds):
         try:
             records += export_set(gs, fmt, runtime, out_dir, stem, inputs, int8, static_shape,
-                                  sparse and has_dense_sparse(model), options, failures)
+                                  sparse and has_dense_sparse(model), options, failures, card)
         except ExportError as e:  # the set cannot be converted at all
             failures.append(e)
     if failures:
@@ -221,7 +223,8 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
 
 def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, stem: str,
                inputs: tuple[torch.Tensor, ...], int8: bool, static_shape: Optional[tuple[int, int]], sparse: bool,
-               options: dict[str, Any], failures: list[ExportError]) -> list[dict[str, Any]]:
+               options: dict[str, Any], failures: list[ExportError],
+               card: Optional[Card] = None) -> list[dict[str, Any]]:
     io = gs.model.io
     fixed = fixed_sizes(fmt, gs, io, static_shape)
     check_inputs = io.fit(inputs, fixed) if fixed else tuple(inputs)
@@ -232,7 +235,7 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
     examples = {g: tuple(repeat_rows(feeds[n], batch) if batch else feeds[n] for n in gs.graphs[g].io.input_names)
                 for g, (feeds, _) in reference.items()}
     plan = Plan(gs.graphs, examples, fixed, sparse and gs.stores_sparse,
-                {k: v for k, v in options.items() if gs.takes_options})
+                {k: v for k, v in options.items() if gs.takes_options}, card=card)
     ctx = SetContext(fmt, runtime, plan, stem, out_dir, check_inputs, reference)
     records: list[dict[str, Any]] = []
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{fmt.name}.staging-", dir=out_dir))
@@ -243,6 +246,9 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
             names = {g: gs.file_name(stem, fmt, precision, g) for g in gs.graphs}
             try:
                 written = fmt.write(plan, precision, {g: staging / n for g, n in names.items()})
+                if plan.card is not None:
+                    for path in dict.fromkeys(w.path for w in written):  # a file shared by graphs: once
+                        fmt.annotate(path, plan.card, precision)
                 checked.append((precision, written, _check_precision(ctx, gs, precision, written)))
             except ExportError as e:
                 failures.append(e)
