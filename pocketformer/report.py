@@ -145,6 +145,27 @@ def cross_format_table(artifacts: list[dict[str, Any]], rows: list[dict[str, Any
     return "\n".join(lines)
 
 
+def app_table(apps: list[dict[str, Any]]) -> str:
+    """One row per app file: client, agreement with the plain artifact, accuracies, adversarial texts differing."""
+    lines = ["| app file | client | vs plain file | n | label agreement % | max score diff | accuracy %, app / plain "
+             "| adversarial texts with another label |", "|---|---|---|---|---|---|---|---|"]
+    for e in apps:
+        if "refused" in e:
+            lines.append(f"| app/{e['app']}/ | {e['client']} | not built: {e['refused']} | | | | | |")
+            continue
+        for f in e["files"]:
+            v = f["vs_plain"]
+            adv = f.get("adversarial") or []
+            differ = sum(1 for a in adv if a.get("same_label") is False)
+            agree = (_fmt(v["label_agreement"] * 100) if "label_agreement" in v
+                     else f"cosine {v['cosine']:.6f}")
+            acc = (f"{v['client_accuracy']:.2f} / {v['plain_accuracy']:.2f}" if "client_accuracy" in v else "-")
+            lines.append(f"| app/{e['app']}/{f['file']} | {f['client']} | {f['plain']} | {v['examples']} | {agree} | "
+                         f"{_fmt(v.get('max_score_diff'), '.2e')} | {acc} | "
+                         f"{f'{differ} of {len(adv)}' if adv else '-'} |")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: Path) -> dict[str, Any]:
 
 
@@ -155,9 +176,11 @@ def write_report(out_dir: Path) -> dict[str, Any]:
         rows.extend(json.loads(f.read_text())["rows"])
     add_ratios(rows)
     artifacts = read_manifest(out_dir / "artifacts")
+    app_file = out_dir / "app" / "app.json"
+    apps = json.loads(app_file.read_text()) if app_file.is_file() else []
     report = {"recipe": meta["recipe"], "recipe_sha256": meta["recipe_sha256"], "versions": meta["versions"],
               "input": meta["input"], "stages": meta["prepare"] + meta["stages"], "baseline": meta["baseline"],
-              "model": meta["model"], "artifacts": artifacts, "validation": rows}
+              "model": meta["model"], "artifacts": artifacts, "validation": rows, "apps": apps}
     write_json(out_dir / "report.json", report)
     if rows:
         plot_pareto(rows, out_dir / "pareto.png", f"{meta['recipe']['name']}: accuracy vs latency")
@@ -189,5 +212,11 @@ def write_report(out_dir: Path) -> dict[str, Any]:
            *budget_lines(rows), ""]
     if rows:
         md += ["![accuracy vs latency](pareto.png)", ""]
+    if apps:
+        md += ["## App folders: the files apps load, run in their clients", "", app_table(apps), "",
+               "Each app file ran in the named client on the test split and was compared with the plain artifact of "
+               "the same precision in its own runtime (fed by pocketformer's tokenizer); any label disagreement "
+               "fails the export. Adversarial texts (accents, truncation, empty input) are reported, not judged: "
+               "see app/app.json.", ""]
     (out_dir / "report.md").write_text("\n".join(md))
     return report

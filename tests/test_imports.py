@@ -19,6 +19,7 @@ LAYERS = {
     "compress": "compress",
     "export": "export",
     "targets": "targets",
+    "app": "app",
     "recipe": "glue", "extract": "glue", "pipeline": "glue", "report": "glue",
     "cli": "cli",
 }
@@ -30,8 +31,9 @@ ALLOWED = {
     "compress": {"base", "models", "train"},
     "export": {"base", "models"},
     "targets": {"base", "models", "export"},
-    "glue": {"base", "models", "train", "compress", "export", "targets"},
-    "cli": {"base", "models", "train", "compress", "export", "targets", "glue"},
+    "app": {"base", "models", "export", "targets"},
+    "glue": {"base", "models", "train", "compress", "export", "targets", "app"},
+    "cli": {"base", "models", "train", "compress", "export", "targets", "app", "glue"},
 }
 
 
