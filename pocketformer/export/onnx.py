@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import torch
 
+from .. import __version__
 from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..models.signature import GraphIO, named_forward
@@ -20,6 +21,7 @@ from ..progress import quiet
 from ..store import atomic_write_bytes
 from . import sparse as sparse_storage
 from .base import Format, Plan, Tolerance, Written
+from .card import PREFIX, Card, from_metadata
 
 OPSET = 18
 INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
@@ -212,6 +214,57 @@ def densified_onnx(path: Path, out: Path) -> Path:
     return Path(out)
 
 
+# -- the card (export/card.py) in metadata_props -------------------------------------------------------------------
+
+TOKENIZER_KEY = PREFIX + "tokenizer.json"  # the checkpoint's tokenizer.json text, embedded
+PRECISION_KEY = PREFIX + "precision"
+
+
+def card_props(card: Card, precision: str, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Every metadata_props entry pocketformer writes into a file: the card's flat map, the precision, the tokenizer
+    itself where the checkpoint has a tokenizer.json, and `extra` (an app's own keys), in key order."""
+    props = card.metadata() | {PRECISION_KEY: precision} | (extra or {})
+    tj = card.tokenizer.files.get("tokenizer.json") if card.tokenizer else None
+    if tj:
+        props[TOKENIZER_KEY] = Path(tj).read_text(encoding="utf-8")
+    return dict(sorted(props.items()))
+
+
+def annotate_onnx(path: Path, card: Card, precision: str, extra: Optional[dict[str, str]] = None) -> None:
+    """Write the card into an ONNX file in place: metadata_props (older pocketformer.* entries replaced, others such
+    as onnxsim's kept in their order), doc_string, producer. Weights in external data files are neither read nor
+    moved (their references stay as they are); the file is replaced atomically, with the same bytes every time."""
+    proto = onnx.load(str(path), load_external_data=False)
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
+    del proto.metadata_props[:]
+    for key, value in kept + list(card_props(card, precision, extra).items()):
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = card.description()
+    proto.producer_name, proto.producer_version = "pocketformer", __version__
+    atomic_write_bytes(Path(path), proto.SerializeToString())
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata_props, without its external weights."""
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def embedded_tokenizer(path: Path) -> Optional[str]:
+    """The tokenizer.json text an ONNX file carries, or None."""
+    return metadata_of(path).get(TOKENIZER_KEY)
+
+
+def read_onnx_card(path: Path) -> Optional[dict[str, Any]]:
+    """The card of an ONNX file (export.card.from_metadata's values), with "tokenizer_location": "embedded" when
+    the tokenizer itself is inside (read it with `embedded_tokenizer`); None when the file carries no card."""
+    props = metadata_of(path)
+    embedded = props.pop(TOKENIZER_KEY, None)
+    card = from_metadata(props)
+    if card is not None and embedded is not None:
+        card["tokenizer_location"] = "embedded"
+    return card
+
+
 class Onnx(Format):
     name, extension, runtime, static_only = "onnx", ".onnx", "onnxruntime", False
     int8_precisions = ("int8",)
@@ -238,3 +291,9 @@ class Onnx(Format):
 
     def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
         return bool(set(description.get("ops", {})) & INT8_OPS)
+
+    def annotate(self, path: Path, card: Card, precision: str) -> None:
+        annotate_onnx(path, card, precision)
+
+    def read_card(self, path: Path) -> Optional[dict[str, Any]]:
+        return read_onnx_card(path)
