@@ -2,24 +2,27 @@
 fp16 compute, plus int8 weights (and optionally k-means palettized weights) for the linear, conv and embedding ops
 only. Packages are checked in Core ML on macOS, elsewhere in the MIL reference execution of
 pocketformer.targets.coreml_ref (which checks the graph and weights, not Apple's runtime). Reading a package back
-(`load_program`) is the format's knowledge, used by `describe` and by that reference runtime.
+(`load_program`) is the format's knowledge, used by `describe` and by that reference runtime. The card (export/card.py)
+goes into the spec's metadata and feature descriptions; a package cannot hold files, so the tokenizer stays beside it.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .. import progress
+from .. import __version__, progress
 from ..errors import ExportError, TargetError
 from . import sparse as sparse_storage
 from .base import Format, Plan, Tolerance, Written, tree_sha256
+from .card import Card, from_metadata
 
 # Weights may be compressed only where an op uses them as weights. Applied to every const, compression also hits
 # constant mask/position tensors and yields NaN or garbage (METHODS.md).
@@ -84,9 +87,13 @@ def _target(ct, name: str):
 
 
 def convert_module(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
-                   output_names: list[str], precision: str, deployment_target: str = "iOS17"):
-    """An in-memory ML program of any module taking `example` positionally, at its shapes (integers as int32)."""
+                   output_names: list[str], precision: str, deployment_target: str = "iOS17",
+                   classes: Optional[Sequence[str]] = None):
+    """An in-memory ML program of any module taking `example` positionally, at its shapes (integers as int32).
+    `classes`: a Core ML classifier whose module returns probabilities (batch 1) in the classes' order; its outputs
+    are then Core ML's classLabel (the most probable class) and classLabel_probs (class -> probability)."""
     ct = coremltools()
+    classifier = ct.ClassifierConfig(list(classes)) if classes else None
     types = [ct.TensorType(name=n, shape=tuple(t.shape),
                            dtype=np.int32 if not t.is_floating_point() else np.float32)
              for n, t in zip(input_names, example)]
@@ -95,7 +102,8 @@ def convert_module(module: torch.nn.Module, example: tuple[torch.Tensor, ...], i
             traced = torch.jit.trace(module.eval(), example)
             return ct.convert(traced, inputs=types, outputs=[ct.TensorType(name=n) for n in output_names],
                               convert_to="mlprogram", compute_precision=_precision(ct, precision),
-                              minimum_deployment_target=_target(ct, deployment_target), skip_model_load=True)
+                              minimum_deployment_target=_target(ct, deployment_target), skip_model_load=True,
+                              classifier_config=classifier)
         except ExportError:
             raise
         except Exception as e:
@@ -134,6 +142,23 @@ def palettize(mlmodel, nbits: int):
         return cto.palettize_weights(mlmodel, config=_weight_config(op, PALETTIZE_OPS))
 
 
+def convert_like(record: dict[str, Any], module: torch.nn.Module, example: tuple[torch.Tensor, ...],
+                 input_names: list[str], output_names: list[str], classes: Optional[Sequence[str]] = None):
+    """An ML program of `module` made as the package of `record` (its artifacts.json record) was: the same compute
+    precision and deployment target, then its int8 weights or palette, then sparse storage where it has some."""
+    options, precision = record.get("coreml") or {}, record["precision"]
+    program = convert_module(module, example, input_names, output_names,
+                             options.get("compute_precision", precision if precision in ("fp32", "fp16") else "fp16"),
+                             options.get("deployment_target", "iOS17"), classes)
+    if precision == "int8":
+        program = quantize_int8(program)
+    elif precision.startswith("pal"):
+        program = palettize(program, int(precision[3:]))
+    if (record.get("sparse_storage") or {}).get("tensors"):
+        program, _ = coreml_sparse_weights(program, quantized=precision == "int8")
+    return program
+
+
 def describe(path: Path) -> dict[str, Any]:
     """Inputs/outputs with shapes, op counts, how many ops compute in fp16 vs fp32, and the weights by dtype."""
     from coremltools.converters.mil.mil import types
@@ -163,6 +188,106 @@ def describe(path: Path) -> dict[str, Any]:
             "weight_bytes_by_dtype": {k: weight_bytes[k] for k in sorted(weight_bytes)},
             "weight_file_bytes": weight_file.stat().st_size if weight_file.is_file() else 0,
             "opset": fn.opset_version.name if fn.opset_version is not None else None}
+
+
+# -- the card (export/card.py) in the spec ---------------------------------------------------------------------------
+
+AUTHOR = "pocketformer"
+# coremltools stamps the day of conversion into every package: a re-export on another day would differ by it alone.
+UNSTABLE_KEYS = ("com.github.apple.coremltools.conversion_date",)
+
+
+def spec_file(path: Path) -> Path:
+    """The package's spec (model.mlmodel), as its Manifest.json names it."""
+    path = Path(path)
+    manifest = json.loads((path / "Manifest.json").read_text())
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    return path / "Data" / root
+
+
+def read_spec(path: Path):
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file(path).read_bytes())
+    return spec
+
+
+def write_card(path: Path, card: Card, tokenizer_dir: Optional[str] = None) -> None:
+    """Write `card` into a package's spec in place: author, license (when the provenance names one), description,
+    version, each input's and output's meaning, and card.metadata() as user-defined metadata. Only the spec file
+    changes (weights, int8, palettes and sparse storage stay as they are), serialised deterministically.
+    `tokenizer_dir`: where the tokenizer files are relative to the package, when not card.tokenizer_dir."""
+    spec = read_spec(path)
+    meta = spec.description.metadata
+    meta.author = AUTHOR
+    if card.provenance.get("license"):
+        meta.license = str(card.provenance["license"])
+    meta.shortDescription = card.description()
+    meta.versionString = str(card.provenance.get("pocketformer", __version__))
+    props = card.metadata()
+    if tokenizer_dir is not None and card.tokenizer is not None:
+        props["pocketformer.tokenizer_dir"] = tokenizer_dir
+    for key in [k for k in meta.userDefined if k.startswith("pocketformer.") or k in UNSTABLE_KEYS]:
+        del meta.userDefined[key]
+    meta.userDefined.update(props)
+    meanings = {t["name"]: t["meaning"] for t in card.inputs}
+    for feature in spec.description.input:
+        feature.shortDescription = meanings.get(feature.name, "")
+    labels = ", ".join(card.labels)
+    for feature in spec.description.output:
+        if feature.name == spec.description.predictedFeatureName:
+            feature.shortDescription = f"the most probable label, one of: {labels}"
+        elif feature.name == spec.description.predictedProbabilitiesName:
+            feature.shortDescription = f"each label's probability (softmax of the logits): {labels}"
+        else:
+            feature.shortDescription = _output_meaning(card)
+    spec_file(path).write_bytes(spec.SerializeToString(deterministic=True))
+
+
+def _output_meaning(card: Card) -> str:
+    out = card.output
+    if card.labels:
+        return f"{out.get('meaning')}: {', '.join(card.labels)}"
+    return (f"{out.get('meaning')}: {out.get('dim')} values" + (", L2-normalised" if out.get("normalized") else ""))
+
+
+def class_labels(spec) -> list:
+    """The labels of an ML program classifier, in probability order: the `classes` of its classify op (Core ML keeps
+    them there, not in the description)."""
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            for op in block.operations:
+                if op.type != "classify":
+                    continue
+                values = op.inputs["classes"].arguments[0].value.immediateValue.list.values
+                return [_scalar(v.immediateValue.tensor) for v in values]
+    return []
+
+
+def _scalar(tensor):
+    for kind in ("strings", "longInts", "ints"):
+        values = getattr(tensor, kind).values
+        if len(values):
+            return values[0]
+    return None
+
+
+def read_card(path: Path) -> Optional[dict[str, Any]]:
+    """The card in a package's metadata, plus "tokenizer_location" and, for a classifier, its spec's labels and
+    output names (`classifier`); None when the package carries no card."""
+    spec = read_spec(path)
+    card = from_metadata(dict(spec.description.metadata.userDefined))
+    if card is None:
+        return None
+    if card.get("tokenizer_dir"):
+        card["tokenizer_location"] = f"beside: {card['tokenizer_dir']}/"
+    d = spec.description
+    if d.predictedFeatureName:
+        card["classifier"] = {"labels": class_labels(spec), "outputs": [o.name for o in d.output],
+                              "predicted_feature": d.predictedFeatureName,
+                              "probabilities": d.predictedProbabilitiesName}
+    return card
 
 
 # -- sparse storage (export/sparse.py) ---------------------------------------------------------------------------------------------------------
@@ -294,6 +419,12 @@ class CoreML(Format):
 
     def describe(self, path: Path) -> dict[str, Any]:
         return describe(path)
+
+    def annotate(self, path: Path, card: Card, precision: str) -> None:
+        write_card(path, card)
+
+    def read_card(self, path: Path) -> Optional[dict[str, Any]]:
+        return read_card(path)
 
     def content_sha256(self, path: Path) -> str:
         """Over the package's files without Manifest.json (random item UUIDs on every save), the spec re-serialised

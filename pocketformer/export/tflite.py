@@ -23,7 +23,10 @@ from ..models.signature import Graph, named_forward
 from ..progress import quiet, silenced_stderr
 from ..store import atomic_write_bytes
 from . import sparse as sparse_storage
+from . import tflite_metadata
 from .base import Format, Plan, Tolerance, Written, first_line
+from .card import Card
+from .tflite_metadata import Annotation, TensorMeta, inline_buffers
 
 FP32_MIN_COSINE = 0.999
 # precision -> file suffix. fp16 is litert-torch's full_fp16_recipe (float-cast weights, explicit dequantize), which
@@ -65,28 +68,37 @@ def _quiet():
 def convert(plan: Plan) -> bytes:
     """The fp32 flatbuffer of every graph at the plan's static shapes, inputs named as declared. One graph is the
     file's only signature; several are one signature each, named after the graphs, with named outputs."""
+    if len(plan.graphs) == 1:
+        (name, graph), = plan.graphs.items()
+        return convert_module(graph.module, dict(zip(graph.io.input_names, plan.examples[name])))
+    try:
+        for graph in plan.graphs.values():
+            graph.module.dict_outputs = True  # LiteRT names a signature's outputs after the dict's keys
+        return convert_module(None, {}, signatures={
+            name: (graph.module, dict(zip(graph.io.input_names, plan.examples[name])))
+            for name, graph in plan.graphs.items()})
+    finally:
+        for graph in plan.graphs.values():
+            graph.module.dict_outputs = False
+
+
+def convert_module(module: Optional[torch.nn.Module], sample_kwargs: dict[str, torch.Tensor],
+                   signatures: Optional[dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]]] = None) -> bytes:
+    """The fp32 flatbuffer of `module` at the samples' shapes, its inputs named after the samples' keywords (positional
+    ones would become args_0, ...); or of several `signatures` (name -> module, samples), one signature each."""
     with _quiet():
         import litert_torch
 
         try:
-            if len(plan.graphs) == 1:
-                (name, graph), = plan.graphs.items()
-                # Keyword sample args: the signature's inputs take our names (positional ones become args_0, ...).
-                edge = litert_torch.convert(graph.module, sample_kwargs=dict(zip(graph.io.input_names,
-                                                                                 plan.examples[name])))
-                return bytes(edge.model_content())
+            if signatures is None:
+                return bytes(litert_torch.convert(module, sample_kwargs=sample_kwargs).model_content())
             converter = litert_torch.Converter()
-            for name, graph in plan.graphs.items():
-                graph.module.dict_outputs = True  # LiteRT names a signature's outputs after the dict's keys
-                converter.signature(name, graph.module,
-                                    sample_kwargs=dict(zip(graph.io.input_names, plan.examples[name])))
+            for name, (m, kwargs) in signatures.items():
+                converter.signature(name, m, sample_kwargs=kwargs)
             return bytes(converter.convert().model_content())
         except Exception as e:
             raise ExportError(f"litert-torch conversion failed: {first_line(e)}",
                               "report this with the checkpoint's pocketformer.json.") from None
-        finally:
-            for graph in plan.graphs.values():
-                graph.module.dict_outputs = False
 
 
 def export_float(model: CanonicalTransformer, path: Path, example: tuple[torch.Tensor, ...]) -> None:
@@ -135,7 +147,6 @@ def quantize(float_path: Path, path: Path, precision: str, float_content: Option
 
 TFLITE_WEIGHT_CONSUMERS = ("FULLY_CONNECTED", "BATCH_MATMUL")  # DEQUANTIZE in between for fp16/int8 weights
 _TFLITE_DTYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT8": np.int8}
-FLATBUFFER_LIMIT = 2 ** 31 - 2 ** 24  # a flatbuffer addresses 2 GB; keep room for the graph itself
 TFLITE_ENCODING = "TFLite SparsityParameters (a dense dimension, a CSR dimension) + DENSIFY"
 
 
@@ -188,7 +199,7 @@ def tflite_sparse_weights(content: bytes) -> tuple[bytes, dict[str, Any]]:
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
-    if not _inline_buffers(model, content):
+    if not inline_buffers(model, content):
         return content, {**sparse_storage.summary(TFLITE_ENCODING, [], 0, ""),
                          "why_dense": "weights near 2 GB: a re-packed flatbuffer could not hold them"}
     editor = _TfliteEditor(model, schema)
@@ -292,18 +303,6 @@ class _TfliteEditor:
         return densify
 
 
-def _inline_buffers(model, content: bytes) -> bool:
-    """Move buffers stored after the flatbuffer (offset/size, as ai-edge-quantizer writes them) into it, so that
-    re-packing keeps their data; False when the weights are too big for an inline flatbuffer (2 GB)."""
-    if len(content) >= FLATBUFFER_LIMIT:
-        return False
-    for b in model.buffers:
-        if b.offset > 1:  # 0 and 1 mean "no external data"
-            b.data = np.frombuffer(content, np.uint8, count=int(b.size), offset=int(b.offset))
-            b.offset = b.size = 0
-    return True
-
-
 def _empty_buffer(model, schema) -> int:
     """Index of an empty buffer (TFLite keeps buffer 0 empty for non-constant tensors)."""
     if model.buffers and model.buffers[0].data is None and not model.buffers[0].size:
@@ -345,9 +344,11 @@ class Tflite(Format):
         if precision == "fp32":
             content = convert(plan)
             atomic_write_bytes(path, content)
-            plan.state.update(fp32=path, dense=content if plan.sparse else None)
+            # The quantized precisions are made from these bytes: dense (the quantizer reads no DENSIFY) and without
+            # the card (annotate re-packs the file and appends an archive the quantizer would drop).
+            plan.state.update(fp32=path, float=content)
         else:
-            quantize(plan.state["fp32"], path, precision, float_content=plan.state["dense"])
+            quantize(plan.state["fp32"], path, precision, float_content=plan.state["float"])
         storage = tflite_file(path) if plan.sparse else None
         signed = len(plan.graphs) > 1
         return [Written(name, path, name if signed else None, storage) for name in plan.graphs]
@@ -357,6 +358,43 @@ class Tflite(Format):
 
     def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
         return ".int8" in Path(path).name or "DEQUANTIZE" in description.get("ops", {})
+
+    def annotate(self, path: Path, card: Card, precision: str) -> None:
+        """TFLite Model Metadata: name, description, each input's and the output's meaning, labels.txt on a
+        classifier's output, vocab.txt in a BertTokenizer unit, the card as pocketformer.json. Files past 2 GB
+        (which a re-packed flatbuffer cannot hold) stay as they are."""
+        content = Path(path).read_bytes()
+        annotated = tflite_metadata.annotate(content, card, plain_annotation(content, card))
+        if annotated is not None:
+            atomic_write_bytes(Path(path), annotated)
+
+    def read_card(self, path: Path) -> Optional[dict[str, Any]]:
+        return tflite_metadata.read_card(Path(path).read_bytes())
+
+
+def plain_annotation(content: bytes, card: Card) -> Annotation:
+    """The metadata of one of our files: its first graph's inputs and outputs in the file's order, under the names
+    users feed (signature keys) and with the card's meanings; the labels on the output when it is the card's."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    fb = schema.Model.GetRootAs(content, 0)
+    graph = fb.Subgraphs(0)
+    keys: dict[int, str] = {}
+    if fb.SignatureDefsLength():
+        sig = fb.SignatureDefs(0)
+        keys = {sig.Inputs(k).TensorIndex(): sig.Inputs(k).Name().decode() for k in range(sig.InputsLength())}
+        keys |= {sig.Outputs(k).TensorIndex(): sig.Outputs(k).Name().decode() for k in range(sig.OutputsLength())}
+
+    def name(index: int) -> str:
+        return keys.get(index) or graph.Tensors(index).Name().decode().split(":")[0]
+
+    meanings = {t["name"]: t["meaning"] for t in card.inputs}
+    inputs = [TensorMeta(n, meanings.get(n, "")) for n in map(name, graph.InputsAsNumpy().tolist())]
+    single = fb.SubgraphsLength() == 1
+    outputs = [TensorMeta(n, card.output.get("meaning", "") if single else "",
+                          labels=single and bool(card.labels) and i == graph.OutputsLength() - 1)
+               for i, n in enumerate(map(name, graph.OutputsAsNumpy().tolist()))]
+    return Annotation(inputs, outputs, bert_tokenizer=card.tokenizer is not None)
 
 
 def describe(path: Path) -> dict[str, Any]:

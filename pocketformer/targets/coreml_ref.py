@@ -5,7 +5,8 @@ compile and MLComputePlan all need macOS), so the saved package is loaded back a
 in numpy, with coremltools' own per-op value inference where it exists and works, and small numpy/torch kernels for
 the few ops where it does not. Values stay float32 between ops, rounded to float16 after every op the program computes
 in fp16. That checks the converted graph and its weights, not Apple's runtime or Neural Engine numerics, and measures
-no latency: every result made this way carries LABEL.
+no latency: every result made this way carries LABEL. A classifier package (ct.ClassifierConfig) runs too: its
+outputs are, as Core ML returns them, the class label and a dict of each class's probability.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class CoreMLSession(Session):
                              {n: types.nptype_from_builtin(v.dtype) for n, v in fn.inputs.items()},
                              [o.name for o in fn.outputs])
 
-    def invoke(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.apple_model is not None:
-            return {k: np.asarray(v) for k, v in self.apple_model.predict(feeds).items()}
+    def invoke(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.apple_model is not None:  # a classifier's label (str, int) and probabilities (dict) stay as they are
+            return {k: v if isinstance(v, (str, int, dict)) else np.asarray(v)
+                    for k, v in self.apple_model.predict(feeds).items()}
         return execute(self.function, feeds)
 
 
@@ -140,8 +142,17 @@ def _gather_nd(op) -> np.ndarray:
     return np.asarray(op.x.val)[tuple(np.moveaxis(indices, -1, 0))]
 
 
-# Ops whose coremltools value inference is missing or broken under numpy 2.
-KERNELS: dict[str, Callable[[Any], np.ndarray]] = {
+def _classify(op) -> tuple:
+    """Core ML's classifier outputs: the most probable class, and each class's probability by class. Like Core ML's
+    classifiers it takes one example (the probabilities of every class, whatever their shape)."""
+    probs = np.asarray(op.probabilities.val, np.float64).reshape(-1)
+    classes = list(op.classes.val)
+    return classes[int(probs.argmax())], {c: float(p) for c, p in zip(classes, probs)}
+
+
+# Ops whose coremltools value inference is missing (classify) or broken under numpy 2.
+KERNELS: dict[str, Callable[[Any], Any]] = {
+    "classify": _classify,
     "conv": _conv,
     "gather_nd": _gather_nd,
     "reduce_sum": _reduce(np.sum),
@@ -186,9 +197,10 @@ def _evaluate(op) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def execute(function, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a MIL function on `feeds`; return its outputs by name."""
-    touched = []
+def execute(function, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Run a MIL function on `feeds`; return its outputs by name (arrays; a classifier's label and dict as they
+    are: no op reads them, they are the program's outputs)."""
+    touched, final = [], {}
     try:
         for name, var in function.inputs.items():
             _store(var, feeds[name])
@@ -198,12 +210,15 @@ def execute(function, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 if op.op_type == "const":
                     continue
                 for var, value in zip(op.outputs, _evaluate(op)):
+                    if isinstance(value, (str, dict)):
+                        final[var.name] = value
+                        continue
                     if tuple(np.shape(value)) != tuple(var.shape):
                         raise TargetError(f"MIL op {op.name} produced shape {np.shape(value)}, the program "
                                           f"declares {var.shape}.", "report this with the package.")
                     _store(var, value)
                     touched.append(var)
-        return {o.name: np.array(o.val) for o in function.outputs}
+        return {o.name: final[o.name] if o.name in final else np.array(o.val) for o in function.outputs}
     finally:
         for var in touched:  # the program is the session: leave no values behind for the next run
             var._sym_val = None
