@@ -80,12 +80,6 @@ class CoreMLApp(App):
     # adversarial texts twice (app and plain): 12 examples keep a MiniLM check of fp16 + int8 near a minute.
     check_examples = 12
 
-    def refuses(self, card: Card) -> Optional[str]:
-        if card.modality == "text" and card.tokenizer is None:
-            return ("the checkpoint has no WordPiece tokenizer (tokenizer.json with a BertNormalizer), so an iOS "
-                    "app could not turn text into the package's token ids")
-        return None
-
     def build(self, model, card: Card, plain: list[dict[str, Any]], art_dir: Path, folder: Path) -> list[Built]:
         by_precision = {r["precision"]: r for r in plain}
         chosen = [p for p in PRECISIONS if p in by_precision] or [p for p in FALLBACK if p in by_precision]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import unicodedata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,14 +100,6 @@ def float_file(model, card: Card) -> tuple[bytes, Annotation]:
 
 class MediaPipeApp(App):
     name, format, client = "android", "tflite", "MediaPipe Tasks (TextClassifier / ImageClassifier)"
-
-    def refuses(self, card: Card) -> Optional[str]:
-        if card.modality == "text" and card.tokenizer is None:
-            return ("MediaPipe's text tasks tokenize with a WordPiece (BERT) vocabulary, and this model's tokenizer "
-                    "is not one.")
-        if card.modality not in ("text", "vision"):
-            return f"MediaPipe Tasks has no task for {card.modality} models."
-        return None
 
     def build(self, model, card: Card, plain: list[dict[str, Any]], art_dir: Path, folder: Path) -> list[Built]:
         records = {r["precision"]: r for r in plain if r["format"] == "tflite" and not r.get("kind")}

@@ -170,12 +170,6 @@ def run_texts(session, texts: list[str], card: Card, batch: int = BATCH) -> np.n
 class OnnxApp(App):
     name, format, client = "onnx", "onnx", "ONNX Runtime"
 
-    def refuses(self, card: Card) -> Optional[str]:
-        if card.modality == "text" and card.tokenizer is None:
-            return ("the checkpoint has no WordPiece tokenizer.json, so neither a text-in file nor an app could "
-                    "encode text as the model expects")
-        return None
-
     def build(self, model, card: Card, plain: list[dict[str, Any]], art_dir: Path, folder: Path) -> list[Built]:
         records = {r["precision"]: r for r in plain if r.get("format") == self.format and r.get("kind") is None
                    and r.get("variant", card.variant) == card.variant and r["precision"] in PRECISIONS}
