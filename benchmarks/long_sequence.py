@@ -164,7 +164,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
              f"EcoFormer in every layer ({env['bits']}-bit codes, {env['anchors']} anchors per head), same weights "
              f"otherwise. Static-shape fp32 files per length; p50 of {env['repeats']} runs after {env['warmup']} "
              f"warm-up runs, batch 1, {env['threads']} threads, each file in a fresh process. ONNX Runtime "
-             f"{env['onnxruntime']}, LiteRT {env['litert']} (XNNPACK). Machine: {env['machine']} ({', '.join(env.get('cpu', {}).get('features', [])) or 'CPU features not recorded'}), "
+             f"{env['onnxruntime']}, LiteRT {env['litert']} (XNNPACK). Machine: {env['machine']} "
+             f"({store.cpu_text(env.get('cpu'), env['machine']) or 'CPU features not recorded'}), "
              f"{env['cpu_count']} cores.", "",
              "| tokens | runtime | softmax p50 ms | EcoFormer p50 ms | softmax / EcoFormer | softmax GMACs | "
              "EcoFormer GMACs |", "|---|---|---|---|---|---|---|"]

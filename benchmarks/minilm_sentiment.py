@@ -552,12 +552,10 @@ def exit_calibration_table(exits: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def cpu_text(env: dict) -> str:
-    """The CPU and its SIMD features, as recorded; runs recorded before features were an AVX2 host, unlisted."""
-    cpu = env.get("cpu")
-    if not cpu:
-        return f"{env.get('processor') or 'x86-64'}, an AVX2 host; its CPU features were not recorded"
-    return f"{cpu['model']}; {', '.join(cpu['features']) or 'no listed SIMD features'}"
+def cpu_text(cpu: dict | None, machine: str) -> str:
+    """The CPU model and its fingerprint, as recorded; runs recorded before CPU features were an AVX2 host."""
+    return store.cpu_text(cpu, machine) or f"{store.arch_name(machine)}, an AVX2 host; its CPU features were not " \
+                                           "recorded"
 
 
 def write_markdown(rows, env, args, storage=()) -> str:
@@ -566,7 +564,8 @@ def write_markdown(rows, env, args, storage=()) -> str:
 
     lines = ["# Benchmark results", "",
              "## MiniLM sentiment (Rotten Tomatoes, all-MiniLM-L6-v2 fine-tuned by examples/minilm-sentiment)", "",
-             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']} ({cpu_text(env)}), "
+             f"Command: `{env['command']}` (`make bench` runs every row). Machine: {env['machine']} "
+             f"({cpu_text(env.get('cpu'), env['machine'])}), "
              f"2 cores; ONNX Runtime "
              f"{env['onnxruntime']}, {env['threads']} intra-op threads; latency = median (p50) and p90 of "
              f"{env['repeats']} runs after {env['warmup']} warm-up runs, {env['shape']}, each artifact in a fresh "
@@ -574,7 +573,7 @@ def write_markdown(rows, env, args, storage=()) -> str:
              f"the fp32 ONNX export of the same fine-tuned model, measured in the same run. Fine-tuned model in "
              f"PyTorch: {env['reference_pytorch_accuracy']:.2f}%.", "",
              *[f"Rows re-measured on {u['date']} by `{u['command']}`"
-               + (f" on {u['cpu']['model']} ({', '.join(u['cpu']['features'])})" if u.get("cpu") else "")
+               + (f" (CPU: {cpu_text(u['cpu'], env['machine'])})" if u.get("cpu") else "")
                + f": {'; '.join(u['rows'])}. The other rows, and the reference rows, are those of the command above."
                for u in env.get("updates", [])],
              *([""] if env.get("updates") else []),

@@ -149,8 +149,10 @@ def lint(artifact: Path = typer.Argument(..., help=".onnx, .tflite or .mlpackage
 
 @app.command()
 def targets():
-    """List the device profiles."""
+    """List the device profiles; for those whose latency is this host's, this host's CPU and int8's measured speed."""
+    from .store import fingerprint
     from .targets import list_profiles
+    from .targets.int8_speed import cached
 
     for p in list_profiles():
         b = p.budgets
@@ -161,6 +163,13 @@ def targets():
                             if x)
         _echo(f"{p.name:15} {p.format:7} {p.runtime:21} {p.threads} threads, {p.batch}x{p.seq_len}, "
               f"{'/'.join(p.precisions)}; budgets: {budgets} at {b.confidence:.0%}\n{'':16}{p.description}")
+        if p.this_host:
+            line = f"this host's CPU: {fingerprint()}"
+            if "int8" in p.precisions:
+                speed = cached(p)
+                line += f"; int8 ran at {speed['speedup']:.2f}x fp32 speed (measured {speed['measured']['date']})" \
+                    if speed else "; int8's speed is measured when an int8 file is linted"
+            _echo(f"{'':16}{line}")
 
 
 @app.command()

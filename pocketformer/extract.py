@@ -143,9 +143,9 @@ def example_inputs(model: CanonicalTransformer, validation: Optional[Dataset], e
 def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str, latency: bool):
     """measure(model) -> {size_mb[, latency_p50_ms, latency_p90_ms]}: export to the profile's format in a temporary
     folder and measure the `precision` file (latency on the profile's runtime, threads and shapes)."""
-    from .export import FORMATS, export
+    from .export import export
     from .export.base import artifact_size, repeat_rows
-    from .targets import runtime_of
+    from .targets import runtime_of, static_shape
     from .targets.validate import measure_latency
 
     runtime = runtime_of(profile)
@@ -153,8 +153,7 @@ def artifact_measurer(profile, inputs: tuple[torch.Tensor, ...], precision: str,
         raise TargetError(f"{profile.runtime} cannot measure latency on this machine, so target {profile.name} "
                           "cannot be searched by latency.", "search by --size-mb, or use a target whose runtime "
                           "runs here.")
-    static = (profile.batch, profile.seq_len) if profile.static_shapes or FORMATS[profile.format].static_only \
-        else None
+    static = static_shape(profile)
 
     def measure(model: CanonicalTransformer) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:

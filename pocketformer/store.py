@@ -6,12 +6,13 @@ Every layer may import this module; it imports nothing of pocketformer's but err
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from . import __version__
 from .errors import CheckpointError
@@ -41,26 +42,118 @@ def versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-# CPU features that decide which int8/fp16 kernels a runtime picks (and so its speed, and int8's exact rounding).
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",  # x86-64
+# CPU features that decide which int8/fp16 kernels a runtime picks (and so its speed, and int8's exact rounding), as
+# the kernel names them (/proc/cpuinfo flags on x86-64, Features on arm64).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
+                "amx_tile",  # x86-64
                 "asimddp", "i8mm", "bf16", "sve")  # arm64: dot product, int8 matmul
+# The fingerprint's words, in order: one word per kernel family, whichever flag of it the CPU reports.
+FINGERPRINT_WORDS = (("AVX2", ("avx2",)), ("FMA", ("fma",)), ("AVX-512", ("avx512f",)),
+                     ("VNNI", ("avx512_vnni", "avx_vnni")), ("BF16", ("avx512_bf16",)),
+                     ("AMX", ("amx_int8", "amx_bf16", "amx_tile")),
+                     ("dotprod", ("asimddp",)), ("i8mm", ("i8mm",)), ("bf16", ("bf16",)), ("sve", ("sve",)))
+# Instructions that multiply int8 vectors into int32 sums: with them int8 matmuls can beat fp32; without, int8 kernels
+# widen to int16/fp32 first and buy size, not speed.
+INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+ARCHES = {"x86_64": "x86-64", "amd64": "x86-64", "x64": "x86-64", "aarch64": "arm64", "arm64": "arm64"}
 
 
-def cpu() -> dict[str, object]:
-    """This host's CPU model and the kernel-deciding features it has (Linux /proc/cpuinfo; empty elsewhere): a
-    speed claim names them."""
-    model, flags = platform.processor() or platform.machine(), set()
+def arch_name(machine: str) -> str:
+    """The architecture under one name per kind ("x86-64", "arm64"), whatever the OS calls it."""
+    return ARCHES.get(machine.lower(), machine.lower() or "unknown")
+
+
+def fingerprint_of(arch: str, features, known: bool = True) -> str:
+    """The CPU kind as the kernels see it, stable and readable: "x86-64 AVX2 FMA AVX-512 VNNI BF16", "arm64 dotprod
+    i8mm". Two hosts with one fingerprint pick the same kernels. `known`: were the features read at all?"""
+    have = set(features)
+    words = [word for word, flags in FINGERPRINT_WORDS if have & set(flags)]
+    return " ".join([arch, *words] if known else [arch, "(CPU features not detected)"])
+
+
+def int8_dot_product(features) -> bool:
+    """Does a CPU with these features (CPU_FEATURES names) have int8 dot-product instructions (x86 VNNI/AMX, arm64
+    dotprod/i8mm)?"""
+    return bool(set(features) & set(INT8_DOT_PRODUCT))
+
+
+def parse_cpuinfo(text: str, machine: str) -> dict[str, Any]:
+    """The CPU a Linux /proc/cpuinfo text describes (`machine`: platform.machine() of that host): its model, the
+    kernel-deciding features (in CPU_FEATURES order) and their fingerprint."""
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model") and not model:
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags |= set(value.split())
+    return _described(model or machine, arch_name(machine), flags, known=bool(flags))
+
+
+def _described(model: str, arch: str, flags: set[str], known: bool) -> dict[str, Any]:
+    features = [f for f in CPU_FEATURES if f in flags]
+    return {"model": model, "arch": arch, "features": features, "fingerprint": fingerprint_of(arch, features, known)}
+
+
+# macOS: sysctl names for what Linux lists in /proc/cpuinfo.
+MACOS_ARM_FEATURES = {"hw.optional.arm.FEAT_DotProd": "asimddp", "hw.optional.arm.FEAT_I8MM": "i8mm",
+                      "hw.optional.arm.FEAT_BF16": "bf16"}
+MACOS_X86_FEATURES = {"AVX2": "avx2", "FMA": "fma", "AVX512F": "avx512f", "AVX512VNNI": "avx512_vnni"}
+
+
+def _sysctl(name: str) -> str:
+    import subprocess
+
     try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key in ("flags", "Features"):
-                flags |= set(value.split())
+        proc = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def _macos_cpu(machine: str) -> dict[str, Any]:
+    arch = arch_name(machine)
+    if arch == "arm64":
+        flags = {flag for name, flag in MACOS_ARM_FEATURES.items() if _sysctl(name) == "1"}
+        known = bool(_sysctl("hw.optional.arm.FEAT_DotProd"))
+    else:
+        words = f"{_sysctl('machdep.cpu.features')} {_sysctl('machdep.cpu.leaf7_features')}".upper().split()
+        flags, known = {MACOS_X86_FEATURES[w] for w in words if w in MACOS_X86_FEATURES}, bool(words)
+    return _described(_sysctl("machdep.cpu.brand_string") or machine, arch, flags, known)
+
+
+@functools.lru_cache(maxsize=1)
+def _this_cpu() -> dict[str, Any]:
+    machine = platform.machine()
+    if platform.system() == "Darwin":
+        return _macos_cpu(machine)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return {"model": model, "features": [f for f in CPU_FEATURES if f in flags]}
+        text = ""
+    return parse_cpuinfo(text, machine)
+
+
+def cpu() -> dict[str, Any]:
+    """This host's CPU: model, architecture, the kernel-deciding features it has (Linux /proc/cpuinfo, macOS
+    sysctl) and their fingerprint. A speed claim names the fingerprint."""
+    info = _this_cpu()
+    return {**info, "features": list(info["features"])}
+
+
+def fingerprint() -> str:
+    """This host's CPU fingerprint (fingerprint_of): what a latency figure measured here names."""
+    return _this_cpu()["fingerprint"]
+
+
+def cpu_text(record: Optional[dict[str, Any]], machine: str) -> Optional[str]:
+    """A recorded cpu() as results name it ("AMD EPYC, x86-64 AVX2 FMA AVX-512 VNNI BF16"); a record from before
+    fingerprints is fingerprinted from its features. None: no CPU was recorded."""
+    if not record:
+        return None
+    fp = record.get("fingerprint") or fingerprint_of(arch_name(machine), record.get("features", []))
+    return f"{record.get('model') or machine}, {fp}"
 
 
 def package_versions(*names: str) -> dict[str, str]:

@@ -17,6 +17,14 @@ def test_targets_lists_the_built_in_profiles(run_cli):
     assert proc.returncode == 0 and "host-ort " in proc.stdout
 
 
+def test_targets_name_this_hosts_cpu_for_profiles_measured_here(run_cli):
+    from pocketformer.store import fingerprint
+
+    proc = run_cli("targets")
+    assert f"this host's CPU: {fingerprint()}" in proc.stdout
+    assert "int8's speed is measured when an int8 file is linted" in proc.stdout  # nothing measured in a fresh cache
+
+
 def test_stages_lists_each_stage_with_its_settings(run_cli):
     proc = run_cli("stages")
     assert proc.returncode == 0

@@ -44,7 +44,9 @@ class Profile(BaseModel):
     this_host: bool = False  # latency measured here is the device's own (else: this host running its settings)
     # What the lint checks against (pocketformer lint ARTIFACT --target NAME)
     static_shapes: bool = False  # the runtime needs fixed input shapes
-    int8_speedup: bool = False  # int8 kernels faster than fp32 here (ARM dotprod, x86 VNNI)?
+    # Do int8 kernels run faster than fp32 on the device (ARM dotprod, x86 VNNI)? A device profile declares it; a
+    # this_host profile leaves it unset and int8's speed is measured on this host (targets/int8_speed.py).
+    int8_speedup: Optional[bool] = None
     delegate: Optional[str] = None  # e.g. XNNPACK, ANE
     delegate_ops: Optional[list[str]] = None  # op types the delegate runs; others fall back
     runtime_version: Optional[str] = None  # the runtime version on the device, e.g. "onnxruntime 1.16"
@@ -60,6 +62,13 @@ class Profile(BaseModel):
     def _runtime_runs_format(self):
         if RUNTIMES[self.runtime].format != self.format:
             raise ValueError(f"runtime {self.runtime} runs {RUNTIMES[self.runtime].format} files, not {self.format}")
+        return self
+
+    @model_validator(mode="after")
+    def _int8_speed_measured_here(self):
+        if self.this_host and self.int8_speedup is not None:
+            raise ValueError("int8_speedup is measured on this host for a this_host profile, not declared: "
+                             "remove it")
         return self
 
 
@@ -129,6 +138,12 @@ def with_confidence(profile: Profile, confidence: Optional[float]) -> Profile:
 
 def runtime_of(profile: Profile) -> Runtime:
     return get_runtime(profile.runtime)
+
+
+def static_shape(profile: Profile) -> Optional[tuple[int, int]]:
+    """The (batch, seq_len) files for this target are exported at, or None where the runtime takes dynamic shapes."""
+    return (profile.batch, profile.seq_len) if profile.static_shapes or _formats()[profile.format].static_only \
+        else None
 
 
 def export_checked(model, out_dir: Path, stem: str, inputs, fmt: str, **options):

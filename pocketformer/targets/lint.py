@@ -2,8 +2,9 @@
 
 Reads the artifact (never trusts its name) and the target profile: dynamic shapes where the runtime wants static
 ones, ops outside the target delegate's list or beyond its runtime's op versions / opset, a file over the size
-budget, int8 on a CPU where int8 buys no speed. A file of a format the target does not run is not linted at all: that
-is a TargetError (one line, exit 2), as is a file that is not what its extension says.
+budget, int8 where int8 buys no speed (measured on this host for a this_host profile, as declared for a device). A
+file of a format the target does not run is not linted at all: that is a TargetError (one line, exit 2), as is a
+file that is not what its extension says.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from ..errors import PocketformerError, TargetError
 from ..export import FORMATS
 from ..export.base import artifact_size, first_line, format_of
 from . import Profile, tflite_legacy
+from .int8_speed import PROBE, Probe, int8_speed, speeds_up
+from .int8_speed import describe as describe_speed
 
 
 @dataclass
@@ -56,7 +59,8 @@ def describe(path: Path, fmt: str) -> dict[str, Any]:
     return desc
 
 
-def lint(path: Path, profile: Profile) -> list[Finding]:
+def lint(path: Path, profile: Profile, int8_probe: Probe = PROBE) -> list[Finding]:
+    """`int8_probe`: the model int8's speed is measured with on a this_host profile (tests pass a smaller one)."""
     path = Path(path)
     fmt = artifact_format(path)
     out: list[Finding] = []
@@ -102,11 +106,29 @@ def lint(path: Path, profile: Profile) -> list[Finding]:
     if profile.budgets.size_mb is not None and size > profile.budgets.size_mb:
         out.append(Finding("error", "size", f"{size:.1f} MB is over the {profile.budgets.size_mb:g} MB budget.",
                            "quantize weights (int8: about 4x smaller) or prune more (pocketformer compress)."))
-    if FORMATS[fmt].holds_int8(path, desc) and not profile.int8_speedup:
-        out.append(Finding("warning", "int8-speed", f"{profile.name} has no int8 dot-product acceleration: int8 "
-                                                    "buys size here, not speed, and costs some accuracy.",
-                           "use int8 only if size matters; for speed, prune or factorize (smaller matmuls)."))
+    if FORMATS[fmt].holds_int8(path, desc):
+        out.extend(_int8_speed_findings(profile, int8_probe))
     return out
+
+
+def _int8_speed_findings(profile: Profile, probe: Probe) -> list[Finding]:
+    """int8 that buys no speed: on this host, as measured (targets/int8_speed.py); on a device, as its profile
+    declares. Never from a constant where it can be measured."""
+    fix = "use int8 only if size matters; for speed, prune or factorize (smaller matmuls)."
+    if profile.this_host:
+        measured = int8_speed(profile, probe)
+        if speeds_up(measured):
+            return []
+        return [Finding("warning", "int8-speed", f"{describe_speed(measured)}: int8 buys size here, not speed, and "
+                                                 "costs some accuracy.", fix)]
+    if profile.int8_speedup is None:
+        return [Finding("warning", "int8-speed", f"{profile.name} does not declare whether int8 runs faster than "
+                                                 "fp32 on the device: int8 may buy size only.",
+                        f"declare int8_speedup: true/false in the profile; {fix}")]
+    if profile.int8_speedup:
+        return []
+    return [Finding("warning", "int8-speed", f"{profile.name} has no int8 acceleration (declared by the profile): "
+                                             "int8 buys size there, not speed, and costs some accuracy.", fix)]
 
 
 def _legacy_findings(path: Path, desc: dict[str, Any], profile: Profile) -> list[Finding]:

@@ -21,6 +21,7 @@ from ..export.base import artifact_size
 from ..models.canonical import CanonicalTransformer
 from ..models.tasks import cosine_rows
 from ..progress import progress_bar
+from ..store import fingerprint
 from ..verdict import (PairedDrop, accuracy_check, latency_check, mean_floor_check, median_interval, overall,
                        paired_drop, size_check, unmeasured)
 from . import Profile, runtime_of
@@ -126,6 +127,7 @@ def validate_artifact(path: Path, record: dict[str, Any], profile: Profile, ds: 
         "target": profile.name, "threads": profile.threads, "shape": {"batch": profile.batch,
                                                                      "seq_len": profile.seq_len},
         "examples": len(ds), "size_mb": artifact_size(path) / 1e6, "measured": True,
+        "cpu": fingerprint(),  # a latency figure names the CPU it was measured on
     }
     task, drop = reference.task, None
     if task.has_labels and ds.labels is not None and out.shape[-1] == len(ds.label_names):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pocketformer.errors import TargetError
+from pocketformer.store import fingerprint
 from pocketformer.targets import get_profile
+from pocketformer.targets.int8_speed import SPEEDUP, Probe, cached
 from pocketformer.targets.lint import lint
 from conftest import export_onnx
 
@@ -36,10 +38,38 @@ def test_dynamic_shapes_are_fine_where_the_runtime_takes_them(onnx_files, make_p
     assert "dynamic-shapes" not in checks(lint(onnx_files[0], profile))
 
 
-def test_int8_on_a_cpu_without_int8_speedup_is_a_warning(onnx_files, make_profile):
+# int8 probes cheaper than the production one (hidden 384, 2 layers, the profile's shape and repeats): a BERT-shaped
+# layer at 32 tokens, and a model so small that quantizing its activations may cost what its int8 matmuls save.
+PROBES = {"bert-layer": Probe(layers=1, vocab_size=1000, seq_len=32, warmup=2, repeats=6, rounds=1),
+          "tiny": Probe(hidden=64, heads=4, head_dim=16, ffn=128, layers=1, vocab_size=100, seq_len=8, warmup=2,
+                        repeats=6, rounds=1)}
+
+
+@pytest.mark.parametrize("probe", PROBES.values(), ids=PROBES)
+def test_int8_speed_on_this_host_is_measured_not_assumed(onnx_files, probe):
+    profile = get_profile("host-ort")
+    findings = [f for f in lint(onnx_files[1], profile, int8_probe=probe) if f.check == "int8-speed"]
+    measured = cached(profile, probe)  # what lint measured, read back from the cache
+    assert measured is not None and measured["fingerprint"] == fingerprint()
+    assert bool(findings) == (measured["speedup"] < SPEEDUP)
+    for f in findings:
+        assert f.severity == "warning" and f"measured on this host ({fingerprint()})" in f.message
+        assert f"int8 ran at {measured['speedup']:.2f}x fp32 speed" in f.message
+    assert "int8-speed" not in checks(lint(onnx_files[0], profile, int8_probe=probe))
+
+
+def test_int8_on_a_device_declared_without_int8_speedup_is_a_warning(onnx_files, make_profile, isolated_cache):
     profile = get_profile(str(make_profile("no-vnni", int8_speedup=False)))
-    assert "int8-speed" in checks(lint(onnx_files[1], profile), "warning")
+    findings = [f for f in lint(onnx_files[1], profile) if f.check == "int8-speed"]
+    assert [f.severity for f in findings] == ["warning"] and "declared by the profile" in findings[0].message
     assert "int8-speed" not in checks(lint(onnx_files[0], profile))
+    assert not (isolated_cache / "latency").exists()  # a device's property is declared, never measured here
+
+
+def test_int8_on_a_device_declared_with_int8_speedup_is_fine(onnx_files, make_profile, isolated_cache):
+    profile = get_profile(str(make_profile("vnni", int8_speedup=True)))
+    assert "int8-speed" not in checks(lint(onnx_files[1], profile))
+    assert not (isolated_cache / "latency").exists()
 
 
 def test_file_over_the_size_budget_is_an_error(onnx_files, make_profile):

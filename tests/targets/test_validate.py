@@ -6,6 +6,7 @@ import pytest
 from conftest import export_onnx
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import TargetError
+from pocketformer.store import fingerprint
 from pocketformer.targets import get_profile, list_profiles
 from pocketformer.targets.validate import predict_artifact, validate_artifact
 from pocketformer.train import predict
@@ -55,6 +56,11 @@ def test_a_profile_with_an_unknown_key_is_a_target_error(make_profile):
         get_profile(str(make_profile("bad", gpu=True)))
 
 
+def test_a_profile_measured_here_does_not_declare_int8_speed(make_profile):
+    with pytest.raises(TargetError, match="int8_speedup is measured on this host"):
+        get_profile(str(make_profile("declares", this_host=True, int8_speedup=False)))
+
+
 # -- validation rows -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -87,6 +93,10 @@ def test_row_reports_the_file_size(row, vision_artifact):
 
 def test_row_names_the_runtime_target_and_threads(row):
     assert (row["runtime"], row["target"], row["threads"], row["precision"]) == ("onnxruntime", "test-ort", 1, "fp32")
+
+
+def test_row_names_the_cpu_its_latency_was_measured_on(row):
+    assert row["cpu"] == fingerprint()
 
 
 def test_generous_budgets_pass(row):
