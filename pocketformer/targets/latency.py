@@ -1,0 +1,236 @@
+"""Per-target latency tables, measured: what one attention block costs as a function of its heads, one FFN as a
+function of its width, an empty layer, and the embeddings with the head, each timed in the target's own runtime with
+its own threads and shapes (pocketformer.latency holds the table and the predictor; the format is documented there).
+
+How a table is measured, for a model family (hidden size, head size, vocabulary...) and a precision:
+- every point is a whole model of random weights, exported by the format's own exporter (so the runtime sees the
+  graphs real artifacts have: same fusions, same kernels) and timed in a fresh process (validate's probe: p50 of the
+  profile's repeats after its warm-up);
+- an empty layer (no heads, no FFN neurons) and the embeddings + head come from stacks of 1 and L empty layers;
+- attention(h) is (stack of L layers of h heads and no FFN - the empty stack) / L, at a handful of head counts;
+  ffn(w) likewise at a handful of widths rounded to multiples of 64; both piecewise linear between points, made
+  non-decreasing (a measured dip is noise: more units never cost less);
+- a calibration on whole random pruned models fits measured ~ a * (sum of blocks) + b: what the sum misses
+  (fusion across blocks, memory), per target.
+Tables are cached under the cache root by (profile, runtime and its version, threads, batch, sequence length,
+precision, model family, CPU fingerprint) and reused by every later run. `check_table` measures random pruned shapes
+the calibration did not see and reports the share predicted within +-10% and the worst error.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import TargetError
+from ..latency import FAMILY_KEYS, Curve, LatencyTable, monotone, prediction_errors, read_table, write_table
+from ..models.canonical import CanonicalTransformer, LayerShape, ModelConfig
+from ..progress import info, progress_bar
+from ..store import cache_root, cpu, digest, fingerprint
+from . import Profile, runtime_of, static_shape
+
+TABLE_VERSION = 1  # bump when the way tables are measured changes: old cached tables are then not reused
+WIDTH_STEP = 64  # FFN widths measured and drawn in random shapes: multiples the runtimes' kernels tile well
+
+
+def family_of(spec: ModelConfig) -> dict[str, Any]:
+    """What a table is valid for: everything of the model but its layers' shapes."""
+    shapes = spec.layers
+    return {"modality": spec.modality, "hidden": spec.hidden, "head_dim": shapes[0].head_dim if shapes else 0,
+            "act": spec.act, "norm": spec.norm, "vocab_size": spec.vocab_size, "max_positions": spec.max_positions}
+
+
+def shapes_of(model_or_spec) -> list[tuple[int, int]]:
+    """(heads, FFN neurons) of each layer: what the table predicts from. Only dense softmax layers are covered."""
+    spec = model_or_spec.config if isinstance(model_or_spec, CanonicalTransformer) else model_or_spec
+    odd = [i for i, s in enumerate(spec.layers) if s.linears or s.attention != "softmax"]
+    if odd:
+        raise TargetError(f"Layers {odd} are factorized or use another attention; latency tables cover dense "
+                          "softmax layers only.", "predict (and prune to a latency target) before low-rank, "
+                                                  "dense-sparse or EcoFormer stages.")
+    return [(s.heads, s.ffn) for s in spec.layers]
+
+
+def _full_shape(spec: ModelConfig) -> tuple[int, int]:
+    """The widest layer of the family: the heads and FFN width the table spans."""
+    return max(s.heads for s in spec.layers), max(s.ffn for s in spec.layers)
+
+
+def model_of(spec: ModelConfig, shapes: Sequence[tuple[int, int]], seed: int = 0) -> CanonicalTransformer:
+    """A model of the family with these (heads, ffn) layers and random weights (latency does not see weights)."""
+    head_dim = spec.layers[0].head_dim
+    cfg = spec.model_copy(update={"layers": [LayerShape(heads=h, head_dim=head_dim, ffn=w) for h, w in shapes],
+                                  "exits": [], "exit_gate": {}, "nested_ffn": [], "quantization": {}}, deep=True)
+    torch.manual_seed(seed)
+    return CanonicalTransformer(cfg).eval()
+
+
+def _feeds(model: CanonicalTransformer, profile: Profile) -> dict[str, np.ndarray]:
+    """Inputs at the profile's shape: random tokens at full length (or random pixels)."""
+    spec, g = model.spec, np.random.default_rng(0)
+    if spec.modality == "vision":
+        return {model.input_names[0]: g.standard_normal((profile.batch, spec.channels, spec.image_size,
+                                                          spec.image_size)).astype(np.float32)}
+    ids = g.integers(3, max(4, spec.vocab_size), size=(profile.batch, profile.seq_len)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def measurable(profile: Profile):
+    """The profile's runtime, if latency measured here means something; else the way to bring a table."""
+    runtime = runtime_of(profile)
+    if not runtime.measures_latency:
+        raise TargetError(f"{runtime.no_latency()} Target {profile.name} cannot be profiled on this machine.",
+                          "measure a table on the device and pass it with `table: FILE` (format: `pocketformer "
+                          "profile --help`), or use a target whose runtime runs here.")
+    return runtime
+
+
+def measure_models(spec: ModelConfig, shape_sets: Sequence[Sequence[tuple[int, int]]], profile: Profile,
+                   precision: str = "fp32", desc: str = "measuring") -> list[float]:
+    """The p50 latency (ms) on the profile's runtime of a model of each shape set, each exported by the profile's
+    format and timed in a fresh process."""
+    from ..export import FORMATS, export
+    from ..models.importers import parity_inputs
+    from .validate import measure_latency
+
+    runtime = measurable(profile)
+    fmt, static = FORMATS[profile.format], static_shape(profile)
+    out = []
+    with progress_bar(f"{desc} ({profile.name}, {precision})", len(shape_sets)) as advance:
+        for shapes in shape_sets:
+            model = model_of(spec, shapes)
+            check = parity_inputs(model.spec, batch=2, seq=min(16, profile.seq_len))
+            with tempfile.TemporaryDirectory() as tmp:
+                records = export(model, Path(tmp), "m", check, fmt, runtime, int8=precision.startswith("int8"),
+                                 static_shape=static, kinds={None})
+                record = next((r for r in records if r["precision"] == precision), None)
+                if record is None:
+                    raise TargetError(f"The {profile.format} exporter writes no {precision} file.",
+                                      f"choose one of {', '.join(r['precision'] for r in records)}.")
+                timing = measure_latency(Path(tmp) / record["file"], profile, _feeds(model, profile))
+            out.append(timing["latency_p50_ms"])
+            advance()
+    return out
+
+
+def _points(full: int, fractions: Sequence[float], step: int, small: Sequence[int] = ()) -> list[int]:
+    pts = {max(1, int(round(full * f / step)) * step) if full >= step else max(1, int(round(full * f)))
+           for f in fractions} | {p for p in small if p <= full} | {full}
+    return sorted(p for p in pts if 0 < p <= full)
+
+
+def random_shapes(spec: ModelConfig, n: int, seed: int) -> list[list[tuple[int, int]]]:
+    """n random pruned shapes of the family's widest layer: L/2..L layers, 1..H heads (now and then 0) and FFN
+    widths in multiples of 64 (now and then 0) per layer."""
+    heads, width = _full_shape(spec)
+    L = len(spec.layers)
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        layers = int(g.integers(max(1, L // 2), L + 1))
+        shape = []
+        for _ in range(layers):
+            h = 0 if g.random() < 0.08 else int(g.integers(1, heads + 1))
+            w = 0 if g.random() < 0.08 else int(g.integers(1, max(1, width // WIDTH_STEP) + 1)) * WIDTH_STEP
+            shape.append((h, min(w, width)))
+        out.append(shape)
+    return out
+
+
+def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32", calibration_models: int = 6
+                ) -> LatencyTable:
+    """Measure a table for the family of `spec` on `profile` (see the module docstring)."""
+    measurable(profile)
+    t0 = time.monotonic()
+    heads, width = _full_shape(spec)
+    L = max(2, len(spec.layers))
+    head_pts = _points(heads, (0.25, 0.5, 0.75, 1.0), 1, small=(1, 2))
+    width_pts = _points(width, (0.125, 0.25, 0.5, 0.75, 1.0), WIDTH_STEP)
+    sets = [[(0, 0)], [(0, 0)] * L] + [[(h, 0)] * L for h in head_pts] + [[(0, w)] * L for w in width_pts]
+    info(f"profile {profile.name}: measuring {len(sets)} block models and {calibration_models} whole models "
+         f"({precision}, batch {profile.batch} x {profile.seq_len}, {profile.threads} threads)")
+    ms = measure_models(spec, sets, profile, precision, "latency table")
+    one, empty = ms[0], ms[1]
+    layer_ms = max(0.0, (empty - one) / (L - 1))
+    attention = monotone([0.0] + [max(0.0, (t - empty) / L) for t in ms[2:2 + len(head_pts)]])
+    ffn = monotone([0.0] + [max(0.0, (t - empty) / L) for t in ms[2 + len(head_pts):]])
+    rt = runtime_of(profile)
+    table = LatencyTable(target=profile.name, runtime=rt.name, runtime_version=rt.version(), threads=profile.threads,
+                         batch=profile.batch, seq_len=profile.seq_len, precision=precision,
+                         cpu=cpu(), family=family_of(spec),
+                         base_ms=max(0.0, one - layer_ms), layer_ms=layer_ms,
+                         attention=Curve(points=[0] + head_pts, ms=attention),
+                         ffn=Curve(points=[0] + width_pts, ms=ffn),
+                         measured={"by": f"pocketformer {__version__}", "table_version": TABLE_VERSION,
+                                   "date": time.strftime("%Y-%m-%d"), "warmup": profile.warmup,
+                                   "repeats": profile.repeats})
+    if calibration_models:
+        shapes = random_shapes(spec, calibration_models, seed=0)
+        measured = measure_models(spec, shapes, profile, precision, "latency calibration")
+        table = table.calibrated([table.blocks_ms(s) for s in shapes], measured)
+    table.measured["seconds"] = round(time.monotonic() - t0, 1)
+    return table
+
+
+def table_key(profile: Profile, spec: ModelConfig, precision: str) -> str:
+    rt = runtime_of(profile)
+    return digest({"profile": profile.model_dump(exclude={"budgets", "description"}), "runtime": rt.name,
+                   "runtime_version": rt.version(), "precision": precision, "family": family_of(spec),
+                   "full": _full_shape(spec), "layers": len(spec.layers), "cpu": fingerprint(),
+                   "table_version": TABLE_VERSION})
+
+
+def table_for(profile: Profile, spec: ModelConfig, precision: str = "fp32", path: Optional[Path] = None,
+              rebuild: bool = False, calibration_models: int = 6) -> LatencyTable:
+    """The table of `profile` for the family of `spec`: the user's file (`path`), else the cached measurement,
+    else measured now and cached."""
+    family = family_of(spec)
+    if path is not None:
+        table = read_table(Path(path))
+        table.check_family(family, "this model")
+        return table
+    cached = cache_root() / "latency" / f"{profile.name}-{precision}-{table_key(profile, spec, precision)[:20]}.json"
+    if cached.is_file() and not rebuild:
+        return read_table(cached)
+    table = build_table(profile, spec, precision, calibration_models)
+    write_table(table, cached)
+    info(f"profile {profile.name}: table cached at {cached}")
+    return table
+
+
+def check_table(table: LatencyTable, profile: Profile, spec: ModelConfig, n: int = 30, seed: int = 1
+                ) -> dict[str, Any]:
+    """Predicted against measured latency on `n` random pruned shapes the calibration did not see."""
+    shapes = random_shapes(spec, n, seed)
+    measured = measure_models(spec, shapes, profile, table.precision, "latency check")
+    predicted = [table.predict(s) for s in shapes]
+    rows = [{"layers": len(s), "heads": [h for h, _ in s], "ffn": [w for _, w in s], "predicted_ms": p,
+             "measured_ms": m, "error": p / m - 1.0} for s, p, m in zip(shapes, predicted, measured)]
+    return {"target": table.target, "runtime": table.runtime, "runtime_version": table.runtime_version,
+            "threads": table.threads, "precision": table.precision, "cpu": table.cpu.get("fingerprint"),
+            **prediction_errors(predicted, measured), "shapes": rows}
+
+
+def table_lines(table: LatencyTable) -> list[str]:
+    """The table as a person reads it."""
+    c = table.calibration
+    lines = [f"latency table: {table.target} ({table.runtime} {table.runtime_version}, {table.threads} threads, "
+             f"batch {table.batch} x {table.seq_len}, {table.precision}) on {table.cpu.get('fingerprint', '?')}",
+             "  family: " + ", ".join(f"{k} {table.family[k]}" for k in FAMILY_KEYS if k in table.family),
+             f"  embeddings + head: {table.base_ms:.3f} ms; empty layer (norms, residuals): {table.layer_ms:.3f} ms",
+             "  attention, ms per layer by heads: " + ", ".join(f"{p}: {m:.3f}" for p, m in
+                                                               zip(table.attention.points, table.attention.ms)),
+             "  FFN, ms per layer by neurons: " + ", ".join(f"{p}: {m:.3f}" for p, m in
+                                                           zip(table.ffn.points, table.ffn.ms)),
+             f"  calibration on {c.models} whole models: measured = {c.scale:.3f} x blocks "
+             f"{c.offset_ms:+.3f} ms"]
+    if table.measured.get("seconds") is not None:
+        lines.append(f"  measured {table.measured.get('date', '?')} in {table.measured['seconds']:.0f} s by "
+                     f"{table.measured.get('by', '?')}")
+    return lines
