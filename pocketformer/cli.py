@@ -37,12 +37,16 @@ def _global_options(debug: bool = typer.Option(False, "--debug", help="on an err
 def compress(checkpoint: str = typer.Argument(..., help="Hugging Face folder, pocketformer checkpoint, or minilm"),
              recipe: Path = typer.Option(..., "--recipe", "-r", help="recipe YAML"),
              out: Path = typer.Option(..., "--out", "-o", help="output folder"),
-             trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):
+             trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP),
+             target: Optional[str] = typer.Option(None, "--target", "-t", help="what prune's speedup / latency_ms "
+                                                                            "aim at (default: the recipe's first "
+                                                                            "target)")):
     """Run the recipe's stages on CHECKPOINT; write OUT/model, OUT/baseline and OUT/compress.json."""
     from .pipeline import compress as do_compress
     from .recipe import load_recipe, resolve_checkpoint
 
-    summary = do_compress(load_recipe(recipe), resolve_checkpoint(checkpoint), out, trust_pickle=trust_pickle)
+    summary = do_compress(load_recipe(recipe), resolve_checkpoint(checkpoint), out, trust_pickle=trust_pickle,
+                          target=target)
     b, m = summary["baseline"], summary["model"]
     _echo(f"compressed: params {b['params']:,} -> {m['params']:,} ({b['params'] / m['params']:.2f}x), "
           f"MACs {b['macs'] / 1e6:,.0f}M -> {m['macs'] / 1e6:,.0f}M ({b['macs'] / m['macs']:.2f}x); wrote {out}")
@@ -104,10 +108,11 @@ def validate(out: Path = typer.Argument(..., help="folder written by `compress` 
     """Accuracy, agreement, latency, memory and size of each artifact on TARGET's runtime, each budget a verdict:
     PASS (its whole interval within budget), FAIL (wholly over) or INCONCLUSIVE (too few examples or runs)."""
     from .pipeline import validate as do_validate
-    from .report import write_report
+    from .report import latency_target_line, write_report
 
     rows = do_validate(out, target, data, limit, confidence=confidence)
-    write_report(out)
+    for t in write_report(out)["latency_targets"]:
+        _echo(latency_target_line(t))
     by = {v: [r["variant"] for r in rows if r["verdict"] == v] for v in ("PASS", "INCONCLUSIVE", "FAIL")}
     _echo(f"{rows[0]['target']}'s budgets at {rows[0]['confidence']:.0%} confidence: "
           + "; ".join(f"{v} {len(names)}" + (f" ({', '.join(names)})" if names and v != "PASS" else "")
@@ -125,9 +130,11 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     r = load_recipe(recipe)
     report = do_run(r, out)
     out_dir = out or Path(r.output or f"runs/{r.name}")
-    from .report import markdown_table
+    from .report import latency_target_line, markdown_table
 
     _echo(markdown_table(report["validation"]))
+    for t in report["latency_targets"]:
+        _echo(latency_target_line(t))
     _echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'pareto.png'}")
 
 
@@ -170,6 +177,66 @@ def targets():
                 line += f"; int8 ran at {speed['speedup']:.2f}x fp32 speed (measured {speed['measured']['date']})" \
                     if speed else "; int8's speed is measured when an int8 file is linted"
             _echo(f"{'':16}{line}")
+
+
+@app.command()
+def profile(target: str = typer.Option(..., "--target", "-t", help="a built-in target or a profile .yaml"),
+            model: str = typer.Option("minilm", "--model", "-m", help="checkpoint, run folder (its baseline) or "
+                                                                      "built-in whose family the table is for"),
+            precision: Optional[str] = typer.Option(None, "--precision", help="artifact precision (default: the "
+                                                                               "target's first)"),
+            check: bool = typer.Option(False, "--check", help="measure random pruned shapes and report how well "
+                                                              "the table predicts them"),
+            models: int = typer.Option(30, "--models", min=1, help="random pruned shapes --check measures"),
+            table: Optional[Path] = typer.Option(None, "--table", help="a table measured elsewhere (JSON) to show "
+                                                                       "or check instead of measuring one"),
+            rebuild: bool = typer.Option(False, "--rebuild", help="measure again even if a table is cached"),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table (and the check) "
+                                                                         "as JSON to this file")):
+    """Build (once; cached) and show TARGET's latency table: the embeddings and head, an empty layer, attention by
+    heads and FFN by width, each measured in the target's runtime at its threads and shape, and a calibration on
+    whole models. `prune: {speedup: X}` and `{latency_ms: Y}` prune by it.
+
+    A table measured on a device pocketformer cannot reach is a JSON file: {"schema":
+    "pocketformer-latency-table/1", "target", "runtime", "runtime_version", "threads", "batch", "seq_len",
+    "precision", "cpu": {...}, "family": {"modality", "hidden", "head_dim", "act", "norm", "vocab_size",
+    "max_positions"}, "base_ms" (embeddings + head), "layer_ms" (a layer with no heads and no FFN),
+    "attention": {"points": [heads], "ms": [ms added per layer]}, "ffn": {"points": [neurons], "ms": [...]},
+    "calibration": {"scale", "offset_ms", "models"}}; predicted = scale * (base_ms + sum over layers of (layer_ms +
+    attention(heads) + ffn(neurons))) + offset_ms, curves piecewise linear (README: "Latency tables")."""
+    import json as _json
+
+    from .latency import write_table
+    from .models import load_any
+    from .recipe import resolve_checkpoint
+    from .targets import get_profile
+    from .targets.latency import check_table, table_for, table_lines
+
+    prof = get_profile(target)
+    path = resolve_checkpoint(model)
+    if (path / "baseline").is_dir():
+        path = path / "baseline"
+    loaded, _ = load_any(path)
+    precision = precision or prof.precisions[0]
+    tab = table_for(prof, loaded.config, precision, table, rebuild=rebuild)
+    for line in table_lines(tab):
+        _echo(line)
+    if prof.this_host and "int8" in prof.precisions and table is None:  # what lint's int8 rule reads
+        from .targets.int8_speed import describe, int8_speed
+
+        _echo(f"  int8: {describe(int8_speed(prof))}")
+    result = None
+    if check:
+        result = check_table(tab, prof, loaded.config, n=models)
+        worst = max(result["shapes"], key=lambda r: abs(r["error"]))
+        _echo(f"check on {result['models']} random pruned shapes of {model} ({prof.name}, measured here): "
+              f"{result['within_10pct']:.0%} predicted within +-10% of measured ({result['within_5pct']:.0%} within "
+              f"+-5%), mean |error| {result['mean_abs_error']:.1%}, worst {result['worst_error']:+.1%} (predicted "
+              f"{worst['predicted_ms']:.2f} ms, measured {worst['measured_ms']:.2f} ms, {worst['layers']} layers)")
+    if json_out is not None:
+        write_table(tab, json_out) if result is None else json_out.write_text(
+            _json.dumps({"table": tab.to_json(), "check": result}, indent=1) + "\n")
+        _echo(f"wrote {json_out}")
 
 
 @app.command()

@@ -48,11 +48,14 @@ def _data_key(data: str) -> str:
     return data
 
 
-def stage_key(stage: Stage, input_key: str, teacher_key: str, recipe: Recipe, data_key: str) -> str:
+def stage_key(stage: Stage, input_key: str, teacher_key: str, recipe: Recipe, data_key: str,
+              extra: Optional[dict[str, Any]] = None) -> str:
     """The cache key of one stage's result: what it ran on (the input model and the teacher, by their keys), what the
     stage is (name, settings, code version, the versions of the libraries it calls), and the run's data and
-    settings. A stage whose code changed bumps its version, so its old results are never served."""
-    return digest({"input": input_key, "teacher": teacher_key, "stage": stage.name, "stage_version": stage.version,
+    settings, and whatever else the stage says its result depends on (`extra`: Stage.key_inputs, e.g. the latency
+    table it prunes by). A stage whose code changed bumps its version, so its old results are never served."""
+    return digest({**({"extra": extra} if extra else {}), "input": input_key, "teacher": teacher_key,
+                   "stage": stage.name, "stage_version": stage.version,
                    "config": stage.config.model_dump(), "libraries": package_versions(*stage.libraries),
                    "data": data_key, "seed": recipe.seed, "max_len": recipe.max_len, "batch_size": recipe.batch_size,
                    "versions": versions()})
@@ -67,7 +70,7 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
     data_key = _data_key(data_source(recipe))
     for i, stage in enumerate(stages):
         cfg = stage.config.model_dump()
-        key = stage_key(stage, key, teacher_key, recipe, data_key)
+        key = stage_key(stage, key, teacher_key, recipe, data_key, stage.key_inputs(model, ctx))
         cached = cache_root() / "stages" / f"{stage.name}-{key[:20]}"
         before = describe(model, recipe.max_len)
         if is_canonical(cached) and (cached / "stage.json").is_file():
@@ -102,9 +105,36 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
     return model, reports, key
 
 
-def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool = False) -> dict[str, Any]:
+def latency_tables(recipe: Recipe, target: Optional[str]):
+    """Context.latency_table for a run: (target, table) for a stage's target (else `target`, else the recipe's first
+    target), the user's table file (relative to the recipe) or the table measured on the target's runtime here
+    (cached), at the stage's precision (else the target's first)."""
+    default = target or next((t.name for t in recipe.target_refs()), None)
+
+    def get(stage_target: Optional[str], table_file: Optional[str], precision: Optional[str], model):
+        from .targets import get_profile
+        from .targets.latency import table_for
+
+        profile = get_profile(stage_target or default)
+        precision = precision or profile.precisions[0]
+        if precision not in profile.precisions:
+            raise TargetError(f"Target {profile.name} runs {', '.join(profile.precisions)} files, not {precision}.",
+                              f"set prune's precision to one of {', '.join(profile.precisions)}.")
+        path = None
+        if table_file:
+            path = Path(table_file)
+            if not path.is_absolute() and recipe.source_path:
+                path = Path(recipe.source_path).parent / path
+        return profile.name, table_for(profile, model.config, precision, path)
+
+    return get
+
+
+def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool = False,
+             target: Optional[str] = None) -> dict[str, Any]:
     """Load the checkpoint, make the reference (prepare stages), compress it (stages), save both into out_dir. A
-    checkpoint stored only as a pickle is read only with `trust_pickle` (or the recipe's)."""
+    checkpoint stored only as a pickle is read only with `trust_pickle` (or the recipe's). `target`: what
+    latency-targeted stages aim at when they name none (default: the recipe's first target)."""
     checkpoint, out_dir = Path(checkpoint), output_folder(out_dir)
     seed_everything(recipe.seed)
     # Read the data and the checkpoint, and check they suit each other and the recipe, before printing anything: a
@@ -121,7 +151,8 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool
     info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
     encoder = Encoder(checkpoint, recipe.max_len)
     ctx = Context(teacher=model, train=train, validation=validation, encoder=encoder, seed=recipe.seed,
-                  batch_size=recipe.batch_size)
+                  batch_size=recipe.batch_size, target=target or next((t.name for t in recipe.target_refs()), None),
+                  latency_table=latency_tables(recipe, target))
     input_key = weights_sha256(model)
     baseline, prep_reports, key = run_stages(model, recipe.build("prepare"), ctx, input_key, recipe, checkpoint,
                                              "prepare", teacher_key=input_key)

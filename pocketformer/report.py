@@ -166,6 +166,52 @@ def app_table(apps: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def latency_targets(stages: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each latency-targeted stage's prediction beside what validation measured on its target: the compressed
+    model's file of the table's precision against the baseline's, and whether the target was met (and by how much
+    it was missed)."""
+    out = []
+    for s in stages:
+        lt = (s.get("details") or {}).get("latency_target")
+        if not lt:
+            continue
+        prec, target = lt["precision"], lt["target"]
+        row = {"stage": s["stage"], "target": target, "precision": prec, "asked": lt["asked"],
+               "budget_ms": lt["budget_ms"], "predicted_ms": lt["predicted_ms"],
+               "predicted_speedup": lt["predicted_speedup"], "measured_ms": None, "measured_speedup": None,
+               "met": None, "missed_by_pct": None}
+        found = {r["variant"]: r for r in rows if r.get("target") == target and r.get("latency_p50_ms")}
+        model, base = found.get(f"model.{prec}"), found.get(f"baseline.{prec}")
+        if model is not None:
+            row["measured_ms"] = model["latency_p50_ms"]
+            row["prediction_error"] = lt["predicted_ms"] / model["latency_p50_ms"] - 1
+            if base is not None:
+                row["measured_speedup"] = base["latency_p50_ms"] / model["latency_p50_ms"]
+            speedup = lt["asked"].get("speedup")
+            if speedup is not None and row["measured_speedup"] is not None:
+                row["met"] = row["measured_speedup"] >= speedup
+                row["missed_by_pct"] = max(0.0, 100 * (1 - row["measured_speedup"] / speedup))
+            elif speedup is None:
+                row["met"] = row["measured_ms"] <= lt["budget_ms"]
+                row["missed_by_pct"] = max(0.0, 100 * (row["measured_ms"] / lt["budget_ms"] - 1))
+        out.append(row)
+    return out
+
+
+def latency_target_line(t: dict[str, Any]) -> str:
+    """`prune aimed at 2x on host-ort (fp32): predicted 8.10 ms (2.00x), measured 8.52 ms (1.93x): MISSED by 3.5%`."""
+    asked = f"{t['asked']['speedup']:g}x" if t["asked"].get("speedup") is not None else \
+        f"{t['asked']['latency_ms']:g} ms"
+    text = (f"{t['stage']} aimed at {asked} on {t['target']} ({t['precision']}): predicted {t['predicted_ms']:.2f} ms "
+            f"({t['predicted_speedup']:.2f}x)")
+    if t["measured_ms"] is None:
+        return text + f"; not measured: validate on {t['target']} to measure it"
+    text += f", measured {t['measured_ms']:.2f} ms"
+    if t["measured_speedup"] is not None:
+        text += f" ({t['measured_speedup']:.2f}x against the baseline's file)"
+    return text + (": met" if t["met"] else f": MISSED by {t['missed_by_pct']:.1f}%")
+
+
 def write_report(out_dir: Path) -> dict[str, Any]:
 
 
@@ -178,9 +224,11 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     artifacts = read_manifest(out_dir / "artifacts")
     app_file = out_dir / "app" / "app.json"
     apps = json.loads(app_file.read_text()) if app_file.is_file() else []
+    targeted = latency_targets(meta["stages"], rows)
     report = {"recipe": meta["recipe"], "recipe_sha256": meta["recipe_sha256"], "versions": meta["versions"],
               "input": meta["input"], "stages": meta["prepare"] + meta["stages"], "baseline": meta["baseline"],
-              "model": meta["model"], "artifacts": artifacts, "validation": rows, "apps": apps}
+              "model": meta["model"], "artifacts": artifacts, "validation": rows, "apps": apps,
+              "latency_targets": targeted}
     write_json(out_dir / "report.json", report)
     if rows:
         plot_pareto(rows, out_dir / "pareto.png", f"{meta['recipe']['name']}: accuracy vs latency")
@@ -198,6 +246,11 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     for s in report["stages"]:
         md.append(f"| {s['stage']} | {s['params_after']:,} | {s['macs_after'] / 1e6:,.0f}M | "
                   f"{_fmt(s.get('validation_accuracy'))} | {s['seconds']:.0f} | {s.get('cached', False)} |")
+    if targeted:
+        md += ["", "## Latency targets: predicted by the table, measured on the target", "",
+               *[f"- {latency_target_line(t)}" for t in targeted], "",
+               "Predicted: the target's latency table (`pocketformer profile`), calibrated on whole models; measured: "
+               "validation's p50 of the compressed model's file of that precision on the target's runtime."]
     md += ["", "## Artifacts: one checkpoint, every format", "", cross_format_table(artifacts, rows), "",
            "Parity: each file run on real test inputs by the named execution and compared with PyTorch. Accuracy "
            "and latency: from validation on the target named (n = test examples); latency only where the "

@@ -14,11 +14,12 @@ summary="...")`. Besides its name, summary and config, a stage declares:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Generic, Literal, Optional, TypeVar, get_args
+from typing import Any, Callable, ClassVar, Generic, Literal, Optional, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import Dataset, Encoder
+from ..latency import LatencyTable
 from ..models.canonical import LINEAR_NAMES, CanonicalTransformer, count_params, encoder_macs
 from ..space import search_space, searchable
 
@@ -58,6 +59,13 @@ class Context:
     encoder: Encoder
     seed: int = 0
     batch_size: int = 32
+    # The target a latency-driven stage aims at when its settings name none (the recipe's first target), and how to
+    # get a target's latency table: latency_table(target, table_file, precision, model) -> (target, table), measured
+    # on the target's runtime (cached) or read from the user's file. Supplied by the pipeline (the compress layer
+    # does not run runtimes); None where no target is known.
+    target: Optional[str] = None
+    latency_table: Optional[Callable[[Optional[str], Optional[str], Optional[str], CanonicalTransformer],
+                                     tuple[str, LatencyTable]]] = None
 
 
 @dataclass
@@ -198,6 +206,11 @@ class Stage(Generic[C]):
     def min_layers(self) -> tuple[int, str]:
         """The fewest layers the model may have when this stage runs, and why."""
         return 0, ""
+
+    def key_inputs(self, model: CanonicalTransformer, ctx: Context) -> dict[str, Any]:
+        """What this stage's result depends on besides its input model, settings, data and versions (joined to its
+        cache key): e.g. the latency table a latency-targeted stage prunes by. Default: nothing."""
+        return {}
 
     def layers_after(self, layers: int) -> Optional[int]:
         """The model's layer count after this stage, from the count before it (None: known only once it ran)."""

@@ -8,6 +8,9 @@ Importance, per unit: magnitude or taylor (scored in importance.py), or
   kept is then confirmed on the validation split: the paired accuracy drop against the model before the walk, with
   its interval (pocketformer.verdict). With `max_drop`, the walk's deletions are tested on validation in the order
   the walk made them, and undone from the first whose model does not PASS.
+- to a latency target (`speedup` or `latency_ms` on a target): Kwon et al.'s retraining-free pruning
+  (compress/retraining_free.py): Fisher information of head and neuron masks on calibration examples, a mask search
+  under the target's measured latency table, mask rearrangement, layer-wise least-squares tuning; no gradient training.
 Heads and neurons are ranked globally after normalising scores within each layer; every layer keeps at least one
 head and a multiple of `round_to` neurons, so matmul shapes stay kernel-friendly. Layers are never removed from a
 model with early exits: the exits are placed after layers by index.
@@ -22,7 +25,7 @@ from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import RecipeError
 from ..models.canonical import CanonicalTransformer
@@ -44,10 +47,27 @@ class PruneConfig(StageConfig):
                            json_schema_extra=searchable(0, 0.5))
     ffn: Removal = Field(0, description="FFN neurons to remove (of all remaining): fraction or count",
                          json_schema_extra=searchable(0, 0.75))
-    importance: Literal["magnitude", "taylor", "accuracy"] = Field(
-        "taylor", description="how units are ranked: weight magnitude, first-order loss change (taylor), or "
-                              "accuracy (delete, re-evaluate, keep if the loss holds)",
+    importance: Literal["magnitude", "taylor", "accuracy", "fisher"] = Field(
+        "taylor", description="how units are ranked: weight magnitude, first-order loss change (taylor), "
+                              "accuracy (delete, re-evaluate, keep if the loss holds), or fisher (Fisher information "
+                              "of head and neuron masks: what speedup / latency_ms prune by, and only they)",
         json_schema_extra=searchable(choices=["magnitude", "taylor", "accuracy"]))
+    # Latency-targeted (retraining-free) pruning: not searchable here, the search varies the target itself.
+    speedup: Optional[float] = Field(None, gt=1, le=100, description=(
+        "prune to this predicted speedup over the model before pruning, on the target's measured latency table "
+        "(retraining-free: Fisher masks, latency search, rearrangement, least-squares tuning)"))
+    latency_ms: Optional[float] = Field(None, gt=0, description=(
+        "prune to this predicted latency (ms, p50 at the target's batch, sequence length and threads)"))
+    target: Optional[str] = Field(None, description="the target of speedup / latency_ms (default: the recipe's "
+                                                    "first target, or compress --target)")
+    table: Optional[str] = Field(None, description=(
+        "a latency table measured on the device (JSON, format in `pocketformer profile --help`): for targets whose "
+        "runtime cannot run here, or to use a table measured elsewhere"))
+    precision: Optional[str] = Field(None, description="the artifact precision whose latency is targeted "
+                                                       "(default: the target's first precision)")
+    tune: Literal["auto", "none", "mask", "weights"] = Field(
+        "auto", description="least-squares tuning after a latency-targeted prune: per-unit scales (mask, as Kwon "
+                            "et al.), full output weights (weights), the better per block on held-out tokens (auto)")
     calibration_examples: int = Field(512, ge=8, le=100000, description="train examples the importance is scored on")
     tolerance: float = Field(0.0, ge=0, description="accuracy mode: allowed rise of the calibration (train) loss per "
                                                         "deletion")
@@ -59,6 +79,32 @@ class PruneConfig(StageConfig):
         "and undone from the first whose model does not PASS (none: the drop is only measured)"))
     confidence: Confidence = Field(DEFAULT_CONFIDENCE, description=(
         "accuracy mode: two-sided confidence of the validation drop's interval that `max_drop` is checked with"))
+
+    @model_validator(mode="after")
+    def _latency_mode(self):
+        if self.speedup is not None and self.latency_ms is not None:
+            raise ValueError("speedup and latency_ms both set: give one target")
+        if self.speedup is None and self.latency_ms is None:
+            for name in ("target", "table", "precision"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to a latency target only: set speedup or latency_ms, or "
+                                     f"remove {name}")
+            if self.importance == "fisher":
+                raise ValueError("importance fisher ranks units for a latency target: set speedup or latency_ms")
+            return self
+        amounts = [n for n in ("layers", "heads", "ffn") if getattr(self, n)]
+        if amounts:
+            raise ValueError(f"{', '.join(amounts)} and a latency target both set: the target decides what is "
+                             f"removed; remove {', '.join(amounts)}")
+        if "importance" in self.model_fields_set and self.importance != "fisher":
+            raise ValueError(f"a latency target prunes by Fisher importance, not {self.importance}: remove "
+                             "importance or set it to fisher")
+        self.importance = "fisher"
+        return self
+
+    @property
+    def latency_target(self) -> bool:
+        return self.speedup is not None or self.latency_ms is not None
 
     @field_validator("max_drop")
     @classmethod
@@ -113,7 +159,8 @@ def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> 
 # -- the stage ------------------------------------------------------------------------------------------------
 
 class Prune(Stage[PruneConfig], name="prune", version=2,
-            summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy)"):
+            summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy), "
+                    "or to a latency target on a device (retraining-free)"):
     excludes = frozenset({"exits"})
     invalidates = frozenset({"nested_ffn"})
     reasons = {"exits": "removing layers would misplace the exit heads, which sit after layers by index",
@@ -126,12 +173,28 @@ class Prune(Stage[PruneConfig], name="prune", version=2,
         # Accuracy mode removes layers and neuron groups up to a budget, unbounded when it is 0; with exits present
         # it keeps every layer, so only an explicit `layers` conflicts with exits.
         return Effects(excludes=self.excludes if cfg.layers else frozenset(),
-                       invalidates=self.invalidates if cfg.ffn or cfg.importance == "accuracy" else frozenset())
+                       invalidates=self.invalidates if cfg.ffn or cfg.importance in ("accuracy", "fisher")
+                       else frozenset())
 
     def layers_after(self, layers: int):
-        if self.config.importance == "accuracy":
-            return None  # as many as the walk deletes
+        if self.config.importance in ("accuracy", "fisher"):
+            return None  # as many as the walk deletes, or the latency search empties
         return layers - resolve(self.config.layers, layers)
+
+    def key_inputs(self, model: CanonicalTransformer, ctx: Context) -> dict[str, Any]:
+        """A latency-targeted prune depends on the table it prunes by (measured on this host, or the user's)."""
+        if not self.config.latency_target:
+            return {}
+        target, table = self._table(model, ctx)
+        return {"target": target, "latency_table": table.digest}
+
+    def _table(self, model: CanonicalTransformer, ctx: Context):
+        cfg = self.config
+        if ctx.latency_table is None or (cfg.target or ctx.target) is None:
+            raise RecipeError("prune's speedup / latency_ms needs a target to measure latency on, and none is named.",
+                              "set prune's `target: NAME`, list one under the recipe's `targets:`, or pass "
+                              "`compress --target NAME`.")
+        return ctx.latency_table(cfg.target, cfg.table, cfg.precision, model)
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg = self.config
@@ -145,6 +208,8 @@ class Prune(Stage[PruneConfig], name="prune", version=2,
                               "remove max_drop (the validation cosine is still recorded), or put a finetune stage "
                               "(in prepare) before prune.")
         batches = calibration_batches(ctx, cfg.calibration_examples)
+        if cfg.latency_target:
+            return self._to_latency(model, ctx, batches)
         if cfg.importance == "accuracy":
             before = copy.deepcopy(model)
             deletions = accuracy_walk(model, ctx, cfg, batches)
@@ -170,6 +235,33 @@ class Prune(Stage[PruneConfig], name="prune", version=2,
             for li, k in enumerate(select_neurons(neuron_s, resolve(cfg.ffn, total_neurons), cfg.round_to)):
                 model.keep_neurons(li, k)
         return StageResult(model)
+
+
+    def _to_latency(self, model: CanonicalTransformer, ctx: Context, batches) -> StageResult:
+        from .retraining_free import prune_to_latency
+
+        cfg = self.config
+        target, table = self._table(model, ctx)
+        shapes = [(layer.attn.heads, layer.ffn.width) for layer in model.layers]
+        before = table.predict(shapes)
+        budget = cfg.latency_ms if cfg.latency_ms is not None else before / cfg.speedup
+        wanted = f"{cfg.latency_ms:g} ms" if cfg.latency_ms is not None else f"{cfg.speedup:g}x"
+        info(f"prune: {target} ({table.runtime} {table.runtime_version}, {table.threads} threads, "
+             f"{table.batch}x{table.seq_len}, {table.precision}): the model is predicted at {before:.2f} ms; "
+             f"target {wanted} = {budget:.2f} ms")
+        model, details = prune_to_latency(model, ctx.teacher, batches, table, budget, round_to=cfg.round_to,
+                                          tune=cfg.tune)
+        after = table.predict([(layer.attn.heads, layer.ffn.width) for layer in model.layers])
+        info(f"prune: predicted {before:.2f} -> {after:.2f} ms on {target} ({before / after:.2f}x; target "
+             f"{budget:.2f} ms); measured latency comes with `pocketformer validate`")
+        details.update({"latency_target": {
+            "target": target, "asked": {"speedup": cfg.speedup, "latency_ms": cfg.latency_ms},
+            "budget_ms": budget, "predicted_before_ms": before, "predicted_ms": after,
+            "predicted_speedup": before / after, "precision": table.precision, "runtime": table.runtime,
+            "runtime_version": table.runtime_version, "threads": table.threads, "seq_len": table.seq_len,
+            "batch": table.batch, "cpu": table.cpu.get("fingerprint"), "table_sha256": table.digest,
+            "table_file": cfg.table}})
+        return StageResult(model, details)
 
 
 # -- the accuracy-driven walk ---------------------------------------------------------------------------------

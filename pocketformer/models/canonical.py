@@ -9,7 +9,9 @@ column).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Any, Literal, Optional
 
 import torch
@@ -459,10 +461,20 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return (1.0 - attention_mask.to(dtype))[:, None, None, :] * MASK_NEG
 
 
+@contextlib.contextmanager
+def _quiet_empty():
+    """Every head or neuron of a layer may be pruned: its empty linears are meant, so torch's warning about
+    initialising zero-element tensors is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        yield
+
+
 def _take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:
     if isinstance(lin, LowRankLinear):
         return lin.take_rows(rows)
-    new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
+    with _quiet_empty():
+        new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[rows])
         if lin.bias is not None:
@@ -473,7 +485,8 @@ def _take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:
 def _take_cols(lin: nn.Module, cols: torch.Tensor) -> nn.Module:
     if isinstance(lin, LowRankLinear):
         return lin.take_cols(cols)
-    new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
+    with _quiet_empty():
+        new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[:, cols])
         if lin.bias is not None:
