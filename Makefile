@@ -39,6 +39,7 @@ bench: install
 	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES)
 	$(PY) benchmarks/minilm_sentiment.py
 	$(PY) benchmarks/long_sequence.py
+	$(PY) benchmarks/latency_pruning.py
 
 clean:
 	rm -rf runs .pytest_cache
