@@ -5,7 +5,7 @@ its own threads and shapes (pocketformer.latency holds the table and the predict
 How a table is measured, for a model family (hidden size, head size, vocabulary...) and a precision:
 - every point is a whole model of random weights, exported by the format's own exporter (so the runtime sees the
   graphs real artifacts have: same fusions, same kernels) and timed in a fresh process (validate's probe: p50 of the
-  profile's repeats after its warm-up);
+  profile's repeats after its warm-up), twice, models in turn, the lower p50 kept;
 - an empty layer (no heads, no FFN neurons) and the embeddings + head come from stacks of 1 and L empty layers;
 - attention(h) is (stack of L layers of h heads and no FFN - the empty stack) / L, at a handful of head counts;
   ffn(w) likewise at a handful of widths rounded to multiples of 64; both piecewise linear between points, made
@@ -35,7 +35,8 @@ from ..progress import info, progress_bar
 from ..store import cache_root, cpu, digest, fingerprint
 from . import Profile, runtime_of, static_shape
 
-TABLE_VERSION = 1  # bump when the way tables are measured changes: old cached tables are then not reused
+TABLE_VERSION = 2  # bump when the way tables are measured changes: old cached tables are then not reused
+ROUNDS = 2  # fresh-process timings of each model, the lowest p50 kept
 WIDTH_STEP = 64  # FFN widths measured and drawn in random shapes: multiples the runtimes' kernels tile well
 
 
@@ -92,31 +93,38 @@ def measurable(profile: Profile):
 
 
 def measure_models(spec: ModelConfig, shape_sets: Sequence[Sequence[tuple[int, int]]], profile: Profile,
-                   precision: str = "fp32", desc: str = "measuring") -> list[float]:
-    """The p50 latency (ms) on the profile's runtime of a model of each shape set, each exported by the profile's
-    format and timed in a fresh process."""
+                   precision: str = "fp32", desc: str = "measuring", rounds: int = ROUNDS) -> list[float]:
+    """The latency (ms) on the profile's runtime of a model of each shape set, each exported by the profile's
+    format: the lowest of `rounds` p50s, each in a fresh process, the models taken in turn in every round (on a
+    shared machine interference only ever slows a run down, and it comes in bursts that one model's back-to-back
+    runs would all share)."""
     from ..export import FORMATS, export
     from ..models.importers import parity_inputs
     from .validate import measure_latency
 
     runtime = measurable(profile)
     fmt, static = FORMATS[profile.format], static_shape(profile)
-    out = []
-    with progress_bar(f"{desc} ({profile.name}, {precision})", len(shape_sets)) as advance:
-        for shapes in shape_sets:
-            model = model_of(spec, shapes)
-            check = parity_inputs(model.spec, batch=2, seq=min(16, profile.seq_len))
-            with tempfile.TemporaryDirectory() as tmp:
-                records = export(model, Path(tmp), "m", check, fmt, runtime, int8=precision.startswith("int8"),
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        with progress_bar(f"{desc}: exporting ({profile.name}, {precision})", len(shape_sets)) as advance:
+            for i, shapes in enumerate(shape_sets):
+                model = model_of(spec, shapes)
+                check = parity_inputs(model.spec, batch=2, seq=min(16, profile.seq_len))
+                records = export(model, Path(tmp), f"m{i}", check, fmt, runtime, int8=precision.startswith("int8"),
                                  static_shape=static, kinds={None})
                 record = next((r for r in records if r["precision"] == precision), None)
                 if record is None:
                     raise TargetError(f"The {profile.format} exporter writes no {precision} file.",
                                       f"choose one of {', '.join(r['precision'] for r in records)}.")
-                timing = measure_latency(Path(tmp) / record["file"], profile, _feeds(model, profile))
-            out.append(timing["latency_p50_ms"])
-            advance()
-    return out
+                files.append((Path(tmp) / record["file"], _feeds(model, profile)))
+                advance()
+        best = [float("inf")] * len(files)
+        with progress_bar(f"{desc}: timing ({profile.name}, {precision})", rounds * len(files)) as advance:
+            for _ in range(rounds):
+                for i, (path, feeds) in enumerate(files):
+                    best[i] = min(best[i], measure_latency(path, profile, feeds)["latency_p50_ms"])
+                    advance()
+    return best
 
 
 def _points(full: int, fractions: Sequence[float], step: int, small: Sequence[int] = ()) -> list[int]:
@@ -147,6 +155,11 @@ def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32", ca
                 ) -> LatencyTable:
     """Measure a table for the family of `spec` on `profile` (see the module docstring)."""
     measurable(profile)
+    positions = spec.max_positions - spec.position_offset
+    if spec.modality == "text" and profile.seq_len > positions:
+        raise TargetError(f"Target {profile.name} runs {profile.seq_len} tokens, and this model takes at most "
+                          f"{positions} positions.", "profile it with a target of a shorter seq_len (a profile "
+                                                     ".yaml), or a model that takes the target's length.")
     t0 = time.monotonic()
     heads, width = _full_shape(spec)
     L = max(2, len(spec.layers))
@@ -168,7 +181,7 @@ def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32", ca
                          attention=Curve(points=[0] + head_pts, ms=attention),
                          ffn=Curve(points=[0] + width_pts, ms=ffn),
                          measured={"by": f"pocketformer {__version__}", "table_version": TABLE_VERSION,
-                                   "date": time.strftime("%Y-%m-%d"), "warmup": profile.warmup,
+                                   "rounds": ROUNDS, "date": time.strftime("%Y-%m-%d"), "warmup": profile.warmup,
                                    "repeats": profile.repeats})
     if calibration_models:
         shapes = random_shapes(spec, calibration_models, seed=0)
