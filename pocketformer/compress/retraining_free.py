@@ -744,8 +744,8 @@ def prune_to_latency(model: CanonicalTransformer, teacher: Optional[CanonicalTra
     seconds["total"] = round(time.perf_counter() - start, 3)
     chosen = Counter(r["choice"] for r in tuning)
     tuned = ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items())) if tuning else "none"
-    info(f"retraining-free: tuning {tuned}; {len(removed)} empty layers removed; {latency_after:.2f} ms predicted; "
-         f"{seconds['total']:.1f} s")
+    layers = f"{len(removed)} empty layer{'' if len(removed) == 1 else 's'} removed"
+    info(f"retraining-free: tuning {tuned}; {layers}; {latency_after:.2f} ms predicted; {seconds['total']:.1f} s")
     details = {
         "method": "retraining-free pruning (Kwon et al. 2022)",
         "target": table.target,

@@ -87,8 +87,8 @@ def measurable(profile: Profile):
     runtime = runtime_of(profile)
     if not runtime.measures_latency:
         raise TargetError(f"{runtime.no_latency()} Target {profile.name} cannot be profiled on this machine.",
-                          "measure a table on the device and pass it with `table: FILE` (format: `pocketformer "
-                          "profile --help`), or use a target whose runtime runs here.")
+                          "measure a table on the device and pass it with `table: FILE` in prune (or `--table FILE`; "
+                          "format: `pocketformer profile --help`), or use a target whose runtime runs here.")
     return runtime
 
 
