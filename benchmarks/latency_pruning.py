@@ -154,7 +154,8 @@ def markdown(result: dict) -> str:
     for kind, command in result["commands"].items():
         env = result["envs"][kind]
         lines.append(f"{kind.capitalize()} rows: `{command}` on {env['cpu']}, {env['cores']} cores, {env['date']}; "
-                     f"torch {env['torch']} ({env['torch_threads']} threads for PyTorch work).")
+                     f"torch {env['torch']} ({env['torch_threads']} threads for PyTorch work)."
+                     + (f" {result['notes'][kind]}" if result.get("notes", {}).get(kind) else ""))
     lines.append("")
     pred = [r for r in result["rows"] if r["kind"] == "predictor"]
     if pred:
@@ -187,9 +188,10 @@ def markdown(result: dict) -> str:
         lines += ["", f"Reference accuracy (the fine-tuned model, PyTorch-exported fp32 ONNX): "
                       f"{prune[0]['reference_accuracy']:.2f}%. Pruning seconds: the prune stage alone (Fisher "
                       "gradients, search, rearrangement, tuning), on this 2-core machine, with its latency table "
-                      "already cached; the distillation after it is not counted. p50: the lowest of 3 fresh-process "
-                      "runs (50 timed after 10 warm-up each), the variant's and the baseline's files alternating; "
-                      "speedup: the baseline's over the variant's.", ""]
+                      "already cached; the distillation after it is not counted. p50: the lowest p50 (50 timed runs after "
+                      "10 warm-up) over the fresh-process runs of each file, the variant's and the baseline's "
+                      f"alternating ({ROUNDS} in a run of this script; see the note above); speedup: the baseline's "
+                      "over the variant's.", ""]
     return "\n".join(lines)
 
 
@@ -226,7 +228,8 @@ def write_results(rows: list[dict], env: dict, commands: dict[str, str]) -> None
     kinds = set(commands)
     result = {"rows": [r for r in old["rows"] if r["kind"] not in kinds] + rows,
               "commands": {**old.get("commands", {}), **commands},
-              "envs": {**old.get("envs", {}), **{k: env for k in kinds}}}
+              "envs": {**old.get("envs", {}), **{k: env for k in kinds}},
+              "notes": {k: v for k, v in old.get("notes", {}).items() if k not in kinds}}
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     (RESULTS / "latency_pruning.md").write_text(markdown(result))

@@ -577,7 +577,9 @@ def write_markdown(rows, env, args, storage=()) -> str:
                + f": {'; '.join(u['rows'])}. The other rows, and the reference rows, are those of the command above."
                for u in env.get("updates", [])],
              *([""] if env.get("updates") else []),
-             "Accuracy against mean latency: `results/minilm_sentiment_pareto.png`.", "",
+             "Accuracy against mean latency: `results/minilm_sentiment_pareto.png`. Latency tables and pruning to a "
+             "latency target (retraining-free, measured on the AVX-512 VNNI host): `results/latency_pruning.md` "
+             "(`benchmarks/latency_pruning.py`).", "",
              "| variant | runtime | accuracy % | drop (pts) | p50 ms | mean ms | p90 ms | size MB | speedup (p50) | "
              "speedup (mean) | size ratio | layers | heads | params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
