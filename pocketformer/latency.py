@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -113,11 +113,8 @@ class LatencyTable(BaseModel):
         """This table with its calibration fitted to whole models: measured ~ scale * blocks + offset (least
         squares; with one model, scale alone)."""
         x, y = np.asarray(blocks, float), np.asarray(measured, float)
-        if len(x) >= 2 and np.ptp(x) > 0:
-            scale, offset = np.polyfit(x, y, 1)
-        else:
-            scale, offset = float(np.sum(x * y) / np.sum(x * x)), 0.0
-        if scale <= 0:  # a nonsense fit (noise larger than the spread of the models): ratio only
+        scale, offset = np.polyfit(x, y, 1) if len(x) >= 2 and np.ptp(x) > 0 else (0.0, 0.0)
+        if scale <= 0:  # one model, or a nonsense fit (noise larger than the spread of the models): ratio only
             scale, offset = float(np.sum(x * y) / np.sum(x * x)), 0.0
         return self.model_copy(update={"calibration": Calibration(scale=float(scale), offset_ms=float(offset),
                                                                    models=len(x))})
@@ -187,7 +184,3 @@ def prediction_errors(predicted: Sequence[float], measured: Sequence[float]) -> 
             "within_5pct": float(np.mean(np.abs(rel) <= 0.05 + 1e-9)) if len(rel) else None,
             "mean_abs_error": float(np.mean(np.abs(rel))) if len(rel) else None,
             "worst_error": float(rel[worst]) if worst is not None else None}
-
-
-def optional_table(path: Optional[str]) -> Optional[LatencyTable]:
-    return read_table(Path(path)) if path else None

@@ -105,11 +105,10 @@ def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, toke
     return model, reports, key
 
 
-def latency_tables(recipe: Recipe, target: Optional[str]):
-    """Context.latency_table for a run: (target, table) for a stage's target (else `target`, else the recipe's first
-    target), the user's table file (relative to the recipe) or the table measured on the target's runtime here
-    (cached), at the stage's precision (else the target's first)."""
-    default = target or next((t.name for t in recipe.target_refs()), None)
+def latency_tables(recipe: Recipe, default: Optional[str]):
+    """Context.latency_table for a run: (target, table) for a stage's target (else `default`), the user's table file
+    (relative to the recipe) or the table measured on the target's runtime here (cached), at the stage's precision
+    (else the target's first)."""
 
     def get(stage_target: Optional[str], table_file: Optional[str], precision: Optional[str], model):
         from .targets import get_profile
@@ -150,9 +149,9 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool
     recipe.check_plan(ModelFacts.of(model), model=str(checkpoint))
     info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
     encoder = Encoder(checkpoint, recipe.max_len)
+    target = target or next((t.name for t in recipe.target_refs()), None)
     ctx = Context(teacher=model, train=train, validation=validation, encoder=encoder, seed=recipe.seed,
-                  batch_size=recipe.batch_size, target=target or next((t.name for t in recipe.target_refs()), None),
-                  latency_table=latency_tables(recipe, target))
+                  batch_size=recipe.batch_size, target=target, latency_table=latency_tables(recipe, target))
     input_key = weights_sha256(model)
     baseline, prep_reports, key = run_stages(model, recipe.build("prepare"), ctx, input_key, recipe, checkpoint,
                                              "prepare", teacher_key=input_key)

@@ -11,7 +11,8 @@ The loss is the model's task loss: against the labels, or against the teacher's 
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -86,10 +87,10 @@ def magnitude_scores(model: CanonicalTransformer) -> tuple[list[torch.Tensor], l
             [neuron_magnitudes(layer.ffn) for layer in model.layers])
 
 
-def taylor_scores(model: CanonicalTransformer, teacher, batches: Batches) -> tuple[list, list]:
-    """|dL/dgate| accumulated over batches, gates of ones on each head's context and each FFN activation."""
-    head_gates = [torch.ones(l.attn.heads, requires_grad=True) for l in model.layers]
-    neuron_gates = [torch.ones(l.ffn.width, requires_grad=True) for l in model.layers]
+@contextmanager
+def gated(model: CanonicalTransformer, head_gates: Sequence[torch.Tensor], neuron_gates: Sequence[torch.Tensor]):
+    """Multiply each head's context (per layer, a gate per head) and each FFN activation by the gates: the masks
+    whose gradients taylor and Fisher importance read."""
     hooks = []
     for layer, hg, ng in zip(model.layers, head_gates, neuron_gates):
         d = layer.attn.head_dim
@@ -100,21 +101,28 @@ def taylor_scores(model: CanonicalTransformer, teacher, batches: Batches) -> tup
 
         hooks.append(layer.attn.o.register_forward_pre_hook(gate_heads))
         hooks.append(layer.ffn.fc2.register_forward_pre_hook(lambda _m, args, ng=ng: args[0] * ng))
-    head_acc = [torch.zeros_like(g) for g in head_gates]
-    neuron_acc = [torch.zeros_like(g) for g in neuron_gates]
-    model.eval()
     try:
-        with progress_bar("importance (taylor)", len(batches)) as advance:
-            for inputs, labels in batches:
-                loss = task_loss(model, teacher, inputs, labels)
-                grads = torch.autograd.grad(loss, head_gates + neuron_gates, allow_unused=True)
-                for acc, g in zip(head_acc + neuron_acc, grads):
-                    if g is not None:
-                        acc += g.abs()
-                advance()
+        yield
     finally:
         for h in hooks:
             h.remove()
+
+
+def taylor_scores(model: CanonicalTransformer, teacher, batches: Batches) -> tuple[list, list]:
+    """|dL/dgate| accumulated over batches, gates of ones on each head's context and each FFN activation."""
+    head_gates = [torch.ones(l.attn.heads, requires_grad=True) for l in model.layers]
+    neuron_gates = [torch.ones(l.ffn.width, requires_grad=True) for l in model.layers]
+    head_acc = [torch.zeros_like(g) for g in head_gates]
+    neuron_acc = [torch.zeros_like(g) for g in neuron_gates]
+    model.eval()
+    with gated(model, head_gates, neuron_gates), progress_bar("importance (taylor)", len(batches)) as advance:
+        for inputs, labels in batches:
+            loss = task_loss(model, teacher, inputs, labels)
+            grads = torch.autograd.grad(loss, head_gates + neuron_gates, allow_unused=True)
+            for acc, g in zip(head_acc + neuron_acc, grads):
+                if g is not None:
+                    acc += g.abs()
+            advance()
     return head_acc, neuron_acc
 
 

@@ -246,12 +246,11 @@ class Prune(Stage[PruneConfig], name="prune", version=2,
 
 
     def _to_latency(self, model: CanonicalTransformer, ctx: Context, batches) -> StageResult:
-        from .retraining_free import prune_to_latency
+        from .retraining_free import layer_shapes, prune_to_latency
 
         cfg = self.config
         target, table = self._table(model, ctx)
-        shapes = [(layer.attn.heads, layer.ffn.width) for layer in model.layers]
-        before = table.predict(shapes)
+        before = table.predict(layer_shapes(model))
         budget = cfg.latency_ms if cfg.latency_ms is not None else before / cfg.speedup
         wanted = f"{cfg.latency_ms:g} ms" if cfg.latency_ms is not None else f"{cfg.speedup:g}x"
         info(f"prune: {target} ({table.runtime} {table.runtime_version}, {table.threads} threads, "
@@ -259,7 +258,7 @@ class Prune(Stage[PruneConfig], name="prune", version=2,
              f"target {wanted} = {budget:.2f} ms")
         model, details = prune_to_latency(model, ctx.teacher, batches, table, budget, round_to=cfg.round_to,
                                           tune=cfg.tune)
-        after = table.predict([(layer.attn.heads, layer.ffn.width) for layer in model.layers])
+        after = table.predict(layer_shapes(model))
         info(f"prune: predicted {before:.2f} -> {after:.2f} ms on {target} ({before / after:.2f}x; target "
              f"{budget:.2f} ms); measured latency comes with `pocketformer validate`")
         details.update({"latency_target": {

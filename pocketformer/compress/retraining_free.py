@@ -56,7 +56,8 @@ from ..errors import RecipeError
 from ..latency import LatencyTable
 from ..models.canonical import CanonicalTransformer, Layer, attention_bias
 from ..progress import info, progress_bar
-from .importance import (Batches, head_magnitudes, mean_task_loss, neuron_magnitudes, same_weights, task_loss)
+from .importance import (Batches, gated, head_magnitudes, mean_task_loss, neuron_magnitudes, same_weights,
+                         task_loss)
 
 Tuning = Literal["auto", "none", "mask", "weights"]
 # Ridge strengths tried for each tuning, relative to the mean diagonal of its normal equations.
@@ -94,26 +95,6 @@ def frozen_weights(model: nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-@contextmanager
-def gated(model: CanonicalTransformer, head_gates: Sequence[torch.Tensor], neuron_gates: Sequence[torch.Tensor]):
-    """Multiply each head's context (per layer, a gate per head) and each FFN activation by the gates."""
-    hooks = []
-    for layer, hg, ng in zip(model.layers, head_gates, neuron_gates):
-        d = layer.attn.head_dim
-
-        def gate_heads(_m, args, hg=hg, d=d):
-            x = args[0]
-            return (x.reshape(*x.shape[:-1], -1, d) * hg[:, None]).reshape(x.shape)
-
-        hooks.append(layer.attn.o.register_forward_pre_hook(gate_heads))
-        hooks.append(layer.ffn.fc2.register_forward_pre_hook(lambda _m, args, ng=ng: args[0] * ng))
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def mask_grads(model: CanonicalTransformer, teacher: Optional[CanonicalTransformer], batches: Batches) -> MaskGrads:
@@ -614,7 +595,7 @@ def remove_empty_layers(model: CanonicalTransformer, teacher: Optional[Canonical
             loss = trial_loss
     for i in sorted((i for i in empty if not records[i]["removed"]),
                     key=lambda i: records[i]["loss_after"] - records[i]["loss_before"]):
-        if table.predict(_shapes(model)) <= budget_ms:
+        if table.predict(layer_shapes(model)) <= budget_ms:
             break
         model.keep_layers([j for j in range(len(alive)) if alive[j] != i])
         alive.remove(i)
@@ -622,7 +603,8 @@ def remove_empty_layers(model: CanonicalTransformer, teacher: Optional[Canonical
     return [records[i] for i in empty]
 
 
-def _shapes(model: CanonicalTransformer) -> list[tuple[int, int]]:
+def layer_shapes(model: CanonicalTransformer) -> list[tuple[int, int]]:
+    """(heads, FFN neurons) of each layer: what a latency table predicts from."""
     return [(layer.attn.heads, layer.ffn.width) for layer in model.layers]
 
 
@@ -695,7 +677,7 @@ def prune_to_latency(model: CanonicalTransformer, teacher: Optional[CanonicalTra
         seconds[name] = round(now - clock, 3)
         clock = now
 
-    before = _shapes(model)
+    before = layer_shapes(model)
     latency_before = table.predict(before)
     # 1. importance
     grads: Optional[MaskGrads] = None
@@ -740,7 +722,7 @@ def prune_to_latency(model: CanonicalTransformer, teacher: Optional[CanonicalTra
         retuning = tune_layers(student, model, batches, tune, kept=[i for i in range(len(model.layers))
                                                                     if i not in removed], tune_from=min(removed) + 1)
     lap("layers")
-    latency_after = table.predict(_shapes(student))
+    latency_after = table.predict(layer_shapes(student))
     seconds["total"] = round(time.perf_counter() - start, 3)
     chosen = Counter(r["choice"] for r in tuning)
     tuned = ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items())) if tuning else "none"
