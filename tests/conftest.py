@@ -158,20 +158,28 @@ def minilm_path() -> Path:
     return Path(gt.get_model_path())
 
 
-@pytest.fixture(scope="session")
-def tokenized_bert(tmp_path_factory, minilm_path) -> Path:
-    """A 2-layer, hidden-64 BertForSequenceClassification (labels neg/pos) with MiniLM's real tokenizer files."""
+def save_tokenized_bert(folder: Path, minilm_path: Path, model_class: str = "BertModel", **config) -> Path:
+    """A 2-layer, hidden-64 Bert of `model_class` (seed 0; `config` on top of the tiny shape) saved to `folder`, with
+    MiniLM's real tokenizer files beside it."""
     import transformers
 
-    folder = tmp_path_factory.mktemp("tiny-bert-tok")
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                   num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=64,
-                                  num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
-    transformers.BertForSequenceClassification(cfg).eval().save_pretrained(str(folder))
+                                  **config)
+    getattr(transformers, model_class)(cfg).eval().save_pretrained(str(folder))
     for name in TOKENIZER_FILES:
         shutil.copy2(minilm_path / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tokenized_bert(tmp_path_factory, minilm_path) -> Path:
+    """A 2-layer, hidden-64 BertForSequenceClassification (labels neg/pos) with MiniLM's real tokenizer files."""
+    return save_tokenized_bert(tmp_path_factory.mktemp("tiny-bert-tok"), minilm_path,
+                               "BertForSequenceClassification", num_labels=2, id2label={0: "neg", 1: "pos"},
+                               label2id={"neg": 0, "pos": 1})
 
 
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "charming", "delightful"]

@@ -4,7 +4,6 @@ classifier (ImageClassifier)."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -116,19 +115,9 @@ def test_the_readme_names_the_files_labels_and_the_kotlin_that_loads_them(classi
 
 
 def test_a_text_embedding_model_runs_in_mediapipe_text_embedder(tmp_path, minilm_path):
-    import torch
-    import transformers
+    from conftest import save_tokenized_bert
 
-    from conftest import FFN, HEADS, HIDDEN, LAYERS, TOKENIZER_FILES
-
-    hf = tmp_path / "hf"
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                  num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=64,
-                                  initializer_range=0.2)
-    transformers.BertModel(cfg).eval().save_pretrained(str(hf))
-    for name in TOKENIZER_FILES:
-        shutil.copy2(minilm_path / name, hf / name)
+    hf = save_tokenized_bert(tmp_path / "hf", minilm_path, initializer_range=0.2)
     *_, entry = text_app(hf, tmp_path, n=12)
     for f in entry["files"]:
         assert f["vs_plain"]["min_cosine"] > 0.999 and f["task"] == "TextEmbedder"

@@ -2,7 +2,6 @@
 exports is what SentenceTransformer(folder).encode gives on the same text; heads it cannot reproduce are refused."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -40,19 +39,9 @@ def sentence_folder(base, tmp_path, pooling="mean", dense=0, act="torch.nn.modul
 @pytest.fixture(scope="module")
 def encoder_base(tmp_path_factory, minilm_path):
     """A tiny BertModel (an encoder, no classifier) with MiniLM's real tokenizer."""
-    import transformers
+    from conftest import save_tokenized_bert
 
-    from conftest import FFN, HEADS, HIDDEN, LAYERS, TOKENIZER_FILES
-
-    folder = tmp_path_factory.mktemp("tiny-encoder")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                  num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=64,
-                                  initializer_range=0.2)
-    transformers.BertModel(cfg).eval().save_pretrained(str(folder))
-    for name in TOKENIZER_FILES:
-        shutil.copy2(minilm_path / name, folder / name)
-    return folder
+    return save_tokenized_bert(tmp_path_factory.mktemp("tiny-encoder"), minilm_path, initializer_range=0.2)
 
 
 def encode_like_pocketformer(folder, model):
