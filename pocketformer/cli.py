@@ -139,6 +139,38 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 
 @app.command()
+def search(source: Path = typer.Argument(..., help="a recipe YAML (its `search:` section, model, data and prepare "
+                                                   "stages), or a checkpoint folder"),
+           target: Optional[str] = typer.Option(None, "--target", "-t", help="profile name or .yaml path"),
+           max_drop: Optional[float] = typer.Option(None, "--max-drop", min=0, help="accuracy points the chosen "
+                                                    "model may lose (default 1.0)"),
+           max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0),
+           max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", min=0),
+           trials: Optional[int] = typer.Option(None, "--trials", min=1, help="trials in all (default 20); a "
+                                                "resumed search runs the rest"),
+           minutes: Optional[float] = typer.Option(None, "--minutes", min=0, help="start no new trial after this"),
+           parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="trials run together"),
+           ray: Optional[str] = typer.Option(None, "--ray", help="run trials on a Ray cluster: its ADDRESS, or "
+                                             "`local` (pip install 'pocketformer[ray]')"),
+           data: Optional[str] = typer.Option(None, "--data", help="with a checkpoint: the data (default "
+                                              "rotten_tomatoes)"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="search folder (default runs/NAME-search); "
+                                              "the same folder again resumes the search")):
+    """The fastest model within an accuracy budget on a target: an Optuna study over compositions of the stages
+    (resumable: run the same command again), with the chosen model's recipe in OUT/chosen.yaml."""
+    from .recipe import load_recipe, parse_recipe
+    from .search import search as do_search
+
+    if source.suffix in (".yaml", ".yml") or source.is_file():
+        r = load_recipe(source)
+    else:
+        r = parse_recipe({"name": source.name or "model", "model": str(source),
+                          **({"data": data} if data else {})}, "<command line>")
+    do_search(r, out, ray=ray, target=target, max_drop=max_drop, max_latency_ms=max_latency_ms,
+              max_size_mb=max_size_mb, trials=trials, minutes=minutes, parallel=parallel)
+
+
+@app.command()
 def lint(artifact: Path = typer.Argument(..., help=".onnx, .tflite or .mlpackage"),
          target: str = typer.Option(..., "--target", "-t", help="profile name or .yaml path")):
     """What will hurt when ARTIFACT ships to TARGET, each finding with a fix. Exit 1 if any error."""

@@ -91,6 +91,96 @@ class ExportSpec(BaseModel):
         return v
 
 
+SEARCHED = "search"  # a stage setting given as this string takes the range the stage declares for it
+# What `pocketformer search` explores when the recipe has no `search.stages`: pruning to a latency target, optional
+# low-rank factors of what remains, optional recovery distillation; every precision the target runs.
+DEFAULT_SEARCH_STAGES: list[dict[str, Any]] = [
+    {"prune": {"speedup": {"low": 1.5, "high": 6.0, "step": 0.25}}},
+    {"lowrank": {"optional": True, "method": "budget", "budget": {"low": 0.6, "high": 0.95, "step": 0.05}}},
+    {"distill": {"optional": True, "epochs": 1, "lr": 1.0e-4, "max_examples": {"choices": [3000, 0]}}},
+]
+
+
+def searched_range(value: Any) -> Optional[dict[str, Any]]:
+    """A setting's range if `value` is one: {low, high[, step][, log]} or {choices: [...]}; else None (fixed)."""
+    if isinstance(value, dict) and (set(value) == {"choices"} or ({"low", "high"} <= set(value) <= {
+            "low", "high", "step", "log"})):
+        return value
+    return None
+
+
+class SearchSpec(BaseModel):
+    """`pocketformer search`: which compositions of stages to try, and the budget the answer must meet."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: Optional[str] = Field(None, description="the target whose runtime, table and budgets decide (default: "
+                                                    "the recipe's first target)")
+    max_drop: float = Field(1.0, ge=0, description="accuracy drop (points) the chosen model may have, on the "
+                                                    "validation split, then confirmed on the test split")
+    max_latency_ms: Optional[float] = Field(None, gt=0, description="latency the chosen model must meet")
+    max_size_mb: Optional[float] = Field(None, gt=0, description="file size the chosen model must meet")
+    trials: int = Field(20, ge=1, le=10000, description="trials in all (a resumed search runs the rest)")
+    minutes: Optional[float] = Field(None, gt=0, description="start no new trials after this long (this run)")
+    parallel: int = Field(1, ge=1, le=256, description="trials asked and run together; the results do not depend "
+                                                       "on where they run (local processes or Ray workers)")
+    threads: Optional[int] = Field(None, ge=1, description="PyTorch threads of each trial (default: the CPUs over "
+                                                           "`parallel`)")
+    startup_trials: int = Field(6, ge=1, description="random trials before the sampler models the results")
+    precisions: list[str] = Field(default_factory=list, description="precisions tried (default: the target's)")
+    tables: dict[str, str] = Field(default_factory=dict, description="precision -> latency table file to predict "
+                                                                     "with (default: measured on the target here)")
+    confidence: Optional[Confidence] = Field(None, description="of the test-split confirmation (default: the "
+                                                               "target's)")
+    measure: int = Field(3, ge=0, description="besides the Pareto front, the N fastest predicted trials within "
+                                              "budget whose latency is measured")
+    stages: list[dict[str, Any]] = Field(default_factory=lambda: [dict(d) for d in DEFAULT_SEARCH_STAGES],
+                                         description="the candidate stages in order: a setting is fixed, a range "
+                                                     "{low, high[, step][, log]} or {choices: [...]}, or 'search' "
+                                                     "for the stage's declared range; `optional: true` lets the "
+                                                     "search leave the stage out")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v):
+        if not v:
+            raise ValueError("give at least one stage")
+        for i, item in enumerate(v):
+            if not isinstance(item, dict) or len(item) != 1:
+                raise ValueError(f"item {i} must be one mapping `stage_name: {{settings}}`")
+            (name, cfg), = item.items()
+            if name not in REGISTRY:
+                raise ValueError(f"item {i}: unknown stage {name!r}; known: {', '.join(sorted(REGISTRY))}")
+            stage = REGISTRY[name]
+            if not stage.ships_plain:
+                raise ValueError(f"item {i}: a search scores each trial by its plain file, and {name}'s model ships "
+                                 "otherwise (exit segments, or a nested checkpoint that `extract` cuts)")
+            cfg = dict(cfg or {})
+            optional = cfg.pop("optional", False)
+            if not isinstance(optional, bool):
+                raise ValueError(f"item {i} ({name}): optional must be true or false")
+            declared = stage.search_space()
+            probe = {}
+            for key, value in cfg.items():
+                if value == SEARCHED:
+                    if key not in declared:
+                        raise ValueError(f"item {i} ({name}): {key} declares no search range; give one as "
+                                         "{low: .., high: ..} or {choices: [..]}")
+                    value = declared[key]
+                rng = searched_range(value)
+                if rng is not None:
+                    bad = "choices" in rng and not (isinstance(rng["choices"], list) and rng["choices"]) or \
+                        "low" in rng and not rng["low"] <= rng["high"]
+                    if bad:
+                        raise ValueError(f"item {i} ({name}): {key}: a range is low <= high or non-empty choices")
+                    value = rng["choices"][0] if "choices" in rng else rng["low"]
+                probe[key] = value
+            try:
+                stage.Config.model_validate(probe)
+            except ValidationError as e:
+                raise ValueError(f"item {i} ({name}): {_describe(e)}") from None
+        return v
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("run", description="the run's name, and its folder under runs/ unless `output` says otherwise: a plain "
@@ -108,6 +198,8 @@ class Recipe(BaseModel):
     export: ExportSpec = ExportSpec()
     targets: list[Union[str, TargetRef]] = ["host-ort"]
     output: Optional[str] = None
+    search: Optional[SearchSpec] = Field(None, description="what `pocketformer search` explores and the budget it "
+                                                           "answers to")
     source_path: Optional[str] = Field(None, exclude=True)
 
     @field_validator("name")

@@ -20,7 +20,7 @@ LAYERS = {
     "export": "export",
     "targets": "targets",
     "app": "app",
-    "recipe": "glue", "extract": "glue", "pipeline": "glue", "report": "glue",
+    "recipe": "glue", "extract": "glue", "pipeline": "glue", "report": "glue", "search": "glue",
     "cli": "cli",
 }
 # What each layer may import (besides itself).

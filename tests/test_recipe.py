@@ -109,4 +109,4 @@ def test_digest_is_stable_and_changes_with_any_setting():
                          ids=lambda p: p.name)
 def test_every_example_recipe_is_valid(path):
     recipe = load_recipe(path)
-    assert recipe.build("stages")
+    assert recipe.build("stages") or recipe.search.stages  # a search's stages are drawn per trial

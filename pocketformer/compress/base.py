@@ -159,6 +159,10 @@ class Stage(Generic[C]):
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     only_new: ClassVar[bool] = False
+    # Whether the model after this stage is what ships, as one plain file per format: a search (search.py) scores a
+    # trial by that file. False for stages whose model ships through something else (exit segments and a driver,
+    # a nested checkpoint cut by `extract`).
+    ships_plain: ClassVar[bool] = True
     # fact -> why this stage needs it, cannot run after it, or ends it (one clause for the error line); and
     # fact -> another fix besides reordering ("{other}" is the other stage's name)
     reasons: ClassVar[dict[str, str]] = {}

@@ -114,6 +114,7 @@ class EarlyExit(Stage[EarlyExitConfig], name="early_exit", version=1,
     requires = frozenset({"labels"})
     excludes = frozenset({"quantized"})
     provides = frozenset({"exits"})
+    ships_plain = False
     reasons = {"labels": "an exit head predicts the task's labels",
                "quantized": "pabee trains the backbone, which would move quantized weights off their int grid"}
     remedies = {"quantized": "use mode deebert, whose backbone stays frozen"}

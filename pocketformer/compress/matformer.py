@@ -118,6 +118,7 @@ class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as di
                         "the original"):
     excludes = factorized(["fc1", "fc2"]) | {"quantized"}
     provides = frozenset({"nested_ffn"})
+    ships_plain = False
     reasons = {"factorized:fc1": "nested widths need dense FFN linears",
                "factorized:fc2": "nested widths need dense FFN linears",
                "quantized": "it trains the weights, which would move quantized weights off their int grid"}

@@ -1,0 +1,266 @@
+"""`pocketformer search`: its settings, the space it samples, and whole searches on the tiny vision model (8x8 digits,
+4 layers of hidden 64) with ONNX Runtime on made-up latency tables, so predicted latencies (and so the study) are
+exact: a finished search with a confirmed choice and a recipe `run` reads, a killed search that resumes without
+redoing a trial and then matches a search never stopped, and the same search on a two-worker Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from pocketformer.errors import RecipeError
+from pocketformer.latency import Curve, LatencyTable, write_table
+from pocketformer.recipe import SearchSpec, load_recipe, parse_recipe
+from pocketformer.search import (describe_params, nearest_misses, pareto, run_trial, sample, search,
+                                 trial_recipe, trial_stages)
+
+from conftest import cli_command, write_profile
+
+def write_tables(folder: Path) -> dict[str, str]:
+    """A made-up table per precision for vit-8x8's family (an input, not a measurement: predictions are exact)."""
+    from pocketformer.models import load_any
+    from pocketformer.recipe import made_checkpoint
+    from pocketformer.targets.latency import family_of
+
+    spec = load_any(made_checkpoint("vit-8x8"))[0].config
+    heads, width = spec.layers[0].heads, spec.layers[0].ffn
+    files = {}
+    for precision, ffn_ms in (("fp32", 3.0), ("int8", 1.5)):
+        table = LatencyTable(target="test-ort", runtime="onnxruntime", threads=1, seq_len=16, precision=precision,
+                             family=family_of(spec), base_ms=1.0, layer_ms=0.2,
+                             attention=Curve(points=[0, heads], ms=[0.0, 2.0]),
+                             ffn=Curve(points=[0, width], ms=[0.0, ffn_ms]))
+        write_table(table, folder / f"table-{precision}.json")
+        files[precision] = str(folder / f"table-{precision}.json")
+    return files
+
+
+@pytest.fixture
+def digits_search(tmp_path):
+    """write(**search settings) -> a recipe for vit-8x8 on digits with a search section over latency-targeted
+    pruning (on the made-up table) and an optional short distillation, at fp32 or int8."""
+    tables = write_tables(tmp_path)
+    profile = write_profile(tmp_path / "test-ort.yaml")
+
+    def write(name: str = "digits", **settings) -> Path:
+        search = {"trials": 4, "parallel": 2, "max_drop": 5.0, "startup_trials": 2, "tables": tables,
+                  "stages": [{"prune": {"speedup": {"low": 1.2, "high": 2.4, "step": 0.2},
+                                        "table": tables["fp32"], "calibration_examples": 64}},
+                             {"distill": {"optional": True, "epochs": 1, "max_examples": 200}}],
+                  **settings}
+        recipe = {"name": name, "model": "vit-8x8", "data": "digits", "seed": 0, "batch_size": 32,
+                  "prepare": [{"finetune": {"epochs": 2, "lr": 1.0e-3}}], "targets": [str(profile)],
+                  "search": search}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+# -- settings and space --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stages, problem", [
+    ([{"unknown": {}}], "unknown stage 'unknown'"),
+    ([{"early_exit": {}}], "ships otherwise"),
+    ([{"matformer": {}}], "ships otherwise"),
+    ([{"prune": {"speedup": "search"}}], "speedup declares no search range"),
+    ([{"prune": {"heads": {"low": 0.5, "high": 0.1}}}], "a range is low <= high"),
+    ([{"prune": {"colour": 3}}], "unknown key 'colour'"),
+    ([{"distill": {"optional": "maybe"}}], "optional must be true or false"),
+    ([], "at least one stage"),
+])
+def test_a_search_section_with_a_wrong_stage_or_range_is_one_recipe_error(stages, problem):
+    with pytest.raises(RecipeError, match=problem):
+        parse_recipe({"model": "minilm", "search": {"stages": stages}})
+
+
+def test_declared_ranges_given_ranges_and_optional_stages_become_the_trials_recipes():
+    spec = SearchSpec(stages=[{"prune": {"heads": "search", "ffn": {"low": 0.25, "high": 0.5, "step": 0.25},
+                                         "importance": "taylor"}},
+                              {"lowrank": {"optional": True, "budget": {"choices": [0.6, 0.8]}}}])
+    study = optuna.create_study(directions=["minimize"] * 3, sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        params = sample(trial, spec, ["fp32", "int8"])
+        stages = trial_stages(spec, params)
+        prune = stages[0]["prune"]
+        assert 0 <= prune["heads"] <= 0.5 and prune["ffn"] in (0.25, 0.5) and prune["importance"] == "taylor"
+        assert params["precision"] in ("fp32", "int8")
+        if params["1.lowrank.use"]:
+            assert stages[1] == {"lowrank": {"budget": params["1.lowrank.budget"]}}
+        else:  # a stage left out draws none of its settings
+            assert len(stages) == 1 and "1.lowrank.budget" not in params
+        seen.add(params["1.lowrank.use"])
+        assert describe_params(spec, params).startswith(f"prune heads={prune['heads']:g} ffn=")
+        study.tell(trial, [0.0, 1.0, 1.0])
+    assert seen == {True, False}
+    recipe = parse_recipe({"model": "minilm", "stages": [{"prune": {"heads": 0.1}}], "search": spec.model_dump()})
+    plain, precision = trial_recipe(recipe, spec, "host-ort", params, ["fp32", "int8"], "onnx", "t")
+    again = parse_recipe(plain)  # a plain recipe, without the search section or the recipe's own stages
+    assert again.search is None and again.export.int8 == (precision == "int8") and again.targets == ["host-ort"]
+    assert again.stages == trial_stages(spec, params)
+
+
+def test_the_pareto_front_and_the_nearest_misses():
+    recs = [{"number": i, "status": "complete", "accuracy_drop": d, "predicted_ms": ms, "size_mb": mb}
+            for i, (d, ms, mb) in enumerate([(0.5, 10, 50), (1.5, 5, 50), (0.4, 12, 50), (0.6, 11, 60),
+                                             (0.5, 10, 50)])]
+    recs.append({"number": 5, "status": "failed", "reason": "x"})
+    # 3 is beaten by 0 on every objective; 4 equals 0 (neither beats the other: both stay)
+    assert pareto(recs) == [0, 1, 2, 4]
+    spec = SearchSpec(max_drop=0.3)
+    misses = nearest_misses([r for r in recs if r["status"] == "complete"], spec, lambda r: r["predicted_ms"], n=2)
+    assert [r["number"] for r in misses] == [2, 0]  # the least over the accuracy budget, then the faster
+
+
+# -- whole searches ------------------------------------------------------------------------------------------------
+
+def read(out: Path) -> dict:
+    return json.loads((out / "search.json").read_text())
+
+
+def trial_table(summary: dict) -> list[tuple]:
+    """What the study learned from each trial: its draw and the three objectives."""
+    return [(t["number"], json.dumps(t["params"], sort_keys=True), t["status"], t.get("accuracy_drop"),
+             t.get("predicted_ms"), t.get("size_mb")) for t in summary["trials"]]
+
+
+def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(digits_search, tmp_path):
+    recipe = load_recipe(digits_search())
+    summary = search(recipe, tmp_path / "out")
+    out = tmp_path / "out"
+    assert len(summary["trials"]) == 4 and all(t["status"] == "complete" for t in summary["trials"])
+    chosen = next(t for t in summary["trials"] if t["number"] == summary["chosen"])
+    # within budget on the validation split, and the fastest measured of those measured
+    assert chosen["accuracy_drop"] <= 5.0 and chosen["measured_ms"] is not None
+    measured = [t for t in summary["trials"] if t.get("measured_ms") is not None and t["accuracy_drop"] <= 5.0]
+    assert chosen["measured_ms"] == min(t["measured_ms"] for t in measured)
+    assert set(summary["pareto"]) <= set(summary["measured"])
+    # predictions are the table's: prune met its target on the same table
+    ref_ms = summary["tables"]["fp32"]["predicted_reference_ms"]
+    for t in summary["trials"]:
+        speedup = t["recipe"]["stages"][0]["prune"]["speedup"]
+        if t["precision"] == "fp32":
+            assert t["predicted_ms"] <= ref_ms / speedup + 1e-6
+    c = summary["confirmation"]
+    assert c["examples"] > 0 and c["discordant"]["lost"] + c["discordant"]["gained"] <= c["examples"]
+    assert c["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and "pts" in c["statement"]
+    assert c["accuracy_drop"] == pytest.approx(c["check"]["value"])
+    # the chosen recipe is a plain recipe that names the trial's stages
+    again = load_recipe(out / "chosen.yaml")
+    assert again.stages == chosen["recipe"]["stages"] and again.search is None
+    report = (out / "report.md").read_text()
+    assert f"**{chosen['number']} (chosen)**" in report and "Confirmed on the test split" in report
+    assert (out / "pareto-test-ort.png").stat().st_size > 0
+    for t in summary["trials"]:  # every trial's record on disk, as it ended
+        assert json.loads((out / "trials" / f"{t['number']:04d}" / "trial.json").read_text())["status"] == "complete"
+
+
+def test_a_failed_trial_is_recorded_with_its_reason(digits_search, tmp_path):
+    recipe = load_recipe(digits_search(stages=[{"prune": {"speedup": 40.0, "table": str(tmp_path / "table-fp32.json"),
+                                                          "calibration_examples": 32}}], trials=1))
+    summary = search(recipe, tmp_path / "out")
+    (t,) = summary["trials"]
+    assert t["status"] == "failed" and "ms" in t["reason"]  # the budget the table cannot reach, named
+    assert summary["chosen"] is None and summary["nearest_misses"] == []
+    assert "No trial within budget" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nothing_within_budget_shows_the_nearest_misses(digits_search, tmp_path):
+    summary = search(load_recipe(digits_search(trials=2, max_drop=0.0, max_size_mb=0.01)), tmp_path / "out")
+    assert summary["chosen"] is None and len(summary["nearest_misses"]) == 2
+    assert "Nearest misses" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_another_search_in_the_same_folder_is_refused(digits_search, tmp_path):
+    search(load_recipe(digits_search(trials=1, parallel=1)), tmp_path / "out")
+    with pytest.raises(RecipeError, match="holds a search with other settings"):
+        search(load_recipe(digits_search(trials=1, parallel=1, max_drop=2.0)), tmp_path / "out")
+
+
+def wait_for(paths: list[Path], proc: subprocess.Popen, timeout: float = 600) -> None:
+    end = time.time() + timeout
+    while not all(p.is_file() for p in paths):
+        assert proc.poll() is None, f"the search ended first: {proc.stdout.read() if proc.stdout else ''}"
+        assert time.time() < end, "timed out waiting for trials"
+        time.sleep(0.5)
+
+
+def test_a_killed_search_resumes_without_redoing_finished_trials(digits_search, tmp_path):
+    recipe = digits_search(trials=6, parallel=1)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = subprocess.Popen(cli_command("search", recipe, "-o", killed), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = [killed / "trials" / f"{n:04d}" / "trial.json" for n in (0, 1)]
+    wait_for(done, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its trial process, mid-trial
+    proc.wait()
+    def ended(p: Path) -> dict:  # a record as the trial ended it (the end of a search adds measured_ms, composition)
+        return {k: v for k, v in json.loads(p.read_text()).items() if k not in ("measured_ms", "composition")}
+
+    before = {p: ended(p) for p in (killed / "trials").glob("*/trial.json")}
+    assert 2 <= len(before) < 6
+    rerun = subprocess.run(cli_command("search", recipe, "-o", killed), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    for p, record in before.items():  # finished trials: not run again
+        assert ended(p) == record
+    resumed = read(killed)
+    assert len(resumed["trials"]) == 6 and all(t["status"] == "complete" for t in resumed["trials"])
+    assert resumed["trials_this_run"] == 6 - len(before)
+    # the sampler carried on as if the search had never stopped
+    search(load_recipe(recipe), whole)
+    assert trial_table(resumed) == trial_table(read(whole))
+    assert resumed["best_trial"] == read(whole)["best_trial"]
+
+
+def test_the_same_search_on_a_two_worker_ray_cluster_finds_the_same_best_trial(digits_search, tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from pocketformer.search import LATENCY_RESOURCE
+
+    recipe = load_recipe(digits_search(trials=4, parallel=2))
+    local = search(recipe, tmp_path / "local")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {LATENCY_RESOURCE: 1},
+                                                            "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        on_ray = search(recipe, tmp_path / "ray", ray=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert on_ray["where"].startswith("ray") and on_ray["best_trial"] is not None
+    assert trial_table(on_ray) == trial_table(local)
+    assert on_ray["best_trial"] == local["best_trial"]
+    assert len({t["host"] for t in on_ray["trials"]}) >= 1
+
+
+def test_run_trial_records_a_stage_error_as_a_failed_trial(digits_search, tmp_path):
+    path = digits_search()
+    recipe = load_recipe(path)
+    spec = recipe.search
+    params = {"0.prune.speedup": 1.2, "1.distill.use": False, "precision": "fp32"}
+    plain, precision = trial_recipe(recipe, spec, str(tmp_path / "test-ort.yaml"), params, ["fp32", "int8"],
+                                    "onnx", "t")
+    plain["stages"][0]["prune"]["speedup"] = 1000.0
+    rec = run_trial({"number": 0, "params": params, "recipe": plain, "precision": precision,
+                     "dir": str(tmp_path / "t0"), "source": str(path), "checkpoint": str(recipe.resolve_model()),
+                     "target": str(tmp_path / "test-ort.yaml"), "threads": 1, "confidence": None,
+                     "reference": str(tmp_path / "none.npz"), "tables": {}, "max_latency_ms": None,
+                     "cache": os.environ["POCKETFORMER_CACHE"]})
+    assert rec["status"] == "failed" and rec["reason"]
+    assert json.loads((tmp_path / "t0" / "trial.json").read_text())["status"] == "failed"
+    assert (tmp_path / "t0" / "log.txt").is_file()
