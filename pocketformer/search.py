@@ -341,8 +341,15 @@ class RayTrials:
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except Exception as e:
+                # Ray's token authentication is on for a `ray start` that finds ~/.ray/auth_token, and off for a
+                # driver given an address unless RAY_AUTH_MODE=token: the refusal is only in the exception's cause
+                why = f"{e} {e.__cause__ or ''}".lower()
+                hint = ("the cluster uses Ray's token authentication: run the search with RAY_AUTH_MODE=token and "
+                        "the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN)."
+                        if "invalidauthtoken" in why or "token authentication" in why
+                        else "start it with `ray start --head`, or use `--ray local`.")
                 raise RecipeError(f"Cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}).",
-                                  "start it with `ray start --head`, or use `--ray local`.") from None
+                                  hint) from None
             if ray.cluster_resources().get(LATENCY_RESOURCE, 0) < 1:
                 ray.shutdown()
                 raise RecipeError(f"The Ray cluster at {address} has no {LATENCY_RESOURCE} resource to measure "
