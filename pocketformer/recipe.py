@@ -91,6 +91,17 @@ class ExportSpec(BaseModel):
         return v
 
 
+def stage_item(i: int, item: Any) -> tuple[str, Any]:
+    """(stage name, settings) of list item `i` of a stage list: one mapping `stage_name: {settings}` naming a
+    registered stage, else a ValueError naming the item."""
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"item {i} must be one mapping `stage_name: {{settings}}`")
+    (name, cfg), = item.items()
+    if name not in REGISTRY:
+        raise ValueError(f"item {i}: unknown stage {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return name, cfg
+
+
 SEARCHED = "search"  # a stage setting given as this string takes the range the stage declares for it
 # What `pocketformer search` explores when the recipe has no `search.stages`: pruning to a latency target, optional
 # low-rank factors of what remains, optional recovery distillation; every precision the target runs.
@@ -145,11 +156,7 @@ class SearchSpec(BaseModel):
         if not v:
             raise ValueError("give at least one stage")
         for i, item in enumerate(v):
-            if not isinstance(item, dict) or len(item) != 1:
-                raise ValueError(f"item {i} must be one mapping `stage_name: {{settings}}`")
-            (name, cfg), = item.items()
-            if name not in REGISTRY:
-                raise ValueError(f"item {i}: unknown stage {name!r}; known: {', '.join(sorted(REGISTRY))}")
+            name, cfg = stage_item(i, item)
             stage = REGISTRY[name]
             if not stage.ships_plain:
                 raise ValueError(f"item {i}: a search scores each trial by its plain file, and {name}'s model ships "
@@ -214,11 +221,7 @@ class Recipe(BaseModel):
     @classmethod
     def _stage_list(cls, v):
         for i, item in enumerate(v):
-            if not isinstance(item, dict) or len(item) != 1:
-                raise ValueError(f"item {i} must be one mapping `stage_name: {{settings}}`")
-            (name, cfg), = item.items()
-            if name not in REGISTRY:
-                raise ValueError(f"item {i}: unknown stage {name!r}; known: {', '.join(sorted(REGISTRY))}")
+            name, cfg = stage_item(i, item)
             try:
                 REGISTRY[name].Config.model_validate(cfg or {})
             except ValidationError as e:

@@ -58,6 +58,13 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str, latency: str
     if rows:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure to `path` whole (a temporary name, then renamed) and close it."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
@@ -329,10 +336,7 @@ def plot_search(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def search_markdown(summary: dict[str, Any]) -> str:
