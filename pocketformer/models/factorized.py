@@ -144,13 +144,13 @@ class DenseSparseLinear(LowRankLinear):
         return DenseSparseLinear(in_features, out_features, self.rank, self.nnz, bias=self.bias is not None)
 
 
-def build_linear(in_features: int, out_features: int, shape: Optional[LinearShape]) -> nn.Module:
+def build_linear(in_features: int, out_features: int, shape: Optional[LinearShape], bias: bool = True) -> nn.Module:
     """The module a LinearShape describes (a plain nn.Linear when there is none)."""
     if shape is None:
-        return nn.Linear(in_features, out_features)
+        return nn.Linear(in_features, out_features, bias=bias)
     if shape.kind == "lowrank":
-        return LowRankLinear(in_features, out_features, shape.rank)
-    return DenseSparseLinear(in_features, out_features, shape.rank, shape.nnz)
+        return LowRankLinear(in_features, out_features, shape.rank, bias=bias)
+    return DenseSparseLinear(in_features, out_features, shape.rank, shape.nnz, bias=bias)
 
 
 def linear_shape(module: nn.Module) -> Optional[LinearShape]:

@@ -157,6 +157,14 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 # MiniLM checkpoints are BERT checkpoints (model_type "bert").
 
+# Importers of other model kinds (causal LMs) by model_type: `fn(folder, config dict, check_parity, trust_pickle)`
+# -> (model, provenance). They register from their own modules (pocketformer.models.lm_importers).
+FAMILY_IMPORTERS: dict[str, Callable] = {}
+
+
+def register_family(model_type: str, importer: Callable) -> None:
+    FAMILY_IMPORTERS[model_type] = importer
+
 
 def read_hf_config(folder: Path) -> dict:
     folder = Path(folder)
@@ -227,10 +235,12 @@ def import_hf(folder: Path, check_parity: bool = True, trust_pickle: bool = Fals
     folder = Path(folder)
     cfg = read_hf_config(folder)
     model_type = cfg.get("model_type")
-    known = ", ".join(sorted(ARCHITECTURES))
+    known = ", ".join(sorted({*ARCHITECTURES, *FAMILY_IMPORTERS}))
     if model_type is None:
         raise ArchitectureError(f"{folder / 'config.json'} names no model_type, so its architecture is unknown.",
                                 f"pass a checkpoint saved by transformers (`save_pretrained`) of one of: {known}.")
+    if isinstance(model_type, str) and model_type in FAMILY_IMPORTERS:
+        return FAMILY_IMPORTERS[model_type](folder, cfg, check_parity, trust_pickle)
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ArchitectureError(f"Architecture {model_type!r} ({', '.join(cfg.get('architectures') or [])}) is not "
                                 "supported.", f"use a checkpoint of one of: {known}.")

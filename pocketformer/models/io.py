@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..store import output_folder
 from .canonical import CanonicalTransformer, ModelConfig
+from .causal import CausalLM, CausalLMConfig
 
 META_FILE = "pocketformer.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -141,17 +142,30 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "re-create or re-download the checkpoint.") from None
 
 
+# The canonical model kinds, by the `kind` their config records (an encoder's config has none).
+MODEL_KINDS: dict[str, tuple[type, type]] = {"encoder": (ModelConfig, CanonicalTransformer),
+                                             "causal_lm": (CausalLMConfig, CausalLM)}
+
+
+def model_kind(config: Any) -> tuple[type, type]:
+    """(config class, module class) of a saved config."""
+    kind = config.get("kind", "encoder") if isinstance(config, dict) else "encoder"
+    return MODEL_KINDS.get(kind, MODEL_KINDS["encoder"])
+
+
 def load(path: Path) -> tuple[CanonicalTransformer, dict[str, Any]]:
-    """Rebuild a canonical model from its folder. Returns (model in eval mode, metadata)."""
+    """Rebuild a canonical model (an encoder, or a causal LM) from its folder. Returns (model in eval mode,
+    metadata)."""
     path = Path(path)
     meta = read_meta(path)
+    config_cls, module_cls = model_kind(meta.get("config"))
     try:
-        cfg = ModelConfig.model_validate(meta["config"])
+        cfg = config_cls.model_validate(meta["config"])
     except Exception as e:  # pydantic.ValidationError or a missing key
         raise CheckpointError(f"{path / META_FILE} describes no valid model ({str(e).splitlines()[0]}).",
                               "re-create the checkpoint.") from None
     state = load_safetensors(path / WEIGHTS_FILE)
-    model = CanonicalTransformer(cfg)
+    model = module_cls(cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape

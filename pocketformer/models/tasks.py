@@ -44,6 +44,7 @@ class Task:
     # entry of its parity with PyTorch (export.base.parity) at least `min_agreement`.
     precision_metric: ClassVar[str]
     min_agreement: ClassVar[float]
+    lower_is_better: ClassVar[bool] = False  # quality's direction (perplexity: lower)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -140,6 +141,54 @@ class Embedding(Task):
 
     def agreement(self, out, reference):
         return float(cosine_rows(out, reference).mean())
+
+
+class CausalLanguageModel(Task):
+    """Next-token prediction. Output: logits (batch, sequence, vocab). Quality is perplexity (lower is better, so
+    `lower_is_better`); agreement with a reference is top-1 next-token agreement over the real tokens."""
+
+    name, output, has_labels = "causal_lm", "logits", False
+    metric, quality_key = "perplexity", "perplexity"
+    lower_is_better = True
+    precision_metric, min_agreement = "argmax_agreement", 0.9
+
+    def output_spec(self, cfg: Any) -> TensorSpec:
+        return TensorSpec(self.output, "float32", ("batch", "sequence", cfg.vocab_size))
+
+    def output_width(self, cfg: Any) -> int:
+        return cfg.vocab_size
+
+    @property
+    def loss_needs_reference(self) -> bool:
+        return False
+
+    def loss(self, out, labels, reference):
+        """Next-token cross-entropy: `labels` are the input ids, -100 where no prediction counts (padding)."""
+        return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def distill(self, student, teacher, temperature):
+        t = temperature
+        s, r = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        return t * t * F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(r / t, -1), log_target=True,
+                                reduction="batchmean")
+
+    def label_loss(self, out, labels):
+        return self.loss(out, labels, None)
+
+    def quality(self, out, labels, reference):
+        """Perplexity of the next tokens `labels` (batch, seq; -100 where none counts) under logits `out`."""
+        return perplexity(out, labels)
+
+    def agreement(self, out, reference):
+        return label_agreement(out, reference)
+
+
+def perplexity(logits, ids) -> float:
+    """exp(mean next-token negative log-likelihood); `ids` -100 where a token is not predicted (padding)."""
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float32))
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=-100)
+    return float(torch.exp(nll))
 
 
 def task_of(cfg: Any) -> Task:

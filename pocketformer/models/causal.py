@@ -1,0 +1,391 @@
+"""The canonical decoder-only language model: what every LM importer maps into and every LM stage and exporter speaks.
+
+The same idea as the encoder (pocketformer.models.canonical): one module, every layer its own shapes, so a pruned or
+MatFormer-sliced model is still this module. It covers the Llama / SmolLM, Qwen2 and Gemma 3 families:
+
+- pre-norm RMSNorm (Gemma: weight stored as w with (1 + w) applied; optional sandwich norms after attention and FFN);
+- rotary positions with a base (and linear scale factor) per layer, so Gemma 3's local and global layers fit;
+- grouped-query attention with per-layer query and key-value head counts, optional per-head q/k RMSNorm (Gemma 3),
+  q/k/v biases (Qwen2), a per-model query scale (Gemma's query_pre_attn_scalar), sliding-window layers, optional
+  attention-logit soft-capping;
+- gated FFNs (SwiGLU or GeGLU) with per-layer width;
+- token embedding scaled (Gemma: sqrt(hidden)), tied or untied output embedding, optional final soft-capping.
+
+Built from ops ONNX, litert-torch and coremltools all convert: no data-dependent control flow, GQA by expand and
+reshape (no repeat_interleave), a finite additive mask. The forward takes past key-values and can return the present
+ones in the Optimum / ONNX Runtime GenAI layout ([batch, kv_heads, length, head_dim] per layer), so the exporters
+wrap this module rather than re-implement it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from ..registry import member_of
+from .factorized import LinearShape, build_linear, linear_macs, linear_shape
+from .signature import GraphIO, TensorSpec
+from .tasks import TASKS, Task, task_of
+
+# Additive mask value for positions a query must not see: exp() of it is 0 in fp32 and it stays finite in fp16.
+MASK_NEG = -1.0e4
+LM_LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class DecoderLayerShape(BaseModel):
+    """One decoder layer's shapes: query heads, key-value heads (each serving heads / kv_heads query heads), head
+    width, FFN width, attention window (0: the whole context) and rotary base."""
+
+    model_config = ConfigDict(extra="forbid")
+    heads: int = Field(ge=0)
+    kv_heads: int = Field(ge=0)
+    head_dim: int = Field(ge=1)
+    ffn: int = Field(ge=0)
+    window: int = Field(0, ge=0, description="sliding attention window, in tokens including the query's own (0: none)")
+    rope_base: float = Field(10000.0, gt=0)
+    rope_factor: float = Field(1.0, gt=0, description="linear position scaling (positions / factor)")
+    linears: dict[str, LinearShape] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if (self.kv_heads == 0) != (self.heads == 0) or (self.kv_heads and self.heads % self.kv_heads):
+            raise ValueError(f"{self.heads} query heads do not split into groups over {self.kv_heads} key-value heads")
+        return self
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads if self.kv_heads else 0
+
+    def summary(self) -> dict[str, Any]:
+        return self.model_dump(exclude_defaults=True)
+
+
+class CausalLMConfig(BaseModel):
+    """Everything needed to rebuild a decoder without the source model's code."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["causal_lm"] = "causal_lm"
+    family: str = Field(description="the source family (llama, qwen2, gemma3): provenance, and the layout name app "
+                                    "runtimes expect")
+    hidden: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    layers: list[DecoderLayerShape]
+    max_positions: int = Field(ge=1, description="the longest context the source was trained for")
+    eps: float = 1e-6
+    act: Literal["silu", "gelu_tanh"] = "silu"
+    norm_offset: float = Field(0.0, description="RMSNorm scales by (norm_offset + weight): 1 for Gemma, 0 otherwise")
+    qk_norm: bool = False
+    sandwich_norm: bool = Field(False, description="norms after attention and after the FFN too (Gemma 2/3)")
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    query_scale: Optional[float] = Field(None, description="scores are multiplied by this (None: head_dim ** -0.5)")
+    embed_scale: float = 1.0
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
+    tie_embeddings: bool = True
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list[int] = Field(default_factory=list)
+    pad_token_id: int = 0
+    add_bos: bool = False
+    quantization: dict[str, Any] = Field(default_factory=dict)
+    task_kind: str = "causal_lm"
+    _known_task = member_of("task_kind", lambda: TASKS, "task")
+
+    @property
+    def task(self) -> str:
+        return self.task_kind
+
+    @property
+    def modality(self) -> str:
+        return "text"
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The full-sequence graph's inputs (no cache): what perplexity and the encoders' machinery feed."""
+        return (TensorSpec("input_ids", "int64", ("batch", "sequence"), pad=self.pad_token_id),
+                TensorSpec("attention_mask", "int64", ("batch", "sequence")))
+
+    def axis_bounds(self) -> dict[str, int]:
+        return {"batch": 4096, "sequence": self.max_positions}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + weight), computed in fp32 (as Llama and Gemma do)."""
+
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return (x * w).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos and sin of position x inverse frequency, for one (base, factor): the HF rotate-half layout."""
+
+    def __init__(self, head_dim: int, base: float, factor: float):
+        super().__init__()
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv / factor, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (batch, 1, seq, head_dim)
+        return emb.cos(), emb.sin()
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: CausalLMConfig, shape: DecoderLayerShape):
+        super().__init__()
+        h = cfg.hidden
+        self.heads, self.kv_heads, self.head_dim, self.window = shape.heads, shape.kv_heads, shape.head_dim, \
+            shape.window
+        self.scale = cfg.query_scale if cfg.query_scale is not None else shape.head_dim ** -0.5
+        self.softcap = cfg.attn_softcap
+        lin = shape.linears
+        self.q = build_linear(h, shape.heads * shape.head_dim, lin.get("q"), bias=cfg.qkv_bias)
+        self.k = build_linear(h, shape.kv_heads * shape.head_dim, lin.get("k"), bias=cfg.qkv_bias)
+        self.v = build_linear(h, shape.kv_heads * shape.head_dim, lin.get("v"), bias=cfg.qkv_bias)
+        self.o = build_linear(shape.heads * shape.head_dim, h, lin.get("o"), bias=cfg.o_bias)
+        self.q_norm = RMSNorm(shape.head_dim, cfg.eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(shape.head_dim, cfg.eps, cfg.norm_offset) if cfg.qk_norm else None
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (batch, heads, seq, head_dim) and this step's k, v (batch, kv_heads, seq, head_dim), rotary applied."""
+        b, s, _ = x.shape
+        q = self.q(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor) -> torch.Tensor:
+        """Attention of q over the whole cache k, v (batch, kv_heads, total, head_dim), then the output projection."""
+        b, _, s, d = q.shape
+        g = self.heads // self.kv_heads
+        if g > 1:  # each key-value head serves g query heads: expand, never repeat_interleave (export-safe)
+            k = k[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, self.heads, -1, d)
+            v = v[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, self.heads, -1, d)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        probs = torch.softmax(scores + mask_add, dim=-1)
+        out = torch.matmul(probs, v)
+        return self.o(out.transpose(1, 2).reshape(b, s, self.heads * d))
+
+    def shape_fields(self) -> dict[str, Any]:
+        return {}
+
+
+class GatedFFN(nn.Module):
+    def __init__(self, cfg: CausalLMConfig, shape: DecoderLayerShape):
+        super().__init__()
+        lin = shape.linears
+        self.act_name = cfg.act
+        self.gate = build_linear(cfg.hidden, shape.ffn, lin.get("gate"), bias=cfg.mlp_bias)
+        self.up = build_linear(cfg.hidden, shape.ffn, lin.get("up"), bias=cfg.mlp_bias)
+        self.down = build_linear(shape.ffn, cfg.hidden, lin.get("down"), bias=cfg.mlp_bias)
+
+    @property
+    def width(self) -> int:
+        return self.gate.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)
+        g = F.silu(g) if self.act_name == "silu" else F.gelu(g, approximate="tanh")
+        return self.down(g * self.up(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: CausalLMConfig, shape: DecoderLayerShape):
+        super().__init__()
+        self.rope_key = (shape.rope_base, shape.rope_factor)
+        self.attn = DecoderAttention(cfg, shape)
+        self.ffn = GatedFFN(cfg, shape)
+        self.norm1 = RMSNorm(cfg.hidden, cfg.eps, cfg.norm_offset)
+        self.norm2 = RMSNorm(cfg.hidden, cfg.eps, cfg.norm_offset)
+        self.post_attn_norm = RMSNorm(cfg.hidden, cfg.eps, cfg.norm_offset) if cfg.sandwich_norm else None
+        self.post_ffn_norm = RMSNorm(cfg.hidden, cfg.eps, cfg.norm_offset) if cfg.sandwich_norm else None
+
+    @property
+    def shape(self) -> DecoderLayerShape:
+        a = self.attn
+        linears = {name: linear_shape(getattr(owner, name)) for owner, names in
+                   ((a, ("q", "k", "v", "o")), (self.ffn, ("gate", "up", "down"))) for name in names}
+        return DecoderLayerShape(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, ffn=self.ffn.width,
+                                 window=a.window, rope_base=self.rope_key[0], rope_factor=self.rope_key[1],
+                                 linears={k: v for k, v in linears.items() if v is not None})
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_add: torch.Tensor,
+                past: Optional[tuple[torch.Tensor, torch.Tensor]]):
+        q, k, v = self.attn.project(self.norm1(x), *rope)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        a = self.attn.attend(q, k, v, mask_add)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        x = x + a
+        f = self.ffn(self.norm2(x))
+        if self.post_ffn_norm is not None:
+            f = self.post_ffn_norm(f)
+        return x + f, (k, v)
+
+
+def causal_mask(attention_mask: torch.Tensor, query_len: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (batch, 1, query_len, total): a query at absolute slot total - query_len + i sees key slot j
+    when j <= its slot, j is a real token, and (for a window) j > its slot - window."""
+    total = attention_mask.shape[1]
+    q_pos = torch.arange(query_len, device=attention_mask.device)[:, None] + (total - query_len)
+    k_pos = torch.arange(total, device=attention_mask.device)[None, :]
+    allowed = k_pos <= q_pos
+    if window:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)
+    return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), MASK_NEG, dtype=dtype))
+
+
+class CausalLM(nn.Module):
+    """Token embedding -> decoder layers -> final norm -> output embedding (logits over the vocabulary)."""
+
+    def __init__(self, cfg: CausalLMConfig):
+        super().__init__()
+        self.spec = cfg.model_copy(deep=True)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, s) for s in cfg.layers])
+        self.final_norm = RMSNorm(cfg.hidden, cfg.eps, cfg.norm_offset)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.ropes = nn.ModuleDict()
+        for s in cfg.layers:
+            key = rope_name(s.rope_base, s.rope_factor)
+            if key not in self.ropes:
+                self.ropes[key] = Rotary(s.head_dim, s.rope_base, s.rope_factor)
+
+    # -- description -------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> CausalLMConfig:
+        return self.spec.model_copy(update={"layers": [layer.shape for layer in self.layers]}, deep=True)
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.spec)
+
+    @property
+    def io(self) -> GraphIO:
+        return GraphIO(self.spec.inputs(), (self.task.output_spec(self.spec),), self.spec.axis_bounds())
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.io.input_names
+
+    @property
+    def output_name(self) -> str:
+        return self.task.output
+
+    def token_table(self) -> nn.Embedding:
+        return self.embed
+
+    def attention_mask(self, inputs: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+        return inputs[1] if len(inputs) > 1 else None
+
+    def linears(self, names=LM_LINEAR_NAMES):
+        """(layer index, name, owning module, linear) for the named linears of every layer, in order."""
+        for li, layer in enumerate(self.layers):
+            for name in names:
+                owner = layer.attn if name in ("q", "k", "v", "o") else layer.ffn
+                yield li, name, owner, getattr(owner, name)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                past: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None, use_cache: bool = False):
+        """Logits (batch, seq, vocab) for each position. `attention_mask` covers past + these tokens (1: real
+        token); positions default to the count of real tokens before each one (left padding starts at 0).
+        With `use_cache`, also the present key-values per layer (past + these), for the next step."""
+        b, s = input_ids.shape
+        past_len = past[0][0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past_len + s, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        x = self.embed(input_ids)
+        if self.spec.embed_scale != 1.0:
+            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
+        ropes = {key: rope(position_ids) for key, rope in self.ropes.items()}
+        masks: dict[int, torch.Tensor] = {}
+        present = []
+        for i, layer in enumerate(self.layers):
+            w = layer.attn.window
+            if w not in masks:
+                masks[w] = causal_mask(attention_mask, s, w, x.dtype)
+            x, kv = layer(x, ropes[rope_name(*layer.rope_key)], masks[w], past[i] if past else None)
+            present.append(kv)
+        logits = self.logits(self.final_norm(x))
+        return (logits, present) if use_cache else logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        if self.spec.final_softcap:
+            out = torch.tanh(out / self.spec.final_softcap) * self.spec.final_softcap
+        return out
+
+    def empty_past(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.zeros(batch, la.attn.kv_heads, 0, la.attn.head_dim, dtype=dtype),) * 2 for la in self.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, eos: Optional[list[int]] = None) -> torch.Tensor:
+        """Greedy decoding with the cache, batch 1: the new token ids (stops after an eos id)."""
+        logits, past = self(input_ids, use_cache=True)
+        out = []
+        for _ in range(new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if eos and nxt in eos:
+                break
+            logits, past = self(torch.tensor([[nxt]]), past=past, use_cache=True,
+                                attention_mask=torch.ones(1, past[0][0].shape[2] + 1, dtype=torch.long))
+        return torch.tensor(out, dtype=torch.long)
+
+
+def rope_name(base: float, factor: float) -> str:
+    """ModuleDict key of a rotary table (no dots allowed)."""
+    return f"b{base:g}_f{factor:g}".replace(".", "p").replace("+", "")
+
+
+def decoder_macs(cfg: CausalLMConfig, tokens: int, context: int = 0) -> int:
+    """Multiply-accumulates of `tokens` new tokens attending over `context` earlier ones (plus themselves), batch 1:
+    prefill is (T, 0), one decode step is (1, T)."""
+    h, macs = cfg.hidden, 0
+    for s in cfg.layers:
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        dims = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, s.ffn), "up": (h, s.ffn),
+                "down": (s.ffn, h)}
+        macs += tokens * sum(linear_macs(i, o, s.linears.get(n)) for n, (i, o) in dims.items())
+        seen = min(context + tokens, s.window) if s.window else context + tokens
+        macs += 2 * tokens * seen * q
+    return macs + tokens * h * cfg.vocab_size
+
+
+def lm_config_summary(cfg: CausalLMConfig) -> str:
+    heads = sorted({(s.heads, s.kv_heads) for s in cfg.layers})
+    return (f"{cfg.family} causal LM, {len(cfg.layers)} layers, hidden {cfg.hidden}, heads "
+            f"{'/'.join(f'{h}q:{k}kv' for h, k in heads)}, vocab {cfg.vocab_size}, "
+            f"{'tied' if cfg.tie_embeddings else 'untied'} output embedding, context {cfg.max_positions}")
+
