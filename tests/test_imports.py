@@ -13,7 +13,7 @@ ROOT = Path(pocketformer.__file__).parent
 # Layer of each module, by its first path part under pocketformer/ (a subpackage or a top-level module).
 LAYERS = {
     "__init__": "base", "errors": "base", "progress": "base", "store": "base", "space": "base", "data": "base",
-    "registry": "base", "verdict": "base", "latency": "base",
+    "registry": "base", "verdict": "base", "latency": "base", "offline": "base", "text": "base",
     "models": "models",
     "train": "train",
     "compress": "compress",
