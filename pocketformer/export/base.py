@@ -137,10 +137,12 @@ class Format(ABC):
 
 # -- what the loop and the formats share ----------------------------------------------------------------------------
 
-def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max abs diff, and the mean and lowest over examples of the cosine between output vectors."""
-    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
-    cand = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+def parity(reference: np.ndarray, candidate: np.ndarray, per_position: bool = False) -> dict[str, float]:
+    """Max abs diff, and the mean and lowest over examples of the cosine between output vectors. `per_position`:
+    each position of the last-but-one axes is an example (a language model's logits: one per token)."""
+    rows = (-1, np.shape(reference)[-1]) if per_position else (len(reference), -1)
+    ref = np.asarray(reference, dtype=np.float64).reshape(rows)
+    cand = np.asarray(candidate, dtype=np.float64).reshape(rows)
     cos = cosine_rows(ref, cand)
     return {"max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cos.mean()),
             "min_cosine": float(cos.min()), "argmax_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),

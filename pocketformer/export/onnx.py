@@ -41,6 +41,9 @@ def torch_dynamic_shapes(io: GraphIO) -> tuple[dict, ...]:
     dims = {"batch": torch.export.Dim("batch", min=1, max=io.bounds.get("batch", 4096))}
     if "sequence" in io.bounds:
         dims["sequence"] = torch.export.Dim("seq", min=1, max=io.bounds["sequence"])
+    if "past" in io.bounds:  # a decoder's cache: empty on the first step
+        dims["past"] = torch.export.Dim("past", min=0, max=io.bounds["past"])
+        dims["total"] = torch.export.Dim("total", min=1, max=io.bounds["total"])
     return tuple({axis: dims[name] for axis, name in io.dynamic_axes()[spec.name].items()} for spec in io.inputs)
 
 

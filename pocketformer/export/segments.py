@@ -156,7 +156,7 @@ class SegmentSet(GraphSet):
 
     @classmethod
     def applies(cls, model: CanonicalTransformer) -> bool:
-        return bool(model.spec.exits)
+        return bool(getattr(model.spec, "exits", None))
 
     def __init__(self, model: CanonicalTransformer):
         self.model = model

@@ -351,6 +351,10 @@ class CanonicalTransformer(nn.Module):
     def output_name(self) -> str:
         return self.task.output
 
+    def graph_module(self) -> nn.Module:
+        """The module an exporter converts: it takes `io`'s inputs positionally and returns its outputs."""
+        return self
+
     def embed(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The embeddings of the model's inputs (token ids, or pixels): the first input; the mask is applied
         by attention."""

@@ -105,12 +105,22 @@ class CausalLMConfig(BaseModel):
         return "text"
 
     def inputs(self) -> tuple[TensorSpec, ...]:
-        """The full-sequence graph's inputs (no cache): what perplexity and the encoders' machinery feed."""
+        """The cached decoder's inputs, in the Optimum / ONNX Runtime GenAI layout: the new tokens, the mask over
+        past + new tokens (1: a real token), the new tokens' positions, and each layer's past keys and values."""
+        past = [TensorSpec(f"past_key_values.{i}.{kv}", "float32", ("batch", s.kv_heads, "past", s.head_dim))
+                for i, s in enumerate(self.layers) for kv in ("key", "value")]
         return (TensorSpec("input_ids", "int64", ("batch", "sequence"), pad=self.pad_token_id),
-                TensorSpec("attention_mask", "int64", ("batch", "sequence")))
+                TensorSpec("attention_mask", "int64", ("batch", "total")),
+                TensorSpec("position_ids", "int64", ("batch", "sequence")), *past)
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Each layer's present keys and values (past + new), then the logits: the task's output comes last."""
+        present = [TensorSpec(f"present.{i}.{kv}", "float32", ("batch", s.kv_heads, "total", s.head_dim))
+                   for i, s in enumerate(self.layers) for kv in ("key", "value")]
+        return (*present, TensorSpec("logits", "float32", ("batch", "sequence", self.vocab_size)))
 
     def axis_bounds(self) -> dict[str, int]:
-        return {"batch": 4096, "sequence": self.max_positions}
+        return {"batch": 64, "sequence": self.max_positions, "past": self.max_positions, "total": self.max_positions}
 
 
 class RMSNorm(nn.Module):
@@ -289,7 +299,25 @@ class CausalLM(nn.Module):
 
     @property
     def io(self) -> GraphIO:
-        return GraphIO(self.spec.inputs(), (self.task.output_spec(self.spec),), self.spec.axis_bounds())
+        """The cached decoder graph every exporter writes (prefill is the same graph with an empty past)."""
+        cfg = self.config
+        return GraphIO(cfg.inputs(), cfg.outputs(), cfg.axis_bounds())
+
+    def graph_module(self) -> nn.Module:
+        return CachedDecoder(self)
+
+    def graph_inputs(self, ids: torch.Tensor, past_len: int) -> tuple[torch.Tensor, ...]:
+        """`io`'s inputs for the tokens `ids` (batch, n): the first `past_len` already in the cache (computed here),
+        the rest new."""
+        b, n = ids.shape
+        with torch.no_grad():
+            if past_len:
+                _, past = self(ids[:, :past_len], use_cache=True)
+            else:
+                past = self.empty_past(b)
+        positions = torch.arange(past_len, n).expand(b, -1)
+        return (ids[:, past_len:], torch.ones(b, n, dtype=torch.long), positions,
+                *[t for kv in past for t in kv])
 
     @property
     def input_names(self) -> list[str]:
@@ -362,6 +390,20 @@ class CausalLM(nn.Module):
             logits, past = self(torch.tensor([[nxt]]), past=past, use_cache=True,
                                 attention_mask=torch.ones(1, past[0][0].shape[2] + 1, dtype=torch.long))
         return torch.tensor(out, dtype=torch.long)
+
+
+class CachedDecoder(nn.Module):
+    """The decoder as a graph: (input_ids, attention_mask, position_ids, past k0, v0, k1, v1, ...) ->
+    (present k0, v0, ..., logits), the layout ONNX Runtime GenAI and Optimum feed."""
+
+    def __init__(self, model: CausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        logits, present = self.model(input_ids, attention_mask, position_ids, past=past, use_cache=True)
+        return (*[t for kv in present for t in kv], logits)
 
 
 def rope_name(base: float, factor: float) -> str:

@@ -8,6 +8,7 @@ branch of their own (as Optimum's export configs declare I/O, but once for our o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -16,8 +17,9 @@ from torch import nn
 
 Axis = Union[str, int]  # a symbolic axis ("batch", "sequence") or a fixed size
 
-# Symbolic axes that may stay dynamic in a file; every other axis is fixed by the model's shapes.
-DYNAMIC_AXES = ("batch", "sequence")
+# Symbolic axes that may stay dynamic in a file; every other axis is fixed by the model's shapes. A decoder's cached
+# graph also has the past's length and the total (past + new tokens) its attention mask covers.
+DYNAMIC_AXES = ("batch", "sequence", "past", "total")
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,19 @@ class Graph:
     io: GraphIO
 
 
+def parameter_name(name: str) -> str:
+    """A tensor name as a Python parameter name (past_key_values.0.key -> past_key_values_0_key)."""
+    out = re.sub(r"\W", "_", name)
+    if not out.isidentifier():
+        raise ValueError(f"input name {name!r} cannot be a parameter name")
+    return out
+
+
 def named_forward(module: nn.Module, names: list[str], outputs: Optional[list[str]] = None) -> nn.Module:
     """`module` (taking the declared inputs positionally) behind a forward with one named parameter per input:
     converters name a file's inputs after the forward's parameters (input_ids, not args_0). With `outputs`, setting
     `dict_outputs` makes forward return a dict by output name (LiteRT names a signature's outputs after its keys)."""
-    for n in names:
-        if not n.isidentifier():
-            raise ValueError(f"input name {n!r} is not an identifier")
-    params = ", ".join(names)
+    params = ", ".join(parameter_name(n) for n in names)
     scope: dict = {}
     exec(f"def forward(self, {params}):\n    return self._call({params})", scope)  # noqa: S102 - names checked
 

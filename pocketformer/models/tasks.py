@@ -45,6 +45,7 @@ class Task:
     precision_metric: ClassVar[str]
     min_agreement: ClassVar[float]
     lower_is_better: ClassVar[bool] = False  # quality's direction (perplexity: lower)
+    per_position: ClassVar[bool] = False  # one output row per token (a language model's logits), not per example
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -149,7 +150,7 @@ class CausalLanguageModel(Task):
 
     name, output, has_labels = "causal_lm", "logits", False
     metric, quality_key = "perplexity", "perplexity"
-    lower_is_better = True
+    lower_is_better = per_position = True
     precision_metric, min_agreement = "argmax_agreement", 0.9
 
     def output_spec(self, cfg: Any) -> TensorSpec:
