@@ -166,7 +166,7 @@ def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> 
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
-class Prune(Stage[PruneConfig], name="prune", version=2,
+class Prune(Stage[PruneConfig], name="prune", version=3,  # 3: layer tuning ties within rounding keep the weights
             summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy), "
                     "or to a latency target on a device (retraining-free)"):
     excludes = frozenset({"exits"})

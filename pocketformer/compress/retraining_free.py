@@ -64,6 +64,10 @@ Tuning = Literal["auto", "none", "mask", "weights"]
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
 HOLD_OUT_EVERY = 5  # every 5th calibration batch chooses the tuning of each block
 CHOICE_MARGIN = 1e-6  # relative: a held-out error lower by less than this is a tie, and the simpler tuning wins
+# ... and so is one lower by less than this share of the target's mean square: the statistics are accumulated in
+# float32 before float64, so errors of a block already at its target (an unpruned layer, ~1e-9) differ by rounding
+# alone (measured: "full" won by 5e-4 relative at an error of 1e-9 and rewrote an unpruned layer's weights).
+NOISE_FLOOR = 1e-6
 SEARCH_BINS = 4096  # grid of the latency budget the search rounds costs up to
 
 
@@ -391,8 +395,9 @@ def fit_block(linear: nn.Module, fit: NormalEquations, held: NormalEquations, gr
                 errors[kind], ridge_of[kind] = err, ridge
     if mode == "auto":  # from the simplest on, a tuning must beat what comes before it beyond rounding
         choice = "none"
+        floor = NOISE_FLOOR * held.yy / max(held.rows * held.xty.shape[1], 1)
         for kind in ("scalar", "full"):
-            if kind in errors and errors[kind] < errors[choice] * (1 - CHOICE_MARGIN):
+            if kind in errors and errors[kind] < errors[choice] * (1 - CHOICE_MARGIN) - floor:
                 choice = kind
     else:
         wanted = {"mask": "scalar", "weights": "full", "none": "none"}[mode]
