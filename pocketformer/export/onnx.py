@@ -24,7 +24,8 @@ from .base import Format, Plan, Tolerance, Written
 from .card import PREFIX, Card, from_metadata
 
 OPSET = 18
-INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}
+INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear",
+            "MatMulNBits"}
 # fp32 files must match PyTorch closely; int8 ones make the same decisions (the task's rule).
 FP32_MAX_ABS = 1e-3
 FP32_MIN_COSINE = 0.9999
@@ -127,6 +128,22 @@ def quantize_int8(float_path: Path, path: Path) -> None:
         quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         _save_atomic(onnx.load(str(out)), path)
+
+
+INT4_BLOCK = 32
+
+
+def quantize_int4(float_path: Path, path: Path) -> None:
+    """Weight-only int4 (ORT MatMulNBits: symmetric, blocks of 32 along the input axis, dequantized in the kernel),
+    the precision that makes batch-1 decoding fast, which reads every weight once per token. Only MatMuls with a
+    constant weight are touched (attention's score and value products stay float); the embedding stays float."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        source = densified_onnx(float_path, Path(tmp) / "dense.onnx")
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=INT4_BLOCK, is_symmetric=True)
+        quantizer.process()
+        _save_atomic(quantizer.model.model, path)
 
 
 def _save_atomic(proto: onnx.ModelProto, path: Path) -> None:
@@ -271,9 +288,14 @@ def read_onnx_card(path: Path) -> Optional[dict[str, Any]]:
 class Onnx(Format):
     name, extension, runtime, static_only = "onnx", ".onnx", "onnxruntime", False
     int8_precisions = ("int8",)
+    option_names = ("int4",)  # also a weight-only int4 file (MatMulNBits), made from the fp32 one
     fp32_tolerance = Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
     fixes = {"int8": "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights.",
+             "int4": "leave out int4: this model's outputs do not survive 4-bit weights.",
              "*": "report this with the model's pocketformer.json."}
+
+    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
+        return super().precisions(int8, options) + (["int4"] if options.get("int4") else [])
 
     def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
         written = []
@@ -283,6 +305,8 @@ class Onnx(Format):
                 export_module(graph.module, path, plan.examples[name], graph.io.input_names, graph.io.output_names,
                               None if plan.fixed else torch_dynamic_shapes(graph.io))
                 plan.state[name] = path
+            elif precision == "int4":
+                quantize_int4(plan.state[name], path)
             else:
                 quantize_int8(plan.state[name], path)
             storage = onnx_file(path) if plan.sparse else None

@@ -28,12 +28,16 @@ def exported(request, tmp_path_factory):
     ids = torch.tensor([tok.encode(TEXT[:400]).ids[:24]] * 2)
     # int8 judged by top-1 agreement: a tiny random Gemma's logits are too flat for int8 to keep it (measured 0.75)
     records = export_checked(model, root / "art", "model", model.graph_inputs(ids, 16), "onnx",
-                             int8=family != "gemma3")
+                             int8=family != "gemma3", int4=family == "llama")
     return family, model, tok, records, root / "art"
 
 
 def test_layout_is_ort_genai(exported):
     family, model, _, records, _ = exported
+    assert [r["precision"] for r in records] == {"llama": ["fp32", "int8", "int4"], "gemma3": ["fp32"],
+                                                 "qwen2": ["fp32", "int8"]}[family]
+    if family == "llama":  # int4: ORT's MatMulNBits kernels, blocks of 32
+        assert next(r for r in records if r["precision"] == "int4")["ops"].get("MatMulNBits", 0) >= 7 * 2
     fp32 = next(r for r in records if r["precision"] == "fp32")
     n = len(model.layers)
     assert list(fp32["inputs"])[:3] == ["input_ids", "attention_mask", "position_ids"]
