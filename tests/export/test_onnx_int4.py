@@ -1,0 +1,67 @@
+"""ONNX int4: weights already on a 4-bit block grid (a GGUF's Q4_1, dequantized) are stored exactly, and an 8-bit
+output projection on a Q8_0 grid too; float weights lose only a 4-bit rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from pocketformer.export.onnx import INT4_BLOCK, quantize_int4
+from pocketformer.targets import get_runtime
+
+
+def two_matmuls(w1: np.ndarray, w2: np.ndarray, path):
+    """x @ w1.T -> h (internal), h @ w2.T -> y (the graph's output)."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
+             helper.make_node("MatMul", ["h", "W2"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[1]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w2.shape[0]])],
+                              [numpy_helper.from_array(w1.T.copy(), "W1"), numpy_helper.from_array(w2.T.copy(), "W2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def q4_1(rng, n, k):
+    codes = rng.integers(0, 16, size=(n, k // INT4_BLOCK, INT4_BLOCK))
+    codes[..., 0], codes[..., 1] = 0, 15  # llama.cpp's Q4_1: each block's min and max are codes 0 and 15
+    d = rng.uniform(0.01, 0.05, size=(n, k // INT4_BLOCK, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.4, 0.0, size=(n, k // INT4_BLOCK, 1)).astype(np.float16).astype(np.float32)
+    return (codes * d + m).reshape(n, k).astype(np.float32)
+
+
+def q8_0(rng, n, k):
+    codes = rng.integers(-127, 128, size=(n, k // INT4_BLOCK, INT4_BLOCK))
+    codes[..., 0] = 127  # Q8_0: the block's largest magnitude is code +-127
+    d = rng.uniform(0.001, 0.01, size=(n, k // INT4_BLOCK, 1)).astype(np.float16).astype(np.float32)
+    return (codes * d).reshape(n, k).astype(np.float32)
+
+
+def run(path, x):
+    return get_runtime("onnxruntime").open(path, 1).run({"x": x})["y"]
+
+
+def test_gguf_grids_are_stored_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    w1, w2 = q4_1(rng, 64, 128), q8_0(rng, 40, 64)
+    two_matmuls(w1, w2, tmp_path / "f.onnx")
+    quantize_int4(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    ops = {n.name: (n.op_type, {a.name: a.i for a in n.attribute}.get("bits")) for n in onnx.load(
+        str(tmp_path / "q.onnx")).graph.node}
+    assert ops == {"first_nbits": ("MatMulNBits", 4), "head_nbits": ("MatMulNBits", 8)}
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    want = (x @ w1.T) @ w2.T
+    assert np.abs(run(tmp_path / "q.onnx", x) - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_float_weights_lose_a_4_bit_rounding(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = (torch.randn(64, 128, generator=g) * 0.1).numpy(), (torch.randn(40, 64, generator=g) * 0.1).numpy()
+    two_matmuls(w1, w2, tmp_path / "f.onnx")
+    quantize_int4(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 128)).astype(np.float32)
+    want, got = (x @ w1.T) @ w2.T, run(tmp_path / "q.onnx", x)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert 1e-4 < rel < 0.3 and cosine > 0.98  # a 4-bit step is ~1/15 of a block's range
+    assert (tmp_path / "q.onnx").stat().st_size < 0.4 * (tmp_path / "f.onnx").stat().st_size
