@@ -308,7 +308,33 @@ class EmbeddingHead(nn.Module):
         return pooled
 
 
-class CanonicalTransformer(nn.Module):
+class Described:
+    """What every canonical model (the encoder here, the decoder in causal.py) says about itself, read from its
+    modules and its spec: its config, task, declared graph and that graph's module."""
+
+    @property
+    def config(self):
+        """The spec with layer shapes read from the modules, so it can never drift from the weights."""
+        return self.spec.model_copy(update={"layers": [layer.shape for layer in self.layers]}, deep=True)
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.spec)
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.io.input_names
+
+    @property
+    def output_name(self) -> str:
+        return self.task.output
+
+    def graph_module(self) -> nn.Module:
+        """The module an exporter converts: it takes `io`'s inputs positionally and returns its outputs."""
+        return self
+
+
+class CanonicalTransformer(Described, nn.Module):
     """Encoder + pooling + optional classifier. Text input: (input_ids, attention_mask); vision: pixel_values."""
 
     def __init__(self, cfg: ModelConfig):
@@ -327,33 +353,12 @@ class CanonicalTransformer(nn.Module):
         """Exit heads pool like the final head and map straight to the labels (no pre-classifier layer)."""
         return HeadSpec(pooling=self.spec.head.pooling, pre="none", labels=list(self.spec.head.labels))
 
-    # -- description -------------------------------------------------------------------------------------------
-    @property
-    def config(self) -> ModelConfig:
-        """The spec with layer shapes read from the modules, so it can never drift from the weights."""
-        return self.spec.model_copy(update={"layers": [layer.shape for layer in self.layers]}, deep=True)
-
-    @property
-    def task(self) -> Task:
-        return task_of(self.spec)
-
+    # -- description (config, task, input_names, output_name, graph_module: Described) -------------------------
     @property
     def io(self) -> GraphIO:
         """Inputs from the modality, the output from the task: the declaration exporters derive wrappers, dynamic
         axes and example inputs from."""
         return GraphIO(self.spec.inputs(), (self.task.output_spec(self.spec),), self.spec.axis_bounds())
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.io.input_names
-
-    @property
-    def output_name(self) -> str:
-        return self.task.output
-
-    def graph_module(self) -> nn.Module:
-        """The module an exporter converts: it takes `io`'s inputs positionally and returns its outputs."""
-        return self
 
     def embed(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The embeddings of the model's inputs (token ids, or pixels): the first input; the mask is applied

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from ..registry import member_of
 from .factorized import LinearShape, build_linear, linear_macs, linear_shape
 from .signature import GraphIO, TensorSpec
-from .tasks import TASKS, Task, task_of
+from .canonical import Described
+from .tasks import TASKS
 
 # Additive mask value for positions a query must not see: exp() of it is 0 in fp32 and it stays finite in fp16.
 MASK_NEG = -1.0e4
@@ -272,7 +273,7 @@ def causal_mask(attention_mask: torch.Tensor, query_len: int, window: int, dtype
     return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), MASK_NEG, dtype=dtype))
 
 
-class CausalLM(nn.Module):
+class CausalLM(Described, nn.Module):
     """Token embedding -> decoder layers -> final norm -> output embedding (logits over the vocabulary)."""
 
     def __init__(self, cfg: CausalLMConfig):
@@ -288,15 +289,7 @@ class CausalLM(nn.Module):
             if key not in self.ropes:
                 self.ropes[key] = Rotary(s.head_dim, s.rope_base, s.rope_factor)
 
-    # -- description -------------------------------------------------------------------------------------------
-    @property
-    def config(self) -> CausalLMConfig:
-        return self.spec.model_copy(update={"layers": [layer.shape for layer in self.layers]}, deep=True)
-
-    @property
-    def task(self) -> Task:
-        return task_of(self.spec)
-
+    # -- description (config, task, input_names, output_name: Described) ----------------------------------------
     @property
     def io(self) -> GraphIO:
         """The cached decoder graph every exporter writes (prefill is the same graph with an empty past)."""
@@ -318,14 +311,6 @@ class CausalLM(nn.Module):
         positions = torch.arange(past_len, n).expand(b, -1)
         return (ids[:, past_len:], torch.ones(b, n, dtype=torch.long), positions,
                 *[t for kv in past for t in kv])
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.io.input_names
-
-    @property
-    def output_name(self) -> str:
-        return self.task.output
 
     def token_table(self) -> nn.Embedding:
         return self.embed
