@@ -445,6 +445,20 @@ def _quiet_third_party_logs() -> None:
 INTERRUPTED = "interrupted: finished stages are cached; run the same command again to resume."
 
 
+def _exit_interrupted() -> None:
+    """Say how to resume and end with 130, the shell's code for Ctrl-C. Not through `sys.exit`: CPython remembers a
+    KeyboardInterrupt that once crossed C code run by `PyRun_String` (pybind11's `py::eval` does), and then ends the
+    process with SIGINT (exit -2) whatever code it was asked to exit with. Exit handlers still run."""
+    import atexit
+    import os
+
+    typer.echo(INTERRUPTED, err=True)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _click_classes():
     """(usage errors, other click errors, aborts, exits) of both clicks: typer 0.29 raises its vendored copy's
     exceptions, which the real click's classes do not catch."""
@@ -482,7 +496,7 @@ def main() -> None:
     try:
         rc = app(prog_name="pocketformer", standalone_mode=False)
         if rc == 130:  # typer turns Ctrl-C into exit code 130 and returns it
-            typer.echo(INTERRUPTED, err=True)
+            _exit_interrupted()
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except PocketformerError as e:
@@ -494,8 +508,7 @@ def main() -> None:
         denied.__context__ = e
         _fail(denied)
     except (*aborts, KeyboardInterrupt):
-        typer.echo(INTERRUPTED, err=True)
-        sys.exit(130)
+        _exit_interrupted()
     except usage_errors as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `pocketformer` alone: the help is the answer
             e.show()
