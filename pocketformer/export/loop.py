@@ -67,10 +67,12 @@ class GraphSet:
         GRAPH_SETS.append(cls)
 
     @classmethod
-    def applies(cls, model: CanonicalTransformer) -> bool:
-        return True
+    def applies(cls, model: CanonicalTransformer, fmt: Format) -> bool:
+        """A model that declares its own graphs for fixed-shape files (a decoder's prefill and decode over a fixed
+        cache: export/kv_cache.py) is not exported as its one graph to a fixed-shape format."""
+        return not (fmt.static_only and hasattr(model, "fixed_cache_graphs"))
 
-    def __init__(self, model: CanonicalTransformer):
+    def __init__(self, model: CanonicalTransformer, fmt: Format, static_shape: Optional[tuple[int, int]] = None):
         self.model = model
         self.graphs = {"model": Graph(named_forward(model.graph_module(), model.input_names), model.io)}
 
@@ -105,13 +107,16 @@ class SetContext:
         self.inputs, self.reference = inputs, reference
 
 
-def graph_sets(model: CanonicalTransformer, kinds: Optional[set] = None) -> list[GraphSet]:
-    """How the model exports: as one graph, plus every registered set that applies (with exit heads: the segments
-    an early-exit driver runs); `kinds` keeps only those kinds, and asks for them even where none applies (so the
-    set's own refusal explains why)."""
-    if kinds is not None:
-        return [cls(model) for cls in [GraphSet, *GRAPH_SETS] if cls.kind in kinds]
-    return [cls(model) for cls in [GraphSet, *GRAPH_SETS] if cls.applies(model)]
+def graph_sets(model: CanonicalTransformer, fmt: Format, kinds: Optional[set] = None,
+               static_shape: Optional[tuple[int, int]] = None) -> list[GraphSet]:
+    """How the model exports to `fmt`: as one graph (or, for a decoder in a fixed-shape format, its prefill and
+    decode graphs), plus every registered set that applies (with exit heads: the segments an early-exit driver
+    runs); `kinds` keeps only those kinds, and asks for them even where none applies (so the set's own refusal
+    explains why). A plain artifact (kind None) is always one set: the one that applies."""
+    chosen = [cls for cls in [GraphSet, *GRAPH_SETS]
+              if (cls.kind in kinds if kinds is not None else True)
+              and (cls.applies(model, fmt) or (kinds is not None and cls.kind is not None))]
+    return [cls(model, fmt, static_shape) for cls in chosen]
 
 
 # -- shapes and inputs ---------------------------------------------------------------------------------------------
@@ -211,7 +216,7 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     failures: list[ExportError] = []
-    for gs in graph_sets(model, kinds):
+    for gs in graph_sets(model, fmt, kinds, static_shape):
         try:
             records += export_set(gs, fmt, runtime, out_dir, stem, inputs, int8, static_shape,
                                   sparse and has_dense_sparse(model), options, failures, card)
@@ -233,7 +238,8 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
         check_inputs = tuple(t[:runtime.check_examples] for t in check_inputs)
     reference = gs.reference(check_inputs)
     batch = fixed["batch"] if fixed else None
-    examples = {g: tuple(repeat_rows(feeds[n], batch) if batch else feeds[n] for n in gs.graphs[g].io.input_names)
+    examples = {g: tuple(repeat_rows(feeds[t.name], batch) if batch and t.axes[:1] == ("batch",) else feeds[t.name]
+                         for t in gs.graphs[g].io.inputs)
                 for g, (feeds, _) in reference.items()}
     plan = Plan(gs.graphs, examples, fixed, sparse and gs.stores_sparse,
                 {k: v for k, v in options.items() if gs.takes_options}, card=card)

@@ -155,10 +155,10 @@ class SegmentSet(GraphSet):
     takes_options = False
 
     @classmethod
-    def applies(cls, model: CanonicalTransformer) -> bool:
+    def applies(cls, model: CanonicalTransformer, fmt: Format) -> bool:
         return bool(getattr(model.spec, "exits", None))
 
-    def __init__(self, model: CanonicalTransformer):
+    def __init__(self, model: CanonicalTransformer, fmt: Format, static_shape: Optional[tuple[int, int]] = None):
         self.model = model
         self.segments = segments(model)
         self.graphs = {f"segment_{s.index}": Graph(named_forward(s, s.io.input_names, s.io.output_names), s.io)

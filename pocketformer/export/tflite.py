@@ -32,12 +32,13 @@ FP32_MIN_COSINE = 0.999
 # precision -> file suffix. fp16 is litert-torch's full_fp16_recipe (float-cast weights, explicit dequantize), which
 # litert-torch itself applies with ai-edge-quantizer after converting: applying it to our float file is the same
 # (identical bytes) without converting twice.
-SUFFIX = {"fp32": "fp32", "fp16": "fp16", "int8-weight": "int8w", "int8": "int8"}
+SUFFIX = {"fp32": "fp32", "fp16": "fp16", "int8-weight": "int8w", "int8": "int8", "int4": "int4"}
 FIX = {
     "fp32": "report this with the model's pocketformer.json.",
     "fp16": "use the fp32 .tflite file: this model's outputs do not survive fp16 weights.",
     "int8-weight": "skip int8 (`--no-int8`): this model's outputs do not survive int8 weights.",
     "int8": "skip int8 (`--no-int8`) or use the int8-weight file: dynamic int8 activations lose this model's outputs.",
+    "int4": "leave out int4: this model's outputs do not survive 4-bit weights.",
 }
 
 
@@ -68,10 +69,13 @@ def _quiet():
 def convert(plan: Plan) -> bytes:
     """The fp32 flatbuffer of every graph at the plan's static shapes, inputs named as declared. One graph is the
     file's only signature; several are one signature each, named after the graphs, with named outputs."""
-    if len(plan.graphs) == 1:
-        (name, graph), = plan.graphs.items()
-        return convert_module(graph.module, dict(zip(graph.io.input_names, plan.examples[name])))
+    cached = [g.module.model for g in plan.graphs.values() if hasattr(g.module.model, "slice_update")]
     try:
+        for module in cached:
+            module.slice_update = dynamic_update_slice
+        if len(plan.graphs) == 1:
+            (name, graph), = plan.graphs.items()
+            return convert_module(graph.module, dict(zip(graph.io.input_names, plan.examples[name])))
         for graph in plan.graphs.values():
             graph.module.dict_outputs = True  # LiteRT names a signature's outputs after the dict's keys
         return convert_module(None, {}, signatures={
@@ -80,6 +84,18 @@ def convert(plan: Plan) -> bytes:
     finally:
         for graph in plan.graphs.values():
             graph.module.dict_outputs = False
+        for module in cached:
+            del module.slice_update  # back to the class's own write
+
+
+def dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """A fixed-cache decoder's cache write (models/causal.py) as TFLite's DYNAMIC_UPDATE_SLICE, through litert-torch's
+    own op (its generative models write their caches so); torch's index_copy would convert to a STABLEHLO_SCATTER
+    over the whole cache."""
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice as dus
+
+    zero = torch.zeros([], dtype=torch.int32)
+    return dus(cache, new, [zero, zero, start.to(torch.int32).reshape([]), zero])
 
 
 def convert_module(module: Optional[torch.nn.Module], sample_kwargs: dict[str, torch.Tensor],
@@ -124,6 +140,8 @@ def recipe(precision: str):
         return recipes.weight_only_wi8_afp32()
     if precision == "int8":  # int8 per-channel weights, activations quantized on the fly by the kernels
         return recipes.dynamic_wi8_afp32()
+    if precision == "int4":  # int4 per-channel weights, XNNPACK's dynamic-range kernels (blockwise int4 weights do
+        return recipes.dynamic_wi4_afp32()  # not load in LiteRT 2.3's XNNPACK: "unsupported scale value")
     raise ValueError(precision)
 
 
@@ -332,12 +350,16 @@ def tflite_file(path: Path) -> dict[str, Any]:
 class Tflite(Format):
     name, extension, runtime = "tflite", ".tflite", "litert"
     float_precisions, int8_precisions = ("fp32", "fp16"), ("int8-weight", "int8")
+    option_names = ("int4",)  # also an int4-weight file (dynamic-range kernels), made from the fp32 one
     suffixes = SUFFIX
     fp32_tolerance = Tolerance(min_cosine=FP32_MIN_COSINE)
     fixes = {**FIX, "*": FIX["fp32"]}
 
     def shares_file(self) -> bool:
         return True
+
+    def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
+        return super().precisions(int8, options) + (["int4"] if options.get("int4") else [])
 
     def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
         path = next(iter(paths.values()))  # one file holds every graph
@@ -357,7 +379,7 @@ class Tflite(Format):
         return describe(path)
 
     def holds_int8(self, path: Path, description: dict[str, Any]) -> bool:
-        return ".int8" in Path(path).name or "DEQUANTIZE" in description.get("ops", {})
+        return ".int8" in Path(path).name or ".int4" in Path(path).name or "DEQUANTIZE" in description.get("ops", {})
 
     def annotate(self, path: Path, card: Card, precision: str) -> None:
         """TFLite Model Metadata: name, description, each input's and the output's meaning, labels.txt on a

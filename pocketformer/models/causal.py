@@ -123,6 +123,17 @@ class CausalLMConfig(BaseModel):
     def axis_bounds(self) -> dict[str, int]:
         return {"batch": 64, "sequence": self.max_positions, "past": self.max_positions, "total": self.max_positions}
 
+    def fixed_cache_io(self, tokens: int, context: int) -> GraphIO:
+        """A fixed-shape graph over a cache of `context` slots (batch 1), taking `tokens` new tokens: LiteRT-LM's
+        names (`tokens`, `input_pos`, `kv_cache_k_N` / `kv_cache_v_N` in and out, `logits`), each layer's cache as
+        (1, kv_heads, context, head_dim)."""
+        cache = [TensorSpec(f"kv_cache_{kv}_{i}", "float32", (1, s.kv_heads, context, s.head_dim))
+                 for i, s in enumerate(self.layers) for kv in ("k", "v")]
+        inputs = (TensorSpec("tokens", "int32", (1, tokens), pad=self.pad_token_id),
+                  TensorSpec("input_pos", "int32", (tokens,)), *cache)
+        return GraphIO(inputs, (*cache, TensorSpec("logits", "float32", (1, tokens, self.vocab_size))),
+                       {"context": context})
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * (offset + weight), computed in fp32 (as Llama and Gemma do)."""
@@ -245,9 +256,13 @@ class DecoderLayer(nn.Module):
                                  linears={k: v for k, v in linears.items() if v is not None})
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_add: torch.Tensor,
-                past: Optional[tuple[torch.Tensor, torch.Tensor]]):
+                past: Optional[tuple[torch.Tensor, torch.Tensor]], write=None):
+        """`write(past, k, v) -> (keys, values)` puts this step's keys and values into the cache (default: appended
+        to the past)."""
         q, k, v = self.attn.project(self.norm1(x), *rope)
-        if past is not None:
+        if write is not None:
+            k, v = write(past, k, v)
+        elif past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         a = self.attn.attend(q, k, v, mask_add)
@@ -299,6 +314,12 @@ class CausalLM(Described, nn.Module):
     def graph_module(self) -> nn.Module:
         return CachedDecoder(self)
 
+    def fixed_cache_graphs(self, prefill: int, context: int) -> dict[str, FixedCacheDecoder]:
+        """The two graphs a fixed-shape file holds (LiteRT-LM's signatures): prefill of `prefill` tokens and decode
+        of one, over one cache of `context` slots."""
+        return {"prefill": FixedCacheDecoder(self, prefill, context).eval(),
+                "decode": FixedCacheDecoder(self, 1, context).eval()}
+
     def graph_inputs(self, ids: torch.Tensor, past_len: int) -> tuple[torch.Tensor, ...]:
         """`io`'s inputs for the tokens `ids` (batch, n): the first `past_len` already in the cache (computed here),
         the rest new."""
@@ -338,6 +359,13 @@ class CausalLM(Described, nn.Module):
             attention_mask = torch.ones(b, past_len + s, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        logits, present = self.body(input_ids, position_ids,
+                                    lambda window, dtype: causal_mask(attention_mask, s, window, dtype), past)
+        return (logits, present) if use_cache else logits
+
+    def body(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_of, past, write=None):
+        """Embedding -> layers -> logits, and each layer's keys and values after this step. `mask_of(window,
+        dtype)` is the additive mask of layers with that window; `write` as DecoderLayer.forward takes it."""
         x = self.embed(input_ids)
         if self.spec.embed_scale != 1.0:
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
@@ -347,11 +375,10 @@ class CausalLM(Described, nn.Module):
         for i, layer in enumerate(self.layers):
             w = layer.attn.window
             if w not in masks:
-                masks[w] = causal_mask(attention_mask, s, w, x.dtype)
-            x, kv = layer(x, ropes[rope_name(*layer.rope_key)], masks[w], past[i] if past else None)
+                masks[w] = mask_of(w, x.dtype)
+            x, kv = layer(x, ropes[rope_name(*layer.rope_key)], masks[w], past[i] if past else None, write)
             present.append(kv)
-        logits = self.logits(self.final_norm(x))
-        return (logits, present) if use_cache else logits
+        return self.logits(self.final_norm(x)), present
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
@@ -388,6 +415,50 @@ class CachedDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         logits, present = self.model(input_ids, attention_mask, position_ids, past=past, use_cache=True)
+        return (*[t for kv in present for t in kv], logits)
+
+
+def index_copy_slice(cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """`cache` with `new` written along the slot axis (2) from slot `start` on: FixedCacheDecoder's default cache
+    write. A converter may set its own (LiteRT's DYNAMIC_UPDATE_SLICE: export/tflite.py)."""
+    return cache.index_copy(2, start + torch.arange(new.shape[2]), new)
+
+
+class FixedCacheDecoder(nn.Module):
+    """The decoder over a cache of a fixed number of slots, for fixed-shape formats (TFLite, CoreML):
+    (tokens (1, T), input_pos (T,), kv_cache_k_0, kv_cache_v_0, ...) -> (the caches after this step, logits).
+
+    The T new tokens sit at the consecutive positions `input_pos`; their keys and values are written into the cache
+    at those slots, and each token attends to the slots at or before its position (within its layer's window).
+    A prompt shorter than T is padded at its end: the padding writes slots after the prompt that no later query
+    sees before the next real token overwrites them. So one graph of T tokens prefills any prompt (in chunks of T)
+    and a graph of one token decodes."""
+
+    def __init__(self, model: CausalLM, tokens: int, context: int):
+        super().__init__()
+        self.model, self.context = model, context
+        self.io = model.config.fixed_cache_io(tokens, context)
+
+    def slice_update(self, cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """The cache write; a converter may set its own on the instance (export/tflite.py: DYNAMIC_UPDATE_SLICE)."""
+        return index_copy_slice(cache, new, start)
+
+    def forward(self, tokens, input_pos, *cache_flat):
+        cache = [(cache_flat[2 * i], cache_flat[2 * i + 1]) for i in range(len(cache_flat) // 2)]
+        positions = input_pos.long()
+        start = positions[:1]
+        slots = torch.arange(self.context)[None, :]
+
+        def mask_of(window: int, dtype: torch.dtype) -> torch.Tensor:
+            allowed = slots <= positions[:, None]
+            if window:
+                allowed = allowed & (slots > positions[:, None] - window)
+            return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), MASK_NEG, dtype=dtype))[None, None]
+
+        def write(past, k, v):
+            return self.slice_update(past[0], k, start), self.slice_update(past[1], v, start)
+
+        logits, present = self.model.body(tokens, positions[None], mask_of, cache, write)
         return (*[t for kv in present for t in kv], logits)
 
 

@@ -74,7 +74,7 @@ def test_a_converter_that_writes_another_function_fails_and_leaves_nothing(name,
     fmt, model, other = FORMATS[name], classifier(make_model), classifier(make_model, seed=1)
     from pocketformer.export.loop import GraphSet
 
-    wrong = GraphSet(other).graphs
+    wrong = GraphSet(other, fmt).graphs
 
     class WrongWeights(type(fmt)):  # no `name` of its own: not registered
         def write(self, plan, precision, paths):
