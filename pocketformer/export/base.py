@@ -90,7 +90,9 @@ class Format(ABC):
         """The precision as it appears in file names."""
         return self.suffixes.get(precision, precision)
 
-    def tolerance(self, precision: str) -> Tolerance:
+    def tolerance(self, precision: str, plan: Optional[Plan] = None) -> Tolerance:
+        """How close a file of `precision` must stay to PyTorch; `plan` when the files' form changes it (CoreML's
+        stateful decoders keep their cache in fp16 at any compute precision)."""
         return self.fp32_tolerance if precision == "fp32" else Tolerance(task=True)
 
     def fix(self, precision: str) -> str:

@@ -111,6 +111,72 @@ def convert_module(module: torch.nn.Module, example: tuple[torch.Tensor, ...], i
                               "report this with the checkpoint's pocketformer.json.") from None
 
 
+# -- a decoder's KV cache as Core ML states ------------------------------------------------------------------------
+
+SIGNATURES_KEY = "pocketformer.signatures"  # user metadata: signature name -> tokens it takes on the flexible axis
+STATE_TARGET = "iOS18"  # the first OS whose Core ML has states (read_state, coreml_update_state)
+
+
+def stateful(plan: Plan) -> bool:
+    """Are the plan's graphs a decoder's prefill and decode over a fixed cache (export/kv_cache.py), which CoreML
+    writes as one package with the cache as states?"""
+    graph = plan.graphs.get("prefill")
+    return graph is not None and hasattr(graph.module.model, "slice_update")
+
+
+def write_in_place(cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """A fixed-cache decoder's cache write (models/causal.py) into a registered buffer, in place: coremltools turns
+    it into read_state -> slice_update -> coreml_update_state. States are fp16 (Core ML allows no other dtype)."""
+    cache[:, :, start[0]:start[0] + new.shape[2]] = new.to(cache.dtype)
+    return cache.to(new.dtype)
+
+
+class StatefulDecoder(torch.nn.Module):
+    """A fixed-cache decoder whose caches are fp16 buffers updated in place: (tokens, input_pos) -> logits."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        self.cache = [t for t in decoder.io.inputs if t.name.startswith("kv_cache_")]
+        for t in self.cache:
+            self.register_buffer(t.name, torch.zeros(t.axes, dtype=torch.float16))
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tokens, input_pos, *[getattr(self, t.name) for t in self.cache])[-1]
+
+
+def convert_stateful(decoder: torch.nn.Module, precision: str, deployment_target: str):
+    """One ML program for both of a decoder's graphs: its token axis flexible from 1 (decode) to the prefill length,
+    every layer's cache a state. `decoder` is the prefill FixedCacheDecoder."""
+    ct = coremltools()
+    tokens = decoder.io.inputs[0].axes[1]
+    target = max(_target(ct, deployment_target), _target(ct, STATE_TARGET))
+    decoder.slice_update = write_in_place
+    try:
+        wrapper = StatefulDecoder(decoder).eval()
+        example = (torch.zeros(1, tokens, dtype=torch.int32), torch.arange(tokens, dtype=torch.int32))
+        axis = ct.RangeDim(1, tokens, default=tokens)
+        with quiet():
+            try:
+                traced = torch.jit.trace(wrapper, example)
+                program = ct.convert(
+                    traced, inputs=[ct.TensorType("tokens", shape=(1, axis), dtype=np.int32),
+                                    ct.TensorType("input_pos", shape=(axis,), dtype=np.int32)],
+                    outputs=[ct.TensorType(name="logits")],
+                    states=[ct.StateType(wrapped_type=ct.TensorType(shape=t.axes, dtype=np.float16), name=t.name)
+                            for t in wrapper.cache],
+                    convert_to="mlprogram", compute_precision=_precision(ct, precision),
+                    minimum_deployment_target=target, skip_model_load=True)
+            except Exception as e:
+                raise ExportError(f"coremltools could not convert the decoder with its cache as states: "
+                                  f"{str(e).splitlines()[0][:300]}",
+                                  "report this with the checkpoint's pocketformer.json.") from None
+    finally:
+        del decoder.slice_update
+    program.user_defined_metadata[SIGNATURES_KEY] = json.dumps({"prefill": tokens, "decode": 1})
+    return program, target.name
+
+
 def _weight_config(op_config, op_types: tuple[str, ...]):
     from coremltools.optimize.coreml import OptimizationConfig
 
@@ -159,6 +225,11 @@ def convert_like(record: dict[str, Any], module: torch.nn.Module, example: tuple
     return program
 
 
+def dims(shape) -> list:
+    """A MIL shape as JSON: fixed sizes, and "flexible" for an axis of a range (a decoder's token axis)."""
+    return [int(d) if isinstance(d, (int, np.integer)) else "flexible" for d in shape]
+
+
 def describe(path: Path) -> dict[str, Any]:
     """Inputs/outputs with shapes, op counts, how many ops compute in fp16 vs fp32, and the weights by dtype."""
     from coremltools.converters.mil.mil import types
@@ -179,9 +250,11 @@ def describe(path: Path) -> dict[str, Any]:
                                                              for c in op.outputs[0].child_ops):
             weights += int(np.prod(op.outputs[0].shape))
     weight_file = Path(path) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
-    return {"inputs": {n: list(v.shape) for n, v in fn.inputs.items()},
+    states = [n for n, v in fn.inputs.items() if types.is_state(v.sym_type)]
+    return {"inputs": {n: dims(v.shape) for n, v in fn.inputs.items()},
             "input_dtypes": {n: types.builtin_to_string(v.dtype) for n, v in fn.inputs.items()},
-            "outputs": {o.name: list(o.shape) for o in fn.outputs},
+            "outputs": {o.name: dims(o.shape) for o in fn.outputs},
+            **({"states": states, "min_ios": "iOS18"} if states else {}),
             "ops": dict(Counter(op.op_type for op in ops if op.op_type != "const").most_common()),
             "op_precision": {k: precision[k] for k in sorted(precision)},
             "weights": weights,
@@ -373,8 +446,12 @@ class CoreML(Format):
         bits = options.get("palettize_bits")
         return super().precisions(int8, options) + ([f"pal{bits}"] if bits else [])
 
-    def tolerance(self, precision: str) -> Tolerance:
-        return Tolerance(min_cosine=PAL_MIN_COSINE) if precision.startswith("pal") else super().tolerance(precision)
+    def tolerance(self, precision: str, plan: Optional[Plan] = None) -> Tolerance:
+        if precision.startswith("pal"):
+            return Tolerance(min_cosine=PAL_MIN_COSINE)
+        if precision == "fp32" and plan is not None and stateful(plan):  # its cache is fp16: direction, not digits
+            return Tolerance(min_cosine=FP32_MIN_COSINE)
+        return super().tolerance(precision)
 
     def fix(self, precision: str) -> str:
         return _FIXES.get(precision[:3], _FIXES["fp32"])
@@ -384,6 +461,8 @@ class CoreML(Format):
         (fp16 unless options say fp32). Sparse storage for fp32, fp16 and (iOS18+) int8; palettes stay dense."""
         compute = plan.options.get("compute_precision", "fp16")
         target = plan.options.get("deployment_target", "iOS17")
+        if stateful(plan):
+            return self.write_stateful(plan, precision, paths, compute, target)
         written = []
         t0 = time.perf_counter()
         for name, graph in plan.graphs.items():
@@ -410,6 +489,34 @@ class CoreML(Format):
         info["build_seconds"] = round(time.perf_counter() - t0, 2)
         plan.state[("info", precision)] = info
         return written
+
+    def write_stateful(self, plan: Plan, precision: str, paths: dict[str, Path], compute: str,
+                       target: str) -> list[Written]:
+        """A decoder's prefill and decode graphs (export/kv_cache.py) as one stateful package: the token axis
+        flexible (1 for decode, up to the prefill length), the KV cache as fp16 Core ML states. The reference
+        runtime (targets/coreml_ref.py) takes and gives the states under the cache's names, so the package is
+        checked like a file whose cache is an input and an output."""
+        t0 = time.perf_counter()
+        path = paths["prefill"]
+        if precision in ("fp32", "fp16"):
+            program, target = convert_stateful(plan.graphs["prefill"].module.model, precision, target)
+            info: dict[str, Any] = {"compute_precision": precision, "deployment_target": target}
+        elif precision == "int8":
+            program = quantize_int8(plan.state[(compute, "prefill")])
+            info = {"compute_precision": compute, "deployment_target": plan.state[("target", compute)],
+                    "weights": "int8 per-channel symmetric", "compressed_ops": list(WEIGHT_OPS)}
+        else:
+            bits = plan.options["palettize_bits"]
+            program = palettize(plan.state[(compute, "prefill")], bits)
+            info = {"compute_precision": compute, "deployment_target": plan.state[("target", compute)],
+                    "weights": f"{bits}-bit k-means palette per tensor", "compressed_ops": list(PALETTIZE_OPS)}
+        plan.state[(precision, "prefill")] = program
+        plan.state[("target", precision)] = info["deployment_target"]
+        with quiet():
+            program.save(str(path))
+        info.update(kv_cache="Core ML states, fp16", build_seconds=round(time.perf_counter() - t0, 2))
+        plan.state[("info", precision)] = info
+        return [Written(graph, path, graph) for graph in plan.graphs]
 
     def record_extras(self, plan: Plan, precision: str) -> dict[str, Any]:
         fixed = plan.fixed or {}

@@ -3,8 +3,9 @@
 A fixed-shape file cannot grow its cache as ONNX's cached decoder does, so a causal LM goes to these formats as the
 two graphs LiteRT-LM runs (models/causal.py FixedCacheDecoder): `prefill` of T tokens and `decode` of one, both
 taking and giving every layer's cache of C slots (`kv_cache_k_N`, `kv_cache_v_N`), the new tokens' positions
-(`input_pos`) saying where they go. TFLite holds both as signatures of one file; a format that writes one file per
-graph writes two. The check runs the real tokens it is given through prefill, then one decode step fed prefill's
+(`input_pos`) saying where they go. Both graphs go into one file, since an app holds one cache for both: TFLite
+as two signatures, CoreML as one stateful function whose token axis is flexible and whose cache is Core ML states
+(export/coreml.py). The check runs the real tokens it is given through prefill, then one decode step fed prefill's
 cache and its greedy token, each graph against its PyTorch module.
 
 T is the caller's static sequence length (`--static 1xT`) or the format's default (128 tokens), C the model's
@@ -70,9 +71,7 @@ class FixedCacheSet(GraphSet):
         return chain
 
     def file_name(self, stem: str, fmt: Format, precision: str, graph: str) -> str:
-        if fmt.shares_file():
-            return f"{stem}.{fmt.suffix(precision)}{fmt.extension}"
-        return f"{stem}.{graph}.{fmt.suffix(precision)}{fmt.extension}"
+        return f"{stem}.{fmt.suffix(precision)}{fmt.extension}"  # both graphs in one file: they share one cache
 
     def records(self, ctx: SetContext, precision: str, written: list[Written],
                 checks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

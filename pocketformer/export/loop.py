@@ -164,7 +164,7 @@ def _failure(w: Written, precision: str, results: dict[str, dict[str, Any]], ctx
              judged: str, several: bool) -> ExportError:
     """One line: which file (and graph of a multi-graph set), by how much, and the format's fix. Reduced
     precisions name the output they are judged by; fp32 the worst output."""
-    shown = results[judged] if ctx.fmt.tolerance(precision).task else min(results.values(),
+    shown = results[judged] if ctx.fmt.tolerance(precision, ctx.plan).task else min(results.values(),
                                                                          key=lambda r: r["cosine"])
     finite = all(r["finite"] for r in results.values())
     near_zero = " (PyTorch's outputs are near zero, which makes cosine noisy)" \
@@ -185,7 +185,7 @@ def _check_precision(ctx: SetContext, gs: GraphSet, precision: str,
         checks = {}
         for w, session in zip(written, sessions):
             feeds, want = ctx.reference[w.graph]
-            results, ok = check_graph(session, feeds, want, ctx.fmt.tolerance(precision), gs.model)
+            results, ok = check_graph(session, feeds, want, ctx.fmt.tolerance(precision, ctx.plan), gs.model)
             if not ok:
                 raise _failure(w, precision, results, ctx, gs.graphs[w.graph].io.output_names[-1], len(written) > 1)
             checks[w.graph] = results

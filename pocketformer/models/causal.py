@@ -453,7 +453,8 @@ class FixedCacheDecoder(nn.Module):
             allowed = slots <= positions[:, None]
             if window:
                 allowed = allowed & (slots > positions[:, None] - window)
-            return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), MASK_NEG, dtype=dtype))[None, None]
+            # arithmetic, not where(allowed, 0, NEG): coremltools types a select of two scalars as a scalar
+            return ((~allowed).to(dtype) * MASK_NEG)[None, None]
 
         def write(past, k, v):
             return self.slice_update(past[0], k, start), self.slice_update(past[1], v, start)

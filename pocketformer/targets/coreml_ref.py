@@ -36,30 +36,55 @@ def _spec_dtype(code: int):
 
 
 class CoreMLSession(Session):
-    """A loaded package: Apple's MLModel on macOS, else the MIL program's main function."""
+    """A loaded package: Apple's MLModel on macOS, else the MIL program's main function.
 
-    def __init__(self, path: Path, apple_model=None, program=None):
+    A stateful package (a decoder's KV cache as Core ML states) is driven like a file whose cache is an input and an
+    output: feeds named after its states set them before the run, and the run returns them after it. Its flexible
+    token axis takes the size its `signature` names in the package's metadata (prefill: the prefill length; decode:
+    one token)."""
+
+    def __init__(self, path: Path, apple_model=None, program=None, signature: Optional[str] = None):
+        import json
+
+        from ..export.coreml import SIGNATURES_KEY, read_spec
+
         self.apple_model = apple_model
         self.function = program.functions["main"] if program is not None else None
-        if apple_model is not None:
-            spec = apple_model.get_spec()
-            ins = spec.description.input
-            super().__init__(path, {i.name: list(i.type.multiArrayType.shape) for i in ins},
-                             {i.name: _spec_dtype(i.type.multiArrayType.dataType) for i in ins},
-                             [o.name for o in spec.description.output])
-        else:
-            from coremltools.converters.mil.mil import types
-
-            fn = self.function
-            super().__init__(path, {n: list(v.shape) for n, v in fn.inputs.items()},
-                             {n: types.nptype_from_builtin(v.dtype) for n, v in fn.inputs.items()},
-                             [o.name for o in fn.outputs])
+        spec = apple_model.get_spec() if apple_model is not None else read_spec(path)
+        sizes = json.loads(spec.description.metadata.userDefined.get(SIGNATURES_KEY, "{}"))
+        if signature is not None and signature not in sizes:
+            raise TargetError(f"{Path(path).name} has no signature {signature!r}"
+                              f"{' (it has ' + ', '.join(sizes) + ')' if sizes else ''}.",
+                              "open it without a signature.")
+        flexible = sizes.get(signature) if signature is not None else max(sizes.values(), default=None)
+        self.states = {s.name: list(s.type.stateType.arrayType.shape) for s in spec.description.state}
+        inputs, dtypes = {}, {}
+        for i in spec.description.input:
+            array = i.type.multiArrayType
+            shape = list(array.shape)
+            if array.shapeRange.sizeRanges:  # a flexible axis: the signature's size
+                shape = [int(r.lowerBound) if r.lowerBound == r.upperBound else flexible
+                         for r in array.shapeRange.sizeRanges]
+            inputs[i.name], dtypes[i.name] = shape, _spec_dtype(array.dataType)
+        for name, shape in self.states.items():
+            inputs[name], dtypes[name] = shape, np.float16
+        super().__init__(path, inputs, dtypes, [o.name for o in spec.description.output] + list(self.states))
 
     def invoke(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        plain = {k: v for k, v in feeds.items() if k not in self.states}
         if self.apple_model is not None:  # a classifier's label (str, int) and probabilities (dict) stay as they are
-            return {k: v if isinstance(v, (str, int, dict)) else np.asarray(v)
-                    for k, v in self.apple_model.predict(feeds).items()}
-        return execute(self.function, feeds)
+            state = None
+            if self.states:
+                state = self.apple_model.make_state()
+                for name in self.states:
+                    state.write_state(name, feeds[name])
+            out = self.apple_model.predict(plain, state=state) if state is not None else \
+                self.apple_model.predict(plain)
+            out = {k: v if isinstance(v, (str, int, dict)) else np.asarray(v) for k, v in out.items()}
+            return {**out, **{name: np.asarray(state.read_state(name)) for name in self.states}}
+        states = {name: np.asarray(feeds[name], np.float16) for name in self.states}
+        out = execute(self.function, plain, states)
+        return {**out, **states}
 
 
 class CoreMLReference(Runtime):
@@ -96,9 +121,9 @@ class CoreMLReference(Runtime):
         if on_macos():
             ct = coremltools()
             with quiet():
-                return CoreMLSession(path, apple_model=ct.models.MLModel(str(path),
-                                                                        compute_units=ct.ComputeUnit.ALL))
-        return CoreMLSession(path, program=load_program(path))
+                return CoreMLSession(path, apple_model=ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL),
+                                     signature=signature)
+        return CoreMLSession(path, program=load_program(path), signature=signature)
 
 
 # -- the MIL reference interpreter -------------------------------------------------------------------------------
@@ -150,9 +175,11 @@ def _classify(op) -> tuple:
     return classes[int(probs.argmax())], {c: float(p) for c, p in zip(classes, probs)}
 
 
-# Ops whose coremltools value inference is missing (classify) or broken under numpy 2.
+# Ops whose coremltools value inference is missing (classify), broken under numpy 2, or reads declared shapes.
 KERNELS: dict[str, Callable[[Any], Any]] = {
     "classify": _classify,
+    "shape": lambda op: np.asarray(np.shape(op.x.val), np.int32),  # value inference gives the declared shape
+    "silu": lambda op: op.x.val / (1 + np.exp(-op.x.val)),
     "conv": _conv,
     "gather_nd": _gather_nd,
     "reduce_sum": _reduce(np.sum),
@@ -163,15 +190,21 @@ KERNELS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _store(var, value) -> None:
+def _store(var, value, retyped: list) -> None:
     """Give a Var a concrete value, the way coremltools' value inference reads its inputs (`var.val`).
 
     Floats stay float32 between ops (numpy's float16 matmul is slow and accumulates in half precision); an fp16
-    var's value is rounded to float16 first, so the program's fp16 storage is honoured.
+    var's value is rounded to float16 first, so the program's fp16 storage is honoured. A var of a flexible
+    (symbolic) shape takes its value's shape for the run, since value inference reads shapes from the type; it is
+    listed in `retyped` with its declared type, to be restored.
     """
     from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.types.symbolic import any_symbolic
 
     value = np.asarray(value)
+    if types.is_tensor(var.sym_type) and any_symbolic(var.shape):
+        retyped.append((var, var.sym_type))
+        var._sym_type = types.tensor(var.dtype, tuple(value.shape))
     if types.is_float(var.dtype):
         if var.dtype == types.fp16:
             value = value.astype(np.float16)
@@ -197,28 +230,49 @@ def _evaluate(op) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def execute(function, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+def _shape_ok(declared, got) -> bool:
+    """Does a value's shape fit its declared shape (a symbolic axis fits any size)?"""
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    return len(declared) == len(got) and all(is_symbolic(d) or int(d) == g for d, g in zip(declared, got))
+
+
+def execute(function, feeds: dict[str, np.ndarray], states: Optional[dict[str, np.ndarray]] = None
+            ) -> dict[str, Any]:
     """Run a MIL function on `feeds`; return its outputs by name (arrays; a classifier's label and dict as they
-    are: no op reads them, they are the program's outputs)."""
-    touched, final = [], {}
+    are: no op reads them, they are the program's outputs). `states` (name -> fp16 array) are read by read_state
+    and replaced by coreml_update_state, in place."""
+    touched, final, retyped = [], {}, []
+    states = {} if states is None else states
     try:
         for name, var in function.inputs.items():
-            _store(var, feeds[name])
+            if name in states:
+                continue
+            _store(var, feeds[name], retyped)
             touched.append(var)
         with quiet():
             for op in function.operations:
                 if op.op_type == "const":
                     continue
-                for var, value in zip(op.outputs, _evaluate(op)):
+                if op.op_type == "read_state":
+                    values: tuple = (states[op.input.name],)
+                elif op.op_type == "coreml_update_state":
+                    states[op.state.name] = np.asarray(op.value.val).astype(np.float16)
+                    values = (op.value.val,)
+                else:
+                    values = _evaluate(op)
+                for var, value in zip(op.outputs, values):
                     if isinstance(value, (str, dict)):
                         final[var.name] = value
                         continue
-                    if tuple(np.shape(value)) != tuple(var.shape):
+                    if not _shape_ok(var.shape, np.shape(value)):
                         raise TargetError(f"MIL op {op.name} produced shape {np.shape(value)}, the program "
                                           f"declares {var.shape}.", "report this with the package.")
-                    _store(var, value)
+                    _store(var, value, retyped)
                     touched.append(var)
         return {o.name: final[o.name] if o.name in final else np.array(o.val) for o in function.outputs}
     finally:
         for var in touched:  # the program is the session: leave no values behind for the next run
             var._sym_val = None
+        for var, declared in retyped:
+            var._sym_type = declared
