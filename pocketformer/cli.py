@@ -56,6 +56,8 @@ def compress(checkpoint: str = typer.Argument(..., help="Hugging Face folder, po
 def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
            to: str = typer.Option("onnx", "--to", help="comma-separated formats"),
            int8: bool = typer.Option(True, "--int8/--no-int8", help="also write int8 artifacts"),
+           int4: bool = typer.Option(False, "--int4", help="also write int4 weight-only files where the format has "
+                                                           "them (ONNX, TFLite)"),
            static: Optional[str] = typer.Option(None, "--static", help="fix shapes, as BATCHxSEQ (e.g. 1x128)"),
            legacy_check: bool = typer.Option(True, "--legacy-check/--no-legacy-check",
                                              help="also run each .tflite in tflite-runtime 2.14 (own environment)"),
@@ -84,7 +86,8 @@ def export(out: Path = typer.Argument(..., help="folder written by `compress`"),
         if b < 1 or s < 1:
             raise ExportError(f"--static {static!r} has an empty axis.", "give a batch and a sequence of at least "
                                                                           "1, like 1x128.")
-    records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check, sparse=sparse)
+    records = do_export(out, formats, int8=int8, static_shape=shape, legacy_check=legacy_check, sparse=sparse,
+                        int4=int4)
     _echo(f"wrote {len(records)} artifacts to {out / 'artifacts'}")
     if app:
         from .pipeline import build_apps
@@ -130,9 +133,9 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     r = load_recipe(recipe)
     report = do_run(r, out)
     out_dir = out or Path(r.output or f"runs/{r.name}")
-    from .report import latency_target_line, markdown_table
+    from .report import latency_target_line, summary_table
 
-    _echo(markdown_table(report["validation"]))
+    _echo(summary_table(report))
     for t in report["latency_targets"]:
         _echo(latency_target_line(t))
     _echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'pareto.png'}")

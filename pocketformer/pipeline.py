@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+from . import lm_pipeline
 from .compress import Context, Stage, StageReport
 from .compress.base import ModelFacts, describe
 from .data import Encoder, load_dataset
@@ -37,13 +38,13 @@ def data_source(recipe: Recipe) -> str:
     """The recipe's data as any later command finds it, whatever its working directory: a file by absolute path,
     a built-in by name."""
     data = recipe.resolve_data()
-    return str(Path(data).resolve()) if data.endswith((".csv", ".jsonl")) else data
+    return str(Path(data).resolve()) if data.endswith((".csv", ".jsonl", ".txt")) else data
 
 
 def _data_key(data: str) -> str:
     """The data in a cache key: a file by its contents (an edited file must not reuse stages trained on the old
     one), a built-in by name."""
-    if data.endswith((".csv", ".jsonl")) and Path(data).is_file():
+    if data.endswith((".csv", ".jsonl", ".txt")) and Path(data).is_file():
         return f"sha256:{file_sha256(Path(data))}"
     return data
 
@@ -139,9 +140,11 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool
     # Read the data and the checkpoint, and check they suit each other and the recipe, before printing anything: a
     # mistake in any is then one line on stderr.
     data = data_source(recipe)
+    model, provenance = load_any(checkpoint, trust_pickle=trust_pickle or recipe.trust_pickle)
+    if lm_pipeline.is_lm(model):  # a decoder-only language model: text data, its own steps
+        return lm_pipeline.compress(recipe, checkpoint, out_dir, model, provenance, data)
     train = load_dataset(data, "train", recipe.seed)
     validation = load_dataset(data, "validation", recipe.seed)
-    model, provenance = load_any(checkpoint, trust_pickle=trust_pickle or recipe.trust_pickle)
     labels = model.spec.head.labels
     train, validation = (ds.for_model(model.spec.modality, labels, f"The model in {checkpoint}")
                          for ds in (train, validation))
@@ -226,17 +229,18 @@ def write_tokenizer(art_dir: Path, c) -> None:
     with atomic_dir(art_dir / c.tokenizer_dir) as tmp:
         for name, path in c.tokenizer.files.items():
             (tmp / name).write_bytes(Path(path).read_bytes())
-        if "vocab.txt" not in c.tokenizer.files:  # apps' WordPiece tokenizers read vocab.txt
+        if c.tokenizer.wordpiece and "vocab.txt" not in c.tokenizer.files:  # apps' WordPiece tokenizers read it
             (tmp / "vocab.txt").write_bytes(c.tokenizer.vocab_txt())
 
 
 def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
            data: Optional[str] = None, legacy_check: bool = True,
-           baseline_formats: Optional[list[str]] = None, sparse: bool = True) -> list[dict[str, Any]]:
+           baseline_formats: Optional[list[str]] = None, sparse: bool = True,
+           int4: bool = False) -> list[dict[str, Any]]:
     """Export the compressed model to `formats` and the baseline to `baseline_formats` (default: the same); every
     file is checked against PyTorch before it is kept, and carries the model's card (labels, tokenizer, inputs,
     provenance). Files that pass are recorded even when others fail."""
-    from .export import ExportFailures
+    from .export import FORMATS, ExportFailures
     from .targets import export_checked, tflite_legacy
 
     out_dir = Path(out_dir)
@@ -251,13 +255,17 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
         if not stem_formats:
             continue
         model, _ = load(out_dir / stem)
-        inputs = sample_inputs(data or meta.get("data", recipe["data"]), recipe["seed"], recipe["max_len"],
-                               out_dir / stem)
+        lm = lm_pipeline.is_lm(model)
+        source = data or meta.get("data", recipe["data"])
+        inputs = lm_pipeline.check_inputs(model, out_dir / stem, source, recipe["seed"]) if lm else \
+            sample_inputs(source, recipe["seed"], recipe["max_len"], out_dir / stem)
         source_hash = weights_sha256(model)
         stem_card = card(out_dir, stem, model, meta, source_hash)
         write_tokenizer(art_dir, stem_card)
         for fmt in stem_formats:
-            options = {"int8": int8, "static_shape": static_shape, **({} if sparse else {"sparse": False})}
+            asks_int4 = int4 and "int4" in FORMATS[fmt].option_names  # only formats that write int4 files
+            options = {"int8": int8, "static_shape": static_shape, **({} if sparse else {"sparse": False}),
+                       **({"int4": True} if asks_int4 else {})}
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
                      and r.get("card_sha256") == card_sha256(stem_card) and (art_dir / r["file"]).exists()]
@@ -271,7 +279,7 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
             failed = None
             try:
                 exported = export_checked(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape,
-                                          sparse=sparse, card=stem_card)
+                                          sparse=sparse, card=stem_card, **({"int4": True} if asks_int4 else {}))
             except ExportFailures as e:  # keep what passed, marked so a re-run tries again; then report it all
                 exported, failed = e.records, e
             for r in exported:
@@ -280,7 +288,7 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                 p = r["parity_vs_pytorch"]
                 info(f"    {r['file']}: {r['size_bytes'] / 1e6:.1f} MB, max abs diff {p['max_abs_diff']:.2e}, "
                      f"cosine {p['cosine']:.6f} vs PyTorch on {p['examples']} test inputs")
-                if fmt == tflite_legacy.FORMAT and legacy_check and r.get("kind") is None:
+                if fmt == tflite_legacy.FORMAT and legacy_check and r.get("kind") is None and not lm:
                     r["legacy_runtime"] = _legacy_check(art_dir / r["file"], model, inputs, r)
                 if failed is not None:
                     r["export_failed"] = [f.problem for f in failed.failures]
@@ -353,8 +361,10 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     meta = read_compress(out_dir)
     recipe = meta["recipe"]
     art_dir = out_dir / "artifacts"
+    lm = lm_pipeline.is_lm_run(meta)
+    precisions = profile.language_models.precisions if lm and profile.language_models else profile.precisions
     records = [r for r in read_manifest(art_dir, RECORD_KEYS) if r["format"] == profile.format
-               and r["precision"] in profile.precisions and (art_dir / r["file"]).exists()
+               and r["precision"] in precisions and (art_dir / r["file"]).exists()
                and (not variants or r["variant"] in variants)]
     if not records:
         raise TargetError(f"{art_dir} has no {profile.format} artifact for target {profile.name}.",
@@ -362,6 +372,11 @@ def validate(out_dir: Path, target: str, data: Optional[str] = None, limit: int 
     for r in records:  # a damaged file is one line before any work, not a failure half-way through
         if r.get("kind") != "segments":
             describe_artifact(art_dir / r["file"], r["format"])
+    if lm:  # a language model: perplexity, token match and tokens/s against its own budgets
+        rows = lm_pipeline.validate(out_dir, profile, records, meta, data, limit)
+        write_json(out_dir / "validation" / f"{profile.name}.json",
+                   {"target": profile.model_dump(), "versions": versions(), "rows": rows})
+        return rows
     reference, _ = load(out_dir / "baseline")
 
     def split(name: str):
@@ -422,7 +437,7 @@ def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
         static = (profiles[0].batch, profiles[0].seq_len)
     export(out_dir, recipe.export.formats, int8=recipe.export.int8, static_shape=static,
            legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats,
-           sparse=recipe.export.sparse)
+           sparse=recipe.export.sparse, int4=recipe.export.int4)
     if recipe.export.app:
         build_apps(out_dir)
     for target in recipe.target_refs():

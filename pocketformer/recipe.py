@@ -73,6 +73,8 @@ class ExportSpec(BaseModel):
     baseline_formats: list[str] = Field(["onnx"], description="formats of the uncompressed reference, for "
                                                               "measured ratios")
     int8: bool = Field(True, description="also write int8 artifacts (each format's own int8 path)")
+    int4: bool = Field(False, description="also write int4 weight-only files where the format has them (ONNX "
+                                          "MatMulNBits, TFLite int4 weights): what makes an LM's decoding fast")
     sparse: bool = Field(True, description="store dense-sparse weights sparsely where the format allows it "
                                            "(ONNX sparse initializers, TFLite sparsity + DENSIFY, CoreML sparse)")
     app: bool = Field(False, description="also write app folders (OUT/app/<client>/): files MediaPipe, Core ML and "
@@ -256,7 +258,7 @@ class Recipe(BaseModel):
         return path
 
     def resolve_data(self) -> str:
-        if self.data.endswith((".csv", ".jsonl")) and not Path(self.data).is_absolute() and self.source_path:
+        if self.data.endswith((".csv", ".jsonl", ".txt")) and not Path(self.data).is_absolute() and self.source_path:
             return str(Path(self.source_path).parent / self.data)
         return self.data
 

@@ -114,6 +114,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(report: dict[str, Any]) -> str:
+    """The validation table a report's kind of model is read by: a language model's, or the encoders'."""
+    rows = report["validation"]
+    return lm_validation_table(rows) if report.get("kind") == "causal_lm" else markdown_table(rows)
+
+
 def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Every budget check, one bullet each, with its interval and, for INCONCLUSIVE, what would settle it."""
     from .verdict import check_line
@@ -227,8 +233,10 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     rows = []
     for f in sorted((out_dir / "validation").glob("*.json")):
         rows.extend(json.loads(f.read_text())["rows"])
-    add_ratios(rows)
     artifacts = read_manifest(out_dir / "artifacts")
+    if meta.get("kind") == "causal_lm":  # a language model's own figures (lm_pipeline.py)
+        return write_lm_report(out_dir, meta, rows, artifacts)
+    add_ratios(rows)
     app_file = out_dir / "app" / "app.json"
     apps = json.loads(app_file.read_text()) if app_file.is_file() else []
     targeted = latency_targets(meta["stages"], rows)
@@ -278,6 +286,88 @@ def write_report(out_dir: Path) -> dict[str, Any]:
                "the same precision in its own runtime (fed by pocketformer's tokenizer); any label disagreement "
                "fails the export. Adversarial texts (accents, truncation, empty input) are reported, not judged: "
                "see app/app.json.", ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+    return report
+
+
+# -- a language model's report (lm_pipeline.py's runs) ------------------------------------------------------------
+
+def lm_validation_table(rows: list[dict[str, Any]]) -> str:
+    """Per file and target: perplexity and its change, token match, prefill and decode speed, size, memory."""
+    lines = ["| file | target | runtime | threads | perplexity | change % (interval) | token match % | first divergence "
+             "| prefill tok/s | TTFT ms | decode tok/s | size MB | peak RSS MB | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        check = r.get("budgets", {}).get("perplexity_increase_pct", {})
+        interval = f" ({check['low']:+.1f}..{check['high']:+.1f})" if check.get("low") is not None else ""
+        lines.append(f"| {r['file']} | {r['target']} | {r['runtime']} | {r['threads']} | {r['perplexity']:.2f} | "
+                     f"{r['perplexity_increase_pct']:+.2f}{interval} | {r['token_match'] * 100:.1f} | "
+                     f"{r['first_divergence']} | {_fmt(r.get('prefill_tokens_per_s'), '.0f')} | "
+                     f"{_fmt(r.get('ttft_ms'), '.0f')} | {_fmt(r.get('decode_tokens_per_s'), '.1f')} | "
+                     f"{r['size_mb']:.1f} | {_fmt(r.get('peak_rss_mb'), '.0f')} | {_verdict(r)} |")
+    return "\n".join(lines)
+
+
+def plot_lm(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Perplexity against decode time per token, one colour per target, each target's Pareto front dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("decode_ms_p50")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for target in sorted({r["target"] for r in rows}):
+        sub = [r for r in rows if r["target"] == target]
+        pts = [(r["decode_ms_p50"], r["perplexity"]) for r in sub]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=target, s=36)
+        for r, (x, y) in zip(sub, pts):
+            ax.annotate(f"{r['format']} {r['precision']}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        front = sorted(pts[i] for i in pareto_front([(x, -y) for x, y in pts]))
+        ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--", linewidth=0.8)
+    ax.set_xlabel("decode time per token, p50 (ms, batch 1)")
+    ax.set_ylabel("perplexity on the test text (lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_lm_report(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
+                    artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    report = {"recipe": meta["recipe"], "recipe_sha256": meta["recipe_sha256"], "versions": meta["versions"],
+              "input": meta["input"], "kind": meta["kind"], "stages": [], "baseline": meta["baseline"],
+              "model": meta["model"], "artifacts": artifacts, "validation": rows, "latency_targets": []}
+    write_json(out_dir / "report.json", report)
+    if any(r.get("decode_ms_p50") for r in rows):
+        plot_lm(rows, out_dir / "pareto.png", f"{meta['recipe']['name']}: perplexity vs decode time")
+    m = meta["model"]
+    md = [f"# pocketformer report: {meta['recipe']['name']}", "",
+          f"Input: `{meta['input']['path']}`; text: {meta['data']}; seed {meta['recipe']['seed']}; recipe sha256 "
+          f"`{meta['recipe_sha256'][:16]}`.", "", "## Model", "",
+          f"{m['family']} causal LM: {m['params']:,} parameters, {len(m['layers'])} layers, vocabulary "
+          f"{m['vocab_size']:,}, context {m['context']:,}; validation perplexity {_fmt(m['validation_perplexity'])} "
+          f"(PyTorch). No compression stages ran: this run imports, exports and validates.", "",
+          "## Artifacts: one checkpoint, every format", "",
+          "| file | format | precision | size MB | KV cache | parity run by | max abs diff | cosine |",
+          "|---|---|---|---|---|---|---|---|"]
+    for a in artifacts:
+        p = a["parity_vs_pytorch"]
+        cache = (f"{a['kv_cache']['context']} slots, prefill {a['kv_cache']['prefill_tokens']}" if "kv_cache" in a
+                 else "grows (past/present)")
+        md.append(f"| {a['file']} | {a['format']} | {a['precision']} | {a['size_bytes'] / 1e6:.1f} | {cache} | "
+                  f"{p.get('execution', '-')} | {p['max_abs_diff']:.2e} | {p['cosine']:.6f} |")
+    md += ["", "## Validation on targets (test text, target runtime)", "", lm_validation_table(rows), "",
+           "Perplexity: next-token perplexity on the test windows, its change paired window by window with the "
+           "uncompressed model in PyTorch. Token match: greedy continuations compared with PyTorch's, token by "
+           "token. Prefill: the prompt's tokens/s and time to first token; decode: the median time per generated "
+           "token at batch 1; both in a fresh process at the target's threads after warm-up. CoreML off macOS runs "
+           "in the MIL reference execution: no speed is measured.", "", *budget_lines(rows), ""]
+    if any(r.get("decode_ms_p50") for r in rows):
+        md += ["![perplexity vs decode time](pareto.png)", ""]
     (out_dir / "report.md").write_text("\n".join(md))
     return report
 

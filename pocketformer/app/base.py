@@ -75,7 +75,7 @@ class App(ABC):
     def refuses(self, card: Card) -> Optional[str]:
         """Why this app cannot be built for the model (one line), or None. Every client's app tokenizes text with
         a WordPiece (BERT) vocabulary, so a text model whose tokenizer is not one is refused here, once."""
-        if card.modality == "text" and card.tokenizer is None:
+        if card.modality == "text" and (card.tokenizer is None or not card.tokenizer.wordpiece):
             return ("the checkpoint has no WordPiece tokenizer (tokenizer.json with a BertNormalizer), so an app "
                     "could not turn text into the model's token ids")
         return None

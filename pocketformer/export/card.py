@@ -27,7 +27,7 @@ class Tokenizer:
     """A WordPiece (BERT) tokenizer as apps' tokenizers take it: the vocabulary file and the normalisation.
     `strip_accents` None follows `lowercase` (BERT's rule). `files`: the checkpoint's tokenizer files by name."""
 
-    kind: str  # "wordpiece"
+    kind: str  # "wordpiece", or a language model's tokenizer.json model type ("bpe", "unigram")
     lowercase: bool
     strip_accents: Optional[bool]
     cls: str
@@ -36,6 +36,11 @@ class Tokenizer:
     unk: str
     max_len: int
     files: dict[str, str] = field(default_factory=dict)  # name -> path on this machine (never written into files)
+
+    @property
+    def wordpiece(self) -> bool:
+        """A BERT tokenizer, which apps' own tokenizers (and TFLite's BertTokenizer unit) mirror."""
+        return self.kind == "wordpiece"
 
     @property
     def strips_accents(self) -> bool:
@@ -167,10 +172,50 @@ def _tokenizer(folder: Path, max_len: int) -> Optional[Tokenizer]:
                      model.get("unk_token", "[UNK]"), max_len, files)
 
 
+LM_MEANINGS = {
+    "input_ids": "token ids of the new tokens (the whole prompt at the first step, then one token a step)",
+    "attention_mask": "1 for each real token of the past and the new tokens, 0 for padding",
+    "position_ids": "each new token's position in the text",
+    "tokens": "token ids of the new tokens, padded at the end to the signature's length",
+    "input_pos": "the new tokens' positions: the cache slots they are written to",
+}
+
+
+def _lm_card(model, folder: Path, name: str, variant: str, max_len: int, provenance: dict[str, Any]) -> Card:
+    """A decoder-only language model's card: its cached graph's inputs, the logits over the vocabulary, and its
+    tokenizer.json (beside the files; not one an app's WordPiece tokenizer mirrors)."""
+    cfg = model.config
+    inputs = tuple({"name": t.name, "dtype": t.dtype, "axes": list(t.axes),
+                    "meaning": LM_MEANINGS.get(t.name, "this layer's keys or values of the earlier tokens (the "
+                                                      "previous step's present.N.key / present.N.value)"
+                                                      if t.name.startswith("past_") else "")}
+                   for t in cfg.inputs())
+    output = {"name": "logits", "meaning": "next-token scores over the vocabulary, one row per new token",
+              "dim": cfg.vocab_size, "normalized": False}
+    tokenizer = None
+    tj = Path(folder) / "tokenizer.json"
+    if tj.is_file():
+        from tokenizers import Tokenizer as HfTokenizer
+
+        tok = HfTokenizer.from_file(str(tj))
+        kind = str((json.loads(tj.read_text(encoding="utf-8")).get("model") or {}).get("type", "")).lower()
+
+        def token(i: Optional[int]) -> str:
+            return (tok.id_to_token(i) or "") if i is not None else ""
+
+        eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+        tokenizer = Tokenizer(kind, False, False, token(cfg.bos_token_id), token(eos), token(cfg.pad_token_id), "",
+                              max_len, {"tokenizer.json": str(tj)})
+    return Card(name, variant, cfg.task, "text", (), inputs, output, tokenizer, None,
+                {"pocketformer": __version__, **provenance})
+
+
 def card_of(model, folder: Path, name: str, variant: str, max_len: int, provenance: dict[str, Any]) -> Card:
     """The card of the canonical `model` saved in checkpoint `folder` (its tokenizer files), exported as
     `variant`, for inputs of up to `max_len` tokens; `provenance`: what made it (recipe hash, source, weights)."""
     cfg = model.config
+    if getattr(cfg, "kind", None) == "causal_lm":
+        return _lm_card(model, folder, name, variant, max_len, provenance)
     inputs = tuple({"name": t.name, "dtype": t.dtype, "axes": list(t.axes), "meaning": MEANINGS.get(t.name, "")}
                    for t in cfg.inputs())
     out = model.io.outputs[-1]

@@ -113,7 +113,7 @@ def convert_module(module: torch.nn.Module, example: tuple[torch.Tensor, ...], i
 
 # -- a decoder's KV cache as Core ML states ------------------------------------------------------------------------
 
-SIGNATURES_KEY = "pocketformer.signatures"  # user metadata: signature name -> tokens it takes on the flexible axis
+SIGNATURES_KEY = "signatures"  # user metadata (not the card's: annotate rewrites those): signature -> its tokens
 STATE_TARGET = "iOS18"  # the first OS whose Core ML has states (read_state, coreml_update_state)
 
 

@@ -416,7 +416,7 @@ def plain_annotation(content: bytes, card: Card) -> Annotation:
     outputs = [TensorMeta(n, card.output.get("meaning", "") if single else "",
                           labels=single and bool(card.labels) and i == graph.OutputsLength() - 1)
                for i, n in enumerate(map(name, graph.OutputsAsNumpy().tolist()))]
-    return Annotation(inputs, outputs, bert_tokenizer=card.tokenizer is not None)
+    return Annotation(inputs, outputs, bert_tokenizer=card.tokenizer is not None and card.tokenizer.wordpiece)
 
 
 def describe(path: Path) -> dict[str, Any]:

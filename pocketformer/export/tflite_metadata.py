@@ -57,7 +57,7 @@ def card_files(card: Card) -> dict[str, bytes]:
     files = {CARD_FILE: json.dumps(card.to_json(), indent=2, sort_keys=True).encode("utf-8")}
     if card.labels:
         files[LABELS_FILE] = card.labels_txt()
-    if card.tokenizer is not None:
+    if card.tokenizer is not None and card.tokenizer.wordpiece:
         files[VOCAB_FILE] = card.tokenizer.vocab_txt()
     return files
 

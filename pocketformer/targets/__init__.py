@@ -28,6 +28,37 @@ class Budgets(BaseModel):
     confidence: Confidence = DEFAULT_CONFIDENCE
 
 
+PRECISIONS = Literal["fp32", "fp16", "int8-weight", "int8", "int4"]
+
+
+class LMBudgets(BaseModel):
+    """A decoder-only language model's budgets on the target, each a verdict at `confidence`."""
+
+    model_config = ConfigDict(extra="forbid")
+    decode_ms: Optional[float] = Field(None, gt=0, description="p50 ms per generated token at batch 1")
+    ttft_ms: Optional[float] = Field(None, gt=0, description="time to first token: prefill of prompt_tokens")
+    perplexity_increase_pct: Optional[float] = Field(None, ge=0, description="perplexity on the test text above "
+                                                                              "the uncompressed model's, in %")
+    size_mb: Optional[float] = Field(None, gt=0)
+    confidence: Confidence = DEFAULT_CONFIDENCE
+
+
+class LMSettings(BaseModel):
+    """How a decoder-only language model is validated on the target: which precisions, the prompt's length
+    (prefill tokens/s and time to first token are measured at it), generated tokens, and the budgets."""
+
+    model_config = ConfigDict(extra="forbid")
+    precisions: list[PRECISIONS] = ["fp32"]
+    prompt_tokens: int = Field(128, ge=1)
+    new_tokens: int = Field(64, ge=2)
+    prompts: int = Field(2, ge=1, description="greedy continuations compared with PyTorch's, token by token")
+    windows: int = Field(24, ge=1, description="test-text windows of the recipe's max_len scored for perplexity")
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, ge=1, description="timed generations (each: one prefill, new_tokens - 1 decode steps)")
+    prefills: int = Field(10, ge=0, description="timed prefills besides the generations' (time to first token)")
+    budgets: LMBudgets = LMBudgets()
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -38,6 +69,7 @@ class Profile(BaseModel):
     batch: int = Field(1, ge=1)
     seq_len: int = Field(128, ge=1)
     precisions: list[Literal["fp32", "fp16", "int8-weight", "int8"]] = ["fp32"]
+    language_models: Optional[LMSettings] = Field(None, description="how decoder-only LMs are validated here")
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=3)
     budgets: Budgets = Budgets()
@@ -133,7 +165,12 @@ def with_confidence(profile: Profile, confidence: Optional[float]) -> Profile:
         return profile
     if not 0.5 <= confidence < 1:
         raise TargetError(f"Confidence {confidence:g} is outside [0.5, 1).", "give e.g. 0.95 for 95%.")
-    return profile.model_copy(update={"budgets": profile.budgets.model_copy(update={"confidence": confidence})})
+    update = {"budgets": profile.budgets.model_copy(update={"confidence": confidence})}
+    if profile.language_models is not None:
+        lm = profile.language_models
+        update["language_models"] = lm.model_copy(update={"budgets": lm.budgets.model_copy(
+            update={"confidence": confidence})})
+    return profile.model_copy(update=update)
 
 
 def runtime_of(profile: Profile) -> Runtime:
