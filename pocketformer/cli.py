@@ -309,6 +309,66 @@ def stages():
 
 
 @app.command()
+def generate(path: Path = typer.Argument(..., help="a language model's exported file (.onnx, .tflite, .mlpackage)"),
+             prompt: str = typer.Option(..., "--prompt", "-p", help="the text to continue"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+             threads: int = typer.Option(2, "--threads", min=1),
+             tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="folder with tokenizer.json (default: "
+                                                      "the one the file's card names, beside it)")):
+    """Run an exported language model on its own runtime and stream its greedy continuation of a prompt: try what
+    you ship. Prints the text as it comes, then the prompt's prefill and the decode speed."""
+    from .export import FORMATS
+    from .targets.lint import artifact_format
+    from .targets.lm import open_lm
+    from .targets.runtime import runtime_for_format
+
+    fmt = artifact_format(path)  # refuses a missing or unknown file with one line
+    card = FORMATS[fmt].read_card(path) or {}
+    tok = _lm_tokenizer(path, card, tokenizer)
+    runtime = runtime_for_format(fmt)
+    driver = open_lm(runtime, path, threads)
+    tokens = card.get("tokenizer") or {}
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    bos = tok.token_to_id(tokens["cls"]) if tokens.get("cls") else None
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos] + ids
+    eos = [i for i in (tok.token_to_id(tokens["sep"]) if tokens.get("sep") else None,) if i is not None]
+    shown: list[int] = []
+    printed = ""
+
+    def stream(token: int) -> None:
+        nonlocal printed
+        shown.append(token)
+        text = tok.decode(shown)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    sys.stdout.write(prompt)
+    out, timings = driver.generate(ids, max_new_tokens, eos=eos, timings=True, stream=stream)
+    sys.stdout.write("\n")
+    speed = (f"decode {timings.decode_tokens_per_s:.1f} tok/s" if timings.decode_ms else "one token")
+    typer.echo(f"{path.name} on {runtime.name} ({runtime.execution()}), {threads} threads: {len(out)} tokens; "
+               f"prefill of {timings.prompt_tokens} tokens {timings.prefill_ms:.0f} ms; {speed}", err=True)
+
+
+def _lm_tokenizer(path: Path, card: dict, folder: Optional[Path]):
+    """The tokenizer of a language model's file: `folder`'s tokenizer.json, else the one its card names beside it."""
+    from tokenizers import Tokenizer
+
+    from .errors import TargetError
+
+    candidates = [folder] if folder is not None else \
+        [path.parent / card["tokenizer_dir"]] if card.get("tokenizer_dir") else []
+    for c in candidates:
+        if (c / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(c / "tokenizer.json"))
+    raise TargetError(f"No tokenizer.json for {path.name}" + (f" in {candidates[0]}." if candidates else
+                                                              " (its card names no tokenizer folder)."),
+                      "pass --tokenizer FOLDER (the model's checkpoint folder has it).")
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., help="checkpoint folder, run folder, or .onnx file"),
             seq_len: int = typer.Option(128, "--seq-len", min=1, help="sequence length for MACs"),
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP)):

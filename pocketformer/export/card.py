@@ -204,8 +204,9 @@ def _lm_card(model, folder: Path, name: str, variant: str, max_len: int, provena
             return (tok.id_to_token(i) or "") if i is not None else ""
 
         eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-        tokenizer = Tokenizer(kind, False, False, token(cfg.bos_token_id), token(eos), token(cfg.pad_token_id), "",
-                              max_len, {"tokenizer.json": str(tj)})
+        # cls: the token every prompt starts with (BOS; empty when the model adds none); sep: the end of text
+        tokenizer = Tokenizer(kind, False, False, token(cfg.bos_token_id if cfg.add_bos else None), token(eos),
+                              token(cfg.pad_token_id), "", max_len, {"tokenizer.json": str(tj)})
     return Card(name, variant, cfg.task, "text", (), inputs, output, tokenizer, None,
                 {"pocketformer": __version__, **provenance})
 

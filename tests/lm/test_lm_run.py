@@ -95,3 +95,26 @@ def test_a_recipe_that_cannot_run_on_a_language_model_is_one_line(run, change, s
     proc = cli("run", "bad.yaml", cwd=root)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["model.fp32.onnx", "model.fp32.tflite"])
+def test_generate_streams_what_the_file_decodes(run, name):
+    """`pocketformer generate` runs the shipped file with its own runtime and tokenizer: the continuation it
+    prints is the greedy one PyTorch decodes for the same prompt."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from pocketformer.models import load
+
+    root, out, _ = run
+    prompt = "During my grammar school days, I was"
+    proc = cli("generate", str(out / "artifacts" / name), "--prompt", prompt, "-n", "12", "--threads", "1", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tok = Tokenizer.from_file(str(out / "artifacts" / "model.tokenizer" / "tokenizer.json"))
+    model, _ = load(out / "model")
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if model.spec.add_bos:
+        ids = [model.spec.bos_token_id] + ids
+    want = model.generate(torch.tensor([ids]), 12, eos=model.spec.eos_token_ids).tolist()
+    assert proc.stdout == prompt + tok.decode(want) + "\n"
+    assert f"{len(want)} tokens" in proc.stderr and "prefill of" in proc.stderr
