@@ -184,7 +184,8 @@ def lint(artifact: Path = typer.Argument(..., help=".onnx, .tflite or .mlpackage
     for f in findings:
         _echo(f.line())
     errors = sum(f.severity == "error" for f in findings)
-    _echo(f"{artifact.name} on {target}: {errors} errors, {len(findings) - errors} warnings")
+    warnings = sum(f.severity == "warning" for f in findings)
+    _echo(f"{artifact.name} on {target}: {errors} errors, {warnings} warnings")
     if errors:
         raise typer.Exit(1)
 

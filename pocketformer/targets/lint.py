@@ -23,7 +23,8 @@ from .int8_speed import describe as describe_speed
 
 @dataclass
 class Finding:
-    severity: str  # "error": will not run or breaks a budget; "warning": runs, but slower or riskier than it could
+    severity: str  # "error": will not run or breaks a budget; "warning": runs, but slower or riskier than it could;
+    # "info": what the file bakes in that the app must honour (a language model's KV cache)
     check: str
     message: str
     fix: str
@@ -69,15 +70,18 @@ def lint(path: Path, profile: Profile, int8_probe: Probe = PROBE) -> list[Findin
                           f"({profile.runtime}).", f"lint the {profile.format} file instead; write one with "
                                                    f"`pocketformer export OUT/ --to {profile.format}`.")
     desc = describe(path, fmt)
-    # shapes
+    lm = language_model(desc)
+    if lm:
+        out.extend(_lm_findings(desc, profile))
+    # shapes (a stateful CoreML decoder's token axis is a declared range: _lm_findings says what it costs)
     dynamic = {name: dims for name, dims in desc["inputs"].items()
-               if any(not isinstance(d, int) or d <= 0 for d in dims)}
+               if any((not isinstance(d, int) or d <= 0) and not (lm and d == "flexible") for d in dims)}
     if dynamic and profile.static_shapes:
         out.append(Finding("error", "dynamic-shapes", f"inputs {', '.join(dynamic)} have dynamic axes "
                                                        f"({dynamic}); {profile.runtime} on {profile.name} needs "
                                                        "static shapes.",
                            f"pocketformer export OUT/ --to {fmt} --static {profile.batch}x{profile.seq_len}"))
-    if not dynamic:
+    if not dynamic and not lm:
         first = next(iter(desc["inputs"].values()))
         want = [profile.batch, profile.seq_len][:len(first)] if len(first) == 2 else None
         if want and list(first) != want:
@@ -94,7 +98,7 @@ def lint(path: Path, profile: Profile, int8_probe: Probe = PROBE) -> list[Findin
                                                           f"fallback kernels: {', '.join(outside)}.",
                                "keep the model's forward to supported ops, or measure with `pocketformer validate` "
                                "to see what the fallback costs."))
-    if profile.legacy_runtime and fmt == tflite_legacy.FORMAT:
+    if profile.legacy_runtime and fmt == tflite_legacy.FORMAT and not lm:  # LM apps embed LiteRT-LM, not 2.14
         out.extend(_legacy_findings(path, desc, profile))
     if profile.max_opset and desc.get("opset") and desc["opset"] > profile.max_opset:
         out.append(Finding("error", "opset", f"the file uses opset {desc['opset']}; "
@@ -103,12 +107,62 @@ def lint(path: Path, profile: Profile, int8_probe: Probe = PROBE) -> list[Findin
                            "re-export with a lower opset, or update the runtime on the device."))
     # budgets and precision
     size = artifact_size(path) / 1e6
-    if profile.budgets.size_mb is not None and size > profile.budgets.size_mb:
-        out.append(Finding("error", "size", f"{size:.1f} MB is over the {profile.budgets.size_mb:g} MB budget.",
-                           "quantize weights (int8: about 4x smaller) or prune more (pocketformer compress)."))
-    if FORMATS[fmt].holds_int8(path, desc):
+    budget = (profile.language_models.budgets.size_mb if profile.language_models else None) if lm else \
+        profile.budgets.size_mb
+    if budget is not None and size > budget:
+        out.append(Finding("error", "size", f"{size:.1f} MB is over the {budget:g} MB budget.",
+                           "quantize weights (int8: about 4x smaller; int4 for a language model) or prune more."))
+    if FORMATS[fmt].holds_int8(path, desc) and not lm:  # an LM's decode speed is measured by validate instead
         out.extend(_int8_speed_findings(profile, int8_probe))
     return out
+
+
+def language_model(desc: dict[str, Any]) -> bool:
+    """Is the file a decoder with a KV cache (ONNX past/present, a fixed cache's kv_cache_*, or Core ML states)?"""
+    names = list(desc["inputs"]) + list(desc.get("states", []))
+    return any(n.startswith(("past_key_values.", "kv_cache_")) for n in names)
+
+
+def _lm_findings(desc: dict[str, Any], profile: Profile) -> list[Finding]:
+    """What a language model's file bakes in: its KV cache's layout and largest context, and (CoreML) the OS its
+    state ops need."""
+    inputs, out = desc["inputs"], []
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    fixed = [n for n in dict.fromkeys((*inputs, *desc.get("states", []))) if n.startswith("kv_cache_")]
+    if past:
+        out.append(Finding("info", "kv-cache", f"{len(past) // 2} layers' past keys and values go in and present "
+                                               f"ones come out ({past[0]}: {inputs[past[0]]}), the ONNX Runtime "
+                                               "GenAI / Optimum layout; the context grows with each step.",
+                           "feed each step's present.N.* back as past_key_values.N.* (pocketformer generate does)."))
+    if fixed:
+        shape = inputs.get(fixed[0]) or []
+        context = shape[2] if len(shape) == 4 else "?"
+        tokens = (inputs.get("tokens") or [None, None])[1]
+        where = "Core ML states" if desc.get("states") else "inputs and outputs of the same name"
+        chunk = f"{tokens} tokens" if isinstance(tokens, int) else "up to its chunk of tokens"
+        out.append(Finding("info", "kv-cache", f"{len(fixed) // 2} layers' caches of {context} slots each "
+                                               f"((1, kv_heads, {context}, head_dim), {where}): a prompt plus its "
+                                               f"continuation longer than {context} tokens is refused; prefill takes "
+                                               f"{chunk} a call.",
+                           "export again with a longer context if the app needs one."))
+    if desc.get("states"):
+        need = desc.get("min_ios", "iOS18")
+        have = profile.deployment_target
+        if have and _ios(have) < _ios(need):
+            out.append(Finding("error", "coreml-states", f"the KV cache is Core ML state (read_state / "
+                                                         f"coreml_update_state), which needs {need}; {profile.name} "
+                                                         f"deploys to {have}.",
+                               f"raise the app's deployment target to {need} (iOS 18 / macOS 15)."))
+        out.append(Finding("warning", "flexible-shape", "the token axis is a range (prefill up to the prompt "
+                                                        "chunk, decode one token): the Neural Engine may leave "
+                                                        "flexible shapes to the GPU or CPU.",
+                           "measure on the device with Xcode's performance report."))
+    return out
+
+
+def _ios(name: str) -> int:
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else 0
 
 
 def _int8_speed_findings(profile: Profile, probe: Probe) -> list[Finding]:

@@ -118,3 +118,21 @@ def test_generate_streams_what_the_file_decodes(run, name):
     want = model.generate(torch.tensor([ids]), 12, eos=model.spec.eos_token_ids).tolist()
     assert proc.stdout == prompt + tok.decode(want) + "\n"
     assert f"{len(want)} tokens" in proc.stderr and "prefill of" in proc.stderr
+
+
+def test_lint_says_what_a_language_model_file_bakes_in(run):
+    root, out, _ = run
+    art = out / "artifacts"
+    proc = cli("lint", str(art / "model.fp32.tflite"), "-t", "android-litert", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "kv-cache: 2 layers' caches of 128 slots each" in proc.stdout and "prefill takes 64 tokens" in proc.stdout
+    assert "DYNAMIC_UPDATE_SLICE" in proc.stdout.split("delegate-ops:")[1].splitlines()[0]  # outside XNNPACK's list
+    proc = cli("lint", str(art / "model.fp32.onnx"), "-t", "host-ort", cwd=root)
+    assert proc.returncode == 0 and "ONNX Runtime GenAI / Optimum layout" in proc.stdout
+    # Core ML states need iOS 18: an iOS 17 target is an error, an iOS 18 one is not
+    proc = cli("lint", str(art / "model.fp32.mlpackage"), "-t", "iphone-coreml", cwd=root)
+    assert proc.returncode == 1 and "coreml-states" in proc.stdout and "needs iOS18" in proc.stdout
+    ios18 = yaml.safe_load((root / "coreml.yaml").read_text()) | {"deployment_target": "iOS18"}
+    (root / "coreml18.yaml").write_text(yaml.safe_dump(ios18))
+    proc = cli("lint", str(art / "model.fp32.mlpackage"), "-t", "coreml18.yaml", cwd=root)
+    assert proc.returncode == 0 and "coreml-states" not in proc.stdout and "Core ML states" in proc.stdout
