@@ -14,7 +14,8 @@ One warm-up generation (8 tokens), then R repeats. Reported: median prefill over
 steps of all repeats (and the best repeat's median step, as lm_smollm2.py reports "lowest of rounds").
 The prompt is `--prompt-ids` (a JSON list, inline or in a file: the exact ids another benchmark used) or the first
 P tokens of `--prompt-text` (default: the Zen of Python, repeated), tokenized by the model's own tokenizer, no BOS.
-Prints one JSON object on stdout.
+Prints one JSON object on stdout, with the 1-minute load average before and after (other work on the
+host skews every figure: run it on a quiet machine).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -89,7 +91,10 @@ def main() -> None:
     load_s = time.perf_counter() - t_load
     prompt = prompt_ids(args, llm)
 
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
     generate(llm, prompt, 8)  # warm-up
+    warmup_s = time.perf_counter() - t0
     runs = [generate(llm, prompt, args.new_tokens) for _ in range(args.repeats)]
     prefill = statistics.median(r[1] for r in runs)
     steps = [s for r in runs for s in r[2]]
@@ -111,6 +116,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "load_s": round(load_s, 3),
+        "warmup_s": round(warmup_s, 3),
+        "host_loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: >0.5 = not alone
         "ttft_ms": round(prefill * 1000, 2),
         "prefill_tokens_per_s": round(len(prompt) / prefill, 1),
         "decode_step_ms_median": round(statistics.median(steps) * 1000, 3),

@@ -134,13 +134,21 @@ INT4_BLOCK = 32
 
 
 def quantize_int4(float_path: Path, path: Path) -> None:
-    """Weight-only int4 for every MatMul with a constant weight (ORT MatMulNBits, blocks of 32 along the input axis,
-    a float scale and float zero point per block: w = (q - zero) * scale), the precision batch-1 decoding needs since
-    it reads every weight once per token. Each block's grid spans its own minimum to maximum in 15 steps, so weights
-    that already lie on a 4-bit grid of that kind (a GGUF's Q4_0 / Q4_1 blocks, dequantized) are stored exactly,
-    not rounded a second time (measured on SmolLM2's Q4_1 weights: ORT's own symmetric RTN re-quantization kept top-1
-    agreement with the dequantized model at 0.66). The MatMul that makes a graph output (a language model's output
-    embedding) keeps 8 bits. Attention's products and the embedding lookup stay float."""
+    """Weight-only int4 for every MatMul with a constant weight (ORT MatMulNBits, blocks of 32 along the input axis),
+    the precision batch-1 decoding needs since it reads every weight once per token.
+
+    Each block's grid spans its own minimum to maximum in 15 steps, so weights that already lie on a 4-bit grid of
+    that kind (a GGUF's Q4_0 / Q4_1 blocks, dequantized) are stored exactly, not rounded a second time (measured on
+    SmolLM2's Q4_1 weights: ORT's own symmetric RTN re-quantization kept top-1 agreement with the dequantized model
+    at 0.66). Such a grid has a float zero point, which ORT's fast MatMulNBits kernels do not take (measured: 3.2
+    tok/s against fp32's 29). So the codes are stored symmetric (ORT's implicit zero point 8: w' = s (q - 8)) and the
+    grid's offset is added back exactly by a small float product: w = w' + c per block, c = lo + 8 s, so
+    x.W = MatMulNBits(x) + (x.S).C, where S (K x K/32, ones) sums x over each block and C (K/32 x N) holds c.
+
+    The MatMul that makes a graph output (a language model's output embedding) stays float: ORT 1.32's 8-bit
+    MatMulNBits kernel is slow (measured on SmolLM2, 2 threads: 5.1 decode tok/s with an 8-bit head, 37.9 with a
+    float one, fp32 file 29.0), and 4 bits would round a GGUF's 8-bit output weights. Attention's products and the
+    embedding lookup stay float too."""
     from onnx import helper, numpy_helper
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,23 +157,41 @@ def quantize_int4(float_path: Path, path: Path) -> None:
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     readers: Counter = Counter(i for node in graph.node for i in node.input)
-    nodes, replaced = [], set()
+    nodes, replaced, ones, block_sums = [], set(), {}, {}
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         array = numpy_helper.to_array(weight) if weight is not None else None
         if array is None or array.ndim != 2 or array.dtype != np.float32 or array.shape[0] % INT4_BLOCK:
             nodes.append(node)
             continue
-        bits = 8 if any(o in outputs for o in node.output) else 4
-        packed, scales, zeros = block_grid(array.T, bits, INT4_BLOCK)
+        k, n = array.shape
+        if any(o in outputs for o in node.output):
+            nodes.append(node)
+            continue
+        bits = 4
+        packed, scales, offsets = block_grid(array.T, INT4_BLOCK)
         stem = f"{node.name or node.output[0]}_nbits"
         graph.initializer.extend([numpy_helper.from_array(packed, f"{stem}_B"),
-                                  numpy_helper.from_array(scales, f"{stem}_scales"),
-                                  numpy_helper.from_array(zeros, f"{stem}_zero_points")])
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{stem}_B", f"{stem}_scales",
-                                                      f"{stem}_zero_points"], list(node.output), name=stem,
-                                      domain="com.microsoft", K=array.shape[0], N=array.shape[1], bits=bits,
+                                  numpy_helper.from_array(scales, f"{stem}_scales")])
+        exact = bool(np.any(offsets))
+        out = f"{stem}_symmetric" if exact else node.output[0]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{stem}_B", f"{stem}_scales"], [out],
+                                      name=stem, domain="com.microsoft", K=k, N=n, bits=bits,
                                       block_size=INT4_BLOCK))
+        if exact:  # the grid's offset, exactly: (x . S) . C; x . S once per input (q, k and v share theirs)
+            if k not in ones:
+                ones[k] = f"block_ones_{k}"
+                matrix = np.kron(np.eye(k // INT4_BLOCK, dtype=np.float32), np.ones((INT4_BLOCK, 1), np.float32))
+                graph.initializer.append(numpy_helper.from_array(matrix, ones[k]))
+            if node.input[0] not in block_sums:
+                block_sums[node.input[0]] = f"{stem}_block_sums"
+                nodes.append(helper.make_node("MatMul", [node.input[0], ones[k]], [block_sums[node.input[0]]],
+                                              name=f"{stem}_sum"))
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(offsets.reshape(n, k // INT4_BLOCK).T), f"{stem}_offsets"))
+            nodes += [helper.make_node("MatMul", [block_sums[node.input[0]], f"{stem}_offsets"], [f"{stem}_offset"],
+                                       name=f"{stem}_offset"),
+                      helper.make_node("Add", [out, f"{stem}_offset"], list(node.output), name=f"{stem}_add")]
         readers[weight.name] -= 1
         if readers[weight.name] == 0:
             replaced.add(weight.name)
@@ -179,28 +205,19 @@ def quantize_int4(float_path: Path, path: Path) -> None:
     _save_atomic(proto, path)
 
 
-def block_grid(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits' tensors for weights `w` (N outputs x K inputs): codes packed low bits first ([N, K/block,
-    block * bits / 8] uint8), and a scale and zero point per block ([N * K/block]). Each block's grid runs from its
-    minimum to its maximum in 15 steps, with a float zero point (so a Q4_0 / Q4_1 block is stored exactly). 8 bits
-    (ORT's 8-bit kernel takes no float zero point): symmetric, the largest magnitude at code 128 +- 127, zero point
-    128 (so a Q8_0 block is stored exactly)."""
+def block_grid(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits' 4-bit tensors for weights `w` (N outputs x K inputs) with ORT's implicit zero point 8: codes
+    packed low bits first ([N, K/block, block / 2] uint8), a scale per block ([N * K/block]), and each block's offset
+    c ([N * K/block]) such that w = s (q - 8) + c. Each block's grid runs from its minimum lo to its maximum in 15
+    steps (a Q4_0 / Q4_1 block exactly), c = lo + 8 s."""
     n, k = w.shape
-    levels = (1 << bits) - 1
     blocks = w.reshape(n, k // block, block).astype(np.float64)
-    if bits == 8:
-        amax = np.abs(blocks).max(-1)
-        scale = np.where(amax > 0, amax / 127, 1.0)
-        zero = np.full(scale.shape, 128.0)
-    else:
-        lo, hi = blocks.min(-1), blocks.max(-1)
-        scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
-        zero = -lo / scale
-    codes = np.clip(np.rint(blocks / scale[..., None] + zero[..., None]), 0, levels).astype(np.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    zero = zero.astype(np.uint8 if bits == 8 else np.float32).reshape(-1)
-    return np.ascontiguousarray(codes), scale.astype(np.float32).reshape(-1), zero
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    scale = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    codes = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    offsets = (lo + 8 * scale).astype(np.float32).reshape(-1)
+    return np.ascontiguousarray(codes), scale.astype(np.float32).reshape(-1), offsets
 
 
 def _save_atomic(proto: onnx.ModelProto, path: Path) -> None:
