@@ -38,11 +38,13 @@ $(STAMP):
 demo: install
 	$(VENV)/bin/pocketformer run examples/minilm-sentiment/recipe.yaml --out runs/minilm-sentiment
 
+# Two workers on CI's two cores, a test file per worker at a time (module fixtures are built once); every test
+# pins its own threads, so the figures a test compares are made in one process.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: install
 	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES) $(LM_BENCH_PACKAGES)
@@ -50,6 +52,8 @@ bench: install
 	$(PY) benchmarks/long_sequence.py
 	$(PY) benchmarks/latency_pruning.py
 	$(PY) benchmarks/search.py
+	bash benchmarks/peers/setup_llamacpp.sh   # llama.cpp, built from source in its own venv: the LM benchmark's peer
+	$(PY) benchmarks/lm_smollm2.py
 
 clean:
 	rm -rf runs .pytest_cache
