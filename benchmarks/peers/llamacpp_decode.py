@@ -14,8 +14,8 @@ One warm-up generation (8 tokens), then R repeats. Reported: median prefill over
 steps of all repeats (and the best repeat's median step, as lm_smollm2.py reports "lowest of rounds").
 The prompt is `--prompt-ids` (a JSON list, inline or in a file: the exact ids another benchmark used) or the first
 P tokens of `--prompt-text` (default: the Zen of Python, repeated), tokenized by the model's own tokenizer, no BOS.
-Prints one JSON object on stdout, with the 1-minute load average before and after (other work on the
-host skews every figure: run it on a quiet machine).
+Prints one JSON object on stdout, with the CPU seconds other processes used while it measured (other work
+on the host skews every figure: run it on a quiet machine, and rerun when that is not ~0).
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ def prompt_ids(args, llm) -> list[int]:
     if len(ids) < args.prompt_tokens:
         raise SystemExit(f"prompt has {len(ids)} tokens, fewer than --prompt-tokens {args.prompt_tokens}")
     return ids[:args.prompt_tokens]
+
+
+def host_busy_s() -> float:
+    """CPU seconds all processes of the host have used so far (Linux /proc/stat; user+nice+system+irq+softirq)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
 
 
 def generate(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, list[float]]:
@@ -91,18 +98,19 @@ def main() -> None:
     load_s = time.perf_counter() - t_load
     prompt = prompt_ids(args, llm)
 
-    load_before = os.getloadavg()[0]
+    busy0, own0 = host_busy_s(), sum(os.times()[:2])
     t0 = time.perf_counter()
     generate(llm, prompt, 8)  # warm-up
     warmup_s = time.perf_counter() - t0
     runs = [generate(llm, prompt, args.new_tokens) for _ in range(args.repeats)]
+    others = host_busy_s() - busy0 - (sum(os.times()[:2]) - own0)
     prefill = statistics.median(r[1] for r in runs)
     steps = [s for r in runs for s in r[2]]
     best_round = min(statistics.median(r[2]) for r in runs) if args.new_tokens > 1 else float("nan")
 
     info = llama_cpp.llama_print_system_info().decode()
-    flags = sorted({kv.split(" = ")[0].strip() for part in info.split("|") for kv in [part.strip()]
-                    if kv.endswith(" = 1")})
+    flags = sorted({kv.split(" = ")[0].split(":")[-1].strip()  # "CPU : SSE3 = 1 | AVX = 1 | ..."
+                    for part in info.split("|") for kv in [part.strip()] if kv.endswith(" = 1")})
     print(json.dumps({
         "engine": "llama.cpp (llama-cpp-python)",
         "llama_cpp_python_version": llama_cpp.__version__,
@@ -117,7 +125,7 @@ def main() -> None:
         "repeats": args.repeats,
         "load_s": round(load_s, 3),
         "warmup_s": round(warmup_s, 3),
-        "host_loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: >0.5 = not alone
+        "other_processes_cpu_s": round(others, 2),  # CPU time others used while this measured: ~0 = alone
         "ttft_ms": round(prefill * 1000, 2),
         "prefill_tokens_per_s": round(len(prompt) / prefill, 1),
         "decode_step_ms_median": round(statistics.median(steps) * 1000, 3),
