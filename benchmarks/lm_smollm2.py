@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="take the finished run in --work (its report.json) instead "
+                                                         "of running it again; only the side-by-side is measured")
+    ap.add_argument("--side-formats", default="onnx,tflite", help="formats measured beside llama.cpp")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-lm-smollm2")
     args = ap.parse_args()
     if not args.no_peer and not PEER_PYTHON.is_file():
@@ -71,8 +74,12 @@ def main() -> None:
                          "--no-peer)")
     started = time.time()
     torch.set_num_threads(args.threads)
-    report = run(load_recipe(RECIPE), args.work)
-    run_seconds = time.time() - started
+    if args.reuse:
+        report = json.loads((args.work / "report.json").read_text())
+        run_seconds = None
+    else:
+        report = run(load_recipe(RECIPE), args.work)
+        run_seconds = round(time.time() - started)
 
     # side by side on one prompt: every ONNX and TFLite file, and llama.cpp on the GGUF they came from
     model, _ = load(args.work / "baseline")
@@ -81,7 +88,7 @@ def main() -> None:
     window = windows(model, args.work / "baseline", recipe["data"], "test", recipe["seed"], recipe["max_len"], 1)[0]
     prompt = (window * lm.prompt_tokens)[:lm.prompt_tokens]
     want = model.generate(torch.tensor([prompt]), lm.new_tokens).tolist()
-    files = [a for a in report["artifacts"] if a["format"] in PROFILES]
+    files = [a for a in report["artifacts"] if a["format"] in PROFILES and a["format"] in args.side_formats]
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for a in files:
@@ -97,7 +104,8 @@ def main() -> None:
     result = {"env": {"cpu": store.fingerprint(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
                       "versions": store.package_versions("onnxruntime", "ai-edge-litert", "coremltools", "torch"),
                       "command": " ".join(["benchmarks/lm_smollm2.py"] + sys.argv[1:]),
-                      "run_seconds": round(run_seconds), "benchmark_seconds": round(time.time() - started)},
+                      "run_seconds": run_seconds, "benchmark_seconds": round(time.time() - started),
+                      "side_formats": args.side_formats},
               "model": report["model"], "input": report["input"], "artifacts": report["artifacts"],
               "validation": report["validation"], "side_by_side": best, "prompt_tokens": len(prompt),
               "new_tokens": lm.new_tokens}
@@ -113,7 +121,9 @@ def markdown(result: dict) -> str:
     env = result["env"]
     lines = ["# SmolLM2-135M through `pocketformer run`: ONNX, TFLite and CoreML, and llama.cpp beside them", "",
              f"Command: `.venv/bin/python {env['command']}` ({env['date']}); `pocketformer run "
-             f"examples/smollm2/recipe.yaml` took {env['run_seconds']} s of it. CPU: {env['cpu']}; "
+             f"examples/smollm2/recipe.yaml` " + (f"took {env['run_seconds']} s of it" if env["run_seconds"] else
+                                                   "ran just before, into the same folder (`--reuse`)")
+             + f". CPU: {env['cpu']}; "
              f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}.", "",
              f"Baseline: {result['input'].get('baseline_note', 'the GGUF dequantized')}. PyTorch's validation "
              f"perplexity {result['model']['validation_perplexity']:.2f}.", "",
@@ -123,7 +133,8 @@ def markdown(result: dict) -> str:
              "(95% interval); token match: 2 greedy continuations of 64 tokens against PyTorch's; prefill at a "
              "128-token prompt; decode: median step at batch 1; a fresh process per file, the profile's threads. "
              "CoreML runs off macOS in the MIL reference execution: no speed.", "",
-             f"## Decode beside llama.cpp, one prompt of {result['prompt_tokens']} tokens, {env['threads']} threads",
+             f"## Decode beside llama.cpp, one prompt of {result['prompt_tokens']} tokens, {env['threads']} threads "
+             f"({env['side_formats']} files, a fresh process each, and llama.cpp, in turn)",
              "", "| engine / file | weights | size MB | prefill tok/s | TTFT ms | decode tok/s | greedy match with "
              "PyTorch |", "|---|---|---|---|---|---|---|"]
     sbs = result["side_by_side"]

@@ -236,7 +236,7 @@ def write_tokenizer(art_dir: Path, c) -> None:
 def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: Optional[tuple[int, int]] = None,
            data: Optional[str] = None, legacy_check: bool = True,
            baseline_formats: Optional[list[str]] = None, sparse: bool = True,
-           int4: bool = False) -> list[dict[str, Any]]:
+           int4: bool = False, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Export the compressed model to `formats` and the baseline to `baseline_formats` (default: the same); every
     file is checked against PyTorch before it is kept, and carries the model's card (labels, tokenizer, inputs,
     provenance). Files that pass are recorded even when others fail."""
@@ -264,8 +264,9 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
         write_tokenizer(art_dir, stem_card)
         for fmt in stem_formats:
             asks_int4 = int4 and "int4" in FORMATS[fmt].option_names  # only formats that write int4 files
+            skipped = sorted(p for f, _, p in (item.partition(".") for item in skip) if f == fmt)
             options = {"int8": int8, "static_shape": static_shape, **({} if sparse else {"sparse": False}),
-                       **({"int4": True} if asks_int4 else {})}
+                       **({"int4": True} if asks_int4 else {}), **({"skip": skipped} if skipped else {})}
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
                      and r.get("card_sha256") == card_sha256(stem_card) and (art_dir / r["file"]).exists()]
@@ -279,7 +280,8 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
             failed = None
             try:
                 exported = export_checked(model, art_dir, stem, inputs, fmt, int8=int8, static_shape=static_shape,
-                                          sparse=sparse, card=stem_card, **({"int4": True} if asks_int4 else {}))
+                                          sparse=sparse, card=stem_card, skip=set(skipped),
+                                          **({"int4": True} if asks_int4 else {}))
             except ExportFailures as e:  # keep what passed, marked so a re-run tries again; then report it all
                 exported, failed = e.records, e
             for r in exported:
@@ -437,7 +439,7 @@ def run(recipe: Recipe, out_dir: Optional[Path] = None) -> dict[str, Any]:
         static = (profiles[0].batch, profiles[0].seq_len)
     export(out_dir, recipe.export.formats, int8=recipe.export.int8, static_shape=static,
            legacy_check=recipe.export.tflite.legacy_check, baseline_formats=recipe.export.baseline_formats,
-           sparse=recipe.export.sparse, int4=recipe.export.int4)
+           sparse=recipe.export.sparse, int4=recipe.export.int4, skip=tuple(recipe.export.skip))
     if recipe.export.app:
         build_apps(out_dir)
     for target in recipe.target_refs():

@@ -74,7 +74,23 @@ class ExportSpec(BaseModel):
                                                               "measured ratios")
     int8: bool = Field(True, description="also write int8 artifacts (each format's own int8 path)")
     int4: bool = Field(False, description="also write int4 weight-only files where the format has them (ONNX "
-                                          "MatMulNBits, TFLite int4 weights): what makes an LM's decoding fast")
+                                          "MatMulNBits, TFLite int4 weights, CoreML per-block int4): what makes an "
+                                          "LM's decoding fast")
+    skip: list[str] = Field(default_factory=list, description="files not to write, as FORMAT.PRECISION (e.g. "
+                                                               "onnx.int8: ORT's dynamic int8 loses a language "
+                                                               "model's outlier activations)")
+
+    @field_validator("skip")
+    @classmethod
+    def _skip(cls, v):
+        from .export import FORMATS
+
+        for item in v:
+            fmt, _, precision = item.partition(".")
+            if fmt not in FORMATS or not precision:
+                raise ValueError(f"skip: {item!r} is not FORMAT.PRECISION with a known format "
+                                 f"({', '.join(FORMATS)})")
+        return v
     sparse: bool = Field(True, description="store dense-sparse weights sparsely where the format allows it "
                                            "(ONNX sparse initializers, TFLite sparsity + DENSIFY, CoreML sparse)")
     app: bool = Field(False, description="also write app folders (OUT/app/<client>/): files MediaPipe, Core ML and "

@@ -199,12 +199,13 @@ def _check_precision(ctx: SetContext, gs: GraphSet, precision: str,
 def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[torch.Tensor, ...],
            fmt: str | Format, runtime: CheckRuntime, *, int8: bool = True,
            static_shape: Optional[tuple[int, int]] = None, sparse: bool = True, kinds: Optional[set] = None,
-           card: Optional[Card] = None, **options: Any) -> list[dict[str, Any]]:
+           card: Optional[Card] = None, skip: frozenset = frozenset(), **options: Any) -> list[dict[str, Any]]:
     """Export every graph set of `model` to `fmt` in each of its precisions, each file checked on `runtime`
     against PyTorch on `inputs` (real test inputs); return the artifacts.json records. `kinds`: only the graph
     sets of these kinds (None: the plain model; "segments"), default all that apply. Raises ExportFailures
     (holding the records that passed) after trying everything, if any file failed. `card`: what every file
-    carries about the model (export/card.py), written by the format before the file's check."""
+    carries about the model (export/card.py), written by the format before the file's check. `skip`: precisions
+    not to write (the first, which the others are made from, is always written)."""
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
     unknown = sorted(set(options) - set(fmt.option_names))
     if unknown:
@@ -219,7 +220,7 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
     for gs in graph_sets(model, fmt, kinds, static_shape):
         try:
             records += export_set(gs, fmt, runtime, out_dir, stem, inputs, int8, static_shape,
-                                  sparse and has_dense_sparse(model), options, failures, card)
+                                  sparse and has_dense_sparse(model), options, failures, card, skip)
         except ExportError as e:  # the set cannot be converted at all
             failures.append(e)
     if failures:
@@ -230,7 +231,7 @@ def export(model: CanonicalTransformer, out_dir: Path, stem: str, inputs: tuple[
 def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, stem: str,
                inputs: tuple[torch.Tensor, ...], int8: bool, static_shape: Optional[tuple[int, int]], sparse: bool,
                options: dict[str, Any], failures: list[ExportError],
-               card: Optional[Card] = None) -> list[dict[str, Any]]:
+               card: Optional[Card] = None, skip: frozenset = frozenset()) -> list[dict[str, Any]]:
     io = gs.model.io
     fixed = fixed_sizes(fmt, gs, io, static_shape)
     check_inputs = io.fit(inputs, fixed) if fixed else tuple(inputs)
@@ -249,6 +250,7 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
     try:
         checked: list[tuple[str, list[Written], dict]] = []
         precisions = fmt.precisions(int8, options)
+        precisions = precisions[:1] + [p for p in precisions[1:] if p not in skip]
         for precision in precisions:
             names = {g: gs.file_name(stem, fmt, precision, g) for g in gs.graphs}
             try:
