@@ -29,8 +29,8 @@ from .models import load, load_any, save
 from .models.io import file_sha256, is_canonical, weights_sha256
 from .progress import info
 from .recipe import Recipe
-from .store import (COMPRESS_FILE, RECORD_KEYS, cache_root, digest, output_folder, package_versions, read_compress,
-                    read_manifest, versions, write_json, write_manifest)
+from .store import (COMPRESS_FILE, RECORD_KEYS, cache_root, code_sha256, digest, output_folder, package_versions,
+                    read_compress, read_manifest, versions, write_json, write_manifest)
 from .train import evaluate, predict, seed_everything
 from .verdict import check_line
 
@@ -198,8 +198,14 @@ def _legacy_check(path: Path, model, inputs, record: dict[str, Any]) -> dict[str
 def _stamp(record: dict[str, Any], source_hash: str, options: dict[str, Any], meta: dict[str, Any]) -> dict:
     """What made an artifact, in its record: the weights, export options, recipe and versions."""
     record.update({"source_weights_sha256": source_hash, "options": options, "recipe_sha256": meta["recipe_sha256"],
-                   "versions": versions()})
+                   "versions": versions(), "export_code_sha256": export_code()})
     return record
+
+
+def export_code() -> str:
+    """The code an artifact depends on beyond its weights and options: the exporters, the model they trace and the
+    runtimes' checks."""
+    return code_sha256("export", "models", "targets")
 
 
 def card(out_dir: Path, stem: str, model, meta: dict[str, Any], weights_hash: str):
@@ -269,7 +275,8 @@ def export(out_dir: Path, formats: list[str], int8: bool = True, static_shape: O
                        **({"int4": True} if asks_int4 else {}), **({"skip": skipped} if skipped else {})}
             reuse = [r for r in existing.values() if r.get("variant") == stem and r.get("format") == fmt
                      and r.get("source_weights_sha256") == source_hash and r.get("options") == options
-                     and r.get("card_sha256") == card_sha256(stem_card) and (art_dir / r["file"]).exists()]
+                     and r.get("card_sha256") == card_sha256(stem_card) and r.get("versions") == versions()
+                     and r.get("export_code_sha256") == export_code() and (art_dir / r["file"]).exists()]
             if any(r.get("export_failed") for r in reuse):  # an export that failed part-way is tried again
                 reuse = []
             if reuse:

@@ -156,6 +156,18 @@ def cpu_text(record: Optional[dict[str, Any]], machine: str) -> Optional[str]:
     return f"{record.get('model') or machine}, {fp}"
 
 
+@functools.lru_cache(maxsize=None)
+def code_sha256(*subpackages: str) -> str:
+    """A hash of pocketformer's own source in `subpackages` (e.g. "export", "models"): an artifact made by other
+    code than this (an upgrade, a fix to an exporter or to the model) is never reused in its place."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for sub in subpackages:
+        for path in sorted((root / sub).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def package_versions(*names: str) -> dict[str, str]:
     """Installed versions of the named distributions (missing ones as "absent"), for cache keys and provenance."""
     from importlib.metadata import PackageNotFoundError, version

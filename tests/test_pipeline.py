@@ -135,6 +135,24 @@ def test_an_export_that_failed_part_way_is_tried_again_not_reused(text_run, tmp_
     assert before.keys() == after.keys() and all(after[k] != before[k] for k in before)  # written anew
 
 
+def test_files_made_by_other_exporter_code_are_made_again_not_reused(text_run, tmp_path):
+    """An artifact records the hash of the code that made it (exporters, model, checks); after an upgrade or a fix
+    to that code, the same export writes the files again instead of serving the old ones."""
+    from pocketformer.store import read_manifest, write_manifest
+
+    out, _, _, _ = text_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    old = read_manifest(copy / "artifacts")
+    assert all(r["export_code_sha256"] == pipeline.export_code() for r in old)
+    write_manifest(copy / "artifacts", [{**r, "export_code_sha256": "0" * 64} for r in old])
+    before = {p.name: p.stat().st_mtime_ns for p in (copy / "artifacts").glob("*.onnx")}
+    again = pipeline.export(copy, ["onnx"], int8=True)
+    assert all(r["export_code_sha256"] == pipeline.export_code() for r in again)
+    after = {p.name: p.stat().st_mtime_ns for p in (copy / "artifacts").glob("*.onnx")}
+    assert before.keys() == after.keys() and all(after[k] != before[k] for k in before)
+
+
 def test_export_of_a_folder_never_compressed_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="compress.json"):
         pipeline.export(tmp_path, ["onnx"])
