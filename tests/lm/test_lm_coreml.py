@@ -32,13 +32,14 @@ def exported(request, tmp_path_factory):
     tok = tokenizer_of(hf)
     ids = torch.tensor([tok.encode(TEXT[:400]).ids[:24]] * 2)
     records = export_checked(model, root / "art", "model", model.graph_inputs(ids, 16), "coreml",
-                             static_shape=(1, PREFILL), int8=family == "llama")
+                             static_shape=(1, PREFILL), int8=family == "llama", int4=family == "llama")
     return family, model, tok, records, root / "art"
 
 
 def test_one_stateful_package_for_prefill_and_decode(exported):
     family, model, _, records, art = exported
-    assert [r["precision"] for r in records] == (["fp32", "fp16", "int8"] if family == "llama" else ["fp32", "fp16"])
+    assert [r["precision"] for r in records] == (["fp32", "fp16", "int8", "int4"] if family == "llama" else
+                                                 ["fp32", "fp16"])
     n = len(model.layers)
     for r in records:
         assert r["coreml"]["deployment_target"] == "iOS18" and r["min_ios"] == "iOS18"  # states need iOS 18
@@ -75,3 +76,36 @@ def test_perplexity_matches_pytorch(exported):
                             for w in windows) / sum(len(w) - 1 for w in windows))
     got = perplexity(open_lm(get_runtime("coreml-mil-reference"), art / records[0]["file"], 1), windows)
     assert got == pytest.approx(want, rel=1e-3)  # fp16 states
+
+
+def test_int4_keeps_the_embedding_and_tied_head_in_float(exported):
+    """int4 compresses the linears per block of 32; the embedding (and the output projection tied to it) stays in
+    the compute precision: SmolLM2 with its embedding in int4 kept 84% top-1 agreement."""
+    family, _, _, records, art = exported
+    if family != "llama":
+        pytest.skip("int4 is exported for the tiny Llama only")
+    r = next(r for r in records if r["precision"] == "int4")
+    assert r["coreml"]["compressed_ops"] == ["linear", "conv"]
+    program = load_program(art / r["file"])
+    kinds = [op.op_type for op in program.functions["main"].operations]
+    assert "constexpr_blockwise_shift_scale" in kinds and "gather" in kinds
+
+
+def test_fp16_program_survives_a_huge_residual_channel(tmp_path):
+    """Real LMs' residual streams carry a few huge channels (SmolLM2-135M's reaches 25,000); squared for RMSNorm in
+    fp16 they are inf (its fp16 program had cosine -0.008). The fp16 program divides each row by its largest value
+    before squaring. A tiny Qwen2 (untied head) with one embedding channel at 1,000 (1,000^2 > fp16's 65,504)."""
+    hf = save_tiny_lm("qwen2", tmp_path / "hf")
+    model, _ = import_hf(hf)
+    with torch.no_grad():
+        model.embed.weight[:, 7] = 1000.0
+    tok = tokenizer_of(hf)
+    ids = torch.tensor([tok.encode(TEXT[:400]).ids[:24]] * 2)
+    records = export_checked(model, tmp_path / "art", "model", model.graph_inputs(ids, 16), "coreml",
+                             static_shape=(1, PREFILL), int8=False)
+    fp16 = next(r for r in records if r["precision"] == "fp16")
+    assert fp16["parity_vs_pytorch"]["cosine"] > 0.999
+    prompt = tok.encode("During my grammar school days, I was").ids
+    want = model.generate(torch.tensor([prompt]), 16).tolist()
+    got = open_lm(get_runtime("coreml-mil-reference"), tmp_path / "art" / fp16["file"], 1).generate(prompt, 16)
+    assert token_match(got, want)["first_divergence"] >= 8
