@@ -9,9 +9,7 @@ column).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from typing import Any, Literal, Optional
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..registry import member_of
-from .factorized import LinearShape, LowRankLinear, build_linear, linear_macs, linear_shape
+from .factorized import LinearShape, LowRankLinear, build_linear, linear_macs, linear_shape, take_cols, take_rows
 from .signature import GraphIO, TensorSpec
 from .tasks import TASKS, Task, task_of
 
@@ -171,8 +169,8 @@ class Attention(nn.Module):
         rows = torch.cat([torch.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in keep]) if keep else \
             torch.zeros(0, dtype=torch.long)
         for name in ("q", "k", "v"):
-            setattr(self, name, _take_rows(getattr(self, name), rows))
-        self.o = _take_cols(self.o, rows)
+            setattr(self, name, take_rows(getattr(self, name), rows))
+        self.o = take_cols(self.o, rows)
         self.heads = len(keep)
 
 
@@ -214,8 +212,8 @@ class FeedForward(nn.Module):
 
     def keep_neurons(self, keep: list[int]) -> None:
         idx = torch.as_tensor(keep, dtype=torch.long)
-        self.fc1 = _take_rows(self.fc1, idx)
-        self.fc2 = _take_cols(self.fc2, idx)
+        self.fc1 = take_rows(self.fc1, idx)
+        self.fc2 = take_cols(self.fc2, idx)
 
 
 class Layer(nn.Module):
@@ -468,39 +466,6 @@ class CanonicalTransformer(Described, nn.Module):
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias from a 0/1 padding mask: (batch, 1, 1, seq), MASK_NEG where padded."""
     return (1.0 - attention_mask.to(dtype))[:, None, None, :] * MASK_NEG
-
-
-@contextlib.contextmanager
-def _quiet_empty():
-    """Every head or neuron of a layer may be pruned: its empty linears are meant, so torch's warning about
-    initialising zero-element tensors is noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        yield
-
-
-def _take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:
-    if isinstance(lin, LowRankLinear):
-        return lin.take_rows(rows)
-    with _quiet_empty():
-        new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(lin.weight[rows])
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias[rows])
-    return new
-
-
-def _take_cols(lin: nn.Module, cols: torch.Tensor) -> nn.Module:
-    if isinstance(lin, LowRankLinear):
-        return lin.take_cols(cols)
-    with _quiet_empty():
-        new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(lin.weight[:, cols])
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias)
-    return new
 
 
 def count_params(model: nn.Module) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..registry import member_of
-from .factorized import LinearShape, build_linear, linear_macs, linear_shape
+from .factorized import LinearShape, build_linear, linear_macs, linear_shape, take_cols, take_rows
 from .signature import GraphIO, TensorSpec
 from .canonical import Described
 from .tasks import TASKS
@@ -244,6 +244,33 @@ class DecoderAttention(nn.Module):
     def shape_fields(self) -> dict[str, Any]:
         return {}
 
+    def keep_heads(self, keep: list[int]) -> None:
+        """Keep the query heads `keep`; a key-value head goes with the last of its query heads. Every key-value
+        head kept must keep the same number of query heads (the graph stacks a group's queries as one block, and
+        GQA's layout is heads = kv_heads x group): pruning within groups removes the same count from each."""
+        keep = sorted(set(keep))
+        g = self.heads // self.kv_heads
+        if not keep or any(not 0 <= h < self.heads for h in keep):
+            raise ValueError(f"keep 1 to {self.heads} of heads 0..{self.heads - 1}, got {keep}; remove the layer "
+                             "to remove all its heads")
+        groups = sorted({h // g for h in keep})
+        per_group = {grp: sum(1 for h in keep if h // g == grp) for grp in groups}
+        if len(set(per_group.values())) != 1:
+            raise ValueError(f"key-value groups would keep different numbers of query heads {per_group}: keep "
+                             "the same count in each group")
+        d = self.head_dim
+        q_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep])
+        kv_rows = torch.cat([torch.arange(grp * d, (grp + 1) * d) for grp in groups])
+        self.q = take_rows(self.q, q_rows)
+        self.k, self.v = take_rows(self.k, kv_rows), take_rows(self.v, kv_rows)
+        self.o = take_cols(self.o, q_rows)
+        self.heads, self.kv_heads = len(keep), len(groups)
+
+    def keep_groups(self, groups: list[int]) -> None:
+        """Keep the key-value heads `groups` with all their query heads."""
+        g = self.heads // self.kv_heads
+        self.keep_heads([grp * g + i for grp in groups for i in range(g)])
+
 
 class GatedFFN(nn.Module):
     def __init__(self, cfg: CausalLMConfig, shape: DecoderLayerShape):
@@ -257,6 +284,15 @@ class GatedFFN(nn.Module):
     @property
     def width(self) -> int:
         return self.gate.out_features
+
+    def keep_neurons(self, keep: list[int]) -> None:
+        """Keep the neurons `keep`: their gate and up rows and their down columns, together."""
+        keep = sorted(set(keep))
+        if not keep or any(not 0 <= n < self.width for n in keep):
+            raise ValueError(f"keep 1 to {self.width} of neurons 0..{self.width - 1}; remove the layer to remove "
+                             "all its FFN")
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        self.gate, self.up, self.down = take_rows(self.gate, idx), take_rows(self.up, idx), take_cols(self.down, idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate(x)
@@ -374,6 +410,26 @@ class CausalLM(Described, nn.Module):
             for name in names:
                 owner = layer.attn if name in ("q", "k", "v", "o") else layer.ffn
                 yield li, name, owner, getattr(owner, name)
+
+    # -- structural edits: the only places that know which tensors shrink together ---------------------------
+    def keep_heads(self, layer: int, keep: list[int]) -> None:
+        self.layers[layer].attn.keep_heads(keep)
+
+    def keep_groups(self, layer: int, groups: list[int]) -> None:
+        self.layers[layer].attn.keep_groups(groups)
+
+    def keep_neurons(self, layer: int, keep: list[int]) -> None:
+        self.layers[layer].ffn.keep_neurons(keep)
+
+    def keep_layers(self, keep: list[int]) -> None:
+        """Keep the layers `keep` (each with its own window and rotary base); rotary tables no layer uses go."""
+        keep = sorted(set(keep))
+        if not keep or any(not 0 <= i < len(self.layers) for i in keep):
+            raise ValueError(f"keep 1 to {len(self.layers)} of layers 0..{len(self.layers) - 1}, got {keep}")
+        self.layers = nn.ModuleList([self.layers[i] for i in keep])
+        used = {rope_name(*layer.rope_key) for layer in self.layers}
+        for key in [k for k in self.ropes if k not in used]:
+            del self.ropes[key]
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

@@ -11,6 +11,8 @@ dense-sparse (DSFormer) layers through save/load and every exporter as plain mat
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -162,3 +164,38 @@ def linear_macs(in_features: int, out_features: int, shape: Optional[LinearShape
     if shape is None:
         return in_features * out_features
     return shape.rank * (in_features + out_features)
+
+
+@contextlib.contextmanager
+def _quiet_empty():
+    """Every head or neuron of a layer may be pruned: its empty linears are meant, so torch's warning about
+    initialising zero-element tensors is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        yield
+
+
+def take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """A linear of `lin`'s output rows `rows` (a pruned unit's outputs gone), dense or factorized."""
+    if isinstance(lin, LowRankLinear):
+        return lin.take_rows(rows)
+    with _quiet_empty():
+        new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[rows])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[rows])
+    return new
+
+
+def take_cols(lin: nn.Module, cols: torch.Tensor) -> nn.Module:
+    """A linear of `lin`'s input columns `cols` (a pruned unit's inputs gone), dense or factorized."""
+    if isinstance(lin, LowRankLinear):
+        return lin.take_cols(cols)
+    with _quiet_empty():
+        new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[:, cols])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
