@@ -30,9 +30,6 @@ from .card import Card, from_metadata
 # constant mask/position tensors and yields NaN or garbage (METHODS.md).
 WEIGHT_OPS = ("linear", "conv", "gather")
 PALETTIZE_OPS = ("linear",)
-# int4 leaves the embedding's const (gather) in the compute precision, and with it a tied output projection that
-# reads the same const: SmolLM2-135M with its embedding in int4 too kept 84% top-1 agreement with PyTorch
-INT4_OPS = ("linear", "conv")
 WEIGHT_THRESHOLD = 2048  # tensors with fewer elements stay float (biases, norms, tiny classifiers)
 FP32_MAX_ABS = 1e-3
 FP32_MIN_COSINE = 0.9999
@@ -203,28 +200,14 @@ def quantize_int8(mlmodel):
 
 
 def quantize_int4(mlmodel):
-    """Blockwise symmetric int4 weights (blocks of 32 along the input axis) of linear and conv ops (INT4_OPS):
-    Core ML's per-block quantization, iOS 18 and later."""
+    """Blockwise symmetric int4 weights (blocks of 32 along the input axis) of linear/conv/gather ops: Core ML's
+    per-block quantization, iOS 18 and later."""
     import coremltools.optimize.coreml as cto
-
-    from coremltools.optimize.coreml import OptimizationConfig
 
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32,
                                      weight_threshold=WEIGHT_THRESHOLD)
-    config = OptimizationConfig(global_config=None, op_type_configs={t: op for t in INT4_OPS},
-                                op_name_configs={name: None for name in _reads_an_embedding(mlmodel)})
     with quiet():
-        return cto.linear_quantize_weights(mlmodel, config=config)
-
-
-def _reads_an_embedding(mlmodel) -> list[str]:
-    """Names of the ops other than gathers that read a gather's table (a tied output projection): they stay
-    uncompressed with it (coremltools compresses a const only when every reader's config agrees)."""
-    names = []
-    for op in mlmodel._mil_program.functions["main"].operations:
-        if op.op_type == "gather" and op.x.op is not None and op.x.op.op_type == "const":
-            names += [c.name for c in op.x.child_ops if c.op_type != "gather"]
-    return names
+        return cto.linear_quantize_weights(mlmodel, config=_weight_config(op, WEIGHT_OPS))
 
 
 def palettize(mlmodel, nbits: int):
@@ -514,7 +497,7 @@ class CoreML(Format):
                                       "set the CoreML option deployment_target: iOS18, or leave out int4.")
                 program = quantize_int4(plan.state[(compute, name)])
                 info = {"compute_precision": compute, "weights": "int4 per-block (32) symmetric",
-                        "compressed_ops": list(INT4_OPS)}
+                        "compressed_ops": list(WEIGHT_OPS)}
             else:
                 bits = plan.options["palettize_bits"]
                 program = palettize(plan.state[(compute, name)], bits)
@@ -546,8 +529,7 @@ class CoreML(Format):
             program = (quantize_int8 if precision == "int8" else quantize_int4)(plan.state[(compute, "prefill")])
             info = {"compute_precision": compute, "deployment_target": plan.state[("target", compute)],
                     "weights": "int8 per-channel symmetric" if precision == "int8" else
-                    "int4 per-block (32) symmetric",
-                    "compressed_ops": list(WEIGHT_OPS if precision == "int8" else INT4_OPS)}
+                    "int4 per-block (32) symmetric", "compressed_ops": list(WEIGHT_OPS)}
         else:
             bits = plan.options["palettize_bits"]
             program = palettize(plan.state[(compute, "prefill")], bits)

@@ -32,14 +32,13 @@ def exported(request, tmp_path_factory):
     tok = tokenizer_of(hf)
     ids = torch.tensor([tok.encode(TEXT[:400]).ids[:24]] * 2)
     records = export_checked(model, root / "art", "model", model.graph_inputs(ids, 16), "coreml",
-                             static_shape=(1, PREFILL), int8=family == "llama", int4=family == "llama")
+                             static_shape=(1, PREFILL), int8=family == "llama")
     return family, model, tok, records, root / "art"
 
 
 def test_one_stateful_package_for_prefill_and_decode(exported):
     family, model, _, records, art = exported
-    assert [r["precision"] for r in records] == (["fp32", "fp16", "int8", "int4"] if family == "llama" else
-                                                 ["fp32", "fp16"])
+    assert [r["precision"] for r in records] == (["fp32", "fp16", "int8"] if family == "llama" else ["fp32", "fp16"])
     n = len(model.layers)
     for r in records:
         assert r["coreml"]["deployment_target"] == "iOS18" and r["min_ios"] == "iOS18"  # states need iOS 18
@@ -76,19 +75,6 @@ def test_perplexity_matches_pytorch(exported):
                             for w in windows) / sum(len(w) - 1 for w in windows))
     got = perplexity(open_lm(get_runtime("coreml-mil-reference"), art / records[0]["file"], 1), windows)
     assert got == pytest.approx(want, rel=1e-3)  # fp16 states
-
-
-def test_int4_keeps_the_embedding_and_tied_head_in_float(exported):
-    """int4 compresses the linears per block of 32; the embedding (and the output projection tied to it) stays in
-    the compute precision: SmolLM2 with its embedding in int4 kept 84% top-1 agreement."""
-    family, _, _, records, art = exported
-    if family != "llama":
-        pytest.skip("int4 is exported for the tiny Llama only")
-    r = next(r for r in records if r["precision"] == "int4")
-    assert r["coreml"]["compressed_ops"] == ["linear", "conv"]
-    program = load_program(art / r["file"])
-    kinds = [op.op_type for op in program.functions["main"].operations]
-    assert "constexpr_blockwise_shift_scale" in kinds and "gather" in kinds
 
 
 def test_fp16_program_survives_a_huge_residual_channel(tmp_path):
