@@ -277,9 +277,10 @@ def profile(target: str = typer.Option(..., "--target", "-t", help="a built-in t
 
 @app.command()
 def stages():
-    """List the compression stages, what each needs of the model, and their settings (what a recipe may say)."""
+    """List the compression stages, the models each runs on and needs, and their settings (what a recipe may
+    say)."""
     from .compress import REGISTRY
-    from .compress.base import facts_text
+    from .compress.base import KIND_NAMES, facts_text
 
     def ranges(space: dict, field: str) -> str:
         out = []
@@ -293,6 +294,7 @@ def stages():
 
     for name, stage in REGISTRY.items():
         _echo(f"{name}: {stage.summary}")
+        _echo(f"    # runs on: {', '.join(KIND_NAMES.get(k, k) for k in sorted(stage.kinds, reverse=True))}")
         order = [f"{label}: {facts_text(names)}" for label, names in
                  (("needs", stage.requires), ("refuses a model with", stage.excludes), ("adds", stage.provides),
                   ("ends", stage.invalidates)) if names]

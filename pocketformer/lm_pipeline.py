@@ -1,11 +1,12 @@
 """The pipeline's steps for a decoder-only language model (pipeline.py hands over to these when the model, or the
-run's compress.json, is one): compress (import and save; the compression stages for LMs come next), the export
+run's compress.json, is one): compress (import, the stages that run on language models, save), the export
 check's inputs (real test text through the cached graph), validation on a target (targets/lm_validate.py) and the
 report. The data is a text corpus (pocketformer.text: wikipedia, botchan or a .txt file), split by document.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -19,10 +20,11 @@ from .progress import info
 KIND = "causal_lm"
 CHECK_PAST = 16  # the export check: this many tokens already in the cache, the rest of a window new
 CHECK_TOKENS = 64
+TRAIN_WINDOWS = 512  # train text the stages may use (the most calibration windows a stage takes by default)
 
 
 def is_lm(model) -> bool:
-    return getattr(model.config, "kind", None) == KIND
+    return model.kind == KIND
 
 
 def is_lm_run(meta: dict[str, Any]) -> bool:
@@ -82,32 +84,61 @@ def describe(model, validation_perplexity: Optional[float] = None) -> dict[str, 
 
 def compress(recipe, checkpoint: Path, out_dir: Path, model, provenance: dict[str, Any], data: str
              ) -> dict[str, Any]:
-    """A language model's run: imported (with its parity check), scored on the validation text, saved as both
-    the baseline and the model. Stages on language models are the next issue's: a recipe with any is refused."""
+    """A language model's run: imported (with its parity check) and scored on the validation text as the
+    baseline; the recipe's stages (those that declare they run on language models) compress a copy, scored on
+    the same text, cached as every stage is. No `prepare:` stages: the imported model is the reference."""
+    from .compress import Context
     from .models import save, source_folder
+    from .models.io import weights_sha256
+    from .stage_cache import run_stages
     from .store import COMPRESS_FILE, versions, write_json
 
-    named = [next(iter(item)) for item in (*recipe.prepare, *recipe.stages)]
-    if named:
-        raise RecipeError(f"Recipe {recipe.source_path or '<recipe>'}: stage {named[0]!r} does not run on a "
-                          "decoder-only language model yet (it imports, exports and validates).",
-                          "remove `prepare:` and `stages:` from the recipe for this model.")
+    if recipe.prepare:
+        raise RecipeError(f"Recipe {recipe.source_path or '<recipe>'}: `prepare:` stages do not run on a decoder-only "
+                          "language model (the imported model is the reference).",
+                          "move its stages under `stages:`, or remove `prepare:`.")
+    stages = recipe.build("stages")
+    for stage in stages:
+        stage.check_model(model, f"Recipe {recipe.source_path or '<recipe>'}: ")
     folder = source_folder(checkpoint)
     val = windows(model, folder, data, "validation", recipe.seed, recipe.max_len, 16)
-    nll, counts = window_nll(model.eval(), val)
-    ppl = math.exp(nll.sum() / counts.sum())
+    ppl = perplexity_of(model, val)
     info(f"loaded {checkpoint}: {model.config.family} causal LM, {len(model.layers)} layers; validation "
-         f"perplexity {ppl:.2f} on {int(counts.sum())} tokens of {data}")
+         f"perplexity {ppl:.2f} on {sum(len(w) - 1 for w in val)} tokens of {data}")
     common = {"recipe": recipe.model_dump(), "recipe_sha256": recipe.digest(), "versions": versions(), "data": data,
               "input": {"path": str(Path(checkpoint).resolve()), **provenance}, "kind": KIND}
-    from .models.io import weights_sha256
-
+    compressed, reports, baseline_hash = model, [], weights_sha256(model)
+    if stages:
+        teacher = copy.deepcopy(model).eval()
+        train = windows(model, folder, data, "train", recipe.seed, recipe.max_len, TRAIN_WINDOWS)
+        ctx = Context(teacher=teacher, train=None, validation=None, encoder=None, seed=recipe.seed,
+                      batch_size=recipe.batch_size, text={"train": train, "validation": val})
+        measures = (lambda m: measure(m, recipe.max_len), lambda m: {"validation_perplexity": perplexity_of(m, val)})
+        compressed, reports, _ = run_stages(copy.deepcopy(model), stages, ctx, baseline_hash, recipe, folder,
+                                            "compress", teacher_key=baseline_hash, measures=measures)
     save(model, out_dir / "baseline", {**common, "role": "baseline"}, tokenizer_dir=folder)
-    save(model, out_dir / "model", {**common, "role": "compressed", "baseline_weights_sha256": weights_sha256(model)},
+    save(compressed, out_dir / "model", {**common, "role": "compressed", "baseline_weights_sha256": baseline_hash},
          tokenizer_dir=folder)
-    summary = {**common, "prepare": [], "stages": [], "baseline": describe(model, ppl), "model": describe(model, ppl)}
+    after = ppl if compressed is model else perplexity_of(compressed, val)
+    summary = {**common, "prepare": [], "stages": reports, "baseline": describe(model, ppl),
+               "model": describe(compressed, after)}
     write_json(out_dir / COMPRESS_FILE, summary)
     return summary
+
+
+def perplexity_of(model, wins: list[list[int]]) -> float:
+    nll, counts = window_nll(model.eval(), wins)
+    return math.exp(nll.sum() / counts.sum())
+
+
+def measure(model, length: int) -> dict[str, Any]:
+    """What a stage report measures of a language model: parameters, bytes, prefill MACs at `length` tokens and
+    the layers' shapes."""
+    from .models.causal import decoder_macs
+
+    d = describe(model)
+    return {"params": d["params"], "size_bytes": d["size_bytes"], "macs": decoder_macs(model.config, length),
+            "layers": d["layers"]}
 
 
 def check_inputs(model, folder: Path, data: str, seed: int) -> tuple[torch.Tensor, ...]:

@@ -15,95 +15,42 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-
-from . import lm_pipeline
-from .compress import Context, Stage, StageReport
+from . import lm_pipeline, stage_cache
+from .compress import Context
 from .compress.base import ModelFacts, describe
 from .data import Encoder, load_dataset
 from .errors import TargetError
 from .models import load, load_any, save
-from .models.io import file_sha256, is_canonical, weights_sha256
+from .models.io import weights_sha256
 from .progress import info
 from .recipe import Recipe
-from .store import (COMPRESS_FILE, RECORD_KEYS, cache_root, code_sha256, digest, output_folder, package_versions,
-                    read_compress, read_manifest, versions, write_json, write_manifest)
+from .stage_cache import data_source
+from .store import (COMPRESS_FILE, RECORD_KEYS, code_sha256, digest, output_folder, read_compress, read_manifest,
+                    versions, write_json, write_manifest)
 from .train import evaluate, predict, seed_everything
 from .verdict import check_line
 
-def data_source(recipe: Recipe) -> str:
-    """The recipe's data as any later command finds it, whatever its working directory: a file by absolute path,
-    a built-in by name."""
-    data = recipe.resolve_data()
-    return str(Path(data).resolve()) if data.endswith((".csv", ".jsonl", ".txt")) else data
 
+def encoder_measures(recipe: Recipe, ctx: Context):
+    """What a stage report measures of an encoder: its size and MACs at the recipe's length, and its validation
+    accuracy where it has labels."""
+    def measure(model) -> dict[str, Any]:
+        return describe(model, recipe.max_len)
 
-def _data_key(data: str) -> str:
-    """The data in a cache key: a file by its contents (an edited file must not reuse stages trained on the old
-    one), a built-in by name."""
-    if data.endswith((".csv", ".jsonl", ".txt")) and Path(data).is_file():
-        return f"sha256:{file_sha256(Path(data))}"
-    return data
-
-
-def stage_key(stage: Stage, input_key: str, teacher_key: str, recipe: Recipe, data_key: str,
-              extra: Optional[dict[str, Any]] = None) -> str:
-    """The cache key of one stage's result: what it ran on (the input model and the teacher, by their keys), what the
-    stage is (name, settings, code version, the versions of the libraries it calls), and the run's data and
-    settings, and whatever else the stage says its result depends on (`extra`: Stage.key_inputs, e.g. the latency
-    table it prunes by). A stage whose code changed bumps its version, so its old results are never served."""
-    return digest({**({"extra": extra} if extra else {}), "input": input_key, "teacher": teacher_key,
-                   "stage": stage.name, "stage_version": stage.version,
-                   "config": stage.config.model_dump(), "libraries": package_versions(*stage.libraries),
-                   "data": data_key, "seed": recipe.seed, "max_len": recipe.max_len, "batch_size": recipe.batch_size,
-                   "versions": versions()})
+    def score(model) -> dict[str, Any]:
+        return {"validation_accuracy": evaluate(model, ctx.validation, ctx.encoder)["accuracy"]
+                if model.task.has_labels else None}
+    return measure, score
 
 
 def run_stages(model, stages, ctx: Context, input_key: str, recipe: Recipe, tokenizer_dir: Path,
                section: str, teacher_key: str) -> tuple[Any, list[dict], str]:
-    """Apply stages in order, each cached under cache_root()/stages by stage_key; `teacher_key` is the key of
-    ctx.teacher (the input model's for `prepare`, the baseline's for `stages`)."""
-    reports = []
-    key = input_key
-    data_key = _data_key(data_source(recipe))
-    for i, stage in enumerate(stages):
-        cfg = stage.config.model_dump()
-        key = stage_key(stage, key, teacher_key, recipe, data_key, stage.key_inputs(model, ctx))
-        cached = cache_root() / "stages" / f"{stage.name}-{key[:20]}"
-        before = describe(model, recipe.max_len)
-        if is_canonical(cached) and (cached / "stage.json").is_file():
-            model, _ = load(cached)
-            report = json.loads((cached / "stage.json").read_text())
-            report["cached"] = True
-            report.setdefault("size_bytes_before", before["size_bytes"])  # caches written before sizes were kept
-            report.setdefault("size_bytes_after", describe(model, recipe.max_len)["size_bytes"])
-            info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: reused cached result ({cached})")
-        else:
-            info(f"[{section} {i + 1}/{len(stages)}] {stage.name}: {stage.summary}")
-            seed_everything(recipe.seed)
-            t0 = time.monotonic()
-            result = stage.apply(model, ctx)
-            model = result.model
-            seconds = time.monotonic() - t0
-            after = describe(model, recipe.max_len)
-            val = evaluate(model, ctx.validation, ctx.encoder)["accuracy"] if model.task.has_labels else None
-            report = StageReport(stage=stage.name, config=cfg, params_before=before["params"],
-                                 params_after=after["params"], macs_before=before["macs"], macs_after=after["macs"],
-                                 size_bytes_before=before["size_bytes"], size_bytes_after=after["size_bytes"],
-                                 layers_after=after["layers"], validation_accuracy=val, seconds=seconds,
-                                 details=result.details).model_dump()
-            save(model, cached, {"stage": stage.name, "cache_key": key}, tokenizer_dir=tokenizer_dir)
-            write_json(cached / "stage.json", report)
-        acc = report.get("validation_accuracy")
-        info(f"    params {report['params_before']:,} -> {report['params_after']:,}, MACs@{recipe.max_len} "
-             f"{report['macs_before'] / 1e6:.0f}M -> {report['macs_after'] / 1e6:.0f}M, weights "
-             f"{report['size_bytes_before'] / 1e6:.1f} -> {report['size_bytes_after'] / 1e6:.1f} MB"
-             + (f", validation accuracy {acc:.2f}%" if acc is not None else ""))
-        reports.append(report)
-    return model, reports, key
+    """stage_cache.run_stages on an encoder: reports measure its size and MACs and its validation accuracy."""
+    return stage_cache.run_stages(model, stages, ctx, input_key, recipe, tokenizer_dir, section, teacher_key,
+                                  encoder_measures(recipe, ctx))
 
 
 def latency_tables(recipe: Recipe, default: Optional[str]):
@@ -150,6 +97,8 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool
                          for ds in (train, validation))
     # Every stage's declared needs against this model, before any stage trains.
     recipe.check_plan(ModelFacts.of(model), model=str(checkpoint))
+    for stage in (*recipe.build("prepare"), *recipe.build("stages")):
+        stage.check_model(model, f"Recipe {recipe.source_path or '<recipe>'}: ")
     info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
     encoder = Encoder(checkpoint, recipe.max_len)
     target = target or next((t.name for t in recipe.target_refs()), None)

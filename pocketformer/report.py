@@ -339,19 +339,35 @@ def plot_lm(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def write_lm_report(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                     artifacts: list[dict[str, Any]]) -> dict[str, Any]:
     report = {"recipe": meta["recipe"], "recipe_sha256": meta["recipe_sha256"], "versions": meta["versions"],
-              "input": meta["input"], "kind": meta["kind"], "stages": [], "baseline": meta["baseline"],
+              "input": meta["input"], "kind": meta["kind"], "stages": meta.get("stages", []),
+              "baseline": meta["baseline"],
               "model": meta["model"], "artifacts": artifacts, "validation": rows, "latency_targets": []}
     write_json(out_dir / "report.json", report)
     if any(r.get("decode_ms_p50") for r in rows):
         plot_lm(rows, out_dir / "pareto.png", f"{meta['recipe']['name']}: perplexity vs decode time")
-    m = meta["model"]
+    b, m, stages = meta["baseline"], meta["model"], meta.get("stages", [])
+
+    def shape(d: dict[str, Any]) -> str:
+        return (f"{d['params']:,} parameters, {len(d['layers'])} layers ({sum(la['kv_heads'] for la in d['layers'])}"
+                f" key-value heads, {sum(la['heads'] for la in d['layers'])} query heads, FFN "
+                f"{sum(la['ffn'] for la in d['layers']):,} neurons), validation perplexity "
+                f"{_fmt(d['validation_perplexity'])} (PyTorch)")
     md = [f"# pocketformer report: {meta['recipe']['name']}", "",
           f"Input: `{meta['input']['path']}`; text: {meta['data']}; seed {meta['recipe']['seed']}; recipe sha256 "
           f"`{meta['recipe_sha256'][:16]}`.", "", "## Model", "",
-          f"{m['family']} causal LM: {m['params']:,} parameters, {len(m['layers'])} layers, vocabulary "
-          f"{m['vocab_size']:,}, context {m['context']:,}; validation perplexity {_fmt(m['validation_perplexity'])} "
-          f"(PyTorch). No compression stages ran: this run imports, exports and validates.", "",
-          "## Artifacts: one checkpoint, every format", "",
+          f"{m['family']} causal LM, vocabulary {m['vocab_size']:,}, context {m['context']:,}.", "",
+          f"- baseline (imported): {shape(b)}"]
+    if stages:
+        md += [f"- compressed: {shape(m)}", "", "| stage | params | prefill MACs | weights MB | validation "
+               "perplexity | seconds |", "|---|---|---|---|---|---|"]
+        for st in stages:
+            md.append(f"| {st['stage']}{' (cached)' if st.get('cached') else ''} | {st['params_before']:,} -> "
+                      f"{st['params_after']:,} | {st['macs_before'] / 1e6:.0f}M -> {st['macs_after'] / 1e6:.0f}M | "
+                      f"{st['size_bytes_before'] / 1e6:.1f} -> {st['size_bytes_after'] / 1e6:.1f} | "
+                      f"{_fmt(st.get('validation_perplexity'))} | {st['seconds']:.0f} |")
+    else:
+        md.append("- no compression stages ran: this run imports, exports and validates")
+    md += ["", "## Artifacts: one checkpoint, every format", "",
           "| file | format | precision | size MB | KV cache | parity run by | max abs diff | cosine |",
           "|---|---|---|---|---|---|---|---|"]
     for a in artifacts:

@@ -30,6 +30,10 @@ def test_stages_lists_each_stage_with_its_settings(run_cli):
     assert proc.returncode == 0
     for expected in ("prune:", "distill:", "finetune:", "importance = 'taylor'", "round_to = 8", "temperature"):
         assert expected in proc.stdout
+    prune = proc.stdout.split("prune:")[1].split("\n")[1]  # what a stage runs on comes first
+    assert prune.strip() == "# runs on: encoders, decoder-only language models"
+    lowrank = proc.stdout.split("lowrank:")[1].split("\n")[1]
+    assert lowrank.strip() == "# runs on: encoders"
 
 
 def test_inspect_shows_each_layers_shape(run_cli, tmp_path, make_model):

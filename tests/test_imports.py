@@ -21,7 +21,7 @@ LAYERS = {
     "targets": "targets",
     "app": "app",
     "recipe": "glue", "extract": "glue", "pipeline": "glue", "report": "glue", "search": "glue",
-    "lm_pipeline": "glue",
+    "lm_pipeline": "glue", "stage_cache": "glue",
     "cli": "cli",
 }
 # What each layer may import (besides itself).

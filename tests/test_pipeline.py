@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pocketformer import pipeline
+from pocketformer import pipeline, stage_cache
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import CheckpointError, PocketformerError
 from pocketformer.models import load
@@ -343,11 +343,11 @@ def test_bumping_a_stage_version_runs_it_again_instead_of_reusing_its_cache(make
 def test_the_versions_of_the_libraries_a_stage_calls_join_its_cache_key(monkeypatch):
     recipe = parse_recipe({"model": "m", "data": "digits", "stages": [{"quantize": {}}]})
     (stage,) = recipe.build("stages")
-    key = pipeline.stage_key(stage, "input", "teacher", recipe, "digits")
-    assert pipeline.stage_key(stage, "input", "teacher", recipe, "digits") == key
-    assert pipeline.stage_key(stage, "input", "another teacher", recipe, "digits") != key
-    monkeypatch.setattr(pipeline, "package_versions", lambda *names: {n: "0.0.0" for n in names})
-    assert pipeline.stage_key(stage, "input", "teacher", recipe, "digits") != key
+    key = stage_cache.stage_key(stage, "input", "teacher", recipe, "digits")
+    assert stage_cache.stage_key(stage, "input", "teacher", recipe, "digits") == key
+    assert stage_cache.stage_key(stage, "input", "another teacher", recipe, "digits") != key
+    monkeypatch.setattr(stage_cache, "package_versions", lambda *names: {n: "0.0.0" for n in names})
+    assert stage_cache.stage_key(stage, "input", "teacher", recipe, "digits") != key
 
 
 def test_compress_refuses_what_the_model_cannot_do_before_any_stage_runs(make_model, tmp_path, isolated_cache):

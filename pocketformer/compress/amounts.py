@@ -1,10 +1,12 @@
-"""How many units a stage touches: a fraction of a total or a count (one recipe type, one resolve), and counts
-rounded to multiples so matmul shapes stay kernel-friendly (one rounding function)."""
+"""How many units a stage touches: a fraction of a total or a count (one recipe type, one resolve), counts
+rounded to multiples so matmul shapes stay kernel-friendly (one rounding function), and which units go given their
+scores (shared by pruning encoders and language models)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
+import torch
 from pydantic import AfterValidator, BeforeValidator
 
 
@@ -56,3 +58,43 @@ def round_to_multiple(n: float, multiple: int, mode: Literal["up", "nearest", "n
     else:
         steps = round(n / multiple)
     return min(limit, max(multiple, steps * multiple))
+
+
+# -- selection: which units go, given their scores ---------------------------------------------------------------
+
+def _normalise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [s / (s.norm() + 1e-12) if len(s) else s for s in scores]
+
+
+def select_heads(scores: list[torch.Tensor], n_remove: int) -> list[list[int]]:
+    """Heads to keep per layer: the globally lowest normalised scores go, each layer keeping at least one."""
+    scores = _normalise(scores)
+    keep = [set(range(len(s))) for s in scores]
+    ranked = sorted((float(v), li, h) for li, s in enumerate(scores) for h, v in enumerate(s))
+    removed = 0
+    for _, li, h in ranked:
+        if removed >= n_remove:
+            break
+        if len(keep[li]) > 1:
+            keep[li].discard(h)
+            removed += 1
+    return [sorted(k) for k in keep]
+
+
+def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> list[list[int]]:
+    """Neurons to keep per layer: a global threshold on normalised scores, widths rounded to `round_to`."""
+    scores = _normalise(scores)
+    widths = [len(s) for s in scores]
+    total = sum(widths)
+    if n_remove <= 0 or total == 0:
+        return [list(range(w)) for w in widths]
+    # The n_remove globally lowest go; ties are broken by position, so equal scores (all zero, say) cannot take
+    # more than asked, as a strict threshold would.
+    owner = torch.cat([torch.full((w,), li, dtype=torch.long) for li, w in enumerate(widths)])
+    lowest = torch.argsort(torch.cat(scores), stable=True)[:min(n_remove, total)]
+    removed = torch.bincount(owner[lowest], minlength=len(widths)).tolist()
+    keep = []
+    for s, w, r in zip(scores, widths, removed):
+        k = round_to_multiple(w - r, round_to, "nearest_even", w) if w >= round_to else w
+        keep.append(sorted(torch.argsort(s, descending=True)[:k].tolist()))
+    return keep

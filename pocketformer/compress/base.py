@@ -24,6 +24,8 @@ from ..models.canonical import LINEAR_NAMES, CanonicalTransformer, count_params,
 from ..space import search_space, searchable
 
 REGISTRY: dict[str, type["Stage"]] = {}
+# Model kinds (a canonical model's `kind`) as `pocketformer stages` names them.
+KIND_NAMES = {"encoder": "encoders", "causal_lm": "decoder-only language models"}
 
 
 class StageConfig(BaseModel):
@@ -51,12 +53,14 @@ class FactorizationConfig(StageConfig):
 
 @dataclass
 class Context:
-    """What a stage may use besides the model: the original model as teacher, data, and the run's settings."""
+    """What a stage may use besides the model: the original model as teacher, data, and the run's settings. A
+    language model's run has no examples (train, validation and encoder are None): its data is token windows of
+    the text, by split (`text`)."""
 
     teacher: CanonicalTransformer
-    train: Dataset
-    validation: Dataset
-    encoder: Encoder
+    train: Optional[Dataset]
+    validation: Optional[Dataset]
+    encoder: Optional[Encoder]
     seed: int = 0
     batch_size: int = 32
     # The target a latency-driven stage aims at when its settings name none (the recipe's first target), and how to
@@ -66,6 +70,7 @@ class Context:
     target: Optional[str] = None
     latency_table: Optional[Callable[[Optional[str], Optional[str], Optional[str], CanonicalTransformer],
                                      tuple[str, LatencyTable]]] = None
+    text: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,6 +164,9 @@ class Stage(Generic[C]):
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     only_new: ClassVar[bool] = False
+    # The model architectures it runs on (a model's `kind`: "encoder", "causal_lm"); a recipe naming a stage for a
+    # model of another kind is refused before anything runs.
+    kinds: ClassVar[frozenset[str]] = frozenset({"encoder"})
     # Whether the model after this stage is what ships, as one plain file per format: a search (search.py) scores a
     # trial by that file. False for stages whose model ships through something else (exit segments and a driver,
     # a nested checkpoint cut by `extract`).
@@ -210,6 +218,17 @@ class Stage(Generic[C]):
     def min_layers(self) -> tuple[int, str]:
         """The fewest layers the model may have when this stage runs, and why."""
         return 0, ""
+
+    def check_model(self, model, where: str = "") -> None:
+        """Refuse (RecipeError) a model this stage cannot run on with these settings, before any stage runs: by
+        default a model of a kind it does not declare."""
+        if model.kind not in self.kinds:
+            from ..errors import RecipeError
+
+            able = sorted(name for name, cls in REGISTRY.items() if model.kind in cls.kinds)
+            raise RecipeError(f"{where}stage {self.name!r} does not run on "
+                              f"{KIND_NAMES.get(model.kind, model.kind)} yet.",
+                              f"remove it; the stages that do: {', '.join(able)}.")
 
     def key_inputs(self, model: CanonicalTransformer, ctx: Context) -> dict[str, Any]:
         """What this stage's result depends on besides its input model, settings, data and versions (joined to its
@@ -389,6 +408,7 @@ class StageReport(BaseModel):
     size_bytes_after: int = 0
     layers_after: list[dict[str, Any]]
     validation_accuracy: Optional[float] = None
+    validation_perplexity: Optional[float] = None  # a language model's, on the validation text
     seconds: float = 0.0
     cached: bool = False
     details: dict[str, Any] = {}

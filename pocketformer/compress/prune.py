@@ -34,7 +34,7 @@ from ..progress import info, progress_bar
 from ..space import searchable
 from ..train import predict
 from ..verdict import DEFAULT_CONFIDENCE, Confidence, PairedDrop, accuracy_check, paired_drop
-from .amounts import Removal, resolve, round_to_multiple
+from .amounts import Removal, resolve, select_heads, select_neurons
 from .base import Context, Effects, Stage, StageConfig, StageResult
 from .importance import (calibration_batches, layer_scores, magnitude_scores, mean_task_loss, neuron_magnitudes,
                          taylor_scores, usable_importance)
@@ -48,8 +48,12 @@ LATENCY_CALIBRATION = 2048
 class PruneConfig(StageConfig):
     layers: Removal = Field(0, description="layers to remove: a fraction in [0, 1) or a count",
                             json_schema_extra=searchable(0, 0.5))
-    heads: Removal = Field(0, description="attention heads to remove (of all remaining): fraction or count",
+    heads: Removal = Field(0, description="attention heads to remove (of all remaining): fraction or count. On a "
+                                          "language model, query heads within their key-value groups: a count "
+                                          "counts one head from every group of a layer",
                            json_schema_extra=searchable(0, 0.5))
+    groups: Removal = Field(0, description="language models: key-value groups to remove, each with its query heads "
+                                           "(fraction or count; every layer keeps one)")
     ffn: Removal = Field(0, description="FFN neurons to remove (of all remaining): fraction or count",
                          json_schema_extra=searchable(0, 0.75))
     importance: Literal["magnitude", "taylor", "accuracy", "fisher"] = Field(
@@ -124,51 +128,13 @@ class PruneConfig(StageConfig):
         return v
 
 
-# -- selection ------------------------------------------------------------------------------------------------
-
-def _normalise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [s / (s.norm() + 1e-12) if len(s) else s for s in scores]
-
-
-def select_heads(scores: list[torch.Tensor], n_remove: int) -> list[list[int]]:
-    """Heads to keep per layer: the globally lowest normalised scores go, each layer keeping at least one."""
-    scores = _normalise(scores)
-    keep = [set(range(len(s))) for s in scores]
-    ranked = sorted((float(v), li, h) for li, s in enumerate(scores) for h, v in enumerate(s))
-    removed = 0
-    for _, li, h in ranked:
-        if removed >= n_remove:
-            break
-        if len(keep[li]) > 1:
-            keep[li].discard(h)
-            removed += 1
-    return [sorted(k) for k in keep]
-
-
-def select_neurons(scores: list[torch.Tensor], n_remove: int, round_to: int) -> list[list[int]]:
-    """Neurons to keep per layer: a global threshold on normalised scores, widths rounded to `round_to`."""
-    scores = _normalise(scores)
-    widths = [len(s) for s in scores]
-    total = sum(widths)
-    if n_remove <= 0 or total == 0:
-        return [list(range(w)) for w in widths]
-    # The n_remove globally lowest go; ties are broken by position, so equal scores (all zero, say) cannot take
-    # more than asked, as a strict threshold would.
-    owner = torch.cat([torch.full((w,), li, dtype=torch.long) for li, w in enumerate(widths)])
-    lowest = torch.argsort(torch.cat(scores), stable=True)[:min(n_remove, total)]
-    removed = torch.bincount(owner[lowest], minlength=len(widths)).tolist()
-    keep = []
-    for s, w, r in zip(scores, widths, removed):
-        k = round_to_multiple(w - r, round_to, "nearest_even", w) if w >= round_to else w
-        keep.append(sorted(torch.argsort(s, descending=True)[:k].tolist()))
-    return keep
-
-
 # -- the stage ------------------------------------------------------------------------------------------------
 
 class Prune(Stage[PruneConfig], name="prune", version=3,  # 3: layer tuning ties within rounding keep the weights
             summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy), "
-                    "or to a latency target on a device (retraining-free)"):
+                    "or to a latency target on a device (retraining-free); on language models, layers, key-value "
+                    "groups, heads within groups and gated-FFN neurons (magnitude or taylor)"):
+    kinds = frozenset({"encoder", "causal_lm"})
     excludes = frozenset({"exits"})
     invalidates = frozenset({"nested_ffn"})
     reasons = {"exits": "removing layers would misplace the exit heads, which sit after layers by index",
@@ -189,13 +155,6 @@ class Prune(Stage[PruneConfig], name="prune", version=3,  # 3: layer tuning ties
             return None  # as many as the walk deletes, or the latency search empties
         return layers - resolve(self.config.layers, layers)
 
-    def key_inputs(self, model: CanonicalTransformer, ctx: Context) -> dict[str, Any]:
-        """A latency-targeted prune depends on the table it prunes by (measured on this host, or the user's)."""
-        if not self.config.latency_target:
-            return {}
-        target, table = self._table(model, ctx)
-        return {"target": target, "latency_table": table.digest}
-
     def _table(self, model: CanonicalTransformer, ctx: Context):
         cfg = self.config
         if ctx.latency_table is None or (cfg.target or ctx.target) is None:
@@ -204,8 +163,30 @@ class Prune(Stage[PruneConfig], name="prune", version=3,  # 3: layer tuning ties
                               "`compress --target NAME`.")
         return ctx.latency_table(cfg.target, cfg.table, cfg.precision, model)
 
+    def check_model(self, model, where: str = "") -> None:
+        super().check_model(model, where)
+        if model.kind == "causal_lm":
+            from . import lm_prune
+
+            lm_prune.check(self.config)
+        elif self.config.groups:
+            raise RecipeError(f"{where}prune's groups are a language model's key-value groups; this model's "
+                              "attention has none.", "remove groups, or prune attention heads with `heads`.")
+
+    def key_inputs(self, model: CanonicalTransformer, ctx: Context) -> dict[str, Any]:
+        """A latency-targeted prune depends on the table it prunes by (measured on this host, or the user's)."""
+        if not self.config.latency_target:
+            return {}
+        target, table = self._table(model, ctx)
+        return {"target": target, "latency_table": table.digest}
+
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg = self.config
+        if model.kind == "causal_lm":
+            from . import lm_prune
+
+            return lm_prune.apply(model, ctx, cfg)
+        self.check_model(model)
         if cfg.layers and model.spec.exits:
             raise RecipeError(f"prune cannot remove layers from a model with early exits (after layers "
                               f"{model.spec.exits}): the exits are placed after layers by index.",

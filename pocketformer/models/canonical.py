@@ -320,6 +320,12 @@ class Described:
         return task_of(self.spec)
 
     @property
+    def kind(self) -> str:
+        """The architecture: "encoder" (this module's model) or "causal_lm" (causal.py); what a stage declares it
+        runs on (Stage.kinds)."""
+        return getattr(self.spec, "kind", "encoder")
+
+    @property
     def input_names(self) -> list[str]:
         return self.io.input_names
 

@@ -84,7 +84,9 @@ def test_the_files_carry_the_card(run):
 
 
 @pytest.mark.parametrize("change,says", [
-    ({"stages": [{"prune": {"heads": 0.5}}]}, "does not run on a decoder-only language model"),
+    ({"stages": [{"lowrank": {}}]}, "stage 'lowrank' does not run on decoder-only language models yet"),
+    ({"stages": [{"prune": {"speedup": 2.0}}]}, "prune's speedup does not apply to a decoder-only language model"),
+    ({"prepare": [{"finetune": {}}]}, "`prepare:` stages do not run on a decoder-only language model"),
     ({"data": "rotten_tomatoes"}, "is not text a language model is scored on"),
 ])
 def test_a_recipe_that_cannot_run_on_a_language_model_is_one_line(run, change, says):

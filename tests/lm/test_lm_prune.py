@@ -1,0 +1,147 @@
+"""The prune stage on a causal LM: layers, key-value groups, query heads within groups and gated-FFN neurons, by
+magnitude or taylor importance on train text. Units planted dead (their contribution zeroed) are the ones removed,
+the loss is then unchanged; and `pocketformer run` with a prune stage exports, validates and reports the pruned LM."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from pocketformer.compress import REGISTRY, Context
+from pocketformer.errors import RecipeError
+from pocketformer.models import import_hf
+from pocketformer.models.lm_importers import tokenizer_of
+
+from .test_lm_run import cli, write_profiles
+from .tiny_lms import TEXT, save_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = save_tiny_lm("llama", tmp_path_factory.mktemp("lm-prune") / "hf")
+    model, _ = import_hf(hf)
+    ids = tokenizer_of(hf).encode(TEXT).ids
+    windows = [ids[i:i + 32] for i in range(0, len(ids) - 32, 32)][:8]
+    return model, windows
+
+
+def prune(model, windows, **config):
+    stage = REGISTRY["prune"](REGISTRY["prune"].Config.model_validate(config))
+    ctx = Context(teacher=copy.deepcopy(model), train=None, validation=None, encoder=None,
+                  text={"train": windows, "validation": windows})
+    return stage.apply(copy.deepcopy(model), ctx)
+
+
+def with_dead_neurons(model, layer: int, neurons: list[int]):
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        ffn = out.layers[layer].ffn
+        for lin in (ffn.gate, ffn.up):  # magnitude reads the rows too; taylor reads what reaches the output
+            lin.weight[neurons] = 0
+        ffn.down.weight[:, neurons] = 0
+    return out
+
+
+def with_dead_group(model, layer: int, group: int):
+    out = copy.deepcopy(model)
+    attn = out.layers[layer].attn
+    g, d = attn.heads // attn.kv_heads, attn.head_dim
+    rows = slice(group * g * d, (group + 1) * g * d)
+    with torch.no_grad():
+        attn.q.weight[rows] = 0
+        attn.o.weight[:, rows] = 0
+    return out
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_dead_neurons_are_the_ones_removed(tiny, importance):
+    model, windows = tiny
+    dead = with_dead_neurons(model, 0, list(range(0, 128, 2)))  # 64 of layer 0's 128 neurons
+    result = prune(dead, windows, ffn=0.25, importance=importance)  # 64 of the 256 in both layers
+    pruned = result.model
+    assert [la.ffn.width for la in pruned.layers] == [64, 128]
+    torch.testing.assert_close(pruned.layers[0].ffn.down.weight, dead.layers[0].ffn.down.weight[:, 1::2])
+    assert result.details["loss_after"] == pytest.approx(result.details["loss_before"], abs=1e-5)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_a_dead_key_value_group_goes_with_its_query_heads(tiny, importance):
+    model, windows = tiny
+    dead = with_dead_group(model, 1, 0)
+    pruned = prune(dead, windows, groups=1, importance=importance).model
+    attn = pruned.layers[1].attn
+    assert (attn.heads, attn.kv_heads) == (2, 1) and pruned.layers[0].attn.kv_heads == 2
+    assert pruned.empty_past()[1][0].shape[1] == 1  # the cache of layer 1 holds one key-value head
+    with torch.no_grad():  # what is left computes what the dead model did
+        ids = torch.tensor([windows[0]])
+        torch.testing.assert_close(pruned(ids), dead(ids), atol=2e-5, rtol=1e-5)
+
+
+def test_heads_within_groups_keep_the_layout(tiny):
+    model, windows = tiny
+    pruned = prune(model, windows, heads=0.5, importance="taylor").model
+    for layer in pruned.layers:  # one query head of each group's two goes; every group keeps its key-value head
+        assert (layer.attn.heads, layer.attn.kv_heads) == (2, 2)
+
+
+def test_layers_are_scored_by_the_loss_change_when_skipped(tiny):
+    """A layer that adds nothing to the residual stream scores exactly 0; the layer removed is the lowest scored
+    (on a random model skipping a layer can even lower the loss), and the loss after is the one measured for it."""
+    model, windows = tiny
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.layers[1].attn.o.weight.zero_()
+        dead.layers[1].ffn.down.weight.zero_()
+    result = prune(dead, windows, layers=1, importance="magnitude")
+    scores = result.details["layer_scores"]
+    assert scores[1] == pytest.approx(0, abs=1e-6)
+    assert result.details["layers_removed"] == [min(range(2), key=lambda i: scores[i])]
+    assert len(result.model.layers) == 1
+    assert result.details["loss_after"] == pytest.approx(result.details["loss_before"] + min(scores), abs=1e-5)
+
+
+@pytest.mark.parametrize("config,says", [
+    ({"speedup": 2.0}, "does not apply to a decoder-only language model"),
+    ({"importance": "accuracy"}, "does not apply to a language model yet"),
+])
+def test_settings_for_encoders_only_are_refused_in_one_line(tiny, config, says):
+    model, windows = tiny
+    with pytest.raises(RecipeError, match=says):
+        prune(model, windows, **config)
+
+
+def test_groups_on_an_encoder_are_refused():
+    from conftest import tiny_model
+
+    with pytest.raises(RecipeError, match="key-value groups"):
+        REGISTRY["prune"](REGISTRY["prune"].Config(groups=1)).apply(tiny_model(labels=("a", "b")), None)
+
+
+def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
+    save_tiny_lm("llama", tmp_path / "tiny-llama")
+    recipe = {"name": "tiny-lm-pruned", "model": "tiny-llama", "data": "botchan", "max_len": 32,
+              "stages": [{"prune": {"ffn": 0.5, "groups": 1, "importance": "taylor", "calibration_examples": 8}}],
+              "export": {"formats": ["onnx"], "baseline_formats": [], "int8": False},
+              "targets": write_profiles(tmp_path)[:1]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny-lm-pruned"
+    summary = json.loads((out / "compress.json").read_text())
+    stage = summary["stages"][0]
+    assert stage["stage"] == "prune" and stage["params_after"] < stage["params_before"]
+    assert stage["validation_perplexity"] == pytest.approx(summary["model"]["validation_perplexity"])
+    assert sum(la["kv_heads"] for la in summary["model"]["layers"]) == 3
+    assert sum(la["ffn"] for la in summary["model"]["layers"]) == 128
+    report = json.loads((out / "report.json").read_text())
+    row = report["validation"][0]
+    assert row["file"] == "model.fp32.onnx" and row["token_match"] <= 1.0
+    assert row["perplexity"] > 1 and row["perplexity_increase_pct"] != 0  # against the unpruned baseline
+    md = (out / "report.md").read_text()
+    assert "- compressed: " in md and "| prune | " in md
+    again = cli("run", "recipe.yaml", cwd=tmp_path)  # the stage is cached
+    assert again.returncode == 0 and "prune: reused cached result" in again.stderr + again.stdout
