@@ -72,6 +72,17 @@ class Context:
                                      tuple[str, LatencyTable]]] = None
     text: dict[str, list[list[int]]] = field(default_factory=dict)
 
+    def train_batches(self, limit: int = 0):
+        """What a stage trains on (train.Batches): the labelled examples of the train split, or a language model's
+        train text windows; at most `limit` examples or windows (0: all)."""
+        from ..train import example_batches, text_batches
+
+        if self.text:
+            windows = self.text["train"]
+            return text_batches(windows[:limit] if limit else windows, self.batch_size, self.seed)
+        data = self.train.head(limit) if limit else self.train
+        return example_batches(data, self.encoder, self.batch_size, self.seed)
+
 
 @dataclass
 class StageResult:
@@ -245,16 +256,16 @@ class Stage(Generic[C]):
         return search_space(cls.Config)
 
     def fit(self, model: CanonicalTransformer, ctx: Context, loss_fn, desc: str) -> list[float]:
-        """Train `model` on the train split with this stage's TrainingConfig; returns the per-step losses."""
-        from ..train import train_loop
+        """Train `model` on the train split (examples, or a language model's text) with this stage's
+        TrainingConfig; returns the per-step losses."""
+        from ..train import optimise
 
         cfg = self.config
-        data = ctx.train.head(cfg.max_examples) if cfg.max_examples else ctx.train
         if cfg.freeze_embeddings and model.token_table() is not None:
             model.token_table().weight.requires_grad_(False)
         try:
-            return train_loop(model, data, ctx.encoder, loss_fn, epochs=cfg.epochs, lr=cfg.lr,
-                              batch_size=ctx.batch_size, seed=ctx.seed, desc=desc)
+            return optimise(model, *ctx.train_batches(cfg.max_examples), loss_fn, epochs=cfg.epochs, lr=cfg.lr,
+                            desc=desc)
         finally:
             model.requires_grad_(True)
 

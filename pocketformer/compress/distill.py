@@ -1,8 +1,9 @@
 """Recovery distillation: train the compressed student to match the original model (the teacher).
 
 Loss = kd * the task's distillation term on the outputs (a classifier: T^2 KL(student/T || teacher/T); an embedding
-model: 1 - cosine between embeddings) + hidden * MSE of hidden states (each student layer matched to the teacher layer at the
-same relative depth, TinyBERT's uniform map) + label * the task's loss on the true labels, where it has labels.
+model: 1 - cosine between embeddings; a causal LM: the same KL on every position's next-token distribution) + hidden
+* MSE of hidden states (each student layer matched to the teacher layer at the same relative depth, TinyBERT's
+uniform map) + label * the task's loss on the true labels (a causal LM: the next tokens of its train text).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, i
 
 
 class Distill(Stage[DistillConfig], name="distill", version=2,  # 2: embeddings distilled by cosine
-              summary="recovery distillation from the original model (outputs + hidden states)"):
+              summary="recovery distillation from the original model (outputs + hidden states; a language model: "
+                      "next-token distributions on its train text)"):
+    kinds = frozenset({"encoder", "causal_lm"})
     excludes = frozenset({"quantized"})
     reasons = {"quantized": "training would move quantized weights off their int grid"}
 

@@ -448,22 +448,55 @@ class CausalLM(Described, nn.Module):
                                     lambda window, dtype: causal_mask(attention_mask, s, window, dtype), past)
         return (logits, present) if use_cache else logits
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               all_hidden: bool = False):
+        """The final-normed hidden states (batch, seq, hidden) of a whole sequence, no cache; with all_hidden also
+        the embeddings' and every layer's (the last one final-normed), as the encoder's encode gives them: what
+        recovery distillation matches. head_output turns the first into logits."""
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, s, dtype=torch.long, device=input_ids.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden: Optional[list[torch.Tensor]] = [] if all_hidden else None
+        x, _ = self.run_layers(input_ids, position_ids,
+                               lambda window, dtype: causal_mask(attention_mask, s, window, dtype), None,
+                               hidden=hidden)
+        x = self.final_norm(x)
+        if hidden is None:
+            return x
+        hidden[-1] = x
+        return x, hidden
+
+    def head_output(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.logits(x)
+
     def body(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_of, past, write=None):
         """Embedding -> layers -> logits, and each layer's keys and values after this step. `mask_of(window,
         dtype)` is the additive mask of layers with that window; `write` as DecoderLayer.forward takes it."""
+        x, present = self.run_layers(input_ids, position_ids, mask_of, past, write)
+        return self.logits(self.final_norm(x)), present
+
+    def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_of, past, write=None,
+                   hidden: Optional[list[torch.Tensor]] = None):
+        """Embedding -> layers: the last layer's output and each layer's keys and values; with `hidden`, the
+        embeddings and every layer's output appended to it."""
         x = self.embed(input_ids)
         if self.spec.embed_scale != 1.0:
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         ropes = {key: rope(position_ids) for key, rope in self.ropes.items()}
         masks: dict[int, torch.Tensor] = {}
         present = []
+        if hidden is not None:
+            hidden.append(x)
         for i, layer in enumerate(self.layers):
             w = layer.attn.window
             if w not in masks:
                 masks[w] = mask_of(w, x.dtype)
             x, kv = layer(x, ropes[rope_name(*layer.rope_key)], masks[w], past[i] if past else None, write)
             present.append(kv)
-        return self.logits(self.final_norm(x)), present
+            if hidden is not None:
+                hidden.append(x)
+        return x, present
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)

@@ -124,7 +124,8 @@ def test_groups_on_an_encoder_are_refused():
 def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
     save_tiny_lm("llama", tmp_path / "tiny-llama")
     recipe = {"name": "tiny-lm-pruned", "model": "tiny-llama", "data": "botchan", "max_len": 32,
-              "stages": [{"prune": {"ffn": 0.5, "groups": 1, "importance": "taylor", "calibration_examples": 8}}],
+              "stages": [{"prune": {"ffn": 0.5, "groups": 1, "importance": "taylor", "calibration_examples": 8}},
+                         {"distill": {"epochs": 1, "max_examples": 16}}],
               "export": {"formats": ["onnx"], "baseline_formats": [], "int8": False},
               "targets": write_profiles(tmp_path)[:1]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -134,7 +135,8 @@ def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
     summary = json.loads((out / "compress.json").read_text())
     stage = summary["stages"][0]
     assert stage["stage"] == "prune" and stage["params_after"] < stage["params_before"]
-    assert stage["validation_perplexity"] == pytest.approx(summary["model"]["validation_perplexity"])
+    assert summary["stages"][1]["stage"] == "distill"
+    assert summary["stages"][1]["validation_perplexity"] == pytest.approx(summary["model"]["validation_perplexity"])
     assert sum(la["kv_heads"] for la in summary["model"]["layers"]) == 3
     assert sum(la["ffn"] for la in summary["model"]["layers"]) == 128
     report = json.loads((out / "report.json").read_text())
@@ -142,6 +144,39 @@ def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
     assert row["file"] == "model.fp32.onnx" and row["token_match"] <= 1.0
     assert row["perplexity"] > 1 and row["perplexity_increase_pct"] != 0  # against the unpruned baseline
     md = (out / "report.md").read_text()
-    assert "- compressed: " in md and "| prune | " in md
+    assert "- compressed: " in md and "| prune | " in md and "| distill | " in md
     again = cli("run", "recipe.yaml", cwd=tmp_path)  # the stage is cached
-    assert again.returncode == 0 and "prune: reused cached result" in again.stderr + again.stdout
+    assert again.returncode == 0 and "distill: reused cached result" in again.stderr + again.stdout
+
+
+def kl_to(student, teacher, windows) -> float:
+    """Mean KL(teacher || student) of the next-token distributions over the windows."""
+    with torch.no_grad():
+        ids = torch.tensor(windows)
+        t, s = teacher(ids).log_softmax(-1), student(ids).log_softmax(-1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_distillation_brings_a_pruned_lm_back_towards_the_original(tiny):
+    """Recovery distillation on a language model: the pruned student trained on the teacher's next-token
+    distributions and hidden states over the train text, with the shared embedding frozen."""
+    model, windows = tiny
+    pruned = prune(model, windows, ffn=0.75, groups=0.5, importance="magnitude").model
+    before = kl_to(pruned, model, windows)
+    distill = REGISTRY["distill"](REGISTRY["distill"].Config(epochs=8, lr=1e-3, temperature=1.0))
+    ctx = Context(teacher=copy.deepcopy(model), train=None, validation=None, encoder=None, batch_size=4,
+                  text={"train": windows, "validation": windows})
+    result = distill.apply(copy.deepcopy(pruned), ctx)
+    after = kl_to(result.model, model, windows)
+    assert after < 0.5 * before, (before, after)
+    torch.testing.assert_close(result.model.embed.weight, pruned.embed.weight)  # frozen: it is the tied head too
+    assert [la.ffn.width for la in result.model.layers] == [la.ffn.width for la in pruned.layers]
+
+
+def test_causal_encode_gives_what_forward_computes(tiny):
+    model, windows = tiny
+    ids = torch.tensor(windows[:2])
+    with torch.no_grad():
+        last, hidden = model.encode(ids, all_hidden=True)
+        torch.testing.assert_close(model.head_output(last), model(ids))
+    assert len(hidden) == len(model.layers) + 1 and hidden[-1] is last
