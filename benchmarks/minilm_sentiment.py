@@ -579,7 +579,9 @@ def write_markdown(rows, env, args, storage=()) -> str:
              *([""] if env.get("updates") else []),
              "Accuracy against mean latency: `results/minilm_sentiment_pareto.png`. Latency tables and pruning to a "
              "latency target (retraining-free, measured on the AVX-512 VNNI host): `results/latency_pruning.md` "
-             "(`benchmarks/latency_pruning.py`).", "",
+             "(`benchmarks/latency_pruning.py`). Language models (SmolLM2-135M to ONNX, TFLite and CoreML with a KV "
+             "cache, each file validated on its runtime, decode beside llama.cpp on the same GGUF): "
+             "`results/lm_smollm2.md` (`benchmarks/lm_smollm2.py`).", "",
              "| variant | runtime | accuracy % | drop (pts) | p50 ms | mean ms | p90 ms | size MB | speedup (p50) | "
              "speedup (mean) | size ratio | layers | heads | params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
