@@ -136,8 +136,10 @@ def measure(model, length: int) -> dict[str, Any]:
     the layers' shapes."""
     from .models.causal import decoder_macs
 
+    from .compress.base import stored_bytes
+
     d = describe(model)
-    return {"params": d["params"], "size_bytes": d["size_bytes"], "macs": decoder_macs(model.config, length),
+    return {"params": d["params"], "size_bytes": stored_bytes(model), "macs": decoder_macs(model.config, length),
             "layers": d["layers"]}
 
 

@@ -101,43 +101,86 @@ def on_int_grid(model: CanonicalTransformer, quantized: nn.Module) -> tuple[Cano
     return result.eval(), len(weights)
 
 
+class ExampleScoring:
+    """An encoder's quantization scored on validation examples: its task's metric (accuracy, or embedding cosine
+    with the float model) and agreement (labels, or cosine)."""
+
+    def __init__(self, model, ctx: Context, limit: int):
+        self.data = ctx.validation.head(limit) if limit else ctx.validation
+        self.encoder, self.task = ctx.encoder, model.task
+        self.metric, self.size = model.task.metric, f"{len(self.data)} validation examples"
+        self.record = {"validation_examples": len(self.data)}
+
+    def outputs(self, m: nn.Module) -> np.ndarray:
+        return predict(m, self.data, self.encoder).numpy()
+
+    def quality(self, out: np.ndarray, float_out: np.ndarray) -> float:
+        return self.task.quality(out, self.data.labels, float_out)
+
+
+class TextScoring:
+    """A language model's quantization scored on validation text windows: quality = 100 x the float model's
+    perplexity / the quantized model's (100 when equal: `tolerable_loss` 1 allows about 1% more perplexity);
+    agreement = top-1 next-token agreement over every predicted position."""
+
+    metric = "100 x float perplexity / perplexity"
+
+    def __init__(self, model, ctx: Context, limit: int):
+        windows = ctx.text.get("validation") or []
+        self.windows = windows[:limit] if limit else windows
+        self.targets = torch.cat([torch.tensor(w[1:]) for w in self.windows])
+        self.size = f"{len(self.targets):,} validation tokens"
+        self.record = {"validation_tokens": len(self.targets), "metric": self.metric}
+
+    @torch.no_grad()
+    def outputs(self, m: nn.Module) -> np.ndarray:
+        return torch.cat([m(torch.tensor([w]))[0, :-1].float() for w in self.windows]).numpy()
+
+    def perplexity(self, out: np.ndarray) -> float:
+        return float(torch.exp(torch.nn.functional.cross_entropy(torch.from_numpy(out), self.targets)))
+
+    def quality(self, out: np.ndarray, float_out: np.ndarray) -> float:
+        return 100.0 * self.perplexity(float_out) / self.perplexity(out)
+
+
 class Quantize(Stage[QuantizeConfig], name="quantize", version=1,
-               summary="weight-only int quantization through neural-compressor autotune, refused below the floor"):
+               summary="weight-only int quantization through neural-compressor autotune, refused below the floor "
+                       "(a language model: scored by perplexity and next-token agreement on its text)"):
     libraries = ("torch", "neural-compressor")
+    kinds = frozenset({"encoder", "causal_lm"})
     provides = frozenset({"quantized"})
 
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg = self.config
-        data = ctx.validation.head(cfg.eval_examples) if cfg.eval_examples else ctx.validation
         model = model.eval()
         task = model.task
-        float_out = predict(model, data, ctx.encoder).numpy()
+        scoring = TextScoring(model, ctx, cfg.eval_examples) if ctx.text else \
+            ExampleScoring(model, ctx, cfg.eval_examples)
+        float_out = scoring.outputs(model)
 
-        def outputs(m: nn.Module) -> np.ndarray:
-            return predict(m, data, ctx.encoder).numpy()
-
-        def quality(m: nn.Module) -> float:  # the task's metric in percent: higher is better, as autotune expects
-            return task.quality(outputs(m), data.labels, float_out)
+        def quality(m: nn.Module) -> float:  # in percent, higher is better, as autotune expects
+            return scoring.quality(scoring.outputs(m), float_out)
 
         baseline = quality(model)
-        info(f"    float model: {baseline:.2f} on {len(data)} validation examples; tolerable loss "
+        info(f"    float model: {baseline:.2f} ({scoring.metric}) on {scoring.size}; tolerable loss "
              f"{cfg.tolerable_loss} points")
         quantized, trials = self._tune(model, quality, baseline)
         chosen = self._chosen(quantized, trials, baseline)
         result, linears = on_int_grid(model, quantized)
-        agree, value = task.agreement(outputs(result), float_out), quality(result)
+        out = scoring.outputs(result)
+        agree, value = task.agreement(out, float_out), scoring.quality(out, float_out)
         info(f"    quantized ({chosen.bits}-bit, group {chosen.group_size}): {value:.2f} "
-             f"(float {baseline:.2f}), agreement with float {agree:.4f} on {len(data)} validation examples")
+             f"(float {baseline:.2f}), agreement with float {agree:.4f} on {scoring.size}")
         if agree < cfg.min_agreement:
             raise QuantizationRefused(
                 f"the {chosen.bits}-bit model agrees with the float model on only {agree:.4f} of "
-                f"{len(data)} validation examples, below the recipe's floor {cfg.min_agreement}.",
+                f"{scoring.size}, below the recipe's floor {cfg.min_agreement}.",
                 "use 8 bits with group_size -1, lower `min_agreement` knowingly, or drop the quantize stage.")
         result.spec.quantization = {"library": f"neural-compressor {_inc_version()}", "scheme": "weight_only_rtn",
                                     "bits": chosen.bits, "group_size": chosen.group_size, "symmetric": True,
                                     "mse_search": chosen.mse_search, "linears": linears,
                                     "float_metric": round(baseline, 4), "quantized_metric": round(value, 4),
-                                    "agreement": round(agree, 6), "validation_examples": len(data)}
+                                    "agreement": round(agree, 6), **scoring.record}
         return StageResult(result, {"trials": trials, "quantization": result.spec.quantization})
 
     def _tune(self, model: CanonicalTransformer, quality: Callable[[nn.Module], float],

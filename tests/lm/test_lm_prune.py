@@ -180,3 +180,26 @@ def test_causal_encode_gives_what_forward_computes(tiny):
         last, hidden = model.encode(ids, all_hidden=True)
         torch.testing.assert_close(model.head_output(last), model(ids))
     assert len(hidden) == len(model.layers) + 1 and hidden[-1] is last
+
+
+def test_quantize_on_a_language_model_is_scored_on_its_text(tiny):
+    """The quantize stage on a causal LM: weight-only RTN through neural-compressor, scored by perplexity against
+    the float model and refused below the next-token agreement floor; every linear lands on its int grid and the
+    tied embedding (the output projection) stays float."""
+    from pocketformer.compress.quantize import QuantizationRefused
+
+    model, windows = tiny
+    ctx = Context(teacher=copy.deepcopy(model), train=None, validation=None, encoder=None,
+                  text={"train": windows, "validation": windows})
+    stage = REGISTRY["quantize"](REGISTRY["quantize"].Config(min_agreement=0.9))
+    result = stage.apply(copy.deepcopy(model), ctx)
+    q = result.model.spec.quantization
+    assert q["bits"] == 8 and q["validation_tokens"] == sum(len(w) - 1 for w in windows) and q["agreement"] >= 0.9
+    w = result.model.layers[0].ffn.up.weight
+    scale = w.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(w / scale, (w / scale).round(), atol=1e-3)  # on the per-channel int8 grid
+    torch.testing.assert_close(result.model.embed.weight, model.embed.weight)
+    harsh = REGISTRY["quantize"](REGISTRY["quantize"].Config(
+        candidates=[{"bits": 2, "group_size": 32}], tolerable_loss=100, min_agreement=0.999))
+    with pytest.raises(QuantizationRefused, match="agrees with the float model on only"):
+        harsh.apply(copy.deepcopy(model), ctx)
