@@ -19,6 +19,7 @@ one query head per group and `round_to` neurons (FFN widths stay multiples of it
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -57,6 +58,13 @@ def next_token_loss(model, window: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model, windows: list[list[int]]) -> float:
     return float(torch.stack([next_token_loss(model, w) for w in windows]).mean())
+
+
+@torch.no_grad()
+def text_perplexity(model, windows: list[list[int]]) -> float:
+    """exp of the mean next-token loss over every predicted token of the windows."""
+    total = sum(float(next_token_loss(model, w)) * (len(w) - 1) for w in windows)
+    return math.exp(total / sum(len(w) - 1 for w in windows))
 
 
 def _dense(model) -> None:

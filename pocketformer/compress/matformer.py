@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator
 
@@ -77,7 +76,13 @@ class MatformerConfig(DistillConfig):
 
 
 def neuron_importance(model: CanonicalTransformer, ctx: Context, cfg: MatformerConfig) -> list[torch.Tensor]:
-    """One score per FFN neuron of each layer (higher = keep first)."""
+    """One score per FFN neuron of each layer (higher = keep first); a language model's on its train text."""
+    if ctx.text:
+        from . import lm_prune
+
+        if cfg.importance == "taylor":
+            return lm_prune.taylor_scores(model, lm_prune.calibration_windows(ctx, cfg.calibration_examples))[1]
+        return lm_prune.magnitude_scores(model)[1]
     if usable_importance(cfg.importance, model, ctx.teacher, "matformer") == "taylor":
         return taylor_scores(model, ctx.teacher, calibration_batches(ctx, cfg.calibration_examples))[1]
     return magnitude_scores(model)[1]
@@ -89,9 +94,12 @@ def sort_neurons(model: CanonicalTransformer, scores: list[torch.Tensor]) -> Non
         model.order_neurons(li, torch.argsort(s, descending=True, stable=True).tolist())
 
 
+FFN_LINEARS = {"fc1", "fc2", "gate", "up", "down"}  # an encoder's FFN, a decoder's gated FFN
+
+
 def _refuse_unnestable(model: CanonicalTransformer) -> None:
     for i, shape in enumerate(model.config.layers):
-        factorized = sorted(set(shape.linears) & {"fc1", "fc2"})
+        factorized = sorted(set(shape.linears) & FFN_LINEARS)
         if factorized:
             raise RecipeError(f"matformer needs dense FFN linears, but layer {i}'s {factorized[0]} is "
                               f"{shape.linears[factorized[0]].kind}.",
@@ -103,19 +111,27 @@ def _refuse_unnestable(model: CanonicalTransformer) -> None:
 
 
 def width_quality(model: CanonicalTransformer, ctx: Context, plans: dict[float, list[int]],
-                  reference: Optional[np.ndarray]) -> dict[str, float]:
-    """The task's validation quality at each nested width (accuracy %, or for an embedding model 100 x mean cosine
-    with `reference`, the original model's outputs)."""
+                  teacher: CanonicalTransformer) -> tuple[str, dict[str, float]]:
+    """The validation quality at each nested width, and its name: accuracy %, for an embedding model 100 x mean
+    cosine with the original model's outputs, for a language model the perplexity of the validation text."""
+    from .lm_prune import text_perplexity
+
     result = {}
+    reference = None if ctx.text else predict(teacher, ctx.validation, ctx.encoder).numpy()
     for fraction, widths in plans.items():
         with active_widths(model, widths):
-            result[f"{fraction:g}"] = evaluate(model, ctx.validation, ctx.encoder, reference)[model.task.quality_key]
-    return result
+            if ctx.text:
+                result[f"{fraction:g}"] = text_perplexity(model, ctx.text["validation"])
+            else:
+                result[f"{fraction:g}"] = evaluate(model, ctx.validation, ctx.encoder,
+                                                   reference)[model.task.quality_key]
+    return ("validation_perplexity" if ctx.text else f"validation_{model.task.quality_key}"), result
 
 
 class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as distill
                 summary="MatFormer nested FFNs: sort neurons by importance, then train every width prefix against "
-                        "the original"):
+                        "the original (a language model's gated FFNs too, on its text)"):
+    kinds = frozenset({"encoder", "causal_lm"})
     excludes = factorized(["fc1", "fc2"]) | {"quantized"}
     provides = frozenset({"nested_ffn"})
     ships_plain = False
@@ -147,8 +163,7 @@ class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as di
 
         losses = self.fit(model, ctx, nested_loss, "matformer")
         model.spec.nested_ffn = list(cfg.widths)
-        quality = width_quality(model, ctx, plans, predict(teacher, ctx.validation, ctx.encoder).numpy())
-        metric = f"validation_{model.task.quality_key}"
+        metric, quality = width_quality(model, ctx, plans, teacher)
         details = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
                    "widths": {f"{f:g}": w for f, w in plans.items()}, metric: quality}
         info(f"matformer: {metric.replace('_', ' ')} by width: "

@@ -95,6 +95,9 @@ class CausalLMConfig(BaseModel):
     pad_token_id: int = 0
     add_bos: bool = False
     quantization: dict[str, Any] = Field(default_factory=dict)
+    nested_ffn: list[float] = Field(default_factory=list, description=(
+        "MatFormer: FFN neurons sorted so that every prefix is the best sub-network of its width; these are the "
+        "width fractions trained jointly (`pocketformer extract` cuts them out)"))
     task_kind: str = "causal_lm"
     _known_task = member_of("task_kind", lambda: TASKS, "task")
 
@@ -280,6 +283,8 @@ class GatedFFN(nn.Module):
         self.gate = build_linear(cfg.hidden, shape.ffn, lin.get("gate"), bias=cfg.mlp_bias)
         self.up = build_linear(cfg.hidden, shape.ffn, lin.get("up"), bias=cfg.mlp_bias)
         self.down = build_linear(shape.ffn, cfg.hidden, lin.get("down"), bias=cfg.mlp_bias)
+        # MatFormer training runs only the first `active_width` neurons; None = all. Never saved or exported.
+        self.active_width: Optional[int] = None
 
     @property
     def width(self) -> int:
@@ -295,6 +300,14 @@ class GatedFFN(nn.Module):
         self.gate, self.up, self.down = take_rows(self.gate, idx), take_rows(self.up, idx), take_cols(self.down, idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active_width is not None and self.active_width < self.width:
+            w = self.active_width
+            if any(linear_shape(lin) is not None for lin in (self.gate, self.up, self.down)):
+                raise ValueError("nested (MatFormer) widths need dense FFN linears; factorize after extraction")
+            gate = F.linear(x, self.gate.weight[:w], None if self.gate.bias is None else self.gate.bias[:w])
+            up = F.linear(x, self.up.weight[:w], None if self.up.bias is None else self.up.bias[:w])
+            g = F.silu(gate) if self.act_name == "silu" else F.gelu(gate, approximate="tanh")
+            return F.linear(g * up, self.down.weight[:, :w], self.down.bias)
         g = self.gate(x)
         g = F.silu(g) if self.act_name == "silu" else F.gelu(g, approximate="tanh")
         return self.down(g * self.up(x))
@@ -420,6 +433,16 @@ class CausalLM(Described, nn.Module):
 
     def keep_neurons(self, layer: int, keep: list[int]) -> None:
         self.layers[layer].ffn.keep_neurons(keep)
+        self.spec.nested_ffn = []  # removing neurons breaks the nesting: prefixes were trained on the old order
+
+    def order_neurons(self, layer: int, order: list[int]) -> None:
+        """Permute a layer's FFN neurons so `order[0]` comes first: the function is unchanged, only which neurons a
+        prefix (MatFormer's nested width) holds."""
+        ffn = self.layers[layer].ffn
+        if sorted(order) != list(range(ffn.width)):
+            raise ValueError(f"order must be a permutation of layer {layer}'s {ffn.width} neurons")
+        idx = torch.as_tensor(order, dtype=torch.long)
+        ffn.gate, ffn.up, ffn.down = take_rows(ffn.gate, idx), take_rows(ffn.up, idx), take_cols(ffn.down, idx)
 
     def keep_layers(self, keep: list[int]) -> None:
         """Keep the layers `keep` (each with its own window and rotary base); rotary tables no layer uses go."""
