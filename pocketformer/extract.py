@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -324,6 +325,58 @@ def confirmation_line(c: dict[str, Any]) -> str:
 
 # -- the command ----------------------------------------------------------------------------------------------------
 
+def _run_extract_lm(model, source: Path, folder: Path, out: Path, source_provenance: dict[str, Any],
+                    run_summary: dict[str, Any], widths: Optional[str], target: Optional[str],
+                    data: Optional[str]) -> dict[str, Any]:
+    """`extract --widths` on a nested language model: the sub-model cut out, its perplexity on the test text
+    against the run's baseline (else the source at full width), paired window by window."""
+    from . import lm_pipeline
+    from .models import load_any
+    from .models.io import save, weights_sha256
+    from .targets.lm_validate import LMReference, perplexity_check
+
+    if target is not None:
+        raise ExtractError("Searching a language model's widths for a target needs its decode and prefill latency "
+                           "tables, which pocketformer does not measure yet.",
+                           "pass --widths (e.g. 0.5), export the result and validate it on the target.")
+    chosen = parse_widths(widths, layer_widths(model))
+    if not model.spec.nested_ffn:
+        info(f"extract: {folder} was not trained nested (no matformer stage): its FFN prefixes are the first "
+             "neurons by position, not the best ones")
+    sub = extract(model, chosen)
+    provenance: dict[str, Any] = {
+        "role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),
+        "source_nested_ffn": list(model.spec.nested_ffn), "source_role": source_provenance.get("role"),
+        "source_ffn_widths": layer_widths(model), "widths_spec": widths, "widths": chosen,
+        "params": count_params(sub), "source_params": count_params(model), "kind": lm_pipeline.KIND}
+    if data:
+        recipe = run_summary.get("recipe", {})
+        reference_dir = Path(source) / "baseline"
+        if run_summary and reference_dir.is_dir():
+            reference, name = load_any(reference_dir)[0], "baseline"
+        else:
+            reference, reference_dir, name = model, folder, "source at full width"
+        wins = lm_pipeline.windows(sub, folder, data, "test", recipe.get("seed", 0), recipe.get("max_len", 128), 24)
+        nll, counts = lm_pipeline.window_nll(sub.eval(), wins)
+        ref = LMReference(wins, lm_pipeline.window_nll(reference.eval(), wins)[0], counts, [], [])
+        ppl = math.exp(nll.sum() / counts.sum())
+        check = perplexity_check(ref, nll, math.inf, DEFAULT_CONFIDENCE)  # no budget: measured, not judged
+        provenance["confirmation"] = {
+            "reference": name, "reference_path": str(Path(reference_dir).resolve()), "split": "test",
+            "windows": len(wins), "tokens": int(counts.sum()), "perplexity": ppl,
+            "reference_perplexity": ref.perplexity, "perplexity_increase_pct": check.value,
+            "interval_pct": [check.low, check.high], "confidence": DEFAULT_CONFIDENCE}
+        interval = "no interval from one window" if check.low is None else \
+            f"{DEFAULT_CONFIDENCE:.0%} interval {check.low:+.2f}..{check.high:+.2f}"
+        info(f"extract: test perplexity {ppl:.2f} against the {name}'s {ref.perplexity:.2f}: {check.value:+.2f}% "
+             f"({interval}) on {int(counts.sum()):,} tokens of {data}")
+    else:
+        provenance["confirmation"] = {"skipped": "no data (pass --data, or extract from a run folder)"}
+        info(confirmation_line(provenance["confirmation"]))
+    save(sub, out, provenance, tokenizer_dir=folder)
+    return provenance
+
+
 def resolve_source(path: Path) -> tuple[Path, dict[str, Any]]:
     """A run folder means its model/ (and its compress.json: data, max_len); anything else is the checkpoint."""
     path = Path(path)
@@ -368,6 +421,8 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
     if confidence is None:
         confidence = profile.budgets.confidence if profile else DEFAULT_CONFIDENCE
     model, source_provenance = load_any(folder, trust_pickle=trust_pickle)
+    if model.kind == "causal_lm":
+        return _run_extract_lm(model, source, folder, out, source_provenance, run_summary, widths, target, data)
     if max_drop is not None and not model.task.has_labels:
         raise ExtractError(f"The model in {folder} is a {model.task.name} model: it has no accuracy to drop.",
                            "leave out --max-drop: its test-split cosine with the reference is reported instead.")

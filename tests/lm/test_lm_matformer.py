@@ -86,3 +86,42 @@ def test_an_extracted_width_is_a_plain_lm_that_exports_with_its_cache(tiny, nest
     prompt = tok.encode("During my grammar school days, I was").ids
     got = open_lm(get_runtime("onnxruntime"), tmp_path / records[0]["file"], 1).generate(prompt, 16)
     assert token_match(got, sub.generate(torch.tensor([prompt]), 16).tolist())["match"] == 1.0
+
+
+def test_run_trains_nested_and_extract_cuts_a_width_confirmed_on_test_text(tmp_path):
+    """`pocketformer run` with a matformer stage on a language model, then `pocketformer extract RUN --widths 0.5`:
+    the half-width model, its test perplexity paired with the run's baseline; a width search for a target is
+    refused in one line (it needs decode latency tables)."""
+    import json
+
+    import yaml
+
+    from pocketformer.models import load
+
+    from .test_lm_run import cli, write_profiles
+
+    save_tiny_lm("llama", tmp_path / "tiny-llama", initializer_range=0.2)
+    recipe = {"name": "tiny-mat", "model": "tiny-llama", "data": "botchan", "max_len": 32,
+              "stages": [{"matformer": {"widths": [1, 0.5], "epochs": 1, "max_examples": 16,
+                                        "importance": "magnitude"}}],
+              "export": {"formats": ["onnx"], "baseline_formats": [], "int8": False},
+              "targets": write_profiles(tmp_path)[:1]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny-mat"
+    stage = json.loads((run / "compress.json").read_text())["stages"][0]
+    assert set(stage["details"]["validation_perplexity"]) == {"1", "0.5"}
+    proc = cli("extract", str(run), "-o", str(tmp_path / "half"), "--widths", "0.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sub, meta = load(tmp_path / "half")
+    provenance = meta["provenance"]
+    assert [la.ffn.width for la in sub.layers] == [64, 64]
+    c = provenance["confirmation"]
+    assert c["reference"] == "baseline" and c["split"] == "test" and c["perplexity"] > 1
+    assert c["interval_pct"][0] <= c["perplexity_increase_pct"] <= c["interval_pct"][1]
+    assert "test perplexity" in proc.stderr
+    proc = cli("extract", str(run), "-o", str(tmp_path / "fit"), "--target", "host-ort", "--latency-ms", "5",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and "decode and prefill latency tables" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
