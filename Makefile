@@ -41,7 +41,7 @@ demo: install
 # Two workers on CI's two cores, a test file per worker at a time (module fixtures are built once); every test
 # pins its own threads, so the figures a test compares are made in one process.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"

@@ -121,11 +121,19 @@ def test_groups_on_an_encoder_are_refused():
         REGISTRY["prune"](REGISTRY["prune"].Config(groups=1)).apply(tiny_model(labels=("a", "b")), None)
 
 
-def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
+def test_run_compresses_exports_validates_and_extracts_a_language_model(tmp_path):
+    """`pocketformer run` with prune, distill and matformer on a tiny Llama: stage reports with validation
+    perplexity, the pruned nested model exported and validated against the unpruned baseline, the stages cached on
+    a re-run; then `pocketformer extract RUN --widths 0.5` cuts the half width, its test perplexity paired with the
+    baseline, and a width search for a target is refused in one line (it needs decode latency tables)."""
+    from pocketformer.models import load
+
     save_tiny_lm("llama", tmp_path / "tiny-llama")
     recipe = {"name": "tiny-lm-pruned", "model": "tiny-llama", "data": "botchan", "max_len": 32,
               "stages": [{"prune": {"ffn": 0.5, "groups": 1, "importance": "taylor", "calibration_examples": 8}},
-                         {"distill": {"epochs": 1, "max_examples": 16}}],
+                         {"distill": {"epochs": 1, "max_examples": 16}},
+                         {"matformer": {"widths": [1, 0.5], "epochs": 1, "max_examples": 16,
+                                        "importance": "magnitude"}}],
               "export": {"formats": ["onnx"], "baseline_formats": [], "int8": False},
               "targets": write_profiles(tmp_path)[:1]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -133,10 +141,11 @@ def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "runs" / "tiny-lm-pruned"
     summary = json.loads((out / "compress.json").read_text())
-    stage = summary["stages"][0]
-    assert stage["stage"] == "prune" and stage["params_after"] < stage["params_before"]
-    assert summary["stages"][1]["stage"] == "distill"
-    assert summary["stages"][1]["validation_perplexity"] == pytest.approx(summary["model"]["validation_perplexity"])
+    prune_report, distill_report, matformer_report = summary["stages"]
+    assert prune_report["stage"] == "prune" and prune_report["params_after"] < prune_report["params_before"]
+    assert distill_report["stage"] == "distill" and matformer_report["stage"] == "matformer"
+    assert matformer_report["validation_perplexity"] == pytest.approx(summary["model"]["validation_perplexity"])
+    assert set(matformer_report["details"]["validation_perplexity"]) == {"1", "0.5"}
     assert sum(la["kv_heads"] for la in summary["model"]["layers"]) == 3
     assert sum(la["ffn"] for la in summary["model"]["layers"]) == 128
     report = json.loads((out / "report.json").read_text())
@@ -144,9 +153,22 @@ def test_run_prunes_exports_and_validates_the_language_model(tmp_path):
     assert row["file"] == "model.fp32.onnx" and row["token_match"] <= 1.0
     assert row["perplexity"] > 1 and row["perplexity_increase_pct"] != 0  # against the unpruned baseline
     md = (out / "report.md").read_text()
-    assert "- compressed: " in md and "| prune | " in md and "| distill | " in md
-    again = cli("run", "recipe.yaml", cwd=tmp_path)  # the stage is cached
-    assert again.returncode == 0 and "distill: reused cached result" in again.stderr + again.stdout
+    assert "- compressed: " in md and "| prune | " in md and "| distill | " in md and "| matformer | " in md
+    again = cli("run", "recipe.yaml", cwd=tmp_path)  # the stages are cached
+    assert again.returncode == 0 and "matformer: reused cached result" in again.stderr + again.stdout
+
+    proc = cli("extract", str(out), "-o", str(tmp_path / "half"), "--widths", "0.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sub, meta = load(tmp_path / "half")
+    assert [la.ffn.width for la in sub.layers] == [32, 32]  # half of the pruned 64 each
+    c = meta["provenance"]["confirmation"]
+    assert c["reference"] == "baseline" and c["split"] == "test" and c["perplexity"] > 1
+    assert c["interval_pct"][0] <= c["perplexity_increase_pct"] <= c["interval_pct"][1]
+    assert "test perplexity" in proc.stderr
+    proc = cli("extract", str(out), "-o", str(tmp_path / "fit"), "--target", "host-ort", "--latency-ms", "5",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and "decode and prefill latency tables" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def kl_to(student, teacher, windows) -> float:
