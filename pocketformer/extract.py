@@ -325,40 +325,59 @@ def confirmation_line(c: dict[str, Any]) -> str:
 
 # -- the command ----------------------------------------------------------------------------------------------------
 
+def _source_record(model, folder: Path, source_provenance: dict[str, Any]) -> dict[str, Any]:
+    """What an extracted model records of the checkpoint it was cut from."""
+    from .models.io import weights_sha256
+
+    return {"role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),
+            "source_nested_ffn": list(model.spec.nested_ffn), "source_role": source_provenance.get("role"),
+            "source_ffn_widths": layer_widths(model)}
+
+
+def _given_widths(model, widths: str, folder: Path) -> list[int]:
+    """`--widths` as neuron counts per layer, with a word when the source was never trained nested."""
+    chosen = parse_widths(widths, layer_widths(model))
+    if not model.spec.nested_ffn:
+        info(f"extract: {folder} was not trained nested (no matformer stage): its FFN prefixes are the first "
+             "neurons by position, not the best ones")
+    return chosen
+
+
+def _reference(source: Path, folder: Path, model, run_summary: dict[str, Any], trust_pickle: bool):
+    """What an extracted model is confirmed against, as `pocketformer validate` budgets: the run's uncompressed
+    model (its baseline/), else the source itself at full width. (model, folder, name)."""
+    from .models import load_any
+
+    reference_dir = Path(source) / "baseline"
+    if run_summary and reference_dir.is_dir():
+        return load_any(reference_dir, trust_pickle=trust_pickle)[0], reference_dir, "baseline"
+    return model, folder, "source at full width"
+
+
 def _run_extract_lm(model, source: Path, folder: Path, out: Path, source_provenance: dict[str, Any],
                     run_summary: dict[str, Any], widths: Optional[str], target: Optional[str],
                     data: Optional[str]) -> dict[str, Any]:
     """`extract --widths` on a nested language model: the sub-model cut out, its perplexity on the test text
     against the run's baseline (else the source at full width), paired window by window."""
     from . import lm_pipeline
-    from .models import load_any
-    from .models.io import save, weights_sha256
+    from .models.causal import window_nll
+    from .models.io import save
     from .targets.lm_validate import LMReference, perplexity_check
 
     if target is not None:
         raise ExtractError("Searching a language model's widths for a target needs its decode and prefill latency "
                            "tables, which pocketformer does not measure yet.",
                            "pass --widths (e.g. 0.5), export the result and validate it on the target.")
-    chosen = parse_widths(widths, layer_widths(model))
-    if not model.spec.nested_ffn:
-        info(f"extract: {folder} was not trained nested (no matformer stage): its FFN prefixes are the first "
-             "neurons by position, not the best ones")
+    chosen = _given_widths(model, widths, folder)
     sub = extract(model, chosen)
-    provenance: dict[str, Any] = {
-        "role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),
-        "source_nested_ffn": list(model.spec.nested_ffn), "source_role": source_provenance.get("role"),
-        "source_ffn_widths": layer_widths(model), "widths_spec": widths, "widths": chosen,
-        "params": count_params(sub), "source_params": count_params(model), "kind": lm_pipeline.KIND}
+    provenance = {**_source_record(model, folder, source_provenance), "widths_spec": widths, "widths": chosen,
+                  "params": count_params(sub), "source_params": count_params(model), "kind": lm_pipeline.KIND}
     if data:
         recipe = run_summary.get("recipe", {})
-        reference_dir = Path(source) / "baseline"
-        if run_summary and reference_dir.is_dir():
-            reference, name = load_any(reference_dir)[0], "baseline"
-        else:
-            reference, reference_dir, name = model, folder, "source at full width"
+        reference, reference_dir, name = _reference(source, folder, model, run_summary, False)
         wins = lm_pipeline.windows(sub, folder, data, "test", recipe.get("seed", 0), recipe.get("max_len", 128), 24)
-        nll, counts = lm_pipeline.window_nll(sub.eval(), wins)
-        ref = LMReference(wins, lm_pipeline.window_nll(reference.eval(), wins)[0], counts, [], [])
+        nll, counts = window_nll(sub.eval(), wins)
+        ref = LMReference(wins, window_nll(reference.eval(), wins)[0], counts, [], [])
         ppl = math.exp(nll.sum() / counts.sum())
         check = perplexity_check(ref, nll, math.inf, DEFAULT_CONFIDENCE)  # no budget: measured, not judged
         provenance["confirmation"] = {
@@ -394,7 +413,7 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
     sub-model to `out` with provenance; return that provenance. The accuracy budget is `max_drop`, else the target's;
     the confidence `confidence`, else the target's, else DEFAULT_CONFIDENCE."""
     from .models import load_any
-    from .models.io import save, weights_sha256
+    from .models.io import save
     from .targets import get_profile
 
     if (widths is None) == (target is None):
@@ -436,15 +455,9 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
 
     validation = split("validation") if data else None
     encoder = Encoder(folder, max_len) if data else None
-    provenance: dict[str, Any] = {
-        "role": "extracted", "source": str(folder.resolve()), "source_weights_sha256": weights_sha256(model),
-        "source_nested_ffn": list(model.spec.nested_ffn), "source_role": source_provenance.get("role"),
-        "source_ffn_widths": layer_widths(model)}
+    provenance = _source_record(model, folder, source_provenance)
     if widths is not None:
-        chosen = parse_widths(widths, layer_widths(model))
-        if not model.spec.nested_ffn:
-            info(f"extract: {folder} was not trained nested (no matformer stage): its FFN prefixes are the first "
-                 "neurons by position, not the best ones")
+        chosen = _given_widths(model, widths, folder)
         provenance["widths_spec"] = widths
     else:
         result = search(model, profile, latency_ms=latency_ms, size_mb=size_mb, validation=validation,
@@ -463,12 +476,7 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
     if validation is not None:
         score_name, score = quality_scorer(model, validation, encoder)
         provenance[score_name] = score(chosen)
-        # What `pocketformer validate` budgets against: the run's uncompressed model, else the source itself.
-        reference_dir = Path(source) / "baseline"
-        if run_summary and reference_dir.is_dir():
-            reference, name = load_any(reference_dir, trust_pickle=trust_pickle)[0], "baseline"
-        else:
-            reference, reference_dir, name = model, folder, "source at full width"
+        reference, reference_dir, name = _reference(source, folder, model, run_summary, trust_pickle)
         provenance["confirmation"] = {
             "reference": name, "reference_path": str(reference_dir.resolve()),
             **confirm(sub, reference, split("test"), encoder, budget=budget, confidence=confidence,

@@ -7,14 +7,13 @@ report. The data is a text corpus (pocketformer.text: wikipedia, botchan or a .t
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from .errors import DataError, RecipeError
+from .models.causal import window_nll, window_perplexity
 from .progress import info
 
 KIND = "causal_lm"
@@ -58,23 +57,14 @@ def windows(model, folder: Path, data: str, split: str, seed: int, length: int, 
     return out
 
 
-@torch.no_grad()
-def window_nll(model, wins: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch's summed next-token NLL and predicted-token count per window."""
-    nll, counts = [], []
-    for w in wins:
-        logits = model(torch.tensor([w]))[0, :-1].double()
-        nll.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum")))
-        counts.append(len(w) - 1)
-    return np.asarray(nll), np.asarray(counts)
-
-
 def describe(model, validation_perplexity: Optional[float] = None) -> dict[str, Any]:
     from .models.causal import decoder_macs
 
+    from .compress.base import stored_bytes
+
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    return {"params": params, "size_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    return {"params": params, "size_bytes": stored_bytes(model),
             "macs_prefill_128": decoder_macs(cfg, 128), "macs_decode_at_128": decoder_macs(cfg, 1, 128),
             "layers": [{"heads": s.heads, "kv_heads": s.kv_heads, "ffn": s.ffn, "window": s.window}
                        for s in cfg.layers],
@@ -97,38 +87,32 @@ def compress(recipe, checkpoint: Path, out_dir: Path, model, provenance: dict[st
         raise RecipeError(f"Recipe {recipe.source_path or '<recipe>'}: `prepare:` stages do not run on a decoder-only "
                           "language model (the imported model is the reference).",
                           "move its stages under `stages:`, or remove `prepare:`.")
+    recipe.check_model(model)
     stages = recipe.build("stages")
-    for stage in stages:
-        stage.check_model(model, f"Recipe {recipe.source_path or '<recipe>'}: ")
     folder = source_folder(checkpoint)
     val = windows(model, folder, data, "validation", recipe.seed, recipe.max_len, 16)
-    ppl = perplexity_of(model, val)
+    ppl = window_perplexity(model, val)
     info(f"loaded {checkpoint}: {model.config.family} causal LM, {len(model.layers)} layers; validation "
          f"perplexity {ppl:.2f} on {sum(len(w) - 1 for w in val)} tokens of {data}")
     common = {"recipe": recipe.model_dump(), "recipe_sha256": recipe.digest(), "versions": versions(), "data": data,
               "input": {"path": str(Path(checkpoint).resolve()), **provenance}, "kind": KIND}
     compressed, reports, baseline_hash = model, [], weights_sha256(model)
-    if stages:
-        teacher = copy.deepcopy(model).eval()
+    if stages:  # the stages work on a copy: the imported model is the teacher and the baseline, unchanged
         train = windows(model, folder, data, "train", recipe.seed, recipe.max_len, TRAIN_WINDOWS)
-        ctx = Context(teacher=teacher, train=None, validation=None, encoder=None, seed=recipe.seed,
+        ctx = Context(teacher=model.eval(), train=None, validation=None, encoder=None, seed=recipe.seed,
                       batch_size=recipe.batch_size, text={"train": train, "validation": val})
-        measures = (lambda m: measure(m, recipe.max_len), lambda m: {"validation_perplexity": perplexity_of(m, val)})
+        measures = (lambda m: measure(m, recipe.max_len),
+                    lambda m: {"validation_perplexity": window_perplexity(m, val)})
         compressed, reports, _ = run_stages(copy.deepcopy(model), stages, ctx, baseline_hash, recipe, folder,
                                             "compress", teacher_key=baseline_hash, measures=measures)
     save(model, out_dir / "baseline", {**common, "role": "baseline"}, tokenizer_dir=folder)
     save(compressed, out_dir / "model", {**common, "role": "compressed", "baseline_weights_sha256": baseline_hash},
          tokenizer_dir=folder)
-    after = ppl if compressed is model else perplexity_of(compressed, val)
+    after = reports[-1]["validation_perplexity"] if reports else ppl  # the last stage scored the model
     summary = {**common, "prepare": [], "stages": reports, "baseline": describe(model, ppl),
                "model": describe(compressed, after)}
     write_json(out_dir / COMPRESS_FILE, summary)
     return summary
-
-
-def perplexity_of(model, wins: list[list[int]]) -> float:
-    nll, counts = window_nll(model.eval(), wins)
-    return math.exp(nll.sum() / counts.sum())
 
 
 def measure(model, length: int) -> dict[str, Any]:
@@ -136,10 +120,8 @@ def measure(model, length: int) -> dict[str, Any]:
     the layers' shapes."""
     from .models.causal import decoder_macs
 
-    from .compress.base import stored_bytes
-
     d = describe(model)
-    return {"params": d["params"], "size_bytes": stored_bytes(model), "macs": decoder_macs(model.config, length),
+    return {"params": d["params"], "size_bytes": d["size_bytes"], "macs": decoder_macs(model.config, length),
             "layers": d["layers"]}
 
 

@@ -97,8 +97,7 @@ def compress(recipe: Recipe, checkpoint: Path, out_dir: Path, trust_pickle: bool
                          for ds in (train, validation))
     # Every stage's declared needs against this model, before any stage trains.
     recipe.check_plan(ModelFacts.of(model), model=str(checkpoint))
-    for stage in (*recipe.build("prepare"), *recipe.build("stages")):
-        stage.check_model(model, f"Recipe {recipe.source_path or '<recipe>'}: ")
+    recipe.check_model(model)
     info(f"loaded {checkpoint}: {model.spec.modality} {model.spec.task}, {len(model.layers)} layers")
     encoder = Encoder(checkpoint, recipe.max_len)
     target = target or next((t.name for t in recipe.target_refs()), None)

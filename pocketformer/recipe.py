@@ -267,6 +267,12 @@ class Recipe(BaseModel):
             where = f"Recipe {self.source_path or '<recipe>'}" + (f" on {model}" if model else "")
             raise RecipeError(f"{where}: {conflict.problem}", conflict.fix)
 
+    def check_model(self, model) -> None:
+        """Every stage (`prepare`, then `stages`) against the loaded model itself: its kind, and the settings that
+        do not apply to it (Stage.check_model); one RecipeError at the first that does not suit."""
+        for stage in (*self.build("prepare"), *self.build("stages")):
+            stage.check_model(model, f"Recipe {self.source_path or '<recipe>'}: ")
+
     def resolve_model(self) -> Path:
         path = resolve_checkpoint(self.model)
         if not path.is_absolute() and self.model not in (*BUILTIN_MODELS, *MADE_MODELS) and self.source_path:

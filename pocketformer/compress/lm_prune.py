@@ -19,7 +19,6 @@ one query head per group and `round_to` neurons (FFN widths stay multiples of it
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -58,13 +57,6 @@ def next_token_loss(model, window: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model, windows: list[list[int]]) -> float:
     return float(torch.stack([next_token_loss(model, w) for w in windows]).mean())
-
-
-@torch.no_grad()
-def text_perplexity(model, windows: list[list[int]]) -> float:
-    """exp of the mean next-token loss over every predicted token of the windows."""
-    total = sum(float(next_token_loss(model, w)) * (len(w) - 1) for w in windows)
-    return math.exp(total / sum(len(w) - 1 for w in windows))
 
 
 def _dense(model) -> None:
@@ -226,9 +218,7 @@ def apply(model, ctx: Context, cfg) -> StageResult:
         if cfg.ffn:
             total = sum(layer.ffn.width for layer in model.layers)
             for li, keep in enumerate(select_neurons(neurons, resolve(cfg.ffn, total), cfg.round_to)):
-                if not keep:  # a layer's FFN keeps round_to neurons at least: removing it all is removing the layer
-                    keep = neurons[li].argsort(descending=True)[:min(cfg.round_to, len(neurons[li]))].tolist()
-                model.keep_neurons(li, keep)
+                model.keep_neurons(li, keep)  # never empty: select_neurons keeps round_to (or all) per layer
     details["loss_after"] = mean_loss(model, windows)
     info(f"prune: calibration loss {details['loss_before']:.4f} -> {details['loss_after']:.4f} on "
          f"{details['calibration_tokens']:,} train tokens")

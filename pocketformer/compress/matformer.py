@@ -114,14 +114,14 @@ def width_quality(model: CanonicalTransformer, ctx: Context, plans: dict[float, 
                   teacher: CanonicalTransformer) -> tuple[str, dict[str, float]]:
     """The validation quality at each nested width, and its name: accuracy %, for an embedding model 100 x mean
     cosine with the original model's outputs, for a language model the perplexity of the validation text."""
-    from .lm_prune import text_perplexity
+    from ..models.causal import window_perplexity
 
     result = {}
     reference = None if ctx.text else predict(teacher, ctx.validation, ctx.encoder).numpy()
     for fraction, widths in plans.items():
         with active_widths(model, widths):
             if ctx.text:
-                result[f"{fraction:g}"] = text_perplexity(model, ctx.text["validation"])
+                result[f"{fraction:g}"] = window_perplexity(model, ctx.text["validation"])
             else:
                 result[f"{fraction:g}"] = evaluate(model, ctx.validation, ctx.encoder,
                                                    reference)[model.task.quality_key]

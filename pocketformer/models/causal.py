@@ -19,9 +19,11 @@ wrap this module rather than re-implement it.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -296,8 +298,15 @@ class GatedFFN(nn.Module):
         if not keep or any(not 0 <= n < self.width for n in keep):
             raise ValueError(f"keep 1 to {self.width} of neurons 0..{self.width - 1}; remove the layer to remove "
                              "all its FFN")
-        idx = torch.as_tensor(keep, dtype=torch.long)
+        self.take(keep)
+
+    def take(self, neurons: list[int]) -> None:
+        """The neurons `neurons`, in that order: gate and up rows and down columns together."""
+        idx = torch.as_tensor(neurons, dtype=torch.long)
         self.gate, self.up, self.down = take_rows(self.gate, idx), take_rows(self.up, idx), take_cols(self.down, idx)
+
+    def act(self, g: torch.Tensor) -> torch.Tensor:
+        return F.silu(g) if self.act_name == "silu" else F.gelu(g, approximate="tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active_width is not None and self.active_width < self.width:
@@ -306,11 +315,8 @@ class GatedFFN(nn.Module):
                 raise ValueError("nested (MatFormer) widths need dense FFN linears; factorize after extraction")
             gate = F.linear(x, self.gate.weight[:w], None if self.gate.bias is None else self.gate.bias[:w])
             up = F.linear(x, self.up.weight[:w], None if self.up.bias is None else self.up.bias[:w])
-            g = F.silu(gate) if self.act_name == "silu" else F.gelu(gate, approximate="tanh")
-            return F.linear(g * up, self.down.weight[:, :w], self.down.bias)
-        g = self.gate(x)
-        g = F.silu(g) if self.act_name == "silu" else F.gelu(g, approximate="tanh")
-        return self.down(g * self.up(x))
+            return F.linear(self.act(gate) * up, self.down.weight[:, :w], self.down.bias)
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
 
 class DecoderLayer(nn.Module):
@@ -441,8 +447,7 @@ class CausalLM(Described, nn.Module):
         ffn = self.layers[layer].ffn
         if sorted(order) != list(range(ffn.width)):
             raise ValueError(f"order must be a permutation of layer {layer}'s {ffn.width} neurons")
-        idx = torch.as_tensor(order, dtype=torch.long)
-        ffn.gate, ffn.up, ffn.down = take_rows(ffn.gate, idx), take_rows(ffn.up, idx), take_cols(ffn.down, idx)
+        ffn.take(list(order))
 
     def keep_layers(self, keep: list[int]) -> None:
         """Keep the layers `keep` (each with its own window and rotary base); rotary tables no layer uses go."""
@@ -607,6 +612,23 @@ class FixedCacheDecoder(nn.Module):
 def rope_name(base: float, factor: float) -> str:
     """ModuleDict key of a rotary table (no dots allowed)."""
     return f"b{base:g}_f{factor:g}".replace(".", "p").replace("+", "")
+
+
+@torch.no_grad()
+def window_nll(model, wins: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's summed next-token NLL and predicted-token count per window."""
+    nll, counts = [], []
+    for w in wins:
+        logits = model(torch.tensor([w]))[0, :-1].double()
+        nll.append(float(F.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum")))
+        counts.append(len(w) - 1)
+    return np.asarray(nll), np.asarray(counts)
+
+
+def window_perplexity(model, wins: list[list[int]]) -> float:
+    """exp of the mean next-token NLL over every predicted token of the windows (the model put in eval mode)."""
+    nll, counts = window_nll(model.eval(), wins)
+    return math.exp(nll.sum() / counts.sum())
 
 
 def decoder_macs(cfg: CausalLMConfig, tokens: int, context: int = 0) -> int:
