@@ -88,7 +88,8 @@ def test_compress_prints_the_size_change(cli_run):
 
 def test_export_writes_the_baseline_and_model_files(cli_run):
     out, _ = cli_run
-    assert sorted(p.name for p in (out / "artifacts").glob("*.onnx")) == ["baseline.fp32.onnx", "model.fp32.onnx"]
+    assert sorted(p.name for p in (out / "artifacts").glob("*.onnx")) == ["baseline.fp16.onnx", "baseline.fp32.onnx",
+                                                                          "model.fp16.onnx", "model.fp32.onnx"]
 
 
 def test_validate_writes_a_report_with_a_row_per_artifact(cli_run):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
+import yaml
 import torch
 
 from pocketformer import pipeline, stage_cache
@@ -86,8 +87,8 @@ def test_data_of_the_wrong_modality_is_refused(tmp_path, tokenized_bert):
 
 def test_export_writes_fp32_and_int8_for_baseline_and_model(text_run):
     out, _, records, _ = text_run
-    assert sorted(r["file"] for r in records) == ["baseline.fp32.onnx", "baseline.int8.onnx", "model.fp32.onnx",
-                                                   "model.int8.onnx"]
+    assert sorted(r["file"] for r in records) == [f"{v}.{p}.onnx" for v in ("baseline", "model")
+                                                   for p in ("fp16", "fp32", "int8", "int8w")]
     manifest = json.loads((out / "artifacts" / "artifacts.json").read_text())
     assert sorted(r["file"] for r in manifest) == sorted(r["file"] for r in records)
 
@@ -160,9 +161,11 @@ def test_export_of_a_folder_never_compressed_is_a_checkpoint_error(tmp_path):
 
 # -- validate ---------------------------------------------------------------------------------------------------------
 
-def test_validate_reports_one_row_per_artifact(text_run):
+def test_validate_reports_one_row_per_artifact_of_a_precision_the_target_runs(text_run, fast_profile):
     _, _, records, rows = text_run
-    assert sorted(r["file"] for r in rows) == sorted(r["file"] for r in records)
+    runs = yaml.safe_load(fast_profile.read_text())["precisions"]
+    assert sorted(r["file"] for r in rows) == sorted(r["file"] for r in records if r["precision"] in runs)
+    assert len(rows) < len(records)  # fp16 and int8 weight-only files are written, but host-ort runs neither
 
 
 def test_rows_carry_accuracy_latency_memory_size_and_verdicts(text_run):
@@ -275,7 +278,7 @@ def test_stages_compose_and_each_reports_params_macs_size_and_accuracy(tokenized
     assert reports[3]["size_bytes_after"] < reports[3]["size_bytes_before"]  # the token table stays fp32
     model, _ = load(out / "model")
     assert model.spec.quantization["bits"] == 8 and model.config.layers[0].linears["fc1"].kind == "lowrank"
-    (fp32, int8) = pipeline.export(out, ["onnx"], int8=True, baseline_formats=[])
+    (fp32, _fp16, _int8w, int8) = pipeline.export(out, ["onnx"], int8=True, baseline_formats=[])
     assert fp32["parity_vs_pytorch"]["cosine"] > 0.9999 and int8["size_bytes"] < fp32["size_bytes"]
 
 

@@ -130,6 +130,134 @@ def quantize_int8(float_path: Path, path: Path) -> None:
         _save_atomic(onnx.load(str(out)), path)
 
 
+def weights_fp16(float_path: Path, path: Path) -> None:
+    """The fp32 file with its float weights stored in fp16, each cast back to float32 where the graph reads it: half
+    the bytes to ship. ORT's CPU kernels compute in float32 (it folds the casts when it loads the file), so the file
+    runs as fast as the fp32 one and holds as much memory once loaded; values outside fp16's range stay float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = onnx.load(str(densified_onnx(float_path, Path(tmp) / "dense.onnx")))
+    graph, casts = proto.graph, []
+    overridable = {i.name for i in graph.input}
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
+        if array is None or array.size < FP16_MIN_ELEMENTS or init.name in overridable or \
+                not np.all(np.abs(array) <= np.finfo(np.float16).max):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(array.astype(np.float16), f"{name}_fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=TensorProto.FLOAT))
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _save_atomic(proto, path)
+
+
+FP16_MIN_ELEMENTS = 1024  # smaller tensors (norm scales, biases) stay float32: casting them saves nothing
+
+
+def quantize_int8_weights(float_path: Path, path: Path) -> None:
+    """Weight-only int8: every constant MatMul weight stored int8 with a symmetric scale per output column and read
+    through DequantizeLinear (standard ONNX, opset 13), and every embedding table int8 with a scale per row, its
+    rows gathered and scaled. A language model's tied output embedding is the table's transpose, stored once. ORT's
+    CPU provider fuses each DequantizeLinear -> MatMul into its 8-bit MatMulNBits kernel, which quantizes the
+    activations per block of 32 at run time (accuracy level 4): on SmolLM2 this file decodes faster than the fp32
+    and int4 ones (README, "Language models"). The activations are never stored quantized: unlike dynamic int8
+    (quantize_int8), no scale is shared across a whole activation tensor, which SmolLM2's outlier channels break."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = onnx.load(str(densified_onnx(float_path, Path(tmp) / "dense.onnx")))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    overridable = {i.name for i in graph.input}
+    tables: dict[bytes, str] = {}  # the transpose's bytes of each int8 table -> its name (tied output embeddings)
+    nodes = []
+
+    def constant(name: str) -> Optional[np.ndarray]:
+        init = inits.get(name)
+        if init is None or init.name in overridable or init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
+            return None
+        return numpy_helper.to_array(init)
+
+    for node in graph.node:
+        table = constant(node.input[0]) if node.op_type == "Gather" and _axis(node) == 0 else None
+        weight = constant(node.input[1]) if node.op_type == "MatMul" or _plain_gemm(node) else None
+        if weight is not None and node.op_type == "Gemm" and _attr(node, "transB", 0):
+            weight = weight.T
+        if table is not None:
+            stem = f"{node.name or node.output[0]}_int8"
+            q, scale = symmetric_int8(table, axis=1)
+            graph.initializer.extend([numpy_helper.from_array(q, f"{stem}_q"),
+                                      numpy_helper.from_array(scale[:, None], f"{stem}_scale")])
+            tables[np.ascontiguousarray(table.T).tobytes()] = f"{stem}_q"
+            nodes += [helper.make_node("Gather", [f"{stem}_q", node.input[1]], [f"{stem}_rows"], name=f"{stem}_rows",
+                                       axis=0),
+                      helper.make_node("Gather", [f"{stem}_scale", node.input[1]], [f"{stem}_row_scales"],
+                                       name=f"{stem}_row_scales", axis=0),
+                      helper.make_node("Cast", [f"{stem}_rows"], [f"{stem}_float"], name=f"{stem}_cast",
+                                       to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [f"{stem}_float", f"{stem}_row_scales"], list(node.output),
+                                       name=f"{stem}_scaled")]
+        elif weight is not None:
+            stem = f"{node.name or node.output[0]}_int8"
+            q, scale = symmetric_int8(weight, axis=0)
+            graph.initializer.append(numpy_helper.from_array(scale, f"{stem}_scale"))
+            tied = tables.get(weight.tobytes())
+            if tied is not None:  # the same codes and scales as the table's: read them transposed
+                nodes.append(helper.make_node("Transpose", [tied], [f"{stem}_q"], name=f"{stem}_tied", perm=[1, 0]))
+            else:
+                graph.initializer.append(numpy_helper.from_array(q, f"{stem}_q"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale"], [f"{stem}_w"],
+                                          name=f"{stem}_dq", axis=1))
+            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:  # x W + bias
+                nodes += [helper.make_node("MatMul", [node.input[0], f"{stem}_w"], [f"{stem}_xw"], name=node.name),
+                          helper.make_node("Add", [f"{stem}_xw", node.input[2]], list(node.output),
+                                           name=f"{stem}_bias")]
+            else:
+                nodes.append(helper.make_node("MatMul", [node.input[0], f"{stem}_w"], list(node.output),
+                                              name=node.name))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unread(graph)
+    _save_atomic(proto, path)
+
+
+def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes in [-127, 127] and a float32 scale per slice along `axis` (the max |w| of the slice / 127)."""
+    scale = np.abs(w).max(axis=axis) / 127
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    shaped = np.expand_dims(scale, axis)
+    return np.clip(np.rint(w / shaped), -127, 127).astype(np.int8), scale
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _axis(node) -> int:
+    return _attr(node, "axis", 0)
+
+
+def _plain_gemm(node) -> bool:
+    """A Gemm that is x W (+ bias): the exporter's form of a linear layer on a 2-D input."""
+    return node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 and \
+        _attr(node, "beta", 1.0) == 1.0
+
+
+def _drop_unread(graph) -> None:
+    """Remove initializers no node reads any more (weights a quantized copy replaced)."""
+    read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 INT4_BLOCK = 32
 
 
@@ -156,8 +284,7 @@ def quantize_int4(float_path: Path, path: Path) -> None:
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    readers: Counter = Counter(i for node in graph.node for i in node.input)
-    nodes, replaced, ones, block_sums = [], set(), {}, {}
+    nodes, ones, block_sums = [], {}, {}
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         array = numpy_helper.to_array(weight) if weight is not None else None
@@ -192,14 +319,9 @@ def quantize_int4(float_path: Path, path: Path) -> None:
             nodes += [helper.make_node("MatMul", [block_sums[node.input[0]], f"{stem}_offsets"], [f"{stem}_offset"],
                                        name=f"{stem}_offset"),
                       helper.make_node("Add", [out, f"{stem}_offset"], list(node.output), name=f"{stem}_add")]
-        readers[weight.name] -= 1
-        if readers[weight.name] == 0:
-            replaced.add(weight.name)
     del graph.node[:]
     graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _drop_unread(graph)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _save_atomic(proto, path)
@@ -359,12 +481,20 @@ def read_onnx_card(path: Path) -> Optional[dict[str, Any]]:
     return card
 
 
+QUANTIZERS = {"fp16": weights_fp16, "int8-weight": quantize_int8_weights, "int8": quantize_int8, "int4": quantize_int4}
+
+
 class Onnx(Format):
     name, extension, runtime, static_only = "onnx", ".onnx", "onnxruntime", False
-    int8_precisions = ("int8",)
+    # fp16: weights stored fp16, computed fp32; int8-weight: int8 weights only; int8: ORT dynamic int8 (weights and
+    # activations); all made from the fp32 file
+    float_precisions, int8_precisions = ("fp32", "fp16"), ("int8-weight", "int8")
+    suffixes = {"int8-weight": "int8w"}
     option_names = ("int4",)  # also a weight-only int4 file (MatMulNBits), made from the fp32 one
     fp32_tolerance = Tolerance(FP32_MAX_ABS, FP32_MIN_COSINE)
     fixes = {"int8": "skip int8 for this model (`--no-int8`): its outputs do not survive int8 weights.",
+             "int8-weight": "leave out int8 weight-only (export.skip: [onnx.int8-weight]): this model's outputs do "
+                            "not survive int8 weights.",
              "int4": "leave out int4: this model's outputs do not survive 4-bit weights.",
              "*": "report this with the model's pocketformer.json."}
 
@@ -379,10 +509,8 @@ class Onnx(Format):
                 export_module(graph.module, path, plan.examples[name], graph.io.input_names, graph.io.output_names,
                               None if plan.fixed else torch_dynamic_shapes(graph.io))
                 plan.state[name] = path
-            elif precision == "int4":
-                quantize_int4(plan.state[name], path)
             else:
-                quantize_int8(plan.state[name], path)
+                QUANTIZERS[precision](plan.state[name], path)
             storage = onnx_file(path) if plan.sparse else None
             written.append(Written(name, path, None, storage))
         return written

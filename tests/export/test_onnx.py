@@ -39,7 +39,7 @@ def text_export(tmp_path_factory, make_model, make_text_inputs):
 def vision_export(tmp_path_factory, make_model, make_vision_inputs):
     model = make_model("vision", labels=[str(i) for i in range(10)])
     out = tmp_path_factory.mktemp("onnx-vision")
-    (record,) = export_onnx(model, out, "vision", make_vision_inputs(batch=3), int8=False)
+    record, _fp16 = export_onnx(model, out, "vision", make_vision_inputs(batch=3), int8=False)
     return model, out / record["file"], record
 
 
@@ -97,7 +97,7 @@ def test_records_carry_the_parity_measured_at_export(text_export):
 
 def test_static_shape_export_has_fixed_input_dims(tmp_path, make_model, make_text_inputs):
     model = make_model("text", labels=["neg", "pos"])
-    (record,) = export_onnx(model, tmp_path, "static", make_text_inputs(batch=3, seq=10), int8=False,
+    record, _fp16 = export_onnx(model, tmp_path, "static", make_text_inputs(batch=3, seq=10), int8=False,
                        static_shape=(1, 16))
     sess = session(tmp_path / record["file"])
     assert [i.shape for i in sess.get_inputs()] == [[1, 16], [1, 16]]
@@ -110,7 +110,7 @@ def test_static_shape_export_has_fixed_input_dims(tmp_path, make_model, make_tex
 
 def test_static_shape_export_with_a_batch_above_one(tmp_path, make_model, make_text_inputs):
     model = make_model("text", labels=["neg", "pos"])
-    (record,) = export_onnx(model, tmp_path, "static", make_text_inputs(batch=5, seq=10), int8=False,
+    record, _fp16 = export_onnx(model, tmp_path, "static", make_text_inputs(batch=5, seq=10), int8=False,
                        static_shape=(2, 16))
     assert [i.shape for i in session(tmp_path / record["file"]).get_inputs()] == [[2, 16], [2, 16]]
     assert record["parity_vs_pytorch"]["examples"] == 5
@@ -118,7 +118,7 @@ def test_static_shape_export_with_a_batch_above_one(tmp_path, make_model, make_t
 
 def test_static_vision_export_has_a_fixed_batch(tmp_path, make_model, make_vision_inputs):
     model = make_model("vision", labels=["a", "b"])
-    (record,) = export_onnx(model, tmp_path, "static", make_vision_inputs(batch=3), int8=False, static_shape=(1, 0))
+    record, _fp16 = export_onnx(model, tmp_path, "static", make_vision_inputs(batch=3), int8=False, static_shape=(1, 0))
     assert session(tmp_path / record["file"]).get_inputs()[0].shape == [1, 1, 8, 8]
 
 
@@ -127,7 +127,7 @@ def test_a_model_with_different_shapes_per_layer_exports_and_matches(tmp_path, m
     model.keep_heads(0, [1])
     model.keep_neurons(0, list(range(24)))
     model.keep_heads(1, [0, 2, 3])
-    (record,) = export_onnx(model, tmp_path, "pruned", make_text_inputs(batch=2, seq=8), int8=False)
+    record, _fp16 = export_onnx(model, tmp_path, "pruned", make_text_inputs(batch=2, seq=8), int8=False)
     inputs = make_text_inputs(batch=3, seq=19, seed=5)
     assert np.abs(ort_run(tmp_path / record["file"], model.input_names, inputs)
                   - torch_run(model, inputs)).max() < TOL
@@ -154,7 +154,7 @@ def test_pruned_minilm_exports_and_matches_pytorch_in_ort(tmp_path, minilm_path,
                               calibration_examples=8)).apply(model, ctx).model
     assert sum(s.heads for s in model.config.layers) == 54
     test = load_dataset(str(sentiment_csv), "test")
-    (record,) = export_onnx(model, tmp_path, "minilm", encoder.encode(test, np.arange(4)), int8=False)
+    record, _fp16 = export_onnx(model, tmp_path, "minilm", encoder.encode(test, np.arange(4)), int8=False)
     longer = (torch.randint(1000, 30000, (3, 48)), torch.ones(3, 48, dtype=torch.long))
     longer[1][2, 30:] = 0
     got = ort_run(tmp_path / record["file"], model.input_names, longer)

@@ -168,7 +168,7 @@ def test_vision_segments_exit_where_pytorch_does(make_model, make_vision_inputs,
             head.out.weight.mul_(20.0)
     inputs = make_vision_inputs(batch=6)
     model.spec.exit_gate = splitting_gate(model, inputs).model_dump()
-    (record,) = export_segments(model, tmp_path, "vit", inputs, "onnx", int8=False)
+    record, _fp16 = export_segments(model, tmp_path, "vit", inputs, "onnx", int8=False)
     got = run_driver(tmp_path / record["file"], "onnx", model, inputs)
     want = predict_with_exits(model, inputs)
     assert [r.exit for r in got] == want.exits.tolist()

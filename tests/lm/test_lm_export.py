@@ -34,8 +34,9 @@ def exported(request, tmp_path_factory):
 
 def test_layout_is_ort_genai(exported):
     family, model, _, records, _ = exported
-    assert [r["precision"] for r in records] == {"llama": ["fp32", "int8", "int4"], "gemma3": ["fp32"],
-                                                 "qwen2": ["fp32", "int8"]}[family]
+    assert [r["precision"] for r in records] == {"llama": ["fp32", "fp16", "int8-weight", "int8", "int4"],
+                                                 "gemma3": ["fp32", "fp16"],
+                                                 "qwen2": ["fp32", "fp16", "int8-weight", "int8"]}[family]
     if family == "llama":  # int4: ORT's MatMulNBits kernels, blocks of 32
         assert next(r for r in records if r["precision"] == "int4")["ops"].get("MatMulNBits", 0) >= 7 * 2
     fp32 = next(r for r in records if r["precision"] == "fp32")
@@ -75,3 +76,37 @@ def test_perplexity_matches_pytorch(exported):
     fp32 = next(r for r in records if r["precision"] == "fp32")
     got = perplexity(Decoder(get_runtime("onnxruntime").open(art / fp32["file"], 1)), windows)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_fp16_and_int8_weight_files_store_their_weights_so(exported):
+    """fp16: every large float weight stored fp16 and cast back (half the fp32 file); int8-weight: every MatMul
+    weight int8 behind DequantizeLinear (which ORT fuses into its 8-bit MatMulNBits), the embedding table int8 with
+    a scale per row, and a tied output embedding stored once (the table read transposed)."""
+    import onnx
+    import onnxruntime as ort
+
+    family, model, _, records, art = exported
+    by = {r["precision"]: r for r in records}
+    fp32_bytes = (art / by["fp32"]["file"]).stat().st_size
+    fp16 = onnx.load(str(art / by["fp16"]["file"]))
+    big = [t for t in fp16.graph.initializer if len(t.dims) == 2]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert (art / by["fp16"]["file"]).stat().st_size < 0.6 * fp32_bytes
+    if "int8-weight" not in by:
+        return
+    q = onnx.load(str(art / by["int8-weight"]["file"]))
+    ops = by["int8-weight"]["ops"]
+    tied = model.spec.tie_embeddings
+    assert tied == (family != "qwen2")  # tiny_lms: llama and gemma3 tie, qwen2 does not
+    n_linear = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)) + tied  # + the tied head
+    assert ops.get("DequantizeLinear") == n_linear
+    assert not [t.name for t in q.graph.initializer  # no float matrix left (row scales are [V, 1])
+                if len(t.dims) == 2 and min(t.dims) > 1 and t.data_type == onnx.TensorProto.FLOAT]
+    transposes = [n for n in q.graph.node if n.op_type == "Transpose" and n.name.endswith("_tied")]
+    assert len(transposes) == tied
+    assert (art / by["int8-weight"]["file"]).stat().st_size < 0.35 * fp32_bytes  # a tiny graph: its nodes weigh too
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(art / "optimized.onnx")
+    ort.InferenceSession(str(art / by["int8-weight"]["file"]), so, providers=["CPUExecutionProvider"])
+    fused = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in fused.graph.node) == n_linear  # every weight runs 8-bit

@@ -39,7 +39,7 @@ def vision(make_model, make_vision_inputs, tmp_path_factory):
         for head in [*model.exit_heads, model.classifier]:
             head.out.weight.mul_(20.0)
     folder = tmp_path_factory.mktemp("driver")
-    (record,) = export_segments(model, folder, "model", make_vision_inputs(batch=4), "onnx", int8=False)
+    record, _fp16 = export_segments(model, folder, "model", make_vision_inputs(batch=4), "onnx", int8=False)
     return model.eval(), folder / record["file"], record
 
 
@@ -80,7 +80,7 @@ def test_stopping_after_one_of_eight_layers_is_faster_than_running_all(make_mode
     model = make_model("text", labels=("a", "b"), vocab_size=1000, max_positions=256, layers=layers(8))
     model.set_exits([0])
     inputs = make_text_inputs(batch=2, seq=128, vocab_size=1000)
-    (record,) = export_segments(model, tmp_path, "model", inputs, "onnx", int8=False)
+    record, _fp16 = export_segments(model, tmp_path, "model", inputs, "onnx", int8=False)
     driver = open_segments(tmp_path / record["file"], "onnxruntime", threads=1)
     feeds = {n: t[:1].numpy() for n, t in zip(model.input_names, inputs)}
 
@@ -323,7 +323,8 @@ def test_the_pipeline_exports_and_validates_segments(tmp_path, tokenized_bert, s
     pipeline.compress(recipe, tokenized_bert, out)
     records = pipeline.export(out, ["onnx"], int8=False, baseline_formats=[])
     kinds = {r["file"]: r.get("kind") for r in records}
-    assert kinds == {"model.fp32.onnx": None, "model.exits.fp32.onnx.json": "segments"}
+    assert kinds == {f"model.{p}.onnx": None for p in ("fp32", "fp16")} | \
+        {f"model.exits.{p}.onnx.json": "segments" for p in ("fp32", "fp16")}
     rows = pipeline.validate(out, str(fast_profile))
     segment_row = next(r for r in rows if r.get("kind") == "segments")
     assert segment_row["exits"] == [0] and segment_row["calibration"]["split"] == "validation"

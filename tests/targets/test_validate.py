@@ -23,7 +23,7 @@ def test_digits():
 def vision_artifact(tmp_path_factory, make_model, make_vision_inputs, test_digits):
     model = make_model("vision", labels=DIGITS)
     out = tmp_path_factory.mktemp("validate")
-    (record,) = export_onnx(model, out, "model", make_vision_inputs(batch=4), int8=False)
+    record, _fp16 = export_onnx(model, out, "model", make_vision_inputs(batch=4), int8=False)
     reference_out = predict(model, test_digits, Encoder(None)).numpy()
     return model, out / record["file"], record, reference_out
 
@@ -154,7 +154,7 @@ def test_a_budget_the_profile_does_not_set_is_not_judged(vision_artifact, make_p
 def test_static_batch_artifact_predicts_every_example(tmp_path, vision_artifact, fast_profile, test_digits):
     model, dynamic_path, _, _ = vision_artifact
     samples = Encoder(None).encode(test_digits, np.arange(4))
-    (record,) = export_onnx(model, tmp_path, "static", samples, int8=False, static_shape=(4, 0))
+    record, _fp16 = export_onnx(model, tmp_path, "static", samples, int8=False, static_shape=(4, 0))
     profile = get_profile(str(fast_profile))
     ds = test_digits.head(10)  # not a multiple of the fixed batch of 4
     static_out = predict_artifact(tmp_path / record["file"], profile, ds, Encoder(None))
@@ -169,7 +169,7 @@ def test_an_embedding_models_cosine_floor_is_a_verdict_on_its_mean(tmp_path, mak
     the mean's interval. The file against its own model's embeddings passes; against another model's it fails."""
     model = make_model("vision")
     assert not model.task.has_labels
-    (record,) = export_onnx(model, tmp_path, "emb", make_vision_inputs(batch=4), int8=False)
+    record, _fp16 = export_onnx(model, tmp_path, "emb", make_vision_inputs(batch=4), int8=False)
     profile = get_profile(str(make_profile("emb", budgets={"min_cosine": 0.95, "accuracy_drop": 1.5})))
     own = predict(model, test_digits, Encoder(None)).numpy()
     other = predict(make_model("vision", seed=1), test_digits, Encoder(None)).numpy()
