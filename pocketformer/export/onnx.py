@@ -160,78 +160,108 @@ FP16_MIN_ELEMENTS = 1024  # smaller tensors (norm scales, biases) stay float32: 
 def quantize_int8_weights(float_path: Path, path: Path) -> None:
     """Weight-only int8: every constant MatMul weight stored int8 with a symmetric scale per output column and read
     through DequantizeLinear (standard ONNX, opset 13), and every embedding table int8 with a scale per row, its
-    rows gathered and scaled. A language model's tied output embedding is the table's transpose, stored once. ORT's
-    CPU provider fuses each DequantizeLinear -> MatMul into its 8-bit MatMulNBits kernel, which quantizes the
-    activations per block of 32 at run time (accuracy level 4): on SmolLM2 this file decodes faster than the fp32
-    and int4 ones (README, "Language models"). The activations are never stored quantized: unlike dynamic int8
-    (quantize_int8), no scale is shared across a whole activation tensor, which SmolLM2's outlier channels break."""
-    from onnx import TensorProto, helper, numpy_helper
-
+    rows gathered and scaled; a language model's tied output embedding is the table's transpose, stored once
+    (Int8Weights). ORT's CPU provider fuses each DequantizeLinear -> MatMul into its 8-bit MatMulNBits kernel, which
+    quantizes the activations per block of 32 at run time (accuracy level 4): no scale is shared across a whole
+    activation tensor, as dynamic int8's is (quantize_int8), which SmolLM2's outlier channels break."""
     with tempfile.TemporaryDirectory() as tmp:
         proto = onnx.load(str(densified_onnx(float_path, Path(tmp) / "dense.onnx")))
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    overridable = {i.name for i in graph.input}
-    tables: dict[bytes, str] = {}  # the transpose's bytes of each int8 table -> its name (tied output embeddings)
+    int8 = Int8Weights(proto.graph)
     nodes = []
+    for node in proto.graph.node:
+        table, weight = int8.table_of(node), int8.weight_of(node)
+        nodes += int8.table(node, table) if table is not None else \
+            int8.matmul(node, weight) if weight is not None else [node]
+    int8.finish(nodes)
+    _save_atomic(proto, path)
 
-    def constant(name: str) -> Optional[np.ndarray]:
-        init = inits.get(name)
-        if init is None or init.name in overridable or init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
+
+class Int8Weights:
+    """Rewrites a graph's constant weights to int8 node by node: embedding tables (Gather on axis 0) with a scale
+    per row, MatMul / plain Gemm weights behind a per-column DequantizeLinear; a weight equal to an int8 table's
+    transpose (a tied output embedding) reads the table's codes transposed instead of storing them again."""
+
+    def __init__(self, graph):
+        from onnx import TensorProto
+
+        self.graph, self.float = graph, TensorProto.FLOAT
+        self.inits = {t.name: t for t in graph.initializer}
+        self.overridable = {i.name for i in graph.input}
+        self.tables: dict[bytes, str] = {}  # the transpose's bytes of each int8 table -> its codes' name
+
+    def constant(self, name: str) -> Optional[np.ndarray]:
+        """A float matrix the graph holds (not one a caller may override), else None."""
+        from onnx import numpy_helper
+
+        init = self.inits.get(name)
+        if init is None or name in self.overridable or init.data_type != self.float or len(init.dims) != 2:
             return None
         return numpy_helper.to_array(init)
 
-    for node in graph.node:
-        table = constant(node.input[0]) if node.op_type == "Gather" and _axis(node) == 0 else None
-        weight = constant(node.input[1]) if node.op_type == "MatMul" or _plain_gemm(node) else None
-        if weight is not None and node.op_type == "Gemm" and _attr(node, "transB", 0):
-            weight = weight.T
-        if table is not None:
-            stem = f"{node.name or node.output[0]}_int8"
-            q, scale = symmetric_int8(table, axis=1)
-            graph.initializer.extend([numpy_helper.from_array(q, f"{stem}_q"),
-                                      numpy_helper.from_array(scale[:, None], f"{stem}_scale")])
-            tables[np.ascontiguousarray(table.T).tobytes()] = f"{stem}_q"
-            nodes += [helper.make_node("Gather", [f"{stem}_q", node.input[1]], [f"{stem}_rows"], name=f"{stem}_rows",
-                                       axis=0),
-                      helper.make_node("Gather", [f"{stem}_scale", node.input[1]], [f"{stem}_row_scales"],
-                                       name=f"{stem}_row_scales", axis=0),
-                      helper.make_node("Cast", [f"{stem}_rows"], [f"{stem}_float"], name=f"{stem}_cast",
-                                       to=TensorProto.FLOAT),
-                      helper.make_node("Mul", [f"{stem}_float", f"{stem}_row_scales"], list(node.output),
-                                       name=f"{stem}_scaled")]
-        elif weight is not None:
-            stem = f"{node.name or node.output[0]}_int8"
-            q, scale = symmetric_int8(weight, axis=0)
-            graph.initializer.append(numpy_helper.from_array(scale, f"{stem}_scale"))
-            tied = tables.get(weight.tobytes())
-            if tied is not None:  # the same codes and scales as the table's: read them transposed
-                nodes.append(helper.make_node("Transpose", [tied], [f"{stem}_q"], name=f"{stem}_tied", perm=[1, 0]))
-            else:
-                graph.initializer.append(numpy_helper.from_array(q, f"{stem}_q"))
-            nodes.append(helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale"], [f"{stem}_w"],
-                                          name=f"{stem}_dq", axis=1))
-            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:  # x W + bias
-                nodes += [helper.make_node("MatMul", [node.input[0], f"{stem}_w"], [f"{stem}_xw"], name=node.name),
-                          helper.make_node("Add", [f"{stem}_xw", node.input[2]], list(node.output),
-                                           name=f"{stem}_bias")]
-            else:
-                nodes.append(helper.make_node("MatMul", [node.input[0], f"{stem}_w"], list(node.output),
-                                              name=node.name))
+    def table_of(self, node) -> Optional[np.ndarray]:
+        return self.constant(node.input[0]) if node.op_type == "Gather" and _attr(node, "axis", 0) == 0 else None
+
+    def weight_of(self, node) -> Optional[np.ndarray]:
+        """W of x W: a MatMul's constant right operand, or a plain Gemm's (transposed back when transB)."""
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            return self.constant(node.input[1])
+        if node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 and \
+                _attr(node, "beta", 1.0) == 1.0:
+            w = self.constant(node.input[1])
+            return w.T if w is not None and _attr(node, "transB", 0) else w
+        return None
+
+    def table(self, node, table: np.ndarray) -> list:
+        from onnx import helper, numpy_helper
+
+        stem = f"{node.name or node.output[0]}_int8"
+        q, scale = symmetric_int8(table, axis=1)
+        self.graph.initializer.extend([numpy_helper.from_array(q, f"{stem}_q"),
+                                       numpy_helper.from_array(scale[:, None], f"{stem}_scale")])
+        self.tables[np.ascontiguousarray(table.T).tobytes()] = f"{stem}_q"
+        return [helper.make_node("Gather", [f"{stem}_q", node.input[1]], [f"{stem}_rows"], name=f"{stem}_rows",
+                                 axis=0),
+                helper.make_node("Gather", [f"{stem}_scale", node.input[1]], [f"{stem}_row_scales"],
+                                 name=f"{stem}_row_scales", axis=0),
+                helper.make_node("Cast", [f"{stem}_rows"], [f"{stem}_float"], name=f"{stem}_cast", to=self.float),
+                helper.make_node("Mul", [f"{stem}_float", f"{stem}_row_scales"], list(node.output),
+                                 name=f"{stem}_scaled")]
+
+    def matmul(self, node, weight: np.ndarray) -> list:
+        from onnx import helper, numpy_helper
+
+        stem = f"{node.name or node.output[0]}_int8"
+        q, scale = symmetric_int8(weight, axis=0)
+        self.graph.initializer.append(numpy_helper.from_array(scale, f"{stem}_scale"))
+        tied = self.tables.get(weight.tobytes())
+        nodes = []
+        if tied is not None:  # the same codes and scales as the table's: read them transposed
+            nodes.append(helper.make_node("Transpose", [tied], [f"{stem}_q"], name=f"{stem}_tied", perm=[1, 0]))
         else:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unread(graph)
-    _save_atomic(proto, path)
+            self.graph.initializer.append(numpy_helper.from_array(q, f"{stem}_q"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale"], [f"{stem}_w"],
+                                      name=f"{stem}_dq", axis=1))
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:  # x W + bias
+            return nodes + [helper.make_node("MatMul", [node.input[0], f"{stem}_w"], [f"{stem}_xw"], name=node.name),
+                            helper.make_node("Add", [f"{stem}_xw", node.input[2]], list(node.output),
+                                             name=f"{stem}_bias")]
+        return nodes + [helper.make_node("MatMul", [node.input[0], f"{stem}_w"], list(node.output), name=node.name)]
+
+    def finish(self, nodes: list) -> None:
+        """The graph's nodes become `nodes`; initializers no node reads any more (the float weights) go."""
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        read = {i for node in self.graph.node for i in node.input} | {o.name for o in self.graph.output}
+        kept = [t for t in self.graph.initializer if t.name in read]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept)
 
 
 def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes in [-127, 127] and a float32 scale per slice along `axis` (the max |w| of the slice / 127)."""
     scale = np.abs(w).max(axis=axis) / 127
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    shaped = np.expand_dims(scale, axis)
-    return np.clip(np.rint(w / shaped), -127, 127).astype(np.int8), scale
+    return np.clip(np.rint(w / np.expand_dims(scale, axis)), -127, 127).astype(np.int8), scale
 
 
 def _attr(node, name: str, default):
@@ -240,25 +270,8 @@ def _attr(node, name: str, default):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _axis(node) -> int:
-    return _attr(node, "axis", 0)
-
-
-def _plain_gemm(node) -> bool:
-    """A Gemm that is x W (+ bias): the exporter's form of a linear layer on a 2-D input."""
-    return node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 and \
-        _attr(node, "beta", 1.0) == 1.0
-
-
-def _drop_unread(graph) -> None:
-    """Remove initializers no node reads any more (weights a quantized copy replaced)."""
-    read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
 INT4_BLOCK = 32
+
 
 
 def quantize_int4(float_path: Path, path: Path) -> None:
@@ -273,29 +286,29 @@ def quantize_int4(float_path: Path, path: Path) -> None:
     grid's offset is added back exactly by a small float product: w = w' + c per block, c = lo + 8 s, so
     x.W = MatMulNBits(x) + (x.S).C, where S (K x K/32, ones) sums x over each block and C (K/32 x N) holds c.
 
-    The MatMul that makes a graph output (a language model's output embedding) stays float: ORT 1.32's 8-bit
-    MatMulNBits kernel is slow (measured on SmolLM2, 2 threads: 5.1 decode tok/s with an 8-bit head, 37.9 with a
-    float one, fp32 file 29.0), and 4 bits would round a GGUF's 8-bit output weights. Attention's products and the
-    embedding lookup stay float too."""
+    The MatMul that makes a graph output (a language model's output embedding) and the embedding table are int8
+    (Int8Weights, as in the int8 weight-only file): 4 bits would round a GGUF's 8-bit output weights again, and the
+    table read transposed holds a tied head once."""
     from onnx import helper, numpy_helper
 
     with tempfile.TemporaryDirectory() as tmp:
         proto = onnx.load(str(densified_onnx(float_path, Path(tmp) / "dense.onnx")))
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
+    int8 = Int8Weights(graph)
     outputs = {o.name for o in graph.output}
     nodes, ones, block_sums = [], {}, {}
     for node in graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        array = numpy_helper.to_array(weight) if weight is not None else None
-        if array is None or array.ndim != 2 or array.dtype != np.float32 or array.shape[0] % INT4_BLOCK:
+        table, array = int8.table_of(node), int8.weight_of(node)
+        if table is not None:
+            nodes += int8.table(node, table)
+            continue
+        if array is None:
             nodes.append(node)
+            continue
+        if node.op_type != "MatMul" or any(o in outputs for o in node.output) or array.shape[0] % INT4_BLOCK:
+            nodes += int8.matmul(node, array)
             continue
         k, n = array.shape
-        if any(o in outputs for o in node.output):
-            nodes.append(node)
-            continue
-        bits = 4
         packed, scales, offsets = block_grid(array.T, INT4_BLOCK)
         stem = f"{node.name or node.output[0]}_nbits"
         graph.initializer.extend([numpy_helper.from_array(packed, f"{stem}_B"),
@@ -303,8 +316,7 @@ def quantize_int4(float_path: Path, path: Path) -> None:
         exact = bool(np.any(offsets))
         out = f"{stem}_symmetric" if exact else node.output[0]
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{stem}_B", f"{stem}_scales"], [out],
-                                      name=stem, domain="com.microsoft", K=k, N=n, bits=bits,
-                                      block_size=INT4_BLOCK))
+                                      name=stem, domain="com.microsoft", K=k, N=n, bits=4, block_size=INT4_BLOCK))
         if exact:  # the grid's offset, exactly: (x . S) . C; x . S once per input (q, k and v share theirs)
             if k not in ones:
                 ones[k] = f"block_ones_{k}"
@@ -319,9 +331,7 @@ def quantize_int4(float_path: Path, path: Path) -> None:
             nodes += [helper.make_node("MatMul", [block_sums[node.input[0]], f"{stem}_offsets"], [f"{stem}_offset"],
                                        name=f"{stem}_offset"),
                       helper.make_node("Add", [out, f"{stem}_offset"], list(node.output), name=f"{stem}_add")]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unread(graph)
+    int8.finish(nodes)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _save_atomic(proto, path)
