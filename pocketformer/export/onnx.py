@@ -340,16 +340,25 @@ def quantize_int4(float_path: Path, path: Path) -> None:
 def block_grid(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MatMulNBits' 4-bit tensors for weights `w` (N outputs x K inputs) with ORT's implicit zero point 8: codes
     packed low bits first ([N, K/block, block / 2] uint8), a scale per block ([N * K/block]), and each block's offset
-    c ([N * K/block]) such that w = s (q - 8) + c. Each block's grid runs from its minimum lo to its maximum in 15
-    steps (a Q4_0 / Q4_1 block exactly), c = lo + 8 s."""
+    c ([N * K/block]) such that w = s (q - 8) + c. A block already on a symmetric grid (w = s q, q in -8..7, s its
+    largest magnitude / 7 or / 8: a GGUF's Q4_0, or the quantize stage's int4) keeps that grid, offset 0; any other
+    block's grid runs from its minimum lo to its maximum in 15 steps (a Q4_1 block exactly), c = lo + 8 s."""
     n, k = w.shape
     blocks = w.reshape(n, k // block, block).astype(np.float64)
     lo, hi = blocks.min(-1), blocks.max(-1)
     scale = np.where(hi > lo, (hi - lo) / 15, 1.0)
-    codes = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    codes = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15)
+    offsets = lo + 8 * scale
+    amax, done = np.abs(blocks).max(-1), np.zeros(lo.shape, bool)
+    for steps in (7, 8):
+        s = np.where(amax > 0, amax / steps, 1.0)
+        q = blocks / s[..., None]
+        on = ~done & (np.abs(q - np.rint(q)).max(-1) <= 1e-3) & (np.rint(q).min(-1) >= -8) & (np.rint(q).max(-1) <= 7)
+        codes[on], scale[on], offsets[on] = np.rint(q[on]) + 8, s[on], 0.0
+        done |= on
+    codes = codes.astype(np.uint8)
     codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    offsets = (lo + 8 * scale).astype(np.float32).reshape(-1)
-    return np.ascontiguousarray(codes), scale.astype(np.float32).reshape(-1), offsets
+    return np.ascontiguousarray(codes), scale.astype(np.float32).reshape(-1), offsets.astype(np.float32).reshape(-1)
 
 
 def _save_atomic(proto: onnx.ModelProto, path: Path) -> None:

@@ -82,3 +82,25 @@ def test_float_weights_lose_a_4_bit_rounding(tmp_path):
     stored = sum(t.raw_data.__len__() for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer
                  if t.name.startswith("first_nbits"))  # codes, scales and offsets of the 4-bit weight
     assert stored < 0.25 * w1.nbytes
+
+
+def test_a_symmetric_grid_is_kept_and_needs_no_offset(tmp_path):
+    """The quantize stage's int4 (neural-compressor RTN, symmetric, scale = block max / 7) or a GGUF's Q4_0: the codes
+    go to MatMulNBits as they are, exactly, with no offset products."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(-8, 8, size=(64, 128 // INT4_BLOCK, INT4_BLOCK))
+    codes[..., 0] = 7  # the block's largest magnitude is code 7 (RTN's amax / 7)
+    codes[:, ::2, 0] = -8  # or -8 (Q4_0, a clipped RTN: amax / 8)
+    scales = rng.uniform(0.001, 0.02, size=(64, 128 // INT4_BLOCK, 1)).astype(np.float32)
+    w1 = (codes * scales).reshape(64, 128).astype(np.float32)
+    w2 = q8_0(rng, 40, 64)
+    two_matmuls(w1, w2, tmp_path / "f.onnx")
+    quantize_int4(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert ops == ["MatMulNBits", "DequantizeLinear", "MatMul"]  # no offset MatMuls, no Add
+    h = onnx.load(str(tmp_path / "q.onnx"))
+    h.graph.output[0].CopyFrom(helper.make_tensor_value_info(h.graph.node[0].output[0], TensorProto.FLOAT, [None, 64]))
+    onnx.save(h, str(tmp_path / "h.onnx"))
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    got = get_runtime("onnxruntime").open(tmp_path / "h.onnx", 1).run({"x": x})[h.graph.node[0].output[0]]
+    assert np.abs(got - x @ w1.T).max() < 1e-4 * np.abs(x @ w1.T).max()

@@ -225,3 +225,50 @@ def test_quantize_on_a_language_model_is_scored_on_its_text(tiny):
         candidates=[{"bits": 2, "group_size": 32}], tolerable_loss=100, min_agreement=0.999))
     with pytest.raises(QuantizationRefused, match="agrees with the float model on only"):
         harsh.apply(copy.deepcopy(model), ctx)
+
+
+def test_the_quantize_stages_int4_is_carried_exactly_into_onnx_int4(tiny, tmp_path):
+    """Group-wise int4 from the quantize stage (symmetric, 32 weights per scale) lands in ONNX's int4 file as the
+    same grid: every block kept as the stage left it (no offset products), so ONNX Runtime's 4-bit weights equal
+    PyTorch's; the file's logits follow the quantized model's (its head is int8, as in every int4 file)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from pocketformer.targets import export_checked, get_runtime
+    from pocketformer.targets.lm import Decoder
+
+    model, windows = tiny
+    ctx = Context(teacher=copy.deepcopy(model), train=None, validation=None, encoder=None,
+                  text={"train": windows, "validation": windows})
+    stage = REGISTRY["quantize"](REGISTRY["quantize"].Config(candidates=[{"bits": 4, "group_size": 32}],
+                                                             tolerable_loss=100, min_agreement=0.5))
+    quantized = stage.apply(copy.deepcopy(model), ctx).model.eval()
+    assert quantized.spec.quantization["bits"] == 4
+    ids = torch.tensor([windows[0][:24]] * 2)
+    records = export_checked(quantized, tmp_path, "model", quantized.graph_inputs(ids, 16), "onnx", int8=False,
+                             int4=True, skip={"fp16"})
+    int4 = next(r for r in records if r["precision"] == "int4")
+    proto = onnx.load(str(tmp_path / int4["file"]))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * len(quantized.layers)
+    assert not [t.name for t in proto.graph.initializer if t.name.endswith("_offsets")]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    stored = [_dequantized(inits[n.input[1]], inits[n.input[2]]) for n in nbits]
+    want_up = quantized.layers[0].ffn.up.weight.detach().numpy()  # layer 0's up projection, found by its values
+    assert any(w.shape == want_up.shape and np.abs(w - want_up).max() < 1e-6 for w in stored)
+    decoder = Decoder(get_runtime("onnxruntime").open(tmp_path / int4["file"], 1))
+    with torch.no_grad():
+        want = quantized(torch.tensor([windows[1]]))[0].numpy()
+    got = decoder.prefill(windows[1])[0]
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def _dequantized(packed, scales):
+    """MatMulNBits' 4-bit weight (N x K/32 x 16 bytes, implicit zero point 8) as floats, N x K."""
+    import numpy as np
+
+    low, high = packed & 0x0F, packed >> 4
+    codes = np.stack([low, high], -1).reshape(packed.shape[0], -1).astype(np.float32) - 8
+    n, k = codes.shape
+    return (codes.reshape(n, k // 32, 32) * scales.reshape(n, k // 32, 1)).reshape(n, k)
