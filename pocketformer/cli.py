@@ -12,7 +12,7 @@ from typing import NoReturn, Optional
 
 import typer
 
-from .errors import AccessError, PocketformerError
+from .errors import AccessError, PocketformerError, TargetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a trained transformer smaller and faster, export it, and measure it on your target.")
@@ -253,6 +253,9 @@ def profile(target: str = typer.Option(..., "--target", "-t", help="a built-in t
     if (path / "baseline").is_dir():
         path = path / "baseline"
     loaded, _ = load_any(path)
+    if loaded.kind == "causal_lm":
+        _profile_lm(prof, loaded, model, precision, check, models, table, rebuild, json_out)
+        return
     precision = precision or prof.precisions[0]
     tab = table_for(prof, loaded.config, precision, table, rebuild=rebuild)
     for line in table_lines(tab):
@@ -272,6 +275,39 @@ def profile(target: str = typer.Option(..., "--target", "-t", help="a built-in t
     if json_out is not None:
         write_table(tab, json_out) if result is None else json_out.write_text(
             _json.dumps({"table": tab.to_json(), "check": result}, indent=1) + "\n")
+        _echo(f"wrote {json_out}")
+
+
+def _profile_lm(prof, loaded, model: str, precision: Optional[str], check: bool, models: int,
+                table: Optional[Path], rebuild: bool, json_out: Optional[Path]) -> None:
+    """`pocketformer profile` for a language model: its decode and prefill tables (targets/lm_latency.py)."""
+    import json as _json
+
+    from .targets.latency import table_lines
+    from .targets.lm_latency import check_lm_tables, lm_tables_for
+
+    if prof.language_models is None:
+        raise TargetError(f"Target {prof.name} validates no language models (its profile has no "
+                          "`language_models:`).", "choose a target that does (`pocketformer targets`).")
+    if table is not None:
+        raise TargetError("--table is for encoder tables; a language model's decode and prefill tables are measured "
+                          "here.", "leave out --table.")
+    precision = precision or prof.language_models.precisions[0]
+    tables = lm_tables_for(prof, loaded.spec, precision, rebuild=rebuild)
+    for tab in tables.values():
+        for line in table_lines(tab):
+            _echo(line)
+    result = None
+    if check:
+        result = check_lm_tables(tables, prof, loaded.spec, n=models)
+        for measure in tables:
+            r = result[measure]
+            _echo(f"check of {measure} on {r['models']} random pruned LMs of {model} ({prof.name}, measured here): "
+                  f"{r['within_10pct']:.0%} predicted within +-10% ({r['within_5pct']:.0%} within +-5%), mean "
+                  f"|error| {r['mean_abs_error']:.1%}, worst {r['worst_error']:+.1%}")
+    if json_out is not None:
+        json_out.write_text(_json.dumps({"tables": {m: t.to_json() for m, t in tables.items()}, "check": result},
+                                        indent=1) + "\n")
         _echo(f"wrote {json_out}")
 
 

@@ -9,6 +9,9 @@ A table is plain JSON, so a user can measure one on a device pocketformer cannot
   runtime           runtime that ran the files ("onnxruntime", "litert", "coreml", ...), runtime_version its version
   threads, batch, seq_len, precision
                     the settings every measurement used (precision: the artifact's, "fp32", "int8", ...)
+  measure           what is timed: "latency" (one forward of batch x seq_len, an encoder's), or for a language
+                    model "decode" (one generated token after a prompt of seq_len tokens) or "prefill" (that prompt);
+                    a language model's attention points count query heads + key-value heads (targets/lm_latency.py)
   cpu               {"model": ..., "features": [...], "fingerprint": ...} of the measuring machine
   family            what the table is valid for: {"modality", "hidden", "head_dim", "act", "norm", "vocab_size",
                     "max_positions"}; a model of another family is refused
@@ -30,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import TargetError, first_error
 
 SCHEMA = "pocketformer-latency-table/1"
-FAMILY_KEYS = ("modality", "hidden", "head_dim", "act", "norm", "vocab_size", "max_positions")
+FAMILY_KEYS = ("modality", "kind", "hidden", "head_dim", "act", "norm", "vocab_size", "max_positions",
+               "tie_embeddings")
 
 
 class Curve(BaseModel):
@@ -81,6 +85,7 @@ class LatencyTable(BaseModel):
     batch: int = Field(1, ge=1)
     seq_len: int = Field(ge=1)
     precision: str = "fp32"
+    measure: Literal["latency", "decode", "prefill"] = "latency"
     cpu: dict[str, Any] = Field(default_factory=dict)
     family: dict[str, Any]
     base_ms: float = Field(ge=0)
@@ -121,7 +126,10 @@ class LatencyTable(BaseModel):
 
     # -- identity ------------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True)
+        data = self.model_dump(by_alias=True)
+        if data["measure"] == "latency":  # an encoder's table reads (and hashes) as it did before LMs had tables
+            del data["measure"]
+        return data
 
     @property
     def digest(self) -> str:

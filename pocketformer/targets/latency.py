@@ -233,11 +233,17 @@ def check_table(table: LatencyTable, profile: Profile, spec: ModelConfig, n: int
 def table_lines(table: LatencyTable) -> list[str]:
     """The table as a person reads it."""
     c = table.calibration
+    lm = table.measure != "latency"  # a language model's decode or prefill table (targets/lm_latency.py)
+    shape = f"{table.measure} after a {table.seq_len}-token prompt" if table.measure == "decode" else \
+        f"prefill of {table.seq_len} tokens" if lm else f"batch {table.batch} x {table.seq_len}"
     lines = [f"latency table: {table.target} ({table.runtime} {table.runtime_version}, {table.threads} threads, "
-             f"batch {table.batch} x {table.seq_len}, {table.precision}) on {table.cpu.get('fingerprint', '?')}",
+             f"{shape}, {table.precision}) on {table.cpu.get('fingerprint', '?')}",
              "  family: " + ", ".join(f"{k} {table.family[k]}" for k in FAMILY_KEYS if k in table.family),
-             f"  embeddings + head: {table.base_ms:.3f} ms; empty layer (norms, residuals): {table.layer_ms:.3f} ms",
-             "  attention, ms per layer by heads: " + ", ".join(f"{p}: {m:.3f}" for p, m in
+             f"  embeddings + head: {table.base_ms:.3f} ms; " + (
+                 f"a layer of 1 group of 1 head and {table.ffn.points[0]} FFN neurons: {table.layer_ms:.3f} ms" if lm
+                 else f"empty layer (norms, residuals): {table.layer_ms:.3f} ms"),
+             ("  attention, ms per layer by query + key-value heads (beyond the smallest): " if lm else
+              "  attention, ms per layer by heads: ") + ", ".join(f"{p}: {m:.3f}" for p, m in
                                                                zip(table.attention.points, table.attention.ms)),
              "  FFN, ms per layer by neurons: " + ", ".join(f"{p}: {m:.3f}" for p, m in
                                                            zip(table.ffn.points, table.ffn.ms)),
