@@ -293,13 +293,13 @@ def _profile_lm(prof, loaded, model: str, precision: Optional[str], check: bool,
         raise TargetError("--table is for encoder tables; a language model's decode and prefill tables are measured "
                           "here.", "leave out --table.")
     precision = precision or prof.language_models.precisions[0]
-    tables = lm_tables_for(prof, loaded.spec, precision, rebuild=rebuild)
+    tables = lm_tables_for(prof, loaded.config, precision, rebuild=rebuild)
     for tab in tables.values():
         for line in table_lines(tab):
             _echo(line)
     result = None
     if check:
-        result = check_lm_tables(tables, prof, loaded.spec, n=models)
+        result = check_lm_tables(tables, prof, loaded.config, n=models)
         for measure in tables:
             r = result[measure]
             _echo(f"check of {measure} on {r['models']} random pruned LMs of {model} ({prof.name}, measured here): "

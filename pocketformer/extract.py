@@ -355,23 +355,31 @@ def _reference(source: Path, folder: Path, model, run_summary: dict[str, Any], t
 
 
 def _run_extract_lm(model, source: Path, folder: Path, out: Path, source_provenance: dict[str, Any],
-                    run_summary: dict[str, Any], widths: Optional[str], target: Optional[str],
-                    data: Optional[str]) -> dict[str, Any]:
-    """`extract --widths` on a nested language model: the sub-model cut out, its perplexity on the test text
-    against the run's baseline (else the source at full width), paired window by window."""
+                    run_summary: dict[str, Any], widths: Optional[str], profile, data: Optional[str],
+                    latency_ms: Optional[float], size_mb: Optional[float]) -> dict[str, Any]:
+    """`extract` on a nested language model: the widths given, or searched for `profile`'s decode budget on its
+    measured decode table (Mix'n'Match, scored by validation perplexity); the sub-model cut out, its perplexity on
+    the test text against the run's baseline (else the source at full width), paired window by window."""
     from . import lm_pipeline
     from .models.causal import window_nll
     from .models.io import save
     from .targets.lm_validate import LMReference, perplexity_check
 
-    if target is not None:
-        raise ExtractError("Searching a language model's widths for a target needs its decode and prefill latency "
-                           "tables, which pocketformer does not measure yet.",
-                           "pass --widths (e.g. 0.5), export the result and validate it on the target.")
-    chosen = _given_widths(model, widths, folder)
+    search_record = None
+    if profile is not None:
+        search_record = search_lm(model, profile, folder, run_summary, data, latency_ms, size_mb)
+        if search_record["widths"] is None:
+            raise ExtractError(f"No nested width meets {profile.name}'s decode budget ({search_record['budget']}); "
+                               f"the narrowest is predicted at {search_record['candidates'][-1]['decode_ms']:.2f} ms "
+                               "a token.", "raise --latency-ms, or train narrower widths (matformer's widths).")
+        chosen = search_record["widths"]
+    else:
+        chosen = _given_widths(model, widths, folder)
     sub = extract(model, chosen)
     provenance = {**_source_record(model, folder, source_provenance), "widths_spec": widths, "widths": chosen,
                   "params": count_params(sub), "source_params": count_params(model), "kind": lm_pipeline.KIND}
+    if search_record is not None:
+        provenance["search"] = search_record
     if data:
         recipe = run_summary.get("recipe", {})
         reference, reference_dir, name = _reference(source, folder, model, run_summary, False)
@@ -394,6 +402,61 @@ def _run_extract_lm(model, source: Path, folder: Path, out: Path, source_provena
         info(confirmation_line(provenance["confirmation"]))
     save(sub, out, provenance, tokenizer_dir=folder)
     return provenance
+
+
+def search_lm(model, profile, folder: Path, run_summary: dict[str, Any], data: Optional[str],
+              latency_ms: Optional[float], size_mb: Optional[float]) -> dict[str, Any]:
+    """Per-layer FFN widths of a nested language model whose decode step `profile`'s decode table predicts within
+    `latency_ms` (default: the profile's decode_ms budget), the best by validation perplexity (Mix'n'Match between
+    uniform widths, as choose_widths does for encoders)."""
+    from . import lm_pipeline
+    from .models.causal import window_nll
+    from .targets.lm_latency import lm_tables_for, lm_units
+
+    lm = profile.language_models
+    if lm is None:
+        raise ExtractError(f"Target {profile.name} validates no language models (its profile has no "
+                           "`language_models:`).", "choose a target that does (`pocketformer targets`).")
+    if size_mb is not None:
+        raise ExtractError("A language model's widths are searched for a decode budget.", "pass --latency-ms.")
+    latency_ms = latency_ms if latency_ms is not None else lm.budgets.decode_ms
+    if latency_ms is None:
+        raise ExtractError(f"Target {profile.name} has no decode budget to search for.", "pass --latency-ms.")
+    if not data:
+        raise ExtractError(f"Widths are scored by validation perplexity, and there is no text for {folder}.",
+                           "pass --data, or extract from a run folder (its recipe names the data).")
+    choices = nested_choices(model)
+    precision = lm.precisions[0]
+    tables = lm_tables_for(profile, model.config, precision)
+    recipe = run_summary.get("recipe", {})
+    windows = lm_pipeline.windows(model, folder, data, "validation", recipe.get("seed", 0),
+                                  recipe.get("max_len", 128), 16)
+
+    def measure(widths: list[int]) -> dict[str, Any]:
+        spec = model.config.model_copy(update={"layers": [s.model_copy(update={"ffn": w}) for s, w in
+                                                        zip(model.config.layers, widths)]})
+        return {f"{m}_ms": tables[m].predict(lm_units(spec)) for m in ("decode", "prefill")}
+
+    def score(widths: list[int]) -> float:
+        with torch.no_grad():
+            nll, counts = window_nll(extract(model, widths), windows)
+        return -float(nll.sum() / counts.sum())  # higher is better: minus the mean NLL per token
+
+    narrowest = measure([c[-1] for c in choices])["decode_ms"]  # a prediction: known before anything is scored
+    if narrowest > latency_ms:
+        raise ExtractError(f"No nested width meets {profile.name}'s decode budget of {latency_ms:g} ms: the "
+                           f"narrowest is predicted at {narrowest:.2f} ms a token.",
+                           "raise --latency-ms, or train narrower widths (matformer's widths).")
+    info(f"extract search on {profile.name} ({profile.format} {precision}, {profile.runtime}, {profile.threads} "
+         f"threads, decode after {lm.prompt_tokens} tokens, predicted by its decode table): budget decode_ms <= "
+         f"{latency_ms:g}; score minus validation NLL per token")
+    fractions = sorted(model.spec.nested_ffn, reverse=True)
+    chosen, log = choose_widths(choices, [f"{f:g}" for f in fractions], measure,
+                                lambda costs: costs["decode_ms"] <= latency_ms, score)
+    return {"target": profile.name, "format": profile.format, "runtime": profile.runtime, "precision": precision,
+            "threads": profile.threads, "prompt_tokens": lm.prompt_tokens, "budget": {"decode_ms": latency_ms},
+            "predicted_by": {m: t.digest for m, t in tables.items()}, "score": "-validation NLL per token",
+            "widths": chosen, "candidates": log}
 
 
 def resolve_source(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -441,7 +504,8 @@ def run_extract(source: Path, out: Path, *, widths: Optional[str] = None, target
         confidence = profile.budgets.confidence if profile else DEFAULT_CONFIDENCE
     model, source_provenance = load_any(folder, trust_pickle=trust_pickle)
     if model.kind == "causal_lm":
-        return _run_extract_lm(model, source, folder, out, source_provenance, run_summary, widths, target, data)
+        return _run_extract_lm(model, source, folder, out, source_provenance, run_summary, widths, profile, data,
+                               latency_ms, size_mb)
     if max_drop is not None and not model.task.has_labels:
         raise ExtractError(f"The model in {folder} is a {model.task.name} model: it has no accuracy to drop.",
                            "leave out --max-drop: its test-split cosine with the reference is reported instead.")

@@ -99,8 +99,10 @@ def compress(recipe, checkpoint: Path, out_dir: Path, model, provenance: dict[st
     compressed, reports, baseline_hash = model, [], weights_sha256(model)
     if stages:  # the stages work on a copy: the imported model is the teacher and the baseline, unchanged
         train = windows(model, folder, data, "train", recipe.seed, recipe.max_len, TRAIN_WINDOWS)
+        target = next((t.name for t in recipe.target_refs()), None)
         ctx = Context(teacher=model.eval(), train=None, validation=None, encoder=None, seed=recipe.seed,
-                      batch_size=recipe.batch_size, text={"train": train, "validation": val})
+                      batch_size=recipe.batch_size, text={"train": train, "validation": val}, target=target,
+                      latency_table=lambda t, f, prec, m: decode_tables(t or target, f, prec, m))
         measures = (lambda m: measure(m, recipe.max_len),
                     lambda m: {"validation_perplexity": window_perplexity(m, val)})
         compressed, reports, _ = run_stages(copy.deepcopy(model), stages, ctx, baseline_hash, recipe, folder,
@@ -182,3 +184,25 @@ def row_line(row: dict[str, Any]) -> str:
     return (f"    {row['file']}: perplexity {row['perplexity']:.2f} ({row['perplexity_increase_pct']:+.2f}%), token "
             f"match {row['token_match'] * 100:.1f}%, {speed}, {row['size_mb']:.1f} MB -> {row['verdict']}{checks}")
 
+
+
+def decode_tables(stage_target: Optional[str], table_file: Optional[str], precision: Optional[str], model):
+    """Context.latency_table for a language model's run: (target, its decode table at the precision, else its
+    language models' first), measured on the target's runtime here and cached (targets/lm_latency.py)."""
+    from .errors import TargetError
+    from .targets import get_profile
+    from .targets.lm_latency import lm_tables_for
+
+    profile = get_profile(stage_target)
+    lm = profile.language_models
+    if lm is None:
+        raise TargetError(f"Target {profile.name} validates no language models (its profile has no "
+                          "`language_models:`).", "prune to a target that does (`pocketformer targets`).")
+    if table_file:
+        raise RecipeError("prune's table is an encoder table file; a language model's decode table is measured on "
+                          "the target here.", "leave out table.")
+    precision = precision or lm.precisions[0]
+    if precision not in lm.precisions:
+        raise TargetError(f"Target {profile.name} runs {', '.join(lm.precisions)} language-model files, not "
+                          f"{precision}.", f"set prune's precision to one of {', '.join(lm.precisions)}.")
+    return profile.name, lm_tables_for(profile, model.config, precision)["decode"]

@@ -32,10 +32,6 @@ from .base import Context, StageResult
 
 # Settings of the prune stage that do not apply to a language model (yet), and what to do instead.
 UNSUPPORTED = {
-    "speedup": "latency-targeted pruning of language models needs decode/prefill latency tables (the next step): "
-               "set layers, groups, heads or ffn",
-    "latency_ms": "latency-targeted pruning of language models needs decode/prefill latency tables (the next "
-                  "step): set layers, groups, heads or ffn",
     "max_drop": "the accuracy budget is for classifiers: a language model's perplexity is validated per target",
 }
 
@@ -175,7 +171,11 @@ def check(cfg) -> None:
     if asked:
         raise RecipeError(f"prune's {asked[0]} does not apply to a decoder-only language model.",
                           UNSUPPORTED[asked[0]] + ".")
-    if cfg.importance not in ("magnitude", "taylor"):
+    if cfg.latency_target:  # PruneConfig names its importance fisher; on an LM it is taylor's loss estimate
+        if cfg.groups:
+            raise RecipeError("prune's speedup / latency_ms choose the groups (and layers, heads and neurons) "
+                              "themselves.", "leave out groups, or the latency target.")
+    elif cfg.importance not in ("magnitude", "taylor"):
         raise RecipeError(f"prune's importance {cfg.importance!r} does not apply to a language model yet.",
                           "use importance: magnitude or taylor.")
 
@@ -189,6 +189,12 @@ def apply(model, ctx: Context, cfg) -> StageResult:
     details: dict[str, Any] = {"calibration_windows": len(windows),
                                "calibration_tokens": sum(len(w) - 1 for w in windows),
                                "loss_before": mean_loss(model, windows)}
+    if cfg.latency_target:
+        details.update(_to_latency(model, windows, cfg, ctx))
+        details["loss_after"] = mean_loss(model, windows)
+        info(f"prune: calibration loss {details['loss_before']:.4f} -> {details['loss_after']:.4f} on "
+             f"{details['calibration_tokens']:,} train tokens")
+        return StageResult(model, details)
     n_layers = resolve(cfg.layers, len(model.layers))
     if n_layers:
         scores = layer_scores(model, windows)
@@ -223,3 +229,110 @@ def apply(model, ctx: Context, cfg) -> StageResult:
     info(f"prune: calibration loss {details['loss_before']:.4f} -> {details['loss_after']:.4f} on "
          f"{details['calibration_tokens']:,} train tokens")
     return StageResult(model, details)
+
+
+# -- to a latency target --------------------------------------------------------------------------------------------
+
+def _to_latency(model, windows: list[list[int]], cfg, ctx: Context) -> dict[str, Any]:
+    """Prune to `cfg.speedup` / `cfg.latency_ms` of the target's decode table: greedily remove whichever unit costs
+    the least calibration loss per millisecond the table says it saves (a whole layer, a key-value group, one query
+    head from every group of a layer, or `round_to` FFN neurons), until the predicted decode step is within budget.
+    Layers cost their measured loss rise when skipped alone; the others their taylor scores, per window (first-order
+    loss changes: the same units)."""
+    from ..targets.lm_latency import lm_units
+
+    if ctx.latency_table is None or (cfg.target or ctx.target) is None:
+        raise RecipeError("prune's speedup / latency_ms needs a target to measure decode latency on, and none is "
+                          "named.", "add a target to the recipe's targets, or set prune's target.")
+    target, table = ctx.latency_table(cfg.target or ctx.target, cfg.table, cfg.precision, model)
+    before = table.predict(lm_units(model.config))
+    budget = cfg.latency_ms if cfg.latency_ms is not None else before / cfg.speedup
+    info(f"prune: {target} ({table.runtime} {table.runtime_version}, {table.threads} threads, {table.measure}, "
+         f"{table.precision}): the model is predicted at {before:.2f} ms a token; pruning to {budget:.2f} ms")
+    n = len(windows)
+    heads, neurons = taylor_scores(model, windows)
+    heads, neurons = [h / n for h in heads], [w / n for w in neurons]
+    layer_loss = layer_scores(model, windows)
+    plan = [{"groups": list(range(layer.attn.kv_heads)), "slots": layer.attn.heads // layer.attn.kv_heads,
+             "neurons": neurons[li].argsort(descending=True).tolist(),
+             "heads": heads[li].reshape(layer.attn.kv_heads, -1)}  # [group, head in group]
+            for li, layer in enumerate(model.layers)]
+    alive = list(range(len(plan)))
+
+    def units(li: int) -> tuple[int, int]:
+        q = plan[li]
+        return len(q["groups"]) * (q["slots"] + 1), len(q["neurons"])
+
+    def predicted() -> float:
+        return table.predict([units(li) for li in alive])
+
+    removed = {"layers": 0, "groups": 0, "head_slots": 0, "neurons": 0}
+    while predicted() > budget:
+        options = []  # (loss per ms saved, kind, layer)
+        for li in alive:
+            q, (u, w) = plan[li], units(li)
+            if len(alive) > 1:
+                options.append((layer_loss[li], table.layer_cost(u, w), "layers", li))
+            by_group = _group_sums(q)
+            if len(q["groups"]) > 1:
+                options.append((float(min(by_group.values())), table.attention(u) - table.attention(
+                    u - q["slots"] - 1), "groups", li))
+            if q["slots"] > 1:
+                options.append((_weakest_slot(q), table.attention(u) - table.attention(u - len(q["groups"])),
+                                "head_slots", li))
+            if w > cfg.round_to:
+                block = neurons[li][q["neurons"][-cfg.round_to:]].sum()
+                options.append((float(block), table.ffn(w) - table.ffn(w - cfg.round_to), "neurons", li))
+        options = [(loss / saved, kind, li) for loss, saved, kind, li in
+                   ((loss, table.calibration.scale * saved, kind, li) for loss, saved, kind, li in options)
+                   if saved > 1e-9]
+        if not options:
+            break
+        _, kind, li = min(options)
+        removed[kind] += 1
+        q = plan[li]
+        if kind == "layers":
+            alive.remove(li)
+        elif kind == "groups":
+            sums = _group_sums(q)
+            q["groups"].remove(min(sums, key=sums.get))
+        elif kind == "head_slots":
+            q["slots"] -= 1
+        else:
+            del q["neurons"][-cfg.round_to:]
+    after = predicted()
+    # apply the plan through the model's own edits: units first (layer indices as they are), then the layers
+    for li in alive:
+        q, attn = plan[li], model.layers[li].attn
+        g = attn.heads // attn.kv_heads
+        if q["slots"] < g:
+            model.keep_heads(li, [grp * g + int(h) for grp in range(attn.kv_heads)
+                                  for h in q["heads"][grp].argsort(descending=True)[:q["slots"]]])
+        if len(q["groups"]) < attn.kv_heads:
+            model.keep_groups(li, sorted(q["groups"]))
+        if len(q["neurons"]) < model.layers[li].ffn.width:
+            model.keep_neurons(li, sorted(q["neurons"]))
+    if len(alive) < len(model.layers):
+        model.keep_layers(alive)
+    reached = after <= budget
+    info(f"prune: predicted {after:.2f} ms a token ({before / after:.2f}x); removed {removed['layers']} layers, "
+         f"{removed['groups']} key-value groups, {removed['head_slots']} query-head slots, "
+         f"{removed['neurons'] * cfg.round_to} FFN neurons" + ("" if reached else
+                                                               f"; the {budget:.2f} ms budget is out of reach"))
+    return {"latency_target": {"target": target, "asked": {"speedup": cfg.speedup, "latency_ms": cfg.latency_ms},
+                               "measure": table.measure, "predicted_before_ms": before, "predicted_after_ms": after,
+                               "predicted_speedup": before / after, "reached": reached, "removed": removed,
+                               "precision": table.precision, "runtime": table.runtime,
+                               "runtime_version": table.runtime_version, "threads": table.threads,
+                               "prompt_tokens": table.seq_len, "cpu": table.cpu.get("fingerprint"),
+                               "table_sha256": table.digest}}
+
+
+def _group_sums(q: dict) -> dict[int, float]:
+    """Each remaining group's score: its remaining query heads' (the strongest `slots` of the group)."""
+    return {g: float(q["heads"][g].sort(descending=True).values[:q["slots"]].sum()) for g in q["groups"]}
+
+
+def _weakest_slot(q: dict) -> float:
+    """What dropping one more query head from every remaining group costs: each group's weakest kept head."""
+    return float(sum(q["heads"][g].sort(descending=True).values[q["slots"] - 1] for g in q["groups"]))

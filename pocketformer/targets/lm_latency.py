@@ -233,10 +233,8 @@ def lm_tables_for(profile: Profile, spec: CausalLMConfig, precision: str = "fp32
                   calibration_models: int = 4, rounds: int = ROUNDS) -> dict[str, LatencyTable]:
     """The decode and prefill tables of `profile` for the family of `spec`: cached, else measured now and cached."""
     from ..latency import read_table, write_table
-    from ..store import cache_root, digest
 
-    key = digest(lm_table_key(profile, spec, precision))[:20]
-    paths = {m: cache_root() / "latency" / f"{profile.name}-{precision}-{m}-{key}.json" for m in MEASURES}
+    paths = lm_table_paths(profile, spec, precision)
     if not rebuild and all(p.is_file() for p in paths.values()):
         return {m: read_table(p) for m, p in paths.items()}
     tables = build_lm_tables(profile, spec, precision, calibration_models, rounds)
@@ -244,3 +242,11 @@ def lm_tables_for(profile: Profile, spec: CausalLMConfig, precision: str = "fp32
         write_table(table, paths[m])
     info(f"profile {profile.name}: tables cached at {paths['decode'].parent}")
     return tables
+
+
+def lm_table_paths(profile: Profile, spec: CausalLMConfig, precision: str) -> dict[str, Path]:
+    """Where the cached decode and prefill tables of `profile` for the family of `spec` are (or go)."""
+    from ..store import cache_root, digest
+
+    key = digest(lm_table_key(profile, spec, precision))[:20]
+    return {m: cache_root() / "latency" / f"{profile.name}-{precision}-{m}-{key}.json" for m in MEASURES}

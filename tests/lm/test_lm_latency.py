@@ -37,8 +37,8 @@ def tables(tmp_path_factory):
     profile = get_profile(str(root / "ort.yaml"))
     with pytest.MonkeyPatch.context() as mp:  # this module's own cache, which the CLI test reads too
         mp.setenv("POCKETFORMER_CACHE", str(root / "cache"))
-        built = lm_tables_for(profile, model.spec, "fp32", calibration_models=2, rounds=1)
-        check = check_lm_tables(built, profile, model.spec, n=1, rounds=1)
+        built = lm_tables_for(profile, model.config, "fp32", calibration_models=2, rounds=1)
+        check = check_lm_tables(built, profile, model.config, n=1, rounds=1)
     return root, model, profile, built, check
 
 

@@ -105,7 +105,8 @@ def test_layers_are_scored_by_the_loss_change_when_skipped(tiny):
 
 
 @pytest.mark.parametrize("config,says", [
-    ({"speedup": 2.0}, "does not apply to a decoder-only language model"),
+    ({"max_drop": 1.0, "importance": "accuracy"}, "does not apply to a decoder-only language model"),
+    ({"speedup": 2.0}, "needs a target to measure decode latency on"),
     ({"importance": "accuracy"}, "does not apply to a language model yet"),
 ])
 def test_settings_for_encoders_only_are_refused_in_one_line(tiny, config, says):
@@ -125,7 +126,8 @@ def test_run_compresses_exports_validates_and_extracts_a_language_model(tmp_path
     """`pocketformer run` with prune, distill and matformer on a tiny Llama: stage reports with validation
     perplexity, the pruned nested model exported and validated against the unpruned baseline, the stages cached on
     a re-run; then `pocketformer extract RUN --widths 0.5` cuts the half width, its test perplexity paired with the
-    baseline, and a width search for a target is refused in one line (it needs decode latency tables)."""
+    baseline; `extract --target` searches widths for a decode budget on the target's decode table."""
+    from pocketformer.latency import Curve
     from pocketformer.models import load
 
     save_tiny_lm("llama", tmp_path / "tiny-llama")
@@ -165,9 +167,36 @@ def test_run_compresses_exports_validates_and_extracts_a_language_model(tmp_path
     assert c["reference"] == "baseline" and c["split"] == "test" and c["perplexity"] > 1
     assert c["interval_pct"][0] <= c["perplexity_increase_pct"] <= c["interval_pct"][1]
     assert "test perplexity" in proc.stderr
-    proc = cli("extract", str(out), "-o", str(tmp_path / "fit"), "--target", "host-ort", "--latency-ms", "5",
+
+    # a width search for a decode budget, on the target's decode table (written by hand into the cache here: the
+    # measured kind is tests/lm/test_lm_latency.py): FFN neurons cost 1 ms per 32, so the full widths (64, 64) are
+    # predicted 2 ms above the half ones, and a budget between them needs at least one layer at half width
+    from pocketformer.latency import write_table
+    from pocketformer.targets import get_profile
+    from pocketformer.targets.lm_latency import lm_table_paths, lm_units
+
+    model, _ = load(out / "model")
+    profile = get_profile(str(tmp_path / "ort.yaml"))
+    table = decode_table(model, attention_ms=0.1, ffn_ms=1.0).model_copy(update={"ffn": Curve(points=[32, 64],
+                                                                                                ms=[0.0, 1.0])})
+    for measure, path in lm_table_paths(profile, model.config, "fp32").items():
+        write_table(table.model_copy(update={"measure": measure, "target": profile.name}), path)
+    full = table.predict(lm_units(model.config))
+    proc = cli("extract", str(out), "-o", str(tmp_path / "fit"), "--target", "ort.yaml", "--latency-ms",
+               f"{full - 0.5:.4f}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fit, meta = load(tmp_path / "fit")
+    search = meta["provenance"]["search"]
+    assert search["budget"] == {"decode_ms": pytest.approx(full - 0.5, abs=1e-3)}
+    widths = [la.ffn.width for la in fit.layers]
+    assert widths == search["widths"] and table.predict(lm_units(fit.config)) <= full - 0.5
+    # uniform full width is over budget, half fits, narrowing one layer of the full (Mix'n'Match) fits too
+    assert [(c["kind"], c["fits"]) for c in search["candidates"]] == [("uniform 1", False), ("uniform 0.5", True),
+                                                                        ("mix'n'match", True)]
+    assert widths == max((c for c in search["candidates"] if c["fits"]), key=lambda c: c["score"])["widths"]
+    proc = cli("extract", str(out), "-o", str(tmp_path / "none"), "--target", "ort.yaml", "--latency-ms", "0.1",
                cwd=tmp_path)
-    assert proc.returncode == 2 and "decode and prefill latency tables" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "No nested width meets" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -272,3 +301,55 @@ def _dequantized(packed, scales):
     codes = np.stack([low, high], -1).reshape(packed.shape[0], -1).astype(np.float32) - 8
     n, k = codes.shape
     return (codes.reshape(n, k // 32, 32) * scales.reshape(n, k // 32, 1)).reshape(n, k)
+
+
+def decode_table(model, attention_ms: float, ffn_ms: float):
+    """A decode table of the tiny Llama's family, written by hand (the measured kind is tests/lm/test_lm_latency.py):
+    `attention_ms` per unit (query or key-value head) beyond the smallest, `ffn_ms` per 64 neurons beyond 64."""
+    from pocketformer.latency import Curve, LatencyTable
+    from pocketformer.targets.lm_latency import lm_family_of
+
+    return LatencyTable(target="hand", runtime="onnxruntime", threads=1, seq_len=24, measure="decode",
+                        family=lm_family_of(model.config), base_ms=1.0, layer_ms=0.5,
+                        attention=Curve(points=[2, 6], ms=[0.0, 4 * attention_ms]),
+                        ffn=Curve(points=[64, 128], ms=[0.0, ffn_ms]))
+
+
+@pytest.mark.parametrize("expensive", ["ffn", "attention"])
+def test_pruning_to_a_decode_latency_removes_what_the_table_says_costs(tiny, expensive):
+    """prune's speedup on a language model: units go by calibration loss per millisecond the target's decode table
+    says they save, until the predicted step is within budget; the edits give the shapes the prediction assumed."""
+    from pocketformer.targets.lm_latency import lm_units
+
+    model, windows = tiny
+    table = decode_table(model, attention_ms=2.0 if expensive == "attention" else 0.01,
+                         ffn_ms=8.0 if expensive == "ffn" else 0.01)
+    stage = REGISTRY["prune"](REGISTRY["prune"].Config(speedup=1.3, round_to=8))
+    ctx = Context(teacher=copy.deepcopy(model), train=None, validation=None, encoder=None,
+                  text={"train": windows, "validation": windows}, target="hand",
+                  latency_table=lambda *_: ("hand", table))
+    result = stage.apply(copy.deepcopy(model), ctx)
+    pruned, details = result.model, result.details["latency_target"]
+    before = table.predict(lm_units(model.config))
+    assert details["predicted_before_ms"] == pytest.approx(before)
+    assert table.predict(lm_units(pruned.config)) == pytest.approx(details["predicted_after_ms"])
+    assert details["reached"] and details["predicted_after_ms"] <= before / 1.3 + 1e-9
+    removed = details["removed"]
+    # what saves next to nothing is never worth its loss: cheap attention stays whole, or cheap neurons do (a
+    # whole layer may go either way: it saves both)
+    if expensive == "ffn":
+        assert removed["groups"] + removed["head_slots"] == 0 and removed["neurons"] + removed["layers"] > 0
+        assert all(la.ffn % 8 == 0 for la in pruned.config.layers)
+    else:
+        assert removed["neurons"] == 0 and removed["groups"] + removed["head_slots"] + removed["layers"] > 0
+    ids = torch.tensor([windows[0]])
+    with torch.no_grad():
+        assert torch.isfinite(pruned(ids)).all()
+
+
+def test_a_latency_target_on_a_language_model_chooses_its_own_units():
+    cfg = REGISTRY["prune"].Config(speedup=1.5, groups=1)
+    from pocketformer.compress import lm_prune
+
+    with pytest.raises(RecipeError, match="choose the groups"):
+        lm_prune.check(cfg)
