@@ -85,7 +85,8 @@ def test_the_files_carry_the_card(run):
 
 @pytest.mark.parametrize("change,says", [
     ({"stages": [{"lowrank": {}}]}, "stage 'lowrank' does not run on decoder-only language models yet"),
-    ({"stages": [{"prune": {"speedup": 2.0}}]}, "prune's speedup does not apply to a decoder-only language model"),
+    ({"stages": [{"prune": {"max_drop": 1.0, "importance": "accuracy"}}]},
+     "prune's max_drop does not apply to a decoder-only language model"),
     ({"prepare": [{"finetune": {}}]}, "`prepare:` stages do not run on a decoder-only language model"),
     ({"data": "rotten_tomatoes"}, "is not text a language model is scored on"),
 ])
