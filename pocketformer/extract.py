@@ -411,7 +411,8 @@ def search_lm(model, profile, folder: Path, run_summary: dict[str, Any], data: O
     uniform widths, as choose_widths does for encoders)."""
     from . import lm_pipeline
     from .models.causal import window_nll
-    from .targets.lm_latency import lm_tables_for, lm_units
+    from .latency import lm_units
+    from .targets.lm_latency import lm_tables_for
 
     lm = profile.language_models
     if lm is None:

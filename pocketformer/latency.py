@@ -145,6 +145,12 @@ class LatencyTable(BaseModel):
                                                    f"{self.target} --model MODEL`), or bring one measured for it.")
 
 
+def lm_units(spec) -> list[tuple[int, int]]:
+    """(attention units = query heads + key-value heads, FFN neurons) of each layer of a language model's config:
+    what its decode and prefill tables predict from (targets/lm_latency.py)."""
+    return [(s.heads + s.kv_heads, s.ffn) for s in spec.layers]
+
+
 def monotone(values: Sequence[float]) -> list[float]:
     """The closest non-decreasing sequence (least squares; pool adjacent violators): more heads or neurons never
     cost less, so a measured dip is noise, and a curve through it would reward pruning nothing."""

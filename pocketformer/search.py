@@ -130,8 +130,14 @@ def trial_recipe(recipe: Recipe, spec: SearchSpec, target: str, params: dict[str
     folder = Path(recipe.source_path).parent if recipe.source_path else None
     if target.endswith((".yaml", ".yml")):
         target = str(Path(target).resolve())
+    from .export import FORMATS
+
+    # a trial writes the files it is judged by (its precision and the float file the others are made from), not
+    # every precision the format has
+    keep = {precision, FORMATS[fmt].float_precisions[0]}
+    skip = [f"{fmt}.{p}" for p in FORMATS[fmt].precisions(precision != "fp32", {}) if p not in keep]
     return {"name": name, **base, "stages": trial_stages(spec, params, folder),
-            "export": {"formats": [fmt], "baseline_formats": [fmt], "int8": precision != "fp32"},
+            "export": {"formats": [fmt], "baseline_formats": [fmt], "int8": precision != "fp32", "skip": skip},
             "targets": [target]}, precision
 
 

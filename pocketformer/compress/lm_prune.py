@@ -239,7 +239,7 @@ def _to_latency(model, windows: list[list[int]], cfg, ctx: Context) -> dict[str,
     head from every group of a layer, or `round_to` FFN neurons), until the predicted decode step is within budget.
     Layers cost their measured loss rise when skipped alone; the others their taylor scores, per window (first-order
     loss changes: the same units)."""
-    from ..targets.lm_latency import lm_units
+    from ..latency import lm_units
 
     if ctx.latency_table is None or (cfg.target or ctx.target) is None:
         raise RecipeError("prune's speedup / latency_ms needs a target to measure decode latency on, and none is "

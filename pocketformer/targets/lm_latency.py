@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..latency import Curve, LatencyTable, monotone
+from ..latency import Curve, LatencyTable, lm_units, monotone
 from ..models.causal import CausalLM, CausalLMConfig, DecoderLayerShape
 from ..progress import info, progress_bar
 from ..store import cpu, fingerprint
@@ -51,11 +51,6 @@ def lm_family_of(spec: CausalLMConfig) -> dict[str, Any]:
     return {"modality": "text", "kind": spec.kind, "hidden": spec.hidden, "head_dim": first.head_dim,
             "act": spec.act, "norm": "rms", "vocab_size": spec.vocab_size, "max_positions": spec.max_positions,
             "tie_embeddings": spec.tie_embeddings}
-
-
-def lm_units(spec: CausalLMConfig) -> list[tuple[int, int]]:
-    """(attention units = query heads + key-value heads, FFN neurons) of each layer: what an LM table predicts from."""
-    return [(s.heads + s.kv_heads, s.ffn) for s in spec.layers]
 
 
 def _widest(spec: CausalLMConfig) -> tuple[int, int, int]:
