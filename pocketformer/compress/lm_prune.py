@@ -268,14 +268,13 @@ def _to_latency(model, windows: list[list[int]], cfg, ctx: Context) -> dict[str,
 
     removed = {"layers": 0, "groups": 0, "head_slots": 0, "neurons": 0}
     while predicted() > budget:
-        options = []  # (loss per ms saved, kind, layer)
+        options = []  # (calibration loss, uncalibrated ms the table says it saves, kind, layer)
         for li in alive:
             q, (u, w) = plan[li], units(li)
             if len(alive) > 1:
                 options.append((layer_loss[li], table.layer_cost(u, w), "layers", li))
-            by_group = _group_sums(q)
             if len(q["groups"]) > 1:
-                options.append((float(min(by_group.values())), table.attention(u) - table.attention(
+                options.append((min(_group_sums(q).values()), table.attention(u) - table.attention(
                     u - q["slots"] - 1), "groups", li))
             if q["slots"] > 1:
                 options.append((_weakest_slot(q), table.attention(u) - table.attention(u - len(q["groups"])),
@@ -283,9 +282,8 @@ def _to_latency(model, windows: list[list[int]], cfg, ctx: Context) -> dict[str,
             if w > cfg.round_to:
                 block = neurons[li][q["neurons"][-cfg.round_to:]].sum()
                 options.append((float(block), table.ffn(w) - table.ffn(w - cfg.round_to), "neurons", li))
-        options = [(loss / saved, kind, li) for loss, saved, kind, li in
-                   ((loss, table.calibration.scale * saved, kind, li) for loss, saved, kind, li in options)
-                   if saved > 1e-9]
+        scale = table.calibration.scale  # the calibration scales every block's cost alike
+        options = [(loss / (scale * saved), kind, li) for loss, saved, kind, li in options if scale * saved > 1e-9]
         if not options:
             break
         _, kind, li = min(options)
