@@ -4,8 +4,10 @@ fix, exit code 2, no traceback. Usage errors (options and arguments the command 
 test_cli.py (USAGE_ERRORS); these are inputs that parse but are wrong: paths, checkpoints, pickles, configs, recipes,
 targets, profiles, data, artifacts, run folders, widths and option values.
 
-Every case fails at parse or load time, before any training; most of a case's time is the CLI's start (importing
-torch), so the commands run side by side, one per core (the `outcomes` fixture)."""
+Every case fails at parse or load time, before any training, so most of a case's time would be the CLI's start
+(importing torch): each command runs in a process forked from one that has already imported torch and the CLI
+(forked_cli.py: its own argv, environment, user and output files, the entry point `python -m pocketformer.cli`
+runs), one per core (the `outcomes` fixture). test_cli.py runs each verb as a real `python -m` process."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -458,11 +459,21 @@ ALL = (MISSING + UNREADABLE + EMPTY + FILE_OR_FOLDER + CORRUPT + PICKLES + CONFI
 AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
 
 
+def run_forked(jobs: list[dict], folder: Path) -> list[int]:
+    """Each job's exit code, its command run by forked_cli.py: a process per command, forked from one that has
+    already imported torch and the CLI, as many at a time as there are cores."""
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run([sys.executable, str(Path(__file__).parent / "forked_cli.py"), folder / "jobs.json",
+                    folder / "codes.json", str(os.cpu_count() or 1)], check=True, timeout=900,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    return json.loads((folder / "codes.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory, base_run, fast_profile) -> dict[Case, Any]:
     """case -> (its finished CLI process, the words its error line must contain), for every case this session
-    selected. Inputs are built one case after another in this process; the commands then run at once, one fresh
-    process each, as many at a time as there are cores: the table takes about half as long as one by one.
+    selected. Inputs are built one case after another in this process; the commands then run in processes forked
+    from one that has imported torch and the CLI (run_forked), as many at a time as there are cores.
     Unreadable-path cases, as root (which reads anything), are built in a world-writable folder and run as nobody."""
     chosen = [item.callspec.params["case"] for item in request.session.items
               if isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("case"), Case)]
@@ -477,14 +488,14 @@ def outcomes(request, tmp_path_factory, base_run, fast_profile) -> dict[Case, An
         as_nobody = ("running as root in a checkout another user cannot enter (`mktemp -d` makes a 0700 folder), so "
                      "the CLI cannot run as nobody: clone into a folder others can read to run these cases")
     results: dict[Case, Any] = {}
-    jobs = {}
+    jobs: dict[Case, tuple[dict, list[str]]] = {}
     for i, case in enumerate(chosen):
-        folder, prefix = tmp_path_factory.mktemp("case"), ()
+        folder, user = tmp_path_factory.mktemp("case"), {}
         if case.kind == "unreadable path" and public is not None:
             if as_nobody:
                 results[case] = as_nobody
                 continue
-            folder, prefix = public / str(i), AS_NOBODY
+            folder, user = public / str(i), {"uid": NOBODY, "gid": NOBODY}
             folder.mkdir(mode=0o777)
             folder.chmod(0o777)
         try:
@@ -494,11 +505,14 @@ def outcomes(request, tmp_path_factory, base_run, fast_profile) -> dict[Case, An
             continue
         env = {**os.environ, "POCKETFORMER_CACHE": str(folder / "cache"), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1"}
-        jobs[case] = ([*prefix, *cli_command(*args)], env, mentions)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        running = {case: pool.submit(subprocess.run, command, capture_output=True, text=True, env=env, timeout=300)
-                   for case, (command, env, _) in jobs.items()}
-        results.update({case: (future.result(), jobs[case][2]) for case, future in running.items()})
+        out = tmp_path_factory.mktemp("out")
+        jobs[case] = ({"args": [*map(str, args)], "env": env, "cwd": os.getcwd(),
+                       "stdout": str(out / "stdout"), "stderr": str(out / "stderr"), **user}, mentions)
+    codes = run_forked([job for job, _ in jobs.values()], tmp_path_factory.mktemp("forked"))
+    for (case, (job, mentions)), code in zip(jobs.items(), codes):
+        proc = subprocess.CompletedProcess(cli_command(*job["args"]), code, Path(job["stdout"]).read_text(),
+                                           Path(job["stderr"]).read_text())
+        results[case] = (proc, mentions)
     yield results
     if public is not None:
         for path in public.rglob("*"):

@@ -1,6 +1,8 @@
 """Interruption: `pocketformer run` killed with SIGKILL at points spread over compress, export and validate (and once
 interrupted with Ctrl-C) leaves no partial file under a final name, keeps what it finished, and the same command run
-again resumes from the last finished step and ends with the hashes of an uninterrupted run."""
+again resumes from the last finished step and ends with the hashes of an uninterrupted run.
+
+KILL_POINTS are in the order a run reaches them: one run is killed at each in turn (see the test)."""
 
 import json
 import os
@@ -115,20 +117,46 @@ def uninterrupted(workspace):
     return fingerprint(workspace / "out-reference")
 
 
+def stage_lines(err: str) -> dict[str, list[str]]:
+    """stage -> the "[compress i/n] stage: ..." lines a run printed for it."""
+    lines: dict[str, list[str]] = {}
+    for line in err.splitlines():
+        if line.startswith("[compress"):
+            lines.setdefault(line.split("]", 1)[1].split(":", 1)[0].strip(), []).append(line)
+    return lines
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point,marker,delay", KILL_POINTS, ids=[p for p, _, _ in KILL_POINTS])
-def test_a_run_killed_anywhere_resumes_to_the_same_result(workspace, uninterrupted, point, marker, delay):
-    tag = f"kill-{KILL_POINTS.index((point, marker, delay))}"
-    code, err = run(workspace, tag, (marker, delay))
-    assert code == -signal.SIGKILL, f"the run ended before the kill point ({code}): {err[-500:]}"
-    out = workspace / f"out-{tag}"
-    if out.exists():
-        check_final_names(out)
-    check_final_names(workspace / f"cache-{tag}")
+def test_a_run_killed_anywhere_resumes_to_the_same_result(workspace, uninterrupted):
+    """One run killed (SIGKILL) at each point in turn, in the order a run reaches them, and started again with the
+    same command each time: after every kill no partial file is under a final name, every later start takes the
+    stages finished before from the cache, and the start after the last kill ends with an uninterrupted run's
+    hashes. (One chain of kills rather than a run per point: each point is reached from where the last kill left
+    the run, as a user pressing the same command again would.)"""
+    tag = "killed"
+    out, cache = workspace / f"out-{tag}", workspace / f"cache-{tag}"
+    done: set[str] = set()  # stages finished (so cached) before the current start
+
+    def started_again(err: str, point: str) -> None:
+        for stage in done:
+            for line in stage_lines(err).get(stage, []):
+                assert "reused cached result" in line, f"after the kill {point}: {stage} ran again: {line}"
+
+    previous = "(none)"
+    for point, marker, delay in KILL_POINTS:
+        code, err = run(workspace, tag, (marker, delay))
+        assert code == -signal.SIGKILL, f"{point}: the run ended before the kill point ({code}): {err[-500:]}"
+        started_again(err, previous)
+        if out.exists():
+            check_final_names(out)
+        check_final_names(cache)
+        done |= set(finished_stages(err))
+        previous = point
     code, again = run(workspace, tag)
     assert code == 0, again
-    for stage in finished_stages(err):  # stages that had finished before the kill come from the cache
-        assert f"{stage}: reused cached result" in again, again
+    assert done == {"prune", "distill"}
+    started_again(again, previous)
+    assert all(f"{stage}: reused cached result" in again for stage in done)
     assert fingerprint(out) == uninterrupted
 
 

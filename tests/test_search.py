@@ -45,12 +45,11 @@ def write_tables(folder: Path) -> dict[str, str]:
     return files
 
 
-@pytest.fixture
-def digits_search(tmp_path):
-    """write(**search settings) -> a recipe for vit-8x8 on digits with a search section over latency-targeted
-    pruning (on the made-up table) and an optional short distillation, at fp32 or int8."""
-    tables = write_tables(tmp_path)
-    profile = write_profile(tmp_path / "test-ort.yaml")
+def search_writer(folder: Path):
+    """write(**search settings) -> a recipe in `folder` for vit-8x8 on digits with a search section over
+    latency-targeted pruning (on the made-up table) and an optional short distillation, at fp32 or int8."""
+    tables = write_tables(folder)
+    profile = write_profile(folder / "test-ort.yaml")
 
     def write(name: str = "digits", **settings) -> Path:
         search = {"trials": 4, "parallel": 2, "max_drop": 5.0, "startup_trials": 2, "tables": tables,
@@ -61,11 +60,28 @@ def digits_search(tmp_path):
         recipe = {"name": name, "model": "vit-8x8", "data": "digits", "seed": 0, "batch_size": 32,
                   "prepare": [{"finetune": {"epochs": 2, "lr": 1.0e-3}}], "targets": [str(profile)],
                   "search": search}
-        path = tmp_path / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path
 
     return write
+
+
+@pytest.fixture
+def digits_search(tmp_path):
+    return search_writer(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def local_search(tmp_path_factory):
+    """The default search (4 trials, 2 at a time) run once in local processes: (its recipe, its output folder,
+    its summary). The Ray test runs the same recipe on a cluster and compares."""
+    folder = tmp_path_factory.mktemp("local-search")
+    with pytest.MonkeyPatch.context() as mp:  # this fixture's own cache (the autouse one is per test)
+        mp.setenv("POCKETFORMER_CACHE", str(folder / "cache"))
+        recipe = search_writer(folder)()
+        summary = search(load_recipe(recipe), folder / "out")
+    return recipe, folder / "out", summary
 
 
 # -- settings and space --------------------------------------------------------------------------------------------
@@ -137,10 +153,8 @@ def trial_table(summary: dict) -> list[tuple]:
              t.get("predicted_ms"), t.get("size_mb")) for t in summary["trials"]]
 
 
-def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(digits_search, tmp_path):
-    recipe = load_recipe(digits_search())
-    summary = search(recipe, tmp_path / "out")
-    out = tmp_path / "out"
+def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(local_search):
+    _, out, summary = local_search
     assert len(summary["trials"]) == 4 and all(t["status"] == "complete" for t in summary["trials"])
     chosen = next(t for t in summary["trials"] if t["number"] == summary["chosen"])
     # within budget on the validation split, and the fastest measured of those measured
@@ -179,15 +193,18 @@ def test_a_failed_trial_is_recorded_with_its_reason(digits_search, tmp_path):
 
 
 def test_nothing_within_budget_shows_the_nearest_misses(digits_search, tmp_path):
-    summary = search(load_recipe(digits_search(trials=2, max_drop=0.0, max_size_mb=0.01)), tmp_path / "out")
-    assert summary["chosen"] is None and len(summary["nearest_misses"]) == 2
+    summary = search(load_recipe(digits_search(trials=1, parallel=1, max_drop=0.0, max_size_mb=0.01)),
+                     tmp_path / "out")
+    assert summary["chosen"] is None and len(summary["nearest_misses"]) == 1
     assert "Nearest misses" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_another_search_in_the_same_folder_is_refused(digits_search, tmp_path):
-    search(load_recipe(digits_search(trials=1, parallel=1)), tmp_path / "out")
+def test_another_search_in_the_same_folder_is_refused(local_search, monkeypatch):
+    recipe, out, _ = local_search
+    monkeypatch.setenv("POCKETFORMER_CACHE", str(recipe.parent / "cache"))  # the reference comes from the cache
+    other = search_writer(recipe.parent)(name="other", max_drop=2.0)
     with pytest.raises(RecipeError, match="holds a search with other settings"):
-        search(load_recipe(digits_search(trials=1, parallel=1, max_drop=2.0)), tmp_path / "out")
+        search(load_recipe(other), out)
 
 
 def wait_for(paths: list[Path], proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -198,34 +215,40 @@ def wait_for(paths: list[Path], proc: subprocess.Popen, timeout: float = 600) ->
         time.sleep(0.5)
 
 
-def test_a_killed_search_resumes_without_redoing_finished_trials(digits_search, tmp_path):
-    recipe = digits_search(trials=6, parallel=1)
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-    proc = subprocess.Popen(cli_command("search", recipe, "-o", killed), start_new_session=True,
+def test_a_killed_search_resumes_without_redoing_finished_trials(local_search, tmp_path):
+    """The default search killed (the driver and its trial processes) once its first two trials (the sampler's
+    random start-up) have ended, then started again: it runs only the two the sampler chooses, and ends with the
+    trials of the search that was never stopped (local_search)."""
+    recipe, out, _ = local_search
+    whole, killed = read(out), tmp_path / "killed"
+    # local_search's cache: the fine-tuned reference's path in it is recorded in every artifact (so in the size the
+    # study learns from), and the trials' stages come from it; export and scoring run again
+    env = {**os.environ, "POCKETFORMER_CACHE": str(recipe.parent / "cache")}
+    proc = subprocess.Popen(cli_command("search", recipe, "-o", killed), start_new_session=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done = [killed / "trials" / f"{n:04d}" / "trial.json" for n in (0, 1)]
     wait_for(done, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its trial process, mid-trial
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its trial processes, mid-trial
     proc.wait()
     def ended(p: Path) -> dict:  # a record as the trial ended it (the end of a search adds measured_ms, composition)
         return {k: v for k, v in json.loads(p.read_text()).items() if k not in ("measured_ms", "composition")}
 
     before = {p: ended(p) for p in (killed / "trials").glob("*/trial.json")}
-    assert 2 <= len(before) < 6
-    rerun = subprocess.run(cli_command("search", recipe, "-o", killed), capture_output=True, text=True, timeout=900)
+    assert len(before) == 2  # trials 2 and 3 run together, for far longer than the kill takes
+    rerun = subprocess.run(cli_command("search", recipe, "-o", killed), capture_output=True, text=True, timeout=900,
+                           env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     for p, record in before.items():  # finished trials: not run again
         assert ended(p) == record
     resumed = read(killed)
-    assert len(resumed["trials"]) == 6 and all(t["status"] == "complete" for t in resumed["trials"])
-    assert resumed["trials_this_run"] == 6 - len(before)
+    assert len(resumed["trials"]) == 4 and all(t["status"] == "complete" for t in resumed["trials"])
+    assert resumed["trials_this_run"] == 2
     # the sampler carried on as if the search had never stopped
-    search(load_recipe(recipe), whole)
-    assert trial_table(resumed) == trial_table(read(whole))
-    assert resumed["best_trial"] == read(whole)["best_trial"]
+    assert trial_table(resumed) == trial_table(whole)
+    assert resumed["best_trial"] == whole["best_trial"]
 
 
-def test_the_same_search_on_a_two_worker_ray_cluster_finds_the_same_best_trial(digits_search, tmp_path, monkeypatch):
+def test_the_same_search_on_a_two_worker_ray_cluster_finds_the_same_best_trial(local_search, tmp_path, monkeypatch):
     # Set before Ray is imported (its C++ settings are read then) and inherited by the nodes it starts: no token
     # authentication on either side (a ~/.ray/auth_token left by an earlier ray.init() turns it on for `ray start`
     # but not for a driver given an address), and a connection attempt that gives up in seconds, not minutes.
@@ -237,8 +260,9 @@ def test_the_same_search_on_a_two_worker_ray_cluster_finds_the_same_best_trial(d
 
     from pocketformer.search import LATENCY_RESOURCE
 
-    recipe = load_recipe(digits_search(trials=4, parallel=2))
-    local = search(recipe, tmp_path / "local")
+    path, _, local = local_search  # 4 trials, 2 at a time
+    recipe = load_recipe(path)
+    monkeypatch.setenv("POCKETFORMER_CACHE", str(path.parent / "cache"))  # as in the resume test: the same paths
     # The nodes take the machine's own address: on Linux, Ray turns a 127.0.0.1 address given to ray.init into that
     # address, which a node started with node_ip_address 127.0.0.1 (it then listens on loopback only) never answers.
     # The search is given the loopback spelling, as a user on the head's machine would.

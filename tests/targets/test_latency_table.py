@@ -10,16 +10,24 @@ import pytest
 from pocketformer.errors import TargetError
 from pocketformer.latency import Curve, LatencyTable, prediction_errors, read_table, write_table
 from pocketformer.targets import get_profile
-from pocketformer.targets.latency import (build_table, check_table, family_of, measure_models, random_shapes,
+from pocketformer.targets.latency import (check_table, family_of, measure_models, random_shapes,
                                           shapes_of, table_for, table_key)
 
 
 @pytest.fixture(scope="module")
-def tiny_table(fast_profile, make_config):
-    """The tiny family's table on the fast ONNX Runtime profile, measured once for the module."""
+def table_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("latency-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_table(fast_profile, make_config, table_cache):
+    """The tiny family's table on the fast ONNX Runtime profile, measured once for the module (by table_for, into
+    this module's cache)."""
     spec = make_config("text", labels=("neg", "pos"))
-    return spec, get_profile(str(fast_profile)), build_table(get_profile(str(fast_profile)), spec,
-                                                             calibration_models=3)
+    profile = get_profile(str(fast_profile))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POCKETFORMER_CACHE", str(table_cache))
+        return spec, profile, table_for(profile, spec, calibration_models=3)
 
 
 def test_table_spans_the_family_and_its_curves_start_at_zero(tiny_table):
@@ -58,12 +66,12 @@ def test_check_measures_shapes_the_calibration_did_not_see(tiny_table):
     assert random_shapes(spec, 3, seed=5) != random_shapes(spec, 3, seed=0)
 
 
-def test_table_is_cached_and_reused(fast_profile, make_config, isolated_cache):
-    spec = make_config("text", labels=("neg", "pos"))
-    profile = get_profile(str(fast_profile))
-    first = table_for(profile, spec, calibration_models=1)
-    cached = list((isolated_cache / "latency").glob("*.json"))
+def test_table_is_cached_and_reused(tiny_table, table_cache, monkeypatch):
+    spec, profile, first = tiny_table  # measured by table_for into table_cache
+    monkeypatch.setenv("POCKETFORMER_CACHE", str(table_cache))
+    cached = list((table_cache / "latency").glob("*.json"))
     assert len(cached) == 1 and table_key(profile, spec, "fp32")[:20] in cached[0].name
+    assert read_table(cached[0]).digest == first.digest
     stamp = cached[0].stat().st_mtime_ns
     again = table_for(profile, spec)
     assert again.digest == first.digest and cached[0].stat().st_mtime_ns == stamp
