@@ -3,10 +3,12 @@
 Loss = kd * the task's distillation term on the outputs (a classifier: T^2 KL(student/T || teacher/T); an embedding
 model: 1 - cosine between embeddings; a causal LM: the same KL on every position's next-token distribution) + hidden
 * MSE of hidden states (each student layer matched to the teacher layer at the same relative depth, TinyBERT's
-uniform map) + label * the task's loss on the true labels (a causal LM: the next tokens of its train text).
+uniform map; with hidden_norm: channel, each channel's error over the teacher's variance of that channel) + label * the task's loss on the true labels (a causal LM: the next tokens of its train text).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -22,6 +24,9 @@ class DistillConfig(TrainingConfig):
                                json_schema_extra=searchable(1.0, 8.0))
     kd: float = Field(1.0, ge=0, description="weight of the output-matching term")
     hidden: float = Field(1.0, ge=0, description="weight of the hidden-state MSE term")
+    hidden_norm: Literal["none", "channel"] = Field(
+        "none", description="channel: each hidden channel's squared error divided by the teacher's variance of it "
+                            "(in the batch), so a few huge channels (an LM's residual outliers) do not drown the rest")
     label: float = Field(0.0, ge=0, description="weight of the cross-entropy on true labels")
 
 
@@ -46,7 +51,12 @@ def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, i
         for s_i, t_i in enumerate(layer_map(len(s_hidden) - 1, len(t_hidden) - 1)):
             if s_i == 0:
                 continue  # embeddings are shared and untouched by the stages
-            sq = ((s_hidden[s_i] - t_hidden[t_i]) ** 2 * weight).sum() / (weight.sum() * s_last.shape[-1])
+            err = (s_hidden[s_i] - t_hidden[t_i]) ** 2
+            if cfg.hidden_norm == "channel":
+                t = t_hidden[t_i]
+                mean = (t * weight).sum((0, 1)) / weight.sum()
+                err = err / (((t - mean) ** 2 * weight).sum((0, 1)) / weight.sum() + 1e-6)
+            sq = (err * weight).sum() / (weight.sum() * s_last.shape[-1])
             loss = loss + cfg.hidden * sq / (len(s_hidden) - 1)
     label_term = task.label_loss(s_out, labels) if cfg.label else None
     if label_term is not None:

@@ -102,3 +102,36 @@ def test_distillation_is_deterministic_for_a_seed(make_model, digits):
 def test_out_of_range_or_unknown_settings_are_rejected(settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
         DistillConfig(**settings)
+
+
+def test_channel_normalised_hidden_mse_is_not_drowned_by_one_huge_channel(make_model):
+    """hidden_norm: channel divides each channel's error by the teacher's variance of it: a channel 1,000x larger
+    in both models (an LM's residual outlier) leaves the loss as it was, where the plain MSE becomes that channel."""
+    task = make_model("vision", labels=DIGITS).task
+
+    class Hidden:  # a model whose hidden states are given: the loss alone, on known states
+        def __init__(self, states):
+            self.states, self.task = states, task
+
+        def attention_mask(self, inputs):
+            return None
+
+        def encode(self, *inputs, all_hidden=True):
+            return self.states[-1], self.states
+
+        def head_output(self, x, mask):
+            return x.mean(1)[:, :10]
+
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(4, 8, 16, generator=g) for _ in range(3)]
+    student = [t + 0.1 * torch.randn(t.shape, generator=g) for t in teacher]
+    scale = torch.ones(16)
+    scale[0] = 1000.0
+
+    def hidden_loss(norm: str, k: torch.Tensor) -> float:
+        cfg = DistillConfig(kd=0.0, hidden=1.0, hidden_norm=norm)
+        return float(distill_loss(Hidden([x * k for x in student]), Hidden([x * k for x in teacher]), (None,), None,
+                                  cfg))
+
+    assert hidden_loss("channel", scale) == pytest.approx(hidden_loss("channel", torch.ones(16)), rel=1e-4)
+    assert hidden_loss("none", scale) > 1000 * hidden_loss("none", torch.ones(16))
