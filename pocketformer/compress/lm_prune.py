@@ -114,10 +114,10 @@ def taylor_scores(model, windows: list[list[int]]) -> tuple[list[torch.Tensor], 
                 for li in range(n):
                     a = captured[("head", li)]
                     d = model.layers[li].attn.head_dim
-                    prod = (a * a.grad).reshape(*a.shape[:-1], -1, d).sum((0, 1, 3))
+                    prod = (a.detach() * a.grad).reshape(*a.shape[:-1], -1, d).sum((0, 1, 3))
                     heads[li] += prod.abs().double()
                     h = captured[("neuron", li)]
-                    neurons[li] += (h * h.grad).sum((0, 1)).abs().double()
+                    neurons[li] += (h.detach() * h.grad).sum((0, 1)).abs().double()
                 advance()
     finally:
         for handle in handles:

@@ -78,7 +78,8 @@ def perplexity_check(reference: LMReference, nll: np.ndarray, budget: float, con
 
 
 def measure_decoding(path: Path, profile: Profile, prompt: list[int]) -> dict[str, Any]:
-    """Prefill and per-token decode times and peak memory of greedy generations, in a fresh process."""
+    """Prefill and per-token decode times and peak memory of greedy generations, in a fresh process; `tokens`: the
+    last generation's."""
     lm: LMSettings = profile.language_models
     rt = runtime_of(profile)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +101,8 @@ def measure_decoding(path: Path, profile: Profile, prompt: list[int]) -> dict[st
             list(ttft_interval), "prefill_tokens_per_s": len(prompt) / (float(np.median(prefill)) / 1000),
             "decode_ms_p50": float(np.median(decode)), "decode_ms_interval": None if decode_interval is None else
             list(decode_interval), "decode_tokens_per_s": 1000 / float(np.median(decode)),
-            "decode_steps": len(decode), "prefills": len(prefill), "peak_rss_mb": result["peak_rss_mb"]}
+            "decode_steps": len(decode), "prefills": len(prefill), "peak_rss_mb": result["peak_rss_mb"],
+            "tokens": result["tokens"]}
 
 
 def judge(lm: LMSettings, row: dict[str, Any], reference: LMReference, nll: np.ndarray) -> None:
@@ -151,7 +153,9 @@ def validate_lm(path: Path, record: dict[str, Any], profile: Profile, reference:
     }
     row["perplexity_increase_pct"] = (row["perplexity"] / row["reference_perplexity"] - 1) * 100
     if rt.measures_latency:
-        row.update(measure_decoding(path, profile, (reference.windows[0] * lm.prompt_tokens)[:lm.prompt_tokens]))
+        timed = measure_decoding(path, profile, (reference.windows[0] * lm.prompt_tokens)[:lm.prompt_tokens])
+        timed.pop("tokens")  # the greedy match is judged on the reference's own prompts
+        row.update(timed)
         row["latency_measured_on"] = "target" if profile.this_host else \
             "this host, with the target's runtime and threads (not the device)"
     else:

@@ -1,0 +1,222 @@
+"""SmolLM2-135M's compressed variants on ONNX Runtime, in one run on this host: quantized (int8 weight-only, int4),
+pruned to a decode latency on host-ort's decode table and distilled, MatFormer sub-models (uniform 1/2 and 1/4, and
+the Mix'n'Match widths `extract --target host-ort` chooses for two decode budgets), each exported to ONNX fp32,
+int8 weight-only and int4 and validated on host-ort; then every file's decode and prefill again side by side.
+
+    .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.65]
+
+Writes benchmarks/results/lm_variants.{json,md}. The runs (runs/bench-lm-variants/) reuse the stage cache: a re-run
+after an interruption starts where it stopped.
+
+1. `pocketformer run` of examples/smollm2/recipe.yaml (ONNX only, host-ort only): the baseline, whose PyTorch test
+   perplexity every row's change is against (the GGUF's dequantized 4-bit weights), and its int8w / int4 files.
+2. `pocketformer run examples/smollm2/latency.yaml`: prune to 1.5x predicted decode speed, then distillation.
+3. `pocketformer run examples/smollm2/matformer.yaml`: the nested model; then `pocketformer extract` of widths 0.5
+   and 0.25 and of `--target host-ort --latency-ms B` for B = each `--budgets` fraction of the full width's
+   predicted decode step; each extracted checkpoint through `pocketformer run` (export ONNX, validate on host-ort).
+4. Side by side: every file's decode and prefill (a fresh process each, `--rounds` rounds in turn, the best kept) on
+   one 128-token test prompt, and its greedy continuation against the baseline PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from pocketformer import store  # noqa: E402
+from pocketformer.export.loop import ExportFailures  # noqa: E402
+from pocketformer.extract import run_extract  # noqa: E402
+from pocketformer.latency import lm_units  # noqa: E402
+from pocketformer.lm_pipeline import windows  # noqa: E402
+from pocketformer.models import load  # noqa: E402
+from pocketformer.pipeline import run  # noqa: E402
+from pocketformer.recipe import parse_recipe  # noqa: E402
+from pocketformer.targets import get_profile  # noqa: E402
+from pocketformer.targets.lm import token_match  # noqa: E402
+from pocketformer.targets.lm_latency import lm_tables_for  # noqa: E402
+from pocketformer.targets.lm_validate import measure_decoding  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EXAMPLES = ROOT / "examples" / "smollm2"
+TARGET = "host-ort"
+EXPORT = {"formats": ["onnx"], "baseline_formats": [], "int8": True, "int4": True, "skip": ["onnx.int8", "onnx.fp16"]}
+
+
+def as_onnx_on_host(path: Path, **changes) -> dict:
+    """The example recipe, exported to ONNX only and validated on host-ort only (the variants' one runtime)."""
+    recipe = yaml.safe_load(path.read_text())
+    return {**recipe, "export": EXPORT, "targets": [TARGET], **changes}
+
+
+def run_recipe(fields: dict, folder: Path, refused: dict[str, list[str]]) -> dict:
+    """`pocketformer run` of `fields` into `folder`; a finished run there (its report.json) is taken as it is. A
+    precision whose file the export's parity check refuses is left out (export.skip) and the run made again; the
+    refusal is kept in `refused` for the report."""
+    if (folder / "report.json").is_file():
+        print(f"== {fields['name']}: the finished run in {folder}", flush=True)
+        return json.loads((folder / "report.json").read_text())
+    while True:
+        print(f"== pocketformer run {fields['name']} -> {folder}", flush=True)
+        try:
+            return run(parse_recipe(fields, str(folder / "recipe.yaml")), folder)
+        except ExportFailures as e:
+            precisions = [m.group(1) for m in (re.search(r"\(([\w-]+)\) disagrees", f.problem) for f in e.failures)
+                          if m]
+            if not precisions:
+                raise
+            refused.setdefault(fields["name"], []).extend(f.problem for f in e.failures)
+            skip = fields["export"]["skip"] + [f"onnx.{p}" for p in precisions]
+            fields = {**fields, "export": {**fields["export"], "skip": skip}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--budgets", default="0.8,0.65", help="decode budgets for extract --target, as fractions of the "
+                                                          "full width's predicted decode step")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-lm-variants")
+    args = ap.parse_args()
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, dict] = {}
+    refused: dict[str, list[str]] = {}
+    reports["baseline"] = run_recipe(as_onnx_on_host(EXAMPLES / "recipe.yaml", name="smollm2-base"), work / "base",
+                                     refused)
+    reports["latency-pruned 1.5x + distill"] = run_recipe(as_onnx_on_host(EXAMPLES / "latency.yaml"),
+                                                          work / "latency", refused)
+    nested = work / "matformer"
+    reports["matformer (nested, full width)"] = run_recipe(as_onnx_on_host(EXAMPLES / "matformer.yaml"), nested,
+                                                           refused)
+
+    model, _ = load(nested / "model")
+    decode = lm_tables_for(get_profile(TARGET), model.config, "fp32")["decode"]
+    full_ms = decode.predict(lm_units(model.config))
+    extracts = [("matformer 1/2", {"widths": "0.5"}), ("matformer 1/4", {"widths": "0.25"})]
+    extracts += [(f"matformer for {f:g} x decode ({f * full_ms:.2f} ms)",
+                  {"target": TARGET, "latency_ms": round(f * full_ms, 3)})
+                 for f in map(float, args.budgets.split(","))]
+    extracted: dict[str, dict] = {}
+    for i, (name, how) in enumerate(extracts):
+        ckpt = work / f"extract-{i}"
+        if not (ckpt / "model.safetensors").is_file():
+            print(f"== pocketformer extract {nested} {how}", flush=True)
+            extracted[name] = run_extract(nested, ckpt, **how)
+        else:  # extracted by an earlier, interrupted run of this benchmark
+            extracted[name] = json.loads((ckpt / "pocketformer.json").read_text())["provenance"]
+        fields = {"name": f"smollm2-extract-{i}", "model": str(ckpt), "data": "wikipedia", "seed": 0,
+                  "max_len": 128, "batch_size": 8, "export": EXPORT, "targets": [TARGET]}
+        reports[name] = run_recipe(fields, work / f"extracted-{i}", refused)
+
+    # side by side: every file, a fresh process each, rounds in turn; greedy continuations against the baseline's
+    base, _ = load(work / "base" / "baseline")
+    base_recipe = reports["baseline"]["recipe"]
+    lm = get_profile(TARGET).language_models
+    window = windows(base, work / "base" / "baseline", base_recipe["data"], "test", base_recipe["seed"],
+                     base_recipe["max_len"], 1)[0]
+    prompt = (window * lm.prompt_tokens)[:lm.prompt_tokens]
+    want = base.generate(torch.tensor([prompt]), lm.new_tokens)[0].tolist()
+    profile = get_profile(TARGET).model_copy(update={"threads": args.threads})
+    folders = {"baseline": work / "base", "latency-pruned 1.5x + distill": work / "latency",
+               "matformer (nested, full width)": nested,
+               **{name: work / f"extracted-{i}" for i, (name, _) in enumerate(extracts)}}
+    best: dict[tuple[str, str], dict] = {}
+    for _ in range(args.rounds):
+        for name, report in reports.items():
+            for a in report["artifacts"]:
+                if a["format"] != "onnx" or a.get("variant", "model") != "model":
+                    continue
+                m = measure_decoding(folders[name] / "artifacts" / a["file"], profile, prompt)
+                key = (name, a["file"])
+                if key not in best or m["decode_ms_p50"] < best[key]["decode_ms_p50"]:
+                    best[key] = {**m, "precision": a["precision"], "size_mb": a["size_bytes"] / 1e6,
+                                 "match_with_baseline": token_match(m.pop("tokens", []), want)}
+    base_ppl = next(r["reference_perplexity"] for r in reports["baseline"]["validation"]
+                    if r.get("reference_perplexity") is not None)
+    rows = []
+    for name, report in reports.items():
+        for v in report["validation"]:
+            if v.get("perplexity") is None:
+                continue
+            s = best.get((name, v["file"]), {})
+            rows.append({"variant": name, "file": v["file"], "precision": v["precision"],
+                         "perplexity": v["perplexity"], "change_pct": (v["perplexity"] / base_ppl - 1) * 100,
+                         "token_match_own_pytorch": v.get("token_match"),
+                         "token_match_baseline": s.get("match_with_baseline", {}).get("match"),
+                         "decode_tokens_per_s": s.get("decode_tokens_per_s"),
+                         "prefill_tokens_per_s": s.get("prefill_tokens_per_s"),
+                         "validation_decode_tokens_per_s": v.get("decode_tokens_per_s"),
+                         "size_mb": s.get("size_mb"), "peak_rss_mb": s.get("peak_rss_mb"),
+                         "params": report["model"].get("params"),
+                         "layers": [(la.get("heads"), la.get("kv_heads"), la.get("ffn"))
+                                    for la in report["model"].get("layers", [])]})
+    fp32 = next(r for r in rows if r["variant"] == "baseline" and r["precision"] == "fp32")
+    for r in rows:
+        r["decode_speedup"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"] \
+            if r["decode_tokens_per_s"] and fp32["decode_tokens_per_s"] else None
+        r["smaller"] = fp32["size_mb"] / r["size_mb"] if r["size_mb"] else None
+    result = {"env": {"cpu": store.fingerprint(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+                      "versions": store.package_versions("onnxruntime", "torch"),
+                      "command": " ".join(["benchmarks/lm_variants.py"] + sys.argv[1:]),
+                      "seconds": round(time.time() - started)},
+              "baseline_perplexity": base_ppl, "full_width_decode_predicted_ms": full_ms,
+              "extracted": {name: {k: p.get(k) for k in ("widths", "search", "confirmation")}
+                            for name, p in extracted.items()},
+              "rows": rows, "refused": refused, "prompt_tokens": len(prompt), "new_tokens": lm.new_tokens}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lm_variants.json").write_text(json.dumps(result, indent=2, default=str))
+    (RESULTS / "lm_variants.md").write_text(markdown(result))
+    print((RESULTS / "lm_variants.md").read_text())
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    lines = ["# SmolLM2-135M variants on ONNX Runtime (host-ort)", "",
+             f"Command: `.venv/bin/python {env['command']}` ({env['date']}, {env['seconds']} s). CPU: {env['cpu']}; "
+             f"{env['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",
+             f"Perplexity on Wikipedia test windows of 128 tokens (the run's validation on ONNX Runtime); change "
+             f"against the baseline PyTorch model's {result['baseline_perplexity']:.2f} (the GGUF's dequantized "
+             f"weights). Token match: the file's greedy continuation of one {result['prompt_tokens']}-token prompt "
+             f"({result['new_tokens']} tokens) against the baseline PyTorch model's. Decode and prefill: side by "
+             "side, a fresh process per file, best of the rounds; speed-up and size against the baseline's "
+             "model.fp32.onnx.", "",
+             "| variant | file | perplexity | change | token match | decode tok/s | x fp32 | prefill tok/s | "
+             "size MB | x smaller | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['file']} | {r['perplexity']:.2f} | {r['change_pct']:+.1f}% | "
+                     f"{f(r['token_match_baseline'] and r['token_match_baseline'] * 100, '.0f')}% | "
+                     f"{f(r['decode_tokens_per_s'], '.1f')} | {f(r['decode_speedup'], '.2f')} | "
+                     f"{f(r['prefill_tokens_per_s'], '.0f')} | {f(r['size_mb'], '.1f')} | {f(r['smaller'], '.1f')} | "
+                     f"{f(r['peak_rss_mb'], '.0f')} |")
+    aim = [r for r in result["rows"] if r["change_pct"] <= 10 and (r["decode_speedup"] or 0) >= 2
+           and (r["smaller"] or 0) >= 4]
+    lines += ["", "Aim (decode >= 2x the fp32 file, >= 4x smaller, perplexity <= +10%): " +
+              (", ".join(f"{r['variant']} {r['file']}" for r in aim) if aim else "no variant meets all three"), ""]
+    for name, problems in result["refused"].items():
+        lines += [f"- {name}: refused at export, left out: " + "; ".join(problems)]
+    for name, e in result["extracted"].items():
+        c = e.get("confirmation") or {}
+        lines.append(f"- {name}: widths {e.get('widths')}; test perplexity {f(c.get('perplexity'), '.2f')} "
+                     f"({f(c.get('perplexity_increase_pct'), '+.1f')}% against the run's baseline)")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
