@@ -64,6 +64,8 @@ def run_recipe(fields: dict, folder: Path, refused: dict[str, list[str]]) -> dic
     refusal is kept in `refused` for the report."""
     if (folder / "report.json").is_file():
         print(f"== {fields['name']}: the finished run in {folder}", flush=True)
+        if (folder / "refused.json").is_file():
+            refused[fields["name"]] = json.loads((folder / "refused.json").read_text())
         return json.loads((folder / "report.json").read_text())
     while True:
         print(f"== pocketformer run {fields['name']} -> {folder}", flush=True)
@@ -75,6 +77,8 @@ def run_recipe(fields: dict, folder: Path, refused: dict[str, list[str]]) -> dic
             if not precisions:
                 raise
             refused.setdefault(fields["name"], []).extend(f.problem for f in e.failures)
+            print(f"== refused, left out: {e.problem}", flush=True)
+            (folder / "refused.json").write_text(json.dumps(refused[fields["name"]]))
             skip = fields["export"]["skip"] + [f"onnx.{p}" for p in precisions]
             fields = {**fields, "export": {**fields["export"], "skip": skip}}
 
