@@ -59,6 +59,14 @@ def peer(gguf: Path, prompt: list[int], threads: int, new_tokens: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def side_prompt(model, baseline: Path, recipe: dict, lm) -> tuple[list[int], list[int]]:
+    """The side-by-side prompt (the run's first test window, repeated to the profile's prompt_tokens) and the PyTorch
+    model's greedy continuation of it (lm.new_tokens ids)."""
+    window = windows(model, baseline, recipe["data"], "test", recipe["seed"], recipe["max_len"], 1)[0]
+    prompt = (window * lm.prompt_tokens)[:lm.prompt_tokens]
+    return prompt, model.generate(torch.tensor([prompt]), lm.new_tokens).tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -85,9 +93,7 @@ def main() -> None:
     model, _ = load(args.work / "baseline")
     recipe = report["recipe"]
     lm = get_profile("host-ort").language_models
-    window = windows(model, args.work / "baseline", recipe["data"], "test", recipe["seed"], recipe["max_len"], 1)[0]
-    prompt = (window * lm.prompt_tokens)[:lm.prompt_tokens]
-    want = model.generate(torch.tensor([prompt]), lm.new_tokens).tolist()
+    prompt, want = side_prompt(model, args.work / "baseline", recipe, lm)
     files = [a for a in report["artifacts"] if a["format"] in PROFILES and a["format"] in args.side_formats]
     best: dict[str, dict] = {}
     for _ in range(args.rounds):

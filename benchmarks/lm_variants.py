@@ -37,7 +37,6 @@ from pocketformer import store  # noqa: E402
 from pocketformer.export.loop import ExportFailures  # noqa: E402
 from pocketformer.extract import run_extract  # noqa: E402
 from pocketformer.latency import lm_units  # noqa: E402
-from pocketformer.lm_pipeline import windows  # noqa: E402
 from pocketformer.models import load  # noqa: E402
 from pocketformer.pipeline import run  # noqa: E402
 from pocketformer.recipe import parse_recipe  # noqa: E402
@@ -45,6 +44,8 @@ from pocketformer.targets import get_profile  # noqa: E402
 from pocketformer.targets.lm import token_match  # noqa: E402
 from pocketformer.targets.lm_latency import lm_tables_for  # noqa: E402
 from pocketformer.targets.lm_validate import measure_decoding  # noqa: E402
+
+from lm_smollm2 import side_prompt  # noqa: E402  (this folder: the script's own)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = ROOT / "examples" / "smollm2"
@@ -128,10 +129,7 @@ def main() -> None:
     base, _ = load(work / "base" / "baseline")
     base_recipe = reports["baseline"]["recipe"]
     lm = get_profile(TARGET).language_models
-    window = windows(base, work / "base" / "baseline", base_recipe["data"], "test", base_recipe["seed"],
-                     base_recipe["max_len"], 1)[0]
-    prompt = (window * lm.prompt_tokens)[:lm.prompt_tokens]
-    want = base.generate(torch.tensor([prompt]), lm.new_tokens)[0].tolist()
+    prompt, want = side_prompt(base, work / "base" / "baseline", base_recipe, lm)
     profile = get_profile(TARGET).model_copy(update={"threads": args.threads})
     folders = {"baseline": work / "base", "latency-pruned 1.5x + distill": work / "latency",
                "matformer (nested, full width)": nested,
