@@ -90,12 +90,17 @@ def check_final_names(folder: Path) -> None:
             assert path.stat().st_size > 0, path
 
 
+def stage_of(line: str) -> str:
+    """The stage a "[compress i/n] stage: ..." line is about."""
+    return line.split("]", 1)[1].split(":", 1)[0].strip()
+
+
 def finished_stages(err: str) -> list[str]:
     """Stages whose report line ("    params a -> b ...") was printed: finished and cached before the kill."""
     current, finished = None, []
     for line in err.splitlines():
         if line.startswith("[compress"):
-            current = line.split("]", 1)[1].split(":", 1)[0].strip()
+            current = stage_of(line)
         elif line.startswith("    params") and current:
             finished.append(current)
     return finished
@@ -122,7 +127,7 @@ def stage_lines(err: str) -> dict[str, list[str]]:
     lines: dict[str, list[str]] = {}
     for line in err.splitlines():
         if line.startswith("[compress"):
-            lines.setdefault(line.split("]", 1)[1].split(":", 1)[0].strip(), []).append(line)
+            lines.setdefault(stage_of(line), []).append(line)
     return lines
 
 
