@@ -3,20 +3,26 @@
 Loss = kd * the task's distillation term on the outputs (a classifier: T^2 KL(student/T || teacher/T); an embedding
 model: 1 - cosine between embeddings; a causal LM: the same KL on every position's next-token distribution) + hidden
 * MSE of hidden states (each student layer matched to the teacher layer at the same relative depth, TinyBERT's
-uniform map; with hidden_norm: channel, each channel's error over the teacher's variance of that channel) + label * the task's loss on the true labels (a causal LM: the next tokens of its train text).
+uniform map; with hidden_norm: channel, each channel's error over the teacher's variance of that channel) + label
+* the task's loss on the true labels (a causal LM: the next tokens of its train text).
+
+With teacher_topk: k (a causal LM), the output term matches the teacher's k largest logits per position, computed
+once per train window and stored (teacher_topk.py) instead of the whole vocabulary every step.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
 
+from ..errors import RecipeError
 from ..models.canonical import CanonicalTransformer
 from ..train import seed_everything
 from ..space import searchable
 from .base import Context, Stage, StageResult, TrainingConfig
+from .teacher_topk import TeacherTopK
 
 
 class DistillConfig(TrainingConfig):
@@ -28,6 +34,22 @@ class DistillConfig(TrainingConfig):
         "none", description="channel: each hidden channel's squared error divided by the teacher's variance of it "
                             "(in the batch), so a few huge channels (an LM's residual outliers) do not drown the rest")
     label: float = Field(0.0, ge=0, description="weight of the cross-entropy on true labels")
+    teacher_topk: int = Field(0, ge=0, le=4096,
+                              description="a language model: match the teacher's k largest next-token logits per "
+                                          "position, computed once per train window and stored (shared by later "
+                                          "stages and runs with the same teacher), not its whole vocabulary every "
+                                          "step; 0: the whole distribution")
+
+
+def check_topk(cfg: DistillConfig, model, where: str, stage: str) -> None:
+    """Refuse teacher_topk where the model's outputs are distilled whole (an encoder's labels or embedding)."""
+    if cfg.teacher_topk and not model.task.distills_topk:
+        raise RecipeError(f"{where}stage {stage!r}: teacher_topk applies to language models; this model's "
+                          f"outputs ({model.task.name}) are matched whole.", "remove teacher_topk.")
+
+
+def stored_topk(cfg: DistillConfig, teacher: CanonicalTransformer) -> Optional[TeacherTopK]:
+    return TeacherTopK(teacher, cfg.teacher_topk) if cfg.teacher_topk else None
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[int]:
@@ -36,16 +58,24 @@ def layer_map(n_student: int, n_teacher: int) -> list[int]:
 
 
 def distill_loss(student: CanonicalTransformer, teacher: CanonicalTransformer, inputs, labels,
-                 cfg: DistillConfig) -> torch.Tensor:
+                 cfg: DistillConfig, stored: Optional[TeacherTopK] = None) -> torch.Tensor:
+    """The loss of one batch; with `stored` (teacher_topk), the output term reads the teacher's stored top-k
+    logits, and the teacher runs only for hidden states or windows not stored yet."""
     task, mask = student.task, student.attention_mask(inputs)
+    t_last = t_hidden = t_out = topk = None
     with torch.no_grad():
-        t_last, t_hidden = teacher.encode(*inputs, all_hidden=True)
-        t_out = teacher.head_output(t_last, mask)
+        if stored is None or cfg.hidden or stored.missing(inputs[0]):
+            t_last, t_hidden = teacher.encode(*inputs, all_hidden=True)
+        if stored is None:
+            t_out = teacher.head_output(t_last, mask)
+        elif cfg.kd:
+            topk = stored.take(inputs[0], lambda: teacher.head_output(t_last, mask))
     s_last, s_hidden = student.encode(*inputs, all_hidden=True)
     s_out = student.head_output(s_last, mask)
     loss = torch.zeros(())
     if cfg.kd:
-        loss = loss + cfg.kd * task.distill(s_out, t_out, cfg.temperature)
+        loss = loss + cfg.kd * (task.distill(s_out, t_out, cfg.temperature) if topk is None
+                                else task.distill_topk(s_out, *topk, cfg.temperature))
     if cfg.hidden:
         weight = mask[..., None].to(s_last.dtype) if mask is not None else torch.ones_like(s_last[..., :1])
         for s_i, t_i in enumerate(layer_map(len(s_hidden) - 1, len(t_hidden) - 1)):
@@ -71,9 +101,19 @@ class Distill(Stage[DistillConfig], name="distill", version=2,  # 2: embeddings 
     excludes = frozenset({"quantized"})
     reasons = {"quantized": "training would move quantized weights off their int grid"}
 
+    def check_model(self, model, where: str = "") -> None:
+        super().check_model(model, where)
+        check_topk(self.config, model, where, self.name)
+
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg = self.config
         seed_everything(ctx.seed)
         teacher = ctx.teacher.eval()  # its forward runs under no_grad in distill_loss
-        losses = self.fit(model, ctx, lambda m, x, y: distill_loss(m, teacher, x, y, cfg), "distill")
-        return StageResult(model, {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))})
+        stored = stored_topk(cfg, teacher)
+        try:
+            losses = self.fit(model, ctx, lambda m, x, y: distill_loss(m, teacher, x, y, cfg, stored), "distill")
+        finally:
+            if stored is not None:
+                stored.save()  # what an interrupted stage computed is kept too
+        details = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+        return StageResult(model, {**details, **({"teacher_topk": stored.details()} if stored else {})})

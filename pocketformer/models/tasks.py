@@ -46,6 +46,9 @@ class Task:
     min_agreement: ClassVar[float]
     lower_is_better: ClassVar[bool] = False  # quality's direction (perplexity: lower)
     per_position: ClassVar[bool] = False  # one output row per token (a language model's logits), not per example
+    # Can distillation match the teacher's k largest outputs per row, stored once, instead of its whole output
+    # (distill_topk)? For outputs too wide to recompute every step on a CPU: a language model's vocabulary.
+    distills_topk: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -68,6 +71,12 @@ class Task:
     def distill(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
         """The output term of recovery distillation."""
         raise NotImplementedError
+
+    def distill_topk(self, student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+        """The output term against the teacher's `values`, its k largest outputs of each row, at `indices` (both
+        shaped like `student` but k wide): only where `distills_topk`."""
+        raise NotImplementedError(f"a {self.name} model's outputs are distilled whole")
 
     def label_loss(self, out: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Cross-entropy on the true labels, where the output predicts them."""
@@ -150,7 +159,7 @@ class CausalLanguageModel(Task):
 
     name, output, has_labels = "causal_lm", "logits", False
     metric, quality_key = "perplexity", "perplexity"
-    lower_is_better = per_position = True
+    lower_is_better = per_position = distills_topk = True
     precision_metric, min_agreement = "argmax_agreement", 0.9
 
     def output_spec(self, cfg: Any) -> TensorSpec:
@@ -172,6 +181,18 @@ class CausalLanguageModel(Task):
         s, r = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         return t * t * F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(r / t, -1), log_target=True,
                                 reduction="batchmean")
+
+    def distill_topk(self, student, values, indices, temperature):
+        """KL from the teacher's distribution restricted to its top k tokens (renormalised there) to the student's
+        full distribution at those tokens: the sparse distillation of Sparse/Top-k KD. With k = the vocabulary it
+        is `distill` exactly; the student's mass outside the teacher's top k is pushed down only through the
+        normalisation of its softmax."""
+        t = temperature
+        s = student.reshape(-1, student.shape[-1])
+        v, i = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+        log_p = F.log_softmax(v / t, -1)
+        log_q = F.log_softmax(s / t, -1).gather(-1, i.long())
+        return t * t * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
     def label_loss(self, out, labels):
         return self.loss(out, labels, None)
