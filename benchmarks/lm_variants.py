@@ -1,5 +1,5 @@
 """SmolLM2-135M's compressed variants on ONNX Runtime, in one run on this host: quantized (int8 weight-only, int4),
-pruned to a decode latency on host-ort's decode table and distilled, MatFormer sub-models (uniform 1/2 and 1/4, and
+pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer sub-models (uniform 1/2 and 1/4, and
 the Mix'n'Match widths `extract --target host-ort` chooses for two decode budgets), each exported to ONNX fp32,
 int8 weight-only and int4 and validated on host-ort; then every file's decode and prefill again side by side.
 
@@ -10,7 +10,8 @@ after an interruption starts where it stopped.
 
 1. `pocketformer run` of examples/smollm2/recipe.yaml (ONNX only, host-ort only): the baseline, whose PyTorch test
    perplexity every row's change is against (the GGUF's dequantized 4-bit weights), and its int8w / int4 files.
-2. `pocketformer run examples/smollm2/latency.yaml`: prune to 1.5x predicted decode speed, then distillation.
+2. `pocketformer run examples/smollm2/latency.yaml`: prune to 1.5x predicted decode speed, then distillation; and
+   `examples/smollm2/layers.yaml`: the 3 least needed layers removed, then distillation from stored top-64 logits.
 3. `pocketformer run examples/smollm2/matformer.yaml`: the nested model; then `pocketformer extract` of widths 0.5
    and 0.25 and of `--target host-ort --latency-ms B` for B = each `--budgets` fraction of the full width's
    predicted decode step; each extracted checkpoint through `pocketformer run` (export ONNX, validate on host-ort).
@@ -102,6 +103,8 @@ def main() -> None:
                                      refused)
     reports["latency-pruned 1.5x + distill"] = run_recipe(as_onnx_on_host(EXAMPLES / "latency.yaml"),
                                                           work / "latency", refused)
+    reports["3 layers pruned + distill (top-64 logits)"] = run_recipe(as_onnx_on_host(EXAMPLES / "layers.yaml"),
+                                                                      work / "layers", refused)
     nested = work / "matformer"
     reports["matformer (nested, full width)"] = run_recipe(as_onnx_on_host(EXAMPLES / "matformer.yaml"), nested,
                                                            refused)
@@ -132,6 +135,7 @@ def main() -> None:
     prompt, want = side_prompt(base, work / "base" / "baseline", base_recipe, lm)
     profile = get_profile(TARGET).model_copy(update={"threads": args.threads})
     folders = {"baseline": work / "base", "latency-pruned 1.5x + distill": work / "latency",
+               "3 layers pruned + distill (top-64 logits)": work / "layers",
                "matformer (nested, full width)": nested,
                **{name: work / f"extracted-{i}" for i, (name, _) in enumerate(extracts)}}
     best: dict[tuple[str, str], dict] = {}
