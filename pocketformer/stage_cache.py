@@ -41,7 +41,7 @@ def stage_key(stage: Stage, input_key: str, teacher_key: str, recipe: Recipe, da
     table it prunes by). A stage whose code changed bumps its version, so its old results are never served."""
     return digest({**({"extra": extra} if extra else {}), "input": input_key, "teacher": teacher_key,
                    "stage": stage.name, "stage_version": stage.version,
-                   "config": stage.config.model_dump(), "libraries": package_versions(*stage.libraries),
+                   "config": stage.config.key_settings(), "libraries": package_versions(*stage.libraries),
                    "data": data_key, "seed": recipe.seed, "max_len": recipe.max_len, "batch_size": recipe.batch_size,
                    "versions": versions()})
 

@@ -363,3 +363,19 @@ def test_compress_refuses_what_the_model_cannot_do_before_any_stage_runs(make_mo
     with pytest.raises(RecipeError, match="early_exit .* needs a classifier.*Fix: put finetune before early_exit"):
         pipeline.compress(recipe, tmp_path / "embedding", tmp_path / "out")
     assert not (isolated_cache / "stages").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_setting_added_later_keeps_earlier_cache_keys_at_its_default():
+    """Adding a setting whose default keeps the old behaviour must not discard every cached result: at its default it
+    is left out of the key (StageConfig.added_settings); set to anything else, it is in."""
+    def key(settings):
+        recipe = parse_recipe({"model": "m", "data": "digits", "stages": [{"distill": settings}]})
+        (stage,) = recipe.build("stages")
+        return stage_cache.stage_key(stage, "input", "teacher", recipe, "digits"), stage.config.key_settings()
+
+    plain, settings = key({"epochs": 1})
+    assert "teacher_topk" not in settings and "hidden_norm" not in settings and settings["epochs"] == 1
+    assert key({"epochs": 1, "teacher_topk": 0, "hidden_norm": "none"})[0] == plain  # the defaults, said aloud
+    assert key({"epochs": 1, "teacher_topk": 16})[0] != plain
+    assert key({"epochs": 1, "hidden_norm": "channel"})[0] != plain
+    assert key({"epochs": 2})[0] != plain  # a setting that was always there is always in the key

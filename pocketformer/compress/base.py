@@ -30,6 +30,16 @@ KIND_NAMES = {"encoder": "encoders", "causal_lm": "decoder-only language models"
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Settings added after results were cached, whose default keeps the behaviour those results were made with: at
+    # that default they are left out of the cache key (key_settings), so adding a setting does not discard every
+    # earlier result of the stage. A setting whose default changes what the stage does belongs in a version bump.
+    added_settings: ClassVar[frozenset[str]] = frozenset()
+
+    def key_settings(self) -> dict[str, Any]:
+        """The settings in the stage's cache key: all, but added_settings left at their defaults."""
+        fields = type(self).model_fields
+        return {k: v for k, v in self.model_dump().items()
+                if not (k in self.added_settings and v == fields[k].get_default(call_default_factory=True))}
 
 
 class TrainingConfig(StageConfig):

@@ -26,6 +26,7 @@ from .teacher_topk import TeacherTopK
 
 
 class DistillConfig(TrainingConfig):
+    added_settings = frozenset({"hidden_norm", "teacher_topk"})
     temperature: float = Field(2.0, gt=0, description="softens both output distributions before they are matched",
                                json_schema_extra=searchable(1.0, 8.0))
     kd: float = Field(1.0, ge=0, description="weight of the output-matching term")

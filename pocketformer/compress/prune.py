@@ -46,6 +46,7 @@ LATENCY_CALIBRATION = 2048
 
 
 class PruneConfig(StageConfig):
+    added_settings = frozenset({"groups"})  # with language models; 0 on every encoder
     layers: Removal = Field(0, description="layers to remove: a fraction in [0, 1) or a count",
                             json_schema_extra=searchable(0, 0.5))
     heads: Removal = Field(0, description="attention heads to remove (of all remaining): fraction or count. On a "
