@@ -1,7 +1,8 @@
 """SmolLM2-135M's compressed variants on ONNX Runtime, in one run on this host: quantized (int8 weight-only, int4),
-pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer sub-models (uniform 1/2 and 1/4, and
-the Mix'n'Match widths `extract --target host-ort` chooses for two decode budgets), each exported to ONNX fp32,
-int8 weight-only and int4 and validated on host-ort; then every file's decode and prefill again side by side.
+pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer sub-
+models (uniform 1/2 and 1/4, and the Mix'n'Match widths `extract --target host-ort` chooses for two decode budgets),
+each exported to ONNX fp32, int8 weight-only and int4 and validated on host-ort; then every file's decode and prefill
+again side by side.
 
     .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.65]
 
@@ -112,21 +113,24 @@ def main() -> None:
     model, _ = load(nested / "model")
     decode = lm_tables_for(get_profile(TARGET), model.config, "fp32")["decode"]
     full_ms = decode.predict(lm_units(model.config))
-    extracts = [("matformer 1/2", {"widths": "0.5"}), ("matformer 1/4", {"widths": "0.25"})]
+    # (name, extract's settings, folder slug): the two decode budgets before 1/4, so that an interrupted run has
+    # the budgets' rows (issue 18 asks for them) first
+    extracts = [("matformer 1/2", {"widths": "0.5"}, "widths-0.5")]
     extracts += [(f"matformer for {f:g} x decode ({f * full_ms:.2f} ms)",
-                  {"target": TARGET, "latency_ms": round(f * full_ms, 3)})
+                  {"target": TARGET, "latency_ms": round(f * full_ms, 3)}, f"decode-{f:g}")
                  for f in map(float, args.budgets.split(","))]
+    extracts += [("matformer 1/4", {"widths": "0.25"}, "widths-0.25")]
     extracted: dict[str, dict] = {}
-    for i, (name, how) in enumerate(extracts):
-        ckpt = work / f"extract-{i}"
+    for name, how, slug in extracts:
+        ckpt = work / f"extract-{slug}"
         if not (ckpt / "model.safetensors").is_file():
             print(f"== pocketformer extract {nested} {how}", flush=True)
             extracted[name] = run_extract(nested, ckpt, **how)
         else:  # extracted by an earlier, interrupted run of this benchmark
             extracted[name] = json.loads((ckpt / "pocketformer.json").read_text())["provenance"]
-        fields = {"name": f"smollm2-extract-{i}", "model": str(ckpt), "data": "wikipedia", "seed": 0,
+        fields = {"name": f"smollm2-extract-{slug}", "model": str(ckpt), "data": "wikipedia", "seed": 0,
                   "max_len": 128, "batch_size": 8, "export": EXPORT, "targets": [TARGET]}
-        reports[name] = run_recipe(fields, work / f"extracted-{i}", refused)
+        reports[name] = run_recipe(fields, work / f"extracted-{slug}", refused)
 
     # side by side: every file, a fresh process each, rounds in turn; greedy continuations against the baseline's
     base, _ = load(work / "base" / "baseline")
@@ -137,7 +141,7 @@ def main() -> None:
     folders = {"baseline": work / "base", "latency-pruned 1.5x + distill": work / "latency",
                "3 layers pruned + distill (top-64 logits)": work / "layers",
                "matformer (nested, full width)": nested,
-               **{name: work / f"extracted-{i}" for i, (name, _) in enumerate(extracts)}}
+               **{name: work / f"extracted-{slug}" for name, _, slug in extracts}}
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
         for name, report in reports.items():
