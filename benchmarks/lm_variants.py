@@ -1,8 +1,8 @@
 """SmolLM2-135M's compressed variants on ONNX Runtime, in one run on this host: quantized (int8 weight-only, int4),
-pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer sub-
-models (uniform 1/2 and 1/4, and the Mix'n'Match widths `extract --target host-ort` chooses for two decode budgets),
-each exported to ONNX fp32, int8 weight-only and int4 and validated on host-ort; then every file's decode and prefill
-again side by side.
+pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer
+sub-models (uniform 1/2 and 1/4, and the Mix'n'Match widths `extract --target host-ort` chooses for two decode
+budgets), each exported to ONNX fp32, int8 weight-only and int4 and validated on host-ort; then every file's decode
+and prefill again side by side.
 
     .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.65]
 
