@@ -167,7 +167,7 @@ def linear_macs(in_features: int, out_features: int, shape: Optional[LinearShape
 
 
 @contextlib.contextmanager
-def _quiet_empty():
+def quiet_empty():
     """Every head or neuron of a layer may be pruned: its empty linears are meant, so torch's warning about
     initialising zero-element tensors is noise."""
     with warnings.catch_warnings():
@@ -179,7 +179,7 @@ def take_rows(lin: nn.Module, rows: torch.Tensor) -> nn.Module:
     """A linear of `lin`'s output rows `rows` (a pruned unit's outputs gone), dense or factorized."""
     if isinstance(lin, LowRankLinear):
         return lin.take_rows(rows)
-    with _quiet_empty():
+    with quiet_empty():
         new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[rows])
@@ -192,7 +192,7 @@ def take_cols(lin: nn.Module, cols: torch.Tensor) -> nn.Module:
     """A linear of `lin`'s input columns `cols` (a pruned unit's inputs gone), dense or factorized."""
     if isinstance(lin, LowRankLinear):
         return lin.take_cols(cols)
-    with _quiet_empty():
+    with quiet_empty():
         new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[:, cols])

@@ -31,6 +31,7 @@ from .. import __version__
 from ..errors import TargetError
 from ..latency import FAMILY_KEYS, Curve, LatencyTable, monotone, prediction_errors, read_table, write_table
 from ..models.canonical import CanonicalTransformer, LayerShape, ModelConfig
+from ..models.factorized import quiet_empty
 from ..progress import info, progress_bar
 from ..store import cache_root, cpu, digest, fingerprint
 from . import Profile, runtime_of, static_shape
@@ -69,7 +70,8 @@ def model_of(spec: ModelConfig, shapes: Sequence[tuple[int, int]], seed: int = 0
     cfg = spec.model_copy(update={"layers": [LayerShape(heads=h, head_dim=head_dim, ffn=w) for h, w in shapes],
                                   "exits": [], "exit_gate": {}, "nested_ffn": [], "quantization": {}}, deep=True)
     torch.manual_seed(seed)
-    return CanonicalTransformer(cfg).eval()
+    with quiet_empty():  # a layer of 0 heads or 0 neurons (a shape pruning makes) has empty linears, as meant
+        return CanonicalTransformer(cfg).eval()
 
 
 def _feeds(model: CanonicalTransformer, profile: Profile) -> dict[str, np.ndarray]:
