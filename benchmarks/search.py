@@ -67,10 +67,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-search-hand")
     ap.add_argument("--search", type=Path, default=ROOT / "runs" / "bench-search")
     ap.add_argument("--minutes", type=float, help="the search's --minutes for this run (a resumed search: the rest)")
+    ap.add_argument("--trials", type=int, help="the search's --trials (a finished search given more goes on: the "
+                                               "study keeps its trials and draws the rest)")
     args = ap.parse_args()
     cmd = [str(ROOT / ".venv" / "bin" / "pocketformer"), "search", str(EXAMPLE / "search.yaml"), "-o", str(args.search)]
     if args.minutes is not None:
         cmd += ["--minutes", str(args.minutes)]
+    if args.trials is not None:
+        cmd += ["--trials", str(args.trials)]
     started = time.time()
     subprocess.run(cmd, check=True)
     summary = json.loads((args.search / "search.json").read_text())
