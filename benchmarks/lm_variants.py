@@ -5,6 +5,7 @@ budgets), each exported to ONNX fp32, int8 weight-only and int4 and validated on
 and prefill again side by side.
 
     .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.65]
+    (--rounds 0: no side by side; each row from its own run's validation)
 
 Writes benchmarks/results/lm_variants.{json,md}. The runs (runs/bench-lm-variants/) reuse the stage cache: a re-run
 after an interruption starts where it stopped.
@@ -165,10 +166,12 @@ def main() -> None:
                          "perplexity": v["perplexity"], "change_pct": (v["perplexity"] / base_ppl - 1) * 100,
                          "token_match_own_pytorch": v.get("token_match"),
                          "token_match_baseline": s.get("match_with_baseline", {}).get("match"),
-                         "decode_tokens_per_s": s.get("decode_tokens_per_s"),
-                         "prefill_tokens_per_s": s.get("prefill_tokens_per_s"),
+                         # --rounds 0 (no side by side): each run's own validation figures
+                         "decode_tokens_per_s": s.get("decode_tokens_per_s", v.get("decode_tokens_per_s")),
+                         "prefill_tokens_per_s": s.get("prefill_tokens_per_s", v.get("prefill_tokens_per_s")),
                          "validation_decode_tokens_per_s": v.get("decode_tokens_per_s"),
-                         "size_mb": s.get("size_mb"), "peak_rss_mb": s.get("peak_rss_mb"),
+                         "size_mb": s.get("size_mb", v.get("size_mb")),
+                         "peak_rss_mb": s.get("peak_rss_mb", v.get("peak_rss_mb")),
                          "params": report["model"].get("params"),
                          "layers": [(la.get("heads"), la.get("kv_heads"), la.get("ffn"))
                                     for la in report["model"].get("layers", [])]})
@@ -180,7 +183,7 @@ def main() -> None:
     result = {"env": {"cpu": store.fingerprint(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
                       "versions": store.package_versions("onnxruntime", "torch"),
                       "command": " ".join(["benchmarks/lm_variants.py"] + sys.argv[1:]),
-                      "seconds": round(time.time() - started)},
+                      "seconds": round(time.time() - started), "side_by_side_rounds": args.rounds},
               "baseline_perplexity": base_ppl, "full_width_decode_predicted_ms": full_ms,
               "extracted": {name: {k: p.get(k) for k in ("widths", "search", "confirmation")}
                             for name, p in extracted.items()},
@@ -199,9 +202,11 @@ def markdown(result: dict) -> str:
              f"Perplexity on Wikipedia test windows of 128 tokens (the run's validation on ONNX Runtime); change "
              f"against the baseline PyTorch model's {result['baseline_perplexity']:.2f} (the GGUF's dequantized "
              f"weights). Token match: the file's greedy continuation of one {result['prompt_tokens']}-token prompt "
-             f"({result['new_tokens']} tokens) against the baseline PyTorch model's. Decode and prefill: side by "
-             "side, a fresh process per file, best of the rounds; speed-up and size against the baseline's "
-             "model.fp32.onnx.", "",
+             f"({result['new_tokens']} tokens) against the baseline PyTorch model's. Decode and prefill: "
+             + ("side by side, a fresh process per file, best of the rounds" if env.get("side_by_side_rounds", 1)
+                else "each run's own validation (files measured in different runs, minutes apart: no side by side, "
+                     "no token match against the baseline)")
+             + "; speed-up and size against the baseline's model.fp32.onnx.", "",
              "| variant | file | perplexity | change | token match | decode tok/s | x fp32 | prefill tok/s | "
              "size MB | x smaller | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
