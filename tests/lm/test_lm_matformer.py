@@ -18,7 +18,7 @@ from pocketformer.models.lm_importers import tokenizer_of
 from pocketformer.targets import export_checked, get_runtime
 from pocketformer.targets.lm import open_lm, token_match
 
-from .tiny_lms import TEXT, save_tiny_lm
+from .tiny_lms import save_tiny_lm, text_windows
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def tiny(tmp_path_factory):
     # weights drawn wide (0.2, not 0.02), so the FFNs matter: at 0.02 half of them change the output by a KL of 3e-6
     hf = save_tiny_lm("qwen2", tmp_path_factory.mktemp("lm-matformer") / "hf", initializer_range=0.2)
     model, _ = import_hf(hf)
-    ids = tokenizer_of(hf).encode(TEXT).ids
-    windows = [ids[i:i + 32] for i in range(0, len(ids) - 32, 32)][:8]
+    windows = text_windows(hf)
     return model, windows, tokenizer_of(hf)
 
 

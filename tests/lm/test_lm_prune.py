@@ -14,18 +14,16 @@ import yaml
 from pocketformer.compress import REGISTRY, Context
 from pocketformer.errors import RecipeError
 from pocketformer.models import import_hf
-from pocketformer.models.lm_importers import tokenizer_of
 
 from .test_lm_run import cli, write_profiles
-from .tiny_lms import TEXT, save_tiny_lm
+from .tiny_lms import save_tiny_lm, text_windows
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     hf = save_tiny_lm("llama", tmp_path_factory.mktemp("lm-prune") / "hf")
     model, _ = import_hf(hf)
-    ids = tokenizer_of(hf).encode(TEXT).ids
-    windows = [ids[i:i + 32] for i in range(0, len(ids) - 32, 32)][:8]
+    windows = text_windows(hf)
     return model, windows
 
 

@@ -15,17 +15,15 @@ from pocketformer.compress.distill import Distill, DistillConfig, distill_loss
 from pocketformer.compress.teacher_topk import TeacherTopK
 from pocketformer.errors import RecipeError
 from pocketformer.models import import_hf
-from pocketformer.models.lm_importers import tokenizer_of
 
-from .tiny_lms import TEXT, VOCAB, save_tiny_lm
+from .tiny_lms import VOCAB, save_tiny_lm, text_windows
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     hf = save_tiny_lm("llama", tmp_path_factory.mktemp("lm-topk") / "hf", initializer_range=0.2)
     teacher, _ = import_hf(hf)
-    ids = tokenizer_of(hf).encode(TEXT).ids
-    windows = [ids[i:i + 32] for i in range(0, len(ids) - 32, 32)][:8]
+    windows = text_windows(hf)
     student = copy.deepcopy(teacher)
     student.keep_neurons(0, list(range(48)))  # a pruned student: its outputs differ from the teacher's
     student.keep_neurons(1, list(range(48)))

@@ -143,3 +143,11 @@ def save_tiny_gguf(hf_folder: Path, path: Path, quant: str = "Q8_0") -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def text_windows(hf_folder: Path, length: int = 32, n: int = 8) -> list[list[int]]:
+    """The first `n` windows of `length` tokens of TEXT, by the tokenizer saved in `hf_folder`."""
+    from pocketformer.models.lm_importers import tokenizer_of
+
+    ids = tokenizer_of(hf_folder).encode(TEXT).ids
+    return [ids[i:i + length] for i in range(0, len(ids) - length, length)][:n]
