@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pocketformer import store  # noqa: E402
-from pocketformer.compress.distill import DistillConfig, distill_loss, stored_topk  # noqa: E402
+from pocketformer.compress.distill import DistillConfig, distill_loss, stored_topk, topk_details  # noqa: E402
 from pocketformer.lm_pipeline import windows  # noqa: E402
 from pocketformer.models import load  # noqa: E402
 from pocketformer.train import text_batches  # noqa: E402
@@ -34,21 +34,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def step_seconds(student, teacher, batches, cfg: DistillConfig, steps: int) -> tuple[float, dict]:
-    stored = stored_topk(cfg, teacher)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
     times = []
     student.train()
-    for i, (inputs, labels) in enumerate(batches(0)):
-        if i > steps:
-            break
-        t0 = time.perf_counter()
-        loss = distill_loss(student, teacher, inputs, labels, cfg, stored)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), (stored.details() if stored else {})
+    with stored_topk(cfg, teacher) as stored:
+        for i, (inputs, labels) in enumerate(batches(0)):
+            if i > steps:
+                break
+            t0 = time.perf_counter()
+            loss = distill_loss(student, teacher, inputs, labels, cfg, stored)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times), topk_details(stored).get("teacher_topk", {})
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ once per train window and stored (teacher_topk.py) instead of the whole vocabula
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from contextlib import contextmanager
+from typing import Iterator, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -49,8 +50,21 @@ def check_topk(cfg: DistillConfig, model, where: str, stage: str) -> None:
                           f"outputs ({model.task.name}) are matched whole.", "remove teacher_topk.")
 
 
-def stored_topk(cfg: DistillConfig, teacher: CanonicalTransformer) -> Optional[TeacherTopK]:
-    return TeacherTopK(teacher, cfg.teacher_topk) if cfg.teacher_topk else None
+@contextmanager
+def stored_topk(cfg: DistillConfig, teacher: CanonicalTransformer) -> Iterator[Optional[TeacherTopK]]:
+    """The teacher's stored top-k logits for a stage's training (None without teacher_topk); what the stage computed
+    is saved when it ends, also when interrupted."""
+    stored = TeacherTopK(teacher, cfg.teacher_topk) if cfg.teacher_topk else None
+    try:
+        yield stored
+    finally:
+        if stored is not None:
+            stored.save()
+
+
+def topk_details(stored: Optional[TeacherTopK]) -> dict:
+    """A stage's details entry for its stored top-k logits (none without them)."""
+    return {"teacher_topk": stored.details()} if stored is not None else {}
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[int]:
@@ -110,11 +124,7 @@ class Distill(Stage[DistillConfig], name="distill", version=2,  # 2: embeddings 
         cfg = self.config
         seed_everything(ctx.seed)
         teacher = ctx.teacher.eval()  # its forward runs under no_grad in distill_loss
-        stored = stored_topk(cfg, teacher)
-        try:
+        with stored_topk(cfg, teacher) as stored:
             losses = self.fit(model, ctx, lambda m, x, y: distill_loss(m, teacher, x, y, cfg, stored), "distill")
-        finally:
-            if stored is not None:
-                stored.save()  # what an interrupted stage computed is kept too
-        details = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
-        return StageResult(model, {**details, **({"teacher_topk": stored.details()} if stored else {})})
+        return StageResult(model, {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                                   **topk_details(stored)})

@@ -27,7 +27,7 @@ from ..progress import info
 from ..train import evaluate, predict, seed_everything
 from .amounts import round_to_multiple
 from .base import Context, Stage, StageResult, factorized
-from .distill import DistillConfig, check_topk, distill_loss, stored_topk
+from .distill import DistillConfig, check_topk, distill_loss, stored_topk, topk_details
 from .importance import calibration_batches, magnitude_scores, taylor_scores, usable_importance
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
@@ -154,7 +154,6 @@ class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as di
         plans = {f: widths_at(model, f) for f in cfg.widths}
         info("matformer: nested widths " + "; ".join(f"{f:g}: {w}" for f, w in plans.items()))
         teacher = ctx.teacher.eval()
-        stored = stored_topk(cfg, teacher)
         draw = random.Random(ctx.seed)
 
         def nested_loss(m, inputs, labels):
@@ -166,16 +165,13 @@ class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as di
                     total = total + distill_loss(m, teacher, inputs, labels, cfg, stored)
             return total
 
-        try:
+        with stored_topk(cfg, teacher) as stored:
             losses = self.fit(model, ctx, nested_loss, "matformer")
-        finally:
-            if stored is not None:
-                stored.save()
         model.spec.nested_ffn = list(cfg.widths)
         metric, quality = width_quality(model, ctx, plans, teacher)
         details = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
                    "widths": {f"{f:g}": w for f, w in plans.items()}, metric: quality,
-                   **({"teacher_topk": stored.details()} if stored else {})}
+                   **topk_details(stored)}
         info(f"matformer: {metric.replace('_', ' ')} by width: "
              + ", ".join(f"{f}: {v:.4g}" for f, v in quality.items()))
         return StageResult(model, details)

@@ -53,17 +53,14 @@ class TeacherTopK:
         """(values, indices), (batch, positions, k) each, for the windows `ids`; `outputs()` gives the teacher's full
         outputs for the whole batch, called only when a window is not stored yet."""
         keys = [window_key(row) for row in ids]
-        if any(key not in self.rows for key in keys):
+        new = [j for j, key in enumerate(keys) if key not in self.rows]
+        if new:
             values, indices = outputs().float().topk(self.k, dim=-1)
-            for j, key in enumerate(keys):
-                if key not in self.rows:
-                    self.rows[key] = (values[j].contiguous(), indices[j].to(torch.int32).contiguous())
-                    self._new.add(key)
-                    self.computed += 1
-                else:
-                    self.reused += 1
-        else:
-            self.reused += len(keys)
+            for j in new:
+                self.rows[keys[j]] = (values[j].contiguous(), indices[j].to(torch.int32).contiguous())
+                self._new.add(keys[j])
+        self.computed += len(new)
+        self.reused += len(keys) - len(new)
         return torch.stack([self.rows[k][0] for k in keys]), torch.stack([self.rows[k][1] for k in keys])
 
     def save(self) -> None:
