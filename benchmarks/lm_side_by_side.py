@@ -30,6 +30,19 @@ from pocketformer.targets.lm_validate import measure_decoding  # noqa: E402
 from lm_smollm2 import side_prompt  # noqa: E402  (this folder: the script's own)
 
 
+def side_by_side(files: list[Path], profile, prompt: list[int], want: list[int], rounds: int) -> dict[Path, dict]:
+    """Each file's decode and prefill on `prompt` (measure_decoding: a fresh process each, the files in turn,
+    `rounds` rounds, the lowest decode p50 kept) and its greedy continuation's token match with `want` ("match")."""
+    best: dict[Path, dict] = {}
+    for _ in range(rounds):
+        for path in files:
+            m = measure_decoding(path, profile, prompt)
+            match = token_match(m.pop("tokens", []), want)["match"]
+            if path not in best or m["decode_ms_p50"] < best[path]["decode_ms_p50"]:
+                best[path] = {**m, "match": match}
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="RUN:FILE")
@@ -43,14 +56,9 @@ def main() -> None:
     lm = get_profile("host-ort").language_models
     prompt, want = side_prompt(base, args.work / "base" / "baseline", recipe, lm)
     profile = get_profile("host-ort").model_copy(update={"threads": args.threads})
-    best: dict[str, dict] = {}
-    for _ in range(args.rounds):
-        for item in args.files:
-            run, file = item.split(":", 1)
-            m = measure_decoding(args.work / run / "artifacts" / file, profile, prompt)
-            match = token_match(m.pop("tokens", []), want)["match"]
-            if item not in best or m["decode_ms_p50"] < best[item]["decode_ms_p50"]:
-                best[item] = {**m, "match": match}
+    paths = {item: args.work / item.split(":", 1)[0] / "artifacts" / item.split(":", 1)[1] for item in args.files}
+    measured = side_by_side(list(paths.values()), profile, prompt, want, args.rounds)
+    best = {item: measured[path] for item, path in paths.items()}
     print(f"{store.fingerprint()}; {args.threads} threads; {len(prompt)}-token prompt, {lm.new_tokens} new tokens; "
           f"best of {args.rounds} rounds")
     for item, m in best.items():

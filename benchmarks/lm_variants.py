@@ -44,11 +44,10 @@ from pocketformer.models import load  # noqa: E402
 from pocketformer.pipeline import run  # noqa: E402
 from pocketformer.recipe import parse_recipe  # noqa: E402
 from pocketformer.targets import get_profile  # noqa: E402
-from pocketformer.targets.lm import token_match  # noqa: E402
 from pocketformer.targets.lm_latency import lm_tables_for  # noqa: E402
-from pocketformer.targets.lm_validate import measure_decoding  # noqa: E402
 
-from lm_smollm2 import side_prompt  # noqa: E402  (this folder: the script's own)
+from lm_side_by_side import side_by_side  # noqa: E402  (this folder: the script's own)
+from lm_smollm2 import side_prompt  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = ROOT / "examples" / "smollm2"
@@ -100,16 +99,17 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     reports: dict[str, dict] = {}
+    folders: dict[str, Path] = {}  # each variant's run folder
     refused: dict[str, list[str]] = {}
-    reports["baseline"] = run_recipe(as_onnx_on_host(EXAMPLES / "recipe.yaml", name="smollm2-base"), work / "base",
-                                     refused)
-    reports["latency-pruned 1.5x + distill"] = run_recipe(as_onnx_on_host(EXAMPLES / "latency.yaml"),
-                                                          work / "latency", refused)
-    reports["3 layers pruned + distill (top-64 logits)"] = run_recipe(as_onnx_on_host(EXAMPLES / "layers.yaml"),
-                                                                      work / "layers", refused)
+
+    def variant(name: str, fields: dict, folder: Path) -> None:
+        reports[name], folders[name] = run_recipe(fields, folder, refused), folder
+
+    variant("baseline", as_onnx_on_host(EXAMPLES / "recipe.yaml", name="smollm2-base"), work / "base")
+    variant("latency-pruned 1.5x + distill", as_onnx_on_host(EXAMPLES / "latency.yaml"), work / "latency")
+    variant("3 layers pruned + distill (top-64 logits)", as_onnx_on_host(EXAMPLES / "layers.yaml"), work / "layers")
     nested = work / "matformer"
-    reports["matformer (nested, full width)"] = run_recipe(as_onnx_on_host(EXAMPLES / "matformer.yaml"), nested,
-                                                           refused)
+    variant("matformer (nested, full width)", as_onnx_on_host(EXAMPLES / "matformer.yaml"), nested)
 
     model, _ = load(nested / "model")
     decode = lm_tables_for(get_profile(TARGET), model.config, "fp32")["decode"]
@@ -131,7 +131,7 @@ def main() -> None:
             extracted[name] = json.loads((ckpt / "pocketformer.json").read_text())["provenance"]
         fields = {"name": f"smollm2-extract-{slug}", "model": str(ckpt), "data": "wikipedia", "seed": 0,
                   "max_len": 128, "batch_size": 8, "export": EXPORT, "targets": [TARGET]}
-        reports[name] = run_recipe(fields, work / f"extracted-{slug}", refused)
+        variant(name, fields, work / f"extracted-{slug}")
 
     # side by side: every file, a fresh process each, rounds in turn; greedy continuations against the baseline's
     base, _ = load(work / "base" / "baseline")
@@ -139,21 +139,11 @@ def main() -> None:
     lm = get_profile(TARGET).language_models
     prompt, want = side_prompt(base, work / "base" / "baseline", base_recipe, lm)
     profile = get_profile(TARGET).model_copy(update={"threads": args.threads})
-    folders = {"baseline": work / "base", "latency-pruned 1.5x + distill": work / "latency",
-               "3 layers pruned + distill (top-64 logits)": work / "layers",
-               "matformer (nested, full width)": nested,
-               **{name: work / f"extracted-{slug}" for name, _, slug in extracts}}
-    best: dict[tuple[str, str], dict] = {}
-    for _ in range(args.rounds):
-        for name, report in reports.items():
-            for a in report["artifacts"]:
-                if a["format"] != "onnx" or a.get("variant", "model") != "model":
-                    continue
-                m = measure_decoding(folders[name] / "artifacts" / a["file"], profile, prompt)
-                key = (name, a["file"])
-                if key not in best or m["decode_ms_p50"] < best[key]["decode_ms_p50"]:
-                    best[key] = {**m, "precision": a["precision"], "size_mb": a["size_bytes"] / 1e6,
-                                 "match_with_baseline": token_match(m.pop("tokens", []), want)}
+    files = {(name, a["file"]): (folders[name] / "artifacts" / a["file"], a) for name, report in reports.items()
+             for a in report["artifacts"] if a["format"] == "onnx" and a.get("variant", "model") == "model"}
+    measured = side_by_side([path for path, _ in files.values()], profile, prompt, want, args.rounds)
+    best = {key: {**measured[path], "precision": a["precision"], "size_mb": a["size_bytes"] / 1e6}
+            for key, (path, a) in files.items() if path in measured}
     base_ppl = next(r["reference_perplexity"] for r in reports["baseline"]["validation"]
                     if r.get("reference_perplexity") is not None)
     rows = []
@@ -165,7 +155,7 @@ def main() -> None:
             rows.append({"variant": name, "file": v["file"], "precision": v["precision"],
                          "perplexity": v["perplexity"], "change_pct": (v["perplexity"] / base_ppl - 1) * 100,
                          "token_match_own_pytorch": v.get("token_match"),
-                         "token_match_baseline": s.get("match_with_baseline", {}).get("match"),
+                         "token_match_baseline": s.get("match"),
                          # --rounds 0 (no side by side): each run's own validation figures
                          "decode_tokens_per_s": s.get("decode_tokens_per_s", v.get("decode_tokens_per_s")),
                          "prefill_tokens_per_s": s.get("prefill_tokens_per_s", v.get("prefill_tokens_per_s")),
