@@ -112,8 +112,9 @@ def gguf_tokenizer(path: Path):
     return tokenizer, bool(tok_cfg.get("add_bos_token", False))
 
 
-def import_gguf(path: Path, check_parity: bool = True) -> tuple[CausalLM, dict, Path]:
-    """(canonical model, provenance, folder holding its tokenizer.json) from a GGUF file."""
+def import_gguf(path: Path, tok_dir: Path, check_parity: bool = True) -> tuple[CausalLM, dict]:
+    """(canonical model, provenance) from a GGUF file; its vocabulary is written to tok_dir/tokenizer.json (a folder
+    the caller owns and removes)."""
     path = Path(path)
     reader, arch = read_gguf(path)
     with quiet("transformers", "gguf", stderr=True):
@@ -126,8 +127,8 @@ def import_gguf(path: Path, check_parity: bool = True) -> tuple[CausalLM, dict, 
     map_weights(model, gguf_state(reader, arch, spec.layers[0].heads, spec.layers[0].kv_heads),
                 FAMILIES[model_type], str(path))
     model.eval()
-    tok_dir = Path(tempfile.mkdtemp(prefix="pocketformer-gguf-tokenizer-"))
-    tokenizer.save(str(tok_dir / "tokenizer.json"))
+    Path(tok_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(Path(tok_dir) / "tokenizer.json"))
     provenance = {"source": str(path.resolve()), "source_architecture": f"GGUF {arch}", "source_model_type": model_type,
                   "source_files_sha256": {path.name: file_sha256(path)},
                   "gguf_tensor_types": types,
@@ -135,7 +136,7 @@ def import_gguf(path: Path, check_parity: bool = True) -> tuple[CausalLM, dict, 
                                    "the quantized model, not its original float weights"}
     if check_parity:
         provenance["import_parity"] = check_lm_parity(model, lambda: _transformers_gguf(path), tokenizer)
-    return model, provenance, tok_dir
+    return model, provenance
 
 
 def _transformers_gguf(path: Path):
@@ -167,8 +168,9 @@ def converted(path: Path) -> Path:
         return folder
     info(f"converting {path.name} (GGUF) into a canonical checkpoint: dequantizing, then checking against "
          "transformers' GGUF loader")
-    model, provenance, tok_dir = import_gguf(path)
-    save(model, folder, provenance, tokenizer_dir=tok_dir)
+    with tempfile.TemporaryDirectory(prefix="pocketformer-gguf-tokenizer-") as tok_dir:
+        model, provenance = import_gguf(path, Path(tok_dir))
+        save(model, folder, provenance, tokenizer_dir=Path(tok_dir))
     return folder
 
 

@@ -31,9 +31,10 @@ def tiny_ggufs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_gguf_import_matches_transformers_gguf_loader(tiny_ggufs, family):
+def test_gguf_import_matches_transformers_gguf_loader(tiny_ggufs, family, tmp_path):
     hf, path = tiny_ggufs[family]
-    model, prov, tok_dir = import_gguf(path)
+    tok_dir = tmp_path / "tokenizer"
+    model, prov = import_gguf(path, tok_dir)
     assert isinstance(model, CausalLM)
     assert prov["import_parity"]["max_abs_logit_diff"] <= LM_PARITY_TOL
     assert prov["import_parity"]["top1_agreement"] == 1.0
@@ -80,7 +81,7 @@ def test_refuses_truncated_and_foreign_files(tiny_ggufs, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
-        import_gguf(cut)
+        import_gguf(cut, tmp_path / "tok")
     import gguf
     import numpy as np
 
@@ -92,4 +93,4 @@ def test_refuses_truncated_and_foreign_files(tiny_ggufs, tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ArchitectureError, match="GGUF architecture 'bert' is not supported"):
-        import_gguf(tmp_path / "bert.gguf")
+        import_gguf(tmp_path / "bert.gguf", tmp_path / "tok")
