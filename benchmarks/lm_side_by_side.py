@@ -6,6 +6,7 @@ of benchmarks/lm_variants.py for a few of its runs, when the whole table is not 
         [--rounds 2] [--threads 2] [--work runs/bench-lm-variants]
 
 Each argument is RUN:FILE, RUN a folder under --work holding artifacts/FILE; `base` (the baseline run) must be there.
+ONNX files run on host-ort, TFLite files on host-litert.
 Prints one line per file.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,12 +32,21 @@ from pocketformer.targets.lm_validate import measure_decoding  # noqa: E402
 from lm_smollm2 import side_prompt  # noqa: E402  (this folder: the script's own)
 
 
-def side_by_side(files: list[Path], profile, prompt: list[int], want: list[int], rounds: int) -> dict[Path, dict]:
-    """Each file's decode and prefill on `prompt` (measure_decoding: a fresh process each, the files in turn,
-    `rounds` rounds, the lowest decode p50 kept) and its greedy continuation's token match with `want` ("match")."""
+PROFILES = {".onnx": "host-ort", ".tflite": "host-litert"}  # each file's runtime, by its suffix
+
+
+def profile_of(path: Path, threads: int):
+    """The profile a file is measured with: its format's host target, at `threads`."""
+    return get_profile(PROFILES[path.suffix]).model_copy(update={"threads": threads})
+
+
+def side_by_side(files: dict[Path, Any], prompt: list[int], want: list[int], rounds: int) -> dict[Path, dict]:
+    """Each file's decode and prefill on `prompt` on its profile's runtime (files: path -> profile;
+    measure_decoding: a fresh process each, the files in turn, `rounds` rounds, the lowest decode p50 kept) and its
+    greedy continuation's token match with `want` ("match")."""
     best: dict[Path, dict] = {}
     for _ in range(rounds):
-        for path in files:
+        for path, profile in files.items():
             m = measure_decoding(path, profile, prompt)
             match = token_match(m.pop("tokens", []), want)["match"]
             if path not in best or m["decode_ms_p50"] < best[path]["decode_ms_p50"]:
@@ -55,9 +66,9 @@ def main() -> None:
     recipe = json.loads((args.work / "base" / "report.json").read_text())["recipe"]
     lm = get_profile("host-ort").language_models
     prompt, want = side_prompt(base, args.work / "base" / "baseline", recipe, lm)
-    profile = get_profile("host-ort").model_copy(update={"threads": args.threads})
     paths = {item: args.work / item.split(":", 1)[0] / "artifacts" / item.split(":", 1)[1] for item in args.files}
-    measured = side_by_side(list(paths.values()), profile, prompt, want, args.rounds)
+    measured = side_by_side({path: profile_of(path, args.threads) for path in paths.values()}, prompt, want,
+                            args.rounds)
     best = {item: measured[path] for item, path in paths.items()}
     print(f"{store.fingerprint()}; {args.threads} threads; {len(prompt)}-token prompt, {lm.new_tokens} new tokens; "
           f"best of {args.rounds} rounds")

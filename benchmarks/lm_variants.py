@@ -1,10 +1,10 @@
-"""SmolLM2-135M's compressed variants on ONNX Runtime, in one run on this host: quantized (int8 weight-only, int4),
+"""SmolLM2-135M's compressed variants on ONNX Runtime and LiteRT, in one run on this host: quantized (int8, int4),
 pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer
 sub-models (uniform 1/2 and 1/4, and the Mix'n'Match widths `extract --target host-ort` chooses for two decode
-budgets), each exported to ONNX fp32, int8 weight-only and int4 and validated on host-ort; then every file's decode
-and prefill again side by side.
+budgets), each exported to ONNX (fp32, int8 weight-only, int4) and validated on host-ort, and exported to TFLite
+(fp32, int8, int4) and validated on host-litert; then every file's decode and prefill again side by side.
 
-    .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.65]
+    .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.65] [--formats onnx,tflite]
     (--rounds 0: no side by side; each row from its own run's validation)
 
 Writes benchmarks/results/lm_variants.{json,md}. The runs (runs/bench-lm-variants/) reuse the stage cache: a re-run
@@ -17,8 +17,11 @@ after an interruption starts where it stopped.
 3. `pocketformer run examples/smollm2/matformer.yaml`: the nested model; then `pocketformer extract` of widths 0.5
    and 0.25 and of `--target host-ort --latency-ms B` for B = each `--budgets` fraction of the full width's
    predicted decode step; each extracted checkpoint through `pocketformer run` (export ONNX, validate on host-ort).
-4. Side by side: every file's decode and prefill (a fresh process each, `--rounds` rounds in turn, the best kept) on
-   one 128-token test prompt, and its greedy continuation against the baseline PyTorch model's.
+4. LiteRT: each variant's compressed checkpoint (its run's model/) through `pocketformer run` exporting TFLite and
+   validating on host-litert (RUN-litert/). TFLite's fp16 and int8-weight files are left out: benchmarks/
+   lm_smollm2.py measured them on the baseline (no faster than fp32 at decode; int8-weight peaks at 4.5 GB).
+5. Side by side: every file's decode and prefill on its runtime (a fresh process each, `--rounds` rounds in turn, the
+   best kept) on one 128-token test prompt, and its greedy continuation against the baseline PyTorch model's.
 """
 
 from __future__ import annotations
@@ -46,13 +49,18 @@ from pocketformer.recipe import parse_recipe  # noqa: E402
 from pocketformer.targets import get_profile  # noqa: E402
 from pocketformer.targets.lm_latency import lm_tables_for  # noqa: E402
 
-from lm_side_by_side import side_by_side  # noqa: E402  (this folder: the script's own)
+from lm_side_by_side import profile_of, side_by_side  # noqa: E402  (this folder: the script's own)
 from lm_smollm2 import side_prompt  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = ROOT / "examples" / "smollm2"
-TARGET = "host-ort"
-EXPORT = {"formats": ["onnx"], "baseline_formats": [], "int8": True, "int4": True, "skip": ["onnx.int8", "onnx.fp16"]}
+TARGET = "host-ort"  # the target the variants are pruned and extracted for
+# each format's host target and export settings
+RUNTIMES = {"onnx": ("host-ort", {"formats": ["onnx"], "baseline_formats": [], "int8": True, "int4": True,
+                                  "skip": ["onnx.int8", "onnx.fp16"]}),
+            "tflite": ("host-litert", {"formats": ["tflite"], "baseline_formats": [], "int8": True, "int4": True,
+                                       "skip": ["tflite.fp16", "tflite.int8-weight"]})}
+EXPORT = RUNTIMES["onnx"][1]
 
 
 def as_onnx_on_host(path: Path, **changes) -> dict:
@@ -75,14 +83,15 @@ def run_recipe(fields: dict, folder: Path, refused: dict[str, list[str]]) -> dic
         try:
             return run(parse_recipe(fields, str(folder / "recipe.yaml")), folder)
         except ExportFailures as e:
-            precisions = [m.group(1) for m in (re.search(r"\(([\w-]+)\) disagrees", f.problem) for f in e.failures)
-                          if m]
-            if not precisions:
+            # "model.int4.onnx (int4) disagrees ...", "model.int4.tflite (prefill, int4) disagrees ..."
+            found = (re.search(r"\.(onnx|tflite) \((?:\w+, )?([\w-]+)\) disagrees", f.problem) for f in e.failures)
+            refusals = [f"{m.group(1)}.{m.group(2)}" for m in found if m]
+            if not refusals:
                 raise
             refused.setdefault(fields["name"], []).extend(f.problem for f in e.failures)
             print(f"== refused, left out: {e.problem}", flush=True)
             (folder / "refused.json").write_text(json.dumps(refused[fields["name"]]))
-            skip = fields["export"]["skip"] + [f"onnx.{p}" for p in precisions]
+            skip = fields["export"]["skip"] + refusals
             fields = {**fields, "export": {**fields["export"], "skip": skip}}
 
 
@@ -92,18 +101,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budgets", default="0.8,0.65", help="decode budgets for extract --target, as fractions of the "
                                                           "full width's predicted decode step")
+    ap.add_argument("--formats", default="onnx,tflite", help="formats each variant is exported to (onnx first: the "
+                                                             "variants are made in the ONNX runs)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-lm-variants")
     args = ap.parse_args()
+    formats = args.formats.split(",")
     started = time.time()
     torch.set_num_threads(args.threads)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    reports: dict[str, dict] = {}
-    folders: dict[str, Path] = {}  # each variant's run folder
+    reports: dict[tuple[str, str], dict] = {}  # (variant, format) -> its run's report
+    folders: dict[tuple[str, str], Path] = {}  # (variant, format) -> its run's folder
     refused: dict[str, list[str]] = {}
 
     def variant(name: str, fields: dict, folder: Path) -> None:
-        reports[name], folders[name] = run_recipe(fields, folder, refused), folder
+        reports[name, "onnx"], folders[name, "onnx"] = run_recipe(fields, folder, refused), folder
 
     variant("baseline", as_onnx_on_host(EXAMPLES / "recipe.yaml", name="smollm2-base"), work / "base")
     variant("latency-pruned 1.5x + distill", as_onnx_on_host(EXAMPLES / "latency.yaml"), work / "latency")
@@ -133,26 +145,39 @@ def main() -> None:
                   "max_len": 128, "batch_size": 8, "export": EXPORT, "targets": [TARGET]}
         variant(name, fields, work / f"extracted-{slug}")
 
+    # the other formats: each variant's compressed checkpoint (its ONNX run's model/) exported and validated there
+    for fmt in formats[1:]:
+        target, export = RUNTIMES[fmt]
+        for name in [n for n, f in list(reports) if f == "onnx"]:
+            onnx_folder = folders[name, "onnx"]
+            fields = {"name": f"{reports[name, 'onnx']['recipe']['name']}-{fmt}", "model": str(onnx_folder / "model"),
+                      "data": "wikipedia", "seed": 0, "max_len": 128, "batch_size": 8, "export": export,
+                      "targets": [target]}
+            folder = onnx_folder.with_name(f"{onnx_folder.name}-{fmt}")
+            reports[name, fmt], folders[name, fmt] = run_recipe(fields, folder, refused), folder
+
     # side by side: every file, a fresh process each, rounds in turn; greedy continuations against the baseline's
     base, _ = load(work / "base" / "baseline")
-    base_recipe = reports["baseline"]["recipe"]
+    base_recipe = reports["baseline", "onnx"]["recipe"]
     lm = get_profile(TARGET).language_models
     prompt, want = side_prompt(base, work / "base" / "baseline", base_recipe, lm)
-    profile = get_profile(TARGET).model_copy(update={"threads": args.threads})
-    files = {(name, a["file"]): (folders[name] / "artifacts" / a["file"], a) for name, report in reports.items()
-             for a in report["artifacts"] if a["format"] == "onnx" and a.get("variant", "model") == "model"}
-    measured = side_by_side([path for path, _ in files.values()], profile, prompt, want, args.rounds)
+    files = {(name, a["file"]): (folders[name, fmt] / "artifacts" / a["file"], a)
+             for (name, fmt), report in reports.items()
+             for a in report["artifacts"] if a["format"] == fmt and a.get("variant", "model") == "model"}
+    measured = side_by_side({path: profile_of(path, args.threads) for path, _ in files.values()}, prompt, want,
+                            args.rounds)
     best = {key: {**measured[path], "precision": a["precision"], "size_mb": a["size_bytes"] / 1e6}
             for key, (path, a) in files.items() if path in measured}
-    base_ppl = next(r["reference_perplexity"] for r in reports["baseline"]["validation"]
+    base_ppl = next(r["reference_perplexity"] for r in reports["baseline", "onnx"]["validation"]
                     if r.get("reference_perplexity") is not None)
     rows = []
-    for name, report in reports.items():
+    for (name, fmt), report in reports.items():
         for v in report["validation"]:
             if v.get("perplexity") is None:
                 continue
             s = best.get((name, v["file"]), {})
-            rows.append({"variant": name, "file": v["file"], "precision": v["precision"],
+            rows.append({"variant": name, "format": fmt, "runtime": v.get("runtime"), "file": v["file"],
+                         "precision": v["precision"],
                          "perplexity": v["perplexity"], "change_pct": (v["perplexity"] / base_ppl - 1) * 100,
                          "token_match_own_pytorch": v.get("token_match"),
                          "token_match_baseline": s.get("match"),
@@ -165,13 +190,15 @@ def main() -> None:
                          "params": report["model"].get("params"),
                          "layers": [(la.get("heads"), la.get("kv_heads"), la.get("ffn"))
                                     for la in report["model"].get("layers", [])]})
-    fp32 = next(r for r in rows if r["variant"] == "baseline" and r["precision"] == "fp32")
+    # speed-up and size against the baseline's fp32 file of the same format, on the same runtime
+    fp32 = {r["format"]: r for r in rows if r["variant"] == "baseline" and r["precision"] == "fp32"}
     for r in rows:
-        r["decode_speedup"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"] \
-            if r["decode_tokens_per_s"] and fp32["decode_tokens_per_s"] else None
-        r["smaller"] = fp32["size_mb"] / r["size_mb"] if r["size_mb"] else None
+        ref = fp32.get(r["format"], {})
+        r["decode_speedup"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"] \
+            if r["decode_tokens_per_s"] and ref.get("decode_tokens_per_s") else None
+        r["smaller"] = ref["size_mb"] / r["size_mb"] if r["size_mb"] and ref.get("size_mb") else None
     result = {"env": {"cpu": store.fingerprint(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-                      "versions": store.package_versions("onnxruntime", "torch"),
+                      "versions": store.package_versions("onnxruntime", "ai-edge-litert", "torch"),
                       "command": " ".join(["benchmarks/lm_variants.py"] + sys.argv[1:]),
                       "seconds": round(time.time() - started), "side_by_side_rounds": args.rounds},
               "baseline_perplexity": base_ppl, "full_width_decode_predicted_ms": full_ms,
@@ -186,7 +213,7 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     env = result["env"]
-    lines = ["# SmolLM2-135M variants on ONNX Runtime (host-ort)", "",
+    lines = ["# SmolLM2-135M variants on ONNX Runtime (host-ort) and LiteRT (host-litert)", "",
              f"Command: `.venv/bin/python {env['command']}` ({env['date']}, {env['seconds']} s). CPU: {env['cpu']}; "
              f"{env['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",
              f"Perplexity on Wikipedia test windows of 128 tokens (the run's validation on ONNX Runtime); change "
@@ -196,7 +223,8 @@ def markdown(result: dict) -> str:
              + ("side by side, a fresh process per file, best of the rounds" if env.get("side_by_side_rounds", 1)
                 else "each run's own validation (files measured in different runs, minutes apart: no side by side, "
                      "no token match against the baseline)")
-             + "; speed-up and size against the baseline's model.fp32.onnx.", "",
+             + "; speed-up and size against the baseline's fp32 file of the same format (model.fp32.onnx on ONNX "
+               "Runtime, model.fp32.tflite on LiteRT).", "",
              "| variant | file | perplexity | change | token match | decode tok/s | x fp32 | prefill tok/s | "
              "size MB | x smaller | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
