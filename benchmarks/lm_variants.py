@@ -70,30 +70,37 @@ def as_onnx_on_host(path: Path, **changes) -> dict:
     return {**recipe, "export": EXPORT, "targets": [TARGET], **changes}
 
 
+def refusals(problems: list[str]) -> list[str]:
+    """The export.skip entries (FORMAT.PRECISION) of the files refusals name: "model.int4.onnx (int4) disagrees
+    ...", "model.int4.tflite (prefill, int4) disagrees ..."."""
+    found = (re.search(r"\.(onnx|tflite) \((?:\w+, )?([\w-]+)\) disagrees", p) for p in problems)
+    return [f"{m.group(1)}.{m.group(2)}" for m in found if m]
+
+
 def run_recipe(fields: dict, folder: Path, refused: dict[str, list[str]]) -> dict:
     """`pocketformer run` of `fields` into `folder`; a finished run there (its report.json) is taken as it is. A
     precision whose file the export's parity check refuses is left out (export.skip) and the run made again; the
-    refusal is kept in `refused` for the report."""
+    refusals are kept in `refused` for the report, and in folder/refused.json, so that an interrupted run's next
+    attempt leaves those files out from the start."""
+    name = fields["name"]
+    if (folder / "refused.json").is_file():
+        refused[name] = json.loads((folder / "refused.json").read_text())
     if (folder / "report.json").is_file():
-        print(f"== {fields['name']}: the finished run in {folder}", flush=True)
-        if (folder / "refused.json").is_file():
-            refused[fields["name"]] = json.loads((folder / "refused.json").read_text())
+        print(f"== {name}: the finished run in {folder}", flush=True)
         return json.loads((folder / "report.json").read_text())
     while True:
-        print(f"== pocketformer run {fields['name']} -> {folder}", flush=True)
+        skip = fields["export"]["skip"] + [s for s in refusals(refused.get(name, [])) if s not in
+                                           fields["export"]["skip"]]
+        fields = {**fields, "export": {**fields["export"], "skip": skip}}
+        print(f"== pocketformer run {name} -> {folder}", flush=True)
         try:
             return run(parse_recipe(fields, str(folder / "recipe.yaml")), folder)
         except ExportFailures as e:
-            # "model.int4.onnx (int4) disagrees ...", "model.int4.tflite (prefill, int4) disagrees ..."
-            found = (re.search(r"\.(onnx|tflite) \((?:\w+, )?([\w-]+)\) disagrees", f.problem) for f in e.failures)
-            refusals = [f"{m.group(1)}.{m.group(2)}" for m in found if m]
-            if not refusals:
-                raise
-            refused.setdefault(fields["name"], []).extend(f.problem for f in e.failures)
+            if not set(refusals([f.problem for f in e.failures])) - set(fields["export"]["skip"]):
+                raise  # not a refused file, or one left out already (the float file, which is always written)
+            refused.setdefault(name, []).extend(f.problem for f in e.failures)
             print(f"== refused, left out: {e.problem}", flush=True)
-            (folder / "refused.json").write_text(json.dumps(refused[fields["name"]]))
-            skip = fields["export"]["skip"] + refusals
-            fields = {**fields, "export": {**fields["export"], "skip": skip}}
+            (folder / "refused.json").write_text(json.dumps(refused[name]))
 
 
 def main() -> None:

@@ -86,9 +86,9 @@ def main() -> None:
     # hand-written recipes, the model their recipe fine-tuned, when the search holds out more validation data)
     files = []
     if summary.get("chosen") is not None:
-        chosen = next(t for t in summary["trials"] if t["number"] == summary["chosen"])
-        files.append((f"search: trial {chosen['number']}: {chosen['composition']}", "search", chosen["artifact"],
-                      "search"))
+        chosen = next(p for p in summary["points"] if p["id"] == summary["chosen_id"])
+        files.append((f"search: trial {chosen['number']}: {chosen['composition']} @ {chosen['precision']}", "search",
+                      chosen["artifact"], "search"))
     for name, stages in HAND_WRITTEN.items():
         out = build(name, stages, args.work)
         for precision in ("fp32", "int8"):
@@ -126,9 +126,11 @@ def main() -> None:
            "search_data": search_data, "hand_data": hand_data,
            "benchmark_seconds": round(time.time() - started, 1)}
     result = {"env": env, "search": {k: summary[k] for k in ("search", "wall_seconds_all_runs", "parallel",
-                                                             "threads_per_trial", "chosen", "pareto", "cpu")},
+                                                             "threads_per_trial", "chosen", "chosen_id", "pareto",
+                                                             "cpu")},
               "trials": len(summary["trials"]), "trial_states": {s: sum(t["status"] == s for t in summary["trials"])
                                                                  for s in ("complete", "pruned", "failed")},
+              "files": len(summary["points"]), "refused": sum(len(t.get("refused", {})) for t in summary["trials"]),
               "confirmation": summary.get("confirmation"), "rows": rows,
               "search_beats_hand_written": bool(search_row and search_row["within_budget"] and fastest_hand and
                                                 search_row["latency_p50_ms"] < fastest_hand["latency_p50_ms"])}
@@ -151,7 +153,8 @@ def markdown(result: dict, summary: dict, fastest_hand, search_row) -> str:
              "speed-up against the search's reference file.", "",
              f"Search: `pocketformer search examples/minilm-sentiment/search.yaml` (Optuna {env['versions'].get('optuna')}"
              f", multi-objective TPE): {result['trials']} trials ({result['trial_states']['complete']} complete, "
-             f"{result['trial_states']['failed']} failed), {s['parallel']} at a time with {s['threads_per_trial']} "
+             f"{result['trial_states']['failed']} failed; {result.get('files', '?')} files scored, "
+             f"{result.get('refused', 0)} refused by the export's check), {s['parallel']} at a time with {s['threads_per_trial']} "
              f"PyTorch thread each, **{s['wall_seconds_all_runs'] / 60:.1f} minutes** wall-clock on this 2-core "
              "machine (stages shared with earlier runs came from the stage cache: the fine-tune, and any pruning "
              "asked twice).", ""]

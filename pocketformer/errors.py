@@ -59,6 +59,8 @@ class DataError(PocketformerError):
 class ExportError(PocketformerError):
     """An export failed or its artifact does not match PyTorch."""
 
+    precision = None  # the precision of the one file that failed, when it is one file (set by the export loop)
+
 
 class TargetError(PocketformerError):
     """A target profile is unknown or cannot run an artifact."""

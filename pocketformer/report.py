@@ -400,35 +400,38 @@ def _trial_latency(t: dict[str, Any]):
 
 
 def plot_search(summary: dict[str, Any], path: Path) -> None:
-    """Validation accuracy drop against latency for every complete trial (filled: measured on the target; hollow:
-    predicted by the table), marker area by file size, the Pareto front joined, the chosen model starred, the
-    budget drawn."""
+    """Validation accuracy drop against latency for every file of every complete trial (filled: measured on the
+    target; hollow: predicted by the table; a marker per precision), marker area by file size, the Pareto front
+    joined, the chosen model starred, the budget drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [t for t in summary["trials"] if t["status"] == "complete" and _trial_latency(t)[0] is not None]
+    points = [p for p in summary["points"] if _trial_latency(p)[0] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    sizes = [t["size_mb"] for t in trials] or [1.0]
+    sizes = [p["size_mb"] for p in points] or [1.0]
     scale = 300.0 / max(sizes)
-    for how, filled in (("measured", True), ("predicted", False)):
-        sub = [t for t in trials if _trial_latency(t)[1] == how]
-        if sub:
-            ax.scatter([_trial_latency(t)[0] for t in sub], [t["accuracy_drop"] for t in sub],
-                       s=[max(12.0, t["size_mb"] * scale) for t in sub], alpha=0.6, label=f"latency {how}",
-                       facecolors="C0" if filled else "none", edgecolors="C0")
-    front = sorted((_trial_latency(t)[0], t["accuracy_drop"]) for t in trials if t["number"] in summary["pareto"])
+    markers = dict(zip(summary["precisions"], "osv^Dp"))
+    for precision, marker in markers.items():
+        for how, filled in (("measured", True), ("predicted", False)):
+            sub = [p for p in points if p["precision"] == precision and _trial_latency(p)[1] == how]
+            if sub:
+                ax.scatter([_trial_latency(p)[0] for p in sub], [p["accuracy_drop"] for p in sub], marker=marker,
+                           s=[max(12.0, p["size_mb"] * scale) for p in sub], alpha=0.6,
+                           label=f"{precision}, latency {how}", facecolors="C0" if filled else "none",
+                           edgecolors="C0")
+    on_front = [p for p in points if p["id"] in summary["pareto"]]
+    front = sorted((_trial_latency(p)[0], p["accuracy_drop"]) for p in on_front)
     if front:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="C1", linewidth=1, label="Pareto front")
-    for t in trials:
-        if t["number"] in summary["pareto"]:
-            ax.annotate(str(t["number"]), (_trial_latency(t)[0], t["accuracy_drop"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
-    chosen = next((t for t in trials if t["number"] == summary.get("chosen")), None)
+        ax.plot([f[0] for f in front], [f[1] for f in front], "--", color="C1", linewidth=1, label="Pareto front")
+    for p in on_front:
+        ax.annotate(p["id"], (_trial_latency(p)[0], p["accuracy_drop"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    chosen = next((p for p in points if p["id"] == summary.get("chosen_id")), None)
     if chosen is not None:
         ax.scatter([_trial_latency(chosen)[0]], [chosen["accuracy_drop"]], marker="*", s=220, color="C3",
-                   label=f"chosen (trial {chosen['number']})", zorder=5)
+                   label=f"chosen ({chosen['id']})", zorder=5)
     ref = summary["reference"]
     if ref.get("measured_ms"):
         ax.scatter([ref["measured_ms"]], [0.0], marker="D", color="k", s=30, label="reference (fp32)")
@@ -438,7 +441,8 @@ def plot_search(summary: dict[str, Any], path: Path) -> None:
     target = summary["target"]
     ax.set_xlabel(f"latency on {target['name']} (ms, p50, batch {target['batch']}, {target['threads']} threads)")
     ax.set_ylabel("accuracy drop, validation split (pts)")
-    ax.set_title(f"search on {target['name']}: {len(summary['trials'])} trials (marker area: file size)", fontsize=10)
+    ax.set_title(f"search on {target['name']}: {len(summary['trials'])} trials, {len(points)} files "
+                 "(marker area: file size)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -452,40 +456,51 @@ def search_markdown(summary: dict[str, Any]) -> str:
              + (f", latency at most {spec['max_latency_ms']:g} ms" if spec.get("max_latency_ms") else "")
              + (f", size at most {spec['max_size_mb']:g} MB" if spec.get("max_size_mb") else "") + ".",
              f"Trials: {len(summary['trials'])} ({summary['parallel']} at a time, {summary['where']}, "
-             f"{summary['threads_per_trial']} PyTorch threads each); this run {summary['seconds_this_run']:.0f} s "
-             f"for {summary['trials_this_run']} trials; CPU {summary['cpu']}.",
+             f"{summary['threads_per_trial']} PyTorch threads each), each scored at "
+             f"{', '.join(summary['precisions'])}: {len(summary['points'])} files; this run "
+             f"{summary['seconds_this_run']:.0f} s for {summary['trials_this_run']} trials; CPU {summary['cpu']}.",
              f"Reference (the recipe's model after `prepare`): validation {ref['validation_accuracy']:.2f}%, test "
              f"{ref['test_accuracy']:.2f}%, {_fmt(ref.get('measured_ms'))} ms measured, {ref['size_mb']:.1f} MB.",
              "Latency: measured on the target (lowest p50 of fresh-process runs, files in turn) for the Pareto front "
-             "and the fastest trials within budget; the others show the latency table's prediction.", ""]
-    chosen = summary.get("chosen")
+             "and the fastest files within budget; the others show the latency table's prediction.", ""]
+    chosen = summary.get("chosen_id")
     if chosen is not None:
-        t = next(t for t in summary["trials"] if t["number"] == chosen)
-        ms, how = _trial_latency(t)
+        p = next(p for p in summary["points"] if p["id"] == chosen)
+        ms, how = _trial_latency(p)
         c = summary["confirmation"]
         speed = f" ({ref['measured_ms'] / ms:.2f}x the reference)" if ref.get("measured_ms") and how == "measured" \
             else ""
-        lines += ["## Chosen", "", f"Trial {chosen}: {t.get('composition', '')}: {ms:.2f} ms {how}{speed}, "
-                  f"{t['size_mb']:.1f} MB, validation drop {t['accuracy_drop']:+.2f} pts.", "",
-                  f"Confirmed on the test split: {c['statement']}.", "",
+        lines += ["## Chosen", "", f"Trial {p['number']}: {p.get('composition', '')} @ {p['precision']}: "
+                  f"{ms:.2f} ms {how}{speed}, {p['size_mb']:.1f} MB, validation drop {p['accuracy_drop']:+.2f} pts.",
+                  "", f"Confirmed on the test split: {c['statement']}.", "",
                   f"Recipe: `{summary['chosen_recipe']}` (`pocketformer run` makes it again).", ""]
     else:
-        lines += ["## No trial within budget", "", "Nearest misses:", ""]
-        for t in summary.get("nearest_misses", []):
-            ms, how = _trial_latency(t)
-            lines.append(f"- trial {t['number']}: {t.get('composition', '')}: drop {t['accuracy_drop']:+.2f} pts, "
-                         f"{_fmt(ms)} ms {how}, {t['size_mb']:.1f} MB")
+        lines += ["## No model within budget", "", "Nearest misses:", ""]
+        for p in summary.get("nearest_misses", []):
+            ms, how = _trial_latency(p)
+            lines.append(f"- trial {p['number']}: {p.get('composition', '')} @ {p['precision']}: drop "
+                         f"{p['accuracy_drop']:+.2f} pts, {_fmt(ms)} ms {how}, {p['size_mb']:.1f} MB")
         lines.append("")
-    lines += ["## Trials", "", "| trial | composition | status | validation drop (pts) | latency ms | latency | "
-              "size MB | Pareto | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Trials", "", "Each trial's files, one row each; the study learned from its best one (told).", "",
+              "| trial | composition | precision | status | validation drop (pts) | latency ms | latency | size MB | "
+              "Pareto | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in summary["trials"]:
-        ms, how = _trial_latency(t)
-        status = t["status"] + (f": {t['reason']}" if t.get("reason") else "")
-        mark = "yes" if t["number"] in summary["pareto"] else ""
-        number = f"**{t['number']} (chosen)**" if t["number"] == chosen else str(t["number"])
-        lines.append(f"| {number} | {t.get('composition', '')} | {status.replace('|', '/')} | "
-                     f"{_fmt(t.get('accuracy_drop'), '+.2f')} | {_fmt(ms)} | {how} | {_fmt(t.get('size_mb'), '.1f')} | "
-                     f"{mark} | {_fmt(t.get('seconds'), '.0f')} |")
+        files = [p for p in summary["points"] if p["number"] == t["number"]]
+        rows = [(p["precision"], "complete" + (" (told)" if p["precision"] == t.get("told") else ""), p)
+                for p in files]
+        rows += [(precision, f"refused: {why}", {}) for precision, why in t.get("refused", {}).items()]
+        if not files:
+            rows.insert(0, ("", t["status"] + (f": {t['reason']}" if t.get("reason") else ""), {}))
+        for i, (precision, status, p) in enumerate(rows):
+            ms, how = _trial_latency(p) if p else (None, "")
+            mark = "yes" if p and p["id"] in summary["pareto"] else ""
+            number = str(t["number"]) if i == 0 else ""
+            if p and p["id"] == chosen:
+                number, precision = f"**{t['number']} (chosen)**", f"**{precision}**"
+            lines.append(f"| {number} | {t.get('composition', '') if i == 0 else ''} | {precision} | "
+                         f"{status.replace('|', '/')} | {_fmt(p.get('accuracy_drop'), '+.2f')} | {_fmt(ms)} | {how} | "
+                         f"{_fmt(p.get('size_mb'), '.1f')} | {mark} | "
+                         f"{_fmt(t.get('seconds'), '.0f') if i == 0 else ''} |")
     lines += ["", f"Plot: `pareto-{target['name']}.png`.", ""]
     return "\n".join(lines)
 

@@ -2,12 +2,16 @@
 study over compositions of the stages and their strengths.
 
 Each trial is a plain recipe: the recipe's model, data and `prepare`, then the stages a sample chose (with the
-settings it drew from each stage's declared or given ranges), exported to the target's format at one precision. A
-trial runs `pipeline.compress` (stages shared with earlier trials, the fine-tune first among them, come from the stage
-cache), predicts its latency from the target's latency table, exports (each file checked against PyTorch), and scores
-the file in the target's runtime on the validation split. Its objectives are the accuracy drop, the latency (the
-table's prediction, or the latency measured when no table covers the model) and the file size; the budgets are the
-sampler's constraints.
+settings it drew from each stage's declared or given ranges), exported to the target's format at every searched
+precision. A trial runs `pipeline.compress` (stages shared with earlier trials, the fine-tune first among them, come
+from the stage cache), predicts each precision's latency from the target's latency tables, exports (each file checked
+against PyTorch), and scores each file in the target's runtime on the validation split: one trained model, a point
+per precision (the training is the cost; another precision's file costs seconds). A precision whose file the export's
+parity check refuses is left out of the trial with its reason; the trial fails only when no file is left. The study
+learns each trial's best point (its fastest file within every budget, else the one least over them: `told`): the
+accuracy drop, the latency (the table's prediction, or the latency measured when no table covers the model) and the
+file size are its objectives, the budgets the sampler's constraints. The Pareto front, the measurements and the
+choice are over every point of every trial.
 
 Resumable and never empty-handed:
   - the study lives in OUT/study.db (Optuna's RDB storage on SQLite) and each trial's record in OUT/trials/N/trial.json
@@ -52,6 +56,9 @@ OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")  # all minimised
 LATENCY_RESOURCE = "pocketformer_latency"  # the Ray resource latency is measured on: one unit, so one file at a time
 MEASURE_ROUNDS = 2  # fresh-process p50s per measured file, files taken in turn; the lowest is kept
 FINAL = ("complete", "pruned", "failed")
+# a file's own fields in a trial record's `points` (told() copies the best one's to the record's top level)
+POINT_FIELDS = ("precision", "artifact", "size_mb", "validation", "accuracy_drop", "predicted_ms", "measured_ms",
+                "parity_vs_pytorch", "no_prediction")
 
 
 # -- the space: params <-> trial recipes ---------------------------------------------------------------------------
@@ -74,9 +81,9 @@ def stage_ranges(spec: SearchSpec) -> list[tuple[str, dict[str, Any], dict[str, 
     return out
 
 
-def sample(trial, spec: SearchSpec, precisions: list[str]) -> dict[str, Any]:
-    """Draw one composition: `i.stage.use` for optional stages, `i.stage.setting` for searched settings, and the
-    precision. Settings of a stage left out are not drawn."""
+def sample(trial, spec: SearchSpec) -> dict[str, Any]:
+    """Draw one composition: `i.stage.use` for optional stages, `i.stage.setting` for searched settings. Settings of
+    a stage left out are not drawn. (The precision is not drawn: a trial scores every searched one.)"""
     for i, (name, _, ranges, optional) in enumerate(stage_ranges(spec)):
         if optional and not trial.suggest_categorical(f"{i}.{name}.use", [True, False]):
             continue
@@ -92,8 +99,6 @@ def sample(trial, spec: SearchSpec, precisions: list[str]) -> dict[str, Any]:
             else:
                 trial.suggest_float(pname, float(rng["low"]), float(rng["high"]), step=rng.get("step"),
                                     log=bool(rng.get("log")))
-    if len(precisions) > 1:
-        trial.suggest_categorical("precision", precisions)
     return dict(trial.params)
 
 
@@ -118,9 +123,9 @@ def trial_stages(spec: SearchSpec, params: dict[str, Any], folder: Optional[Path
 
 
 def trial_recipe(recipe: Recipe, spec: SearchSpec, target: str, params: dict[str, Any], precisions: list[str],
-                 fmt: str, name: str) -> tuple[dict[str, Any], str]:
-    """(the plain recipe of a trial, its precision): what `pocketformer run` reproduces."""
-    precision = params.get("precision", precisions[0])
+                 fmt: str, name: str) -> dict[str, Any]:
+    """The plain recipe of a trial whose files are `precisions` (a trial: every searched one; the chosen model's
+    recipe: its own): what `pocketformer run` reproduces."""
     base = recipe.model_dump(exclude={"search", "stages", "export", "targets", "output", "name"})
     # paths as absolute ones: the recipe is read again from elsewhere (a worker, chosen.yaml in the search folder)
     if recipe.model not in (*BUILTIN_MODELS, *MADE_MODELS):
@@ -132,13 +137,13 @@ def trial_recipe(recipe: Recipe, spec: SearchSpec, target: str, params: dict[str
         target = str(Path(target).resolve())
     from .export import FORMATS
 
-    # a trial writes the files it is judged by (its precision and the float file the others are made from), not
-    # every precision the format has
-    keep = {precision, FORMATS[fmt].float_precisions[0]}
-    skip = [f"{fmt}.{p}" for p in FORMATS[fmt].precisions(precision != "fp32", {}) if p not in keep]
+    # the files it is judged by (and the float file the others are made from), not every precision the format has
+    keep = {*precisions, FORMATS[fmt].float_precisions[0]}
+    int8 = any(p != "fp32" for p in precisions)
+    skip = [f"{fmt}.{p}" for p in FORMATS[fmt].precisions(int8, {}) if p not in keep]
     return {"name": name, **base, "stages": trial_stages(spec, params, folder),
-            "export": {"formats": [fmt], "baseline_formats": [fmt], "int8": precision != "fp32", "skip": skip},
-            "targets": [target]}, precision
+            "export": {"formats": [fmt], "baseline_formats": [fmt], "int8": int8, "skip": skip},
+            "targets": [target]}
 
 
 def describe_params(spec: SearchSpec, params: dict[str, Any]) -> str:
@@ -149,7 +154,7 @@ def describe_params(spec: SearchSpec, params: dict[str, Any]) -> str:
         searched = [k for k in cfg if any(p.endswith(f".{name}.{k}") for p in params)]
         parts.append(name + "".join(f" {k}={cfg[k]:g}" if isinstance(cfg[k], float) else f" {k}={cfg[k]}"
                                     for k in searched))
-    return " -> ".join(parts or ["(no stage)"]) + (f" @ {params['precision']}" if "precision" in params else "")
+    return " -> ".join(parts or ["(no stage)"])
 
 
 # -- one trial (in a worker process or a Ray task) ----------------------------------------------------------------
@@ -178,7 +183,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     start = time.time()
-    record = {k: job[k] for k in ("number", "params", "recipe", "precision")}
+    record = {k: job[k] for k in ("number", "params", "recipe", "precisions")}
     try:
         record.update(_score(job, out))
     except PocketformerError as e:
@@ -203,6 +208,7 @@ def _score(job: dict[str, Any], out: Path) -> dict[str, Any]:
 
     from . import pipeline
     from .data import Encoder, load_dataset
+    from .export import ExportFailures
     from .export.base import artifact_size
     from .models import load
     from .targets import get_profile, with_confidence
@@ -213,29 +219,47 @@ def _score(job: dict[str, Any], out: Path) -> dict[str, Any]:
     profile = with_confidence(get_profile(job["target"]), job["confidence"])
     pipeline.compress(recipe, Path(job["checkpoint"]), out, target=job["target"])
     model, _ = load(out / "model")
-    predicted, why = predict_latency(model, profile, job["precision"], job["tables"].get(job["precision"]))
-    figures: dict[str, Any] = {"predicted_ms": predicted, "params_count": sum(p.numel() for p in model.parameters()),
-                               "layers": len(model.layers)}
-    if predicted is None:
-        figures["no_prediction"] = why
+    figures: dict[str, Any] = {"params_count": sum(p.numel() for p in model.parameters()), "layers": len(model.layers)}
+    predicted = {p: predict_latency(model, profile, p, job["tables"].get(p)) for p in job["precisions"]}
     cap = job.get("max_latency_ms")
-    if cap is not None and predicted is not None and predicted > cap * 1.1:
+    over = {p: ms for p, (ms, _) in predicted.items() if cap is not None and ms is not None and ms > cap * 1.1}
+    if len(over) == len(predicted):
+        fastest = min(over, key=over.get)
         return {**figures, "status": "pruned",
-                "reason": f"predicted {predicted:.2f} ms, over the {cap:g} ms budget by more than the table's 10%"}
-    records = pipeline.export(out, [profile.format], int8=job["precision"] != "fp32", baseline_formats=[])
-    record = next((r for r in records if r["precision"] == job["precision"] and r.get("kind") is None), None)
-    if record is None:
-        raise TargetError(f"The {profile.format} exporter wrote no {job['precision']} file.",
-                          f"search precisions among {', '.join(sorted({r['precision'] for r in records}))}.")
-    path = out / "artifacts" / record["file"]
+                "reason": f"predicted {over[fastest]:.2f} ms at best ({fastest}), over the {cap:g} ms budget by "
+                          "more than the table's 10%"}
+    try:
+        records = pipeline.export(out, [profile.format], int8=recipe.export.int8, baseline_formats=[],
+                                  skip=tuple(recipe.export.skip))
+        refused: dict[str, str] = {}
+    except ExportFailures as e:  # a precision's file refused by its check: the trial goes on with the others
+        records, refused = e.records, e.refused()
+        if not refused:
+            raise
     ds = load_dataset(recipe.resolve_data(), "validation", recipe.seed)
     ds = ds.for_model(model.spec.modality, model.spec.head.labels, f"The model in {out}")
-    output = predict_artifact(path, profile, ds, Encoder(out / "model", recipe.max_len), desc=f"trial {job['number']}")
     reference = np.load(job["reference"])["validation"]
-    acc, drop = accuracy_drop(model.task, output, reference, ds.labels, profile)
-    np.save(out / "validation_correct.npy", model.task.correct(output, ds.labels))
-    return {**figures, "status": "complete", "artifact": str(path), "size_mb": artifact_size(path) / 1e6,
-            "validation": acc, "accuracy_drop": drop.drop, "parity_vs_pytorch": record["parity_vs_pytorch"]}
+    encoder = Encoder(out / "model", recipe.max_len)
+    points = []
+    for precision in job["precisions"]:
+        record = next((r for r in records if r["precision"] == precision and r.get("kind") is None), None)
+        if record is None or precision in over:
+            if record is None and precision not in refused:
+                refused[precision] = f"the {profile.format} exporter wrote no {precision} file"
+            continue
+        path = out / "artifacts" / record["file"]
+        output = predict_artifact(path, profile, ds, encoder, desc=f"trial {job['number']} {precision}")
+        acc, drop = accuracy_drop(model.task, output, reference, ds.labels, profile)
+        ms, why = predicted[precision]
+        points.append({"precision": precision, "artifact": str(path), "size_mb": artifact_size(path) / 1e6,
+                       "validation": acc, "accuracy_drop": drop.drop, "predicted_ms": ms,
+                       "parity_vs_pytorch": record["parity_vs_pytorch"], **({"no_prediction": why} if ms is None
+                                                                             else {})})
+    if not points:
+        raise TargetError("No file of the trial is left: " + "; ".join(f"{p}: {why}" for p, why in refused.items()),
+                          "see the trial's log.")
+    return {**figures, "status": "complete", "points": points, **({"refused": refused} if refused else {}),
+            **({"over_latency_budget": over} if over else {})}
 
 
 # -- where trials run -----------------------------------------------------------------------------------------------
@@ -321,7 +345,7 @@ class LocalTrials:
 
 
 def died(job: dict[str, Any], reason: str) -> dict[str, Any]:
-    record = {k: job[k] for k in ("number", "params", "recipe", "precision")}
+    record = {k: job[k] for k in ("number", "params", "recipe", "precisions")}
     record.update(status="failed", reason=reason)
     write_json(Path(job["dir"]) / TRIAL_FILE, record)
     return record
@@ -427,9 +451,42 @@ def objective_latency(rec: dict[str, Any]) -> Optional[float]:
     return rec.get("predicted_ms") if rec.get("predicted_ms") is not None else rec.get("measured_ms")
 
 
+def excess(rec: dict[str, Any], spec: SearchSpec, latency: Optional[float]) -> float:
+    """How far over the budgets, all told: each budget's excess relative to the budget (0: within every one)."""
+    scale = [max(spec.max_drop, 0.1), spec.max_latency_ms or 1.0, spec.max_size_mb or 1.0]
+    return sum(max(0.0, x) / s for x, s in zip(violations(rec, spec, latency), scale))
+
+
+def points_of(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A complete trial's files that have a latency, each as a record of its own: the trial's fields, the file's,
+    and `id` (trial/precision)."""
+    if rec["status"] != "complete":
+        return []
+    trial = {k: v for k, v in rec.items() if k != "points"}
+    return [{**trial, **p, "id": f"{rec['number']}/{p['precision']}"} for p in rec.get("points", [])
+            if objective_latency(p) is not None]
+
+
+def told(rec: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
+    """The trial's record with its best file's fields on top (what the study learns from the trial; `told`: its
+    precision): the fastest file within every budget, else the one least over them. A complete trial with no
+    latency for any file fails."""
+    if rec["status"] != "complete":
+        return rec
+    points = points_of(rec)
+    if not points:
+        return {**rec, "status": "failed", "reason": "no latency for any file: no table, and the target's runtime "
+                                                     "measures none here"}
+    within = [p for p in points if excess(p, spec, objective_latency(p)) == 0]
+    best = min(within, key=lambda p: (objective_latency(p), p["accuracy_drop"])) if within else \
+        min(points, key=lambda p: (excess(p, spec, objective_latency(p)), objective_latency(p)))
+    return {**rec, **{k: v for k, v in best.items() if k not in ("id", "number")}, "told": best["precision"]}
+
+
 def tell(study, rec: dict[str, Any], spec: SearchSpec) -> None:
     import optuna
 
+    rec = told(rec, spec)
     number = rec["number"]
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     trial = optuna.trial.Trial(study, trial_id)
@@ -447,9 +504,10 @@ def tell(study, rec: dict[str, Any], spec: SearchSpec) -> None:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
 
 
-def pareto(recs: list[dict[str, Any]]) -> list[int]:
-    """Numbers of the complete trials no other complete trial beats or equals on every objective."""
-    points = {r["number"]: (r["accuracy_drop"], objective_latency(r), r["size_mb"]) for r in recs
+def pareto(recs: list[dict[str, Any]], key: str = "number") -> list:
+    """The `key`s of the complete records (trials, or their points: key "id") no other beats or equals on every
+    objective."""
+    points = {r[key]: (r["accuracy_drop"], objective_latency(r), r["size_mb"]) for r in recs
               if r["status"] == "complete" and objective_latency(r) is not None}
     front = []
     for n, p in points.items():
@@ -491,7 +549,9 @@ class Search:
         spec = self.spec.model_dump(exclude={"trials", "minutes", "measure"})
         return digest({"recipe": self.recipe.model_dump(exclude={"search", "stages", "export", "targets", "output",
                                                                  "name"}),
-                       "spec": spec, "target": self.profile.model_dump(), "precisions": self.precisions})
+                       "spec": spec, "target": self.profile.model_dump(), "precisions": self.precisions,
+                       # 2: a trial scores every precision (1 drew one per trial): 1's studies cannot go on as 2's
+                       "trials": 2})
 
     # -- the reference ----------------------------------------------------------------------------------------------
 
@@ -560,9 +620,9 @@ class Search:
     # -- trials -----------------------------------------------------------------------------------------------------
 
     def job(self, number: int, params: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
-        recipe, precision = trial_recipe(self.recipe, self.spec, self.target, params, self.precisions,
-                                         self.profile.format, f"{self.recipe.name}-trial-{number}")
-        return {"number": number, "params": params, "recipe": recipe, "precision": precision,
+        recipe = trial_recipe(self.recipe, self.spec, self.target, params, self.precisions, self.profile.format,
+                              f"{self.recipe.name}-trial-{number}")
+        return {"number": number, "params": params, "recipe": recipe, "precisions": self.precisions,
                 "dir": str(self.out / "trials" / f"{number:04d}"), "source": self.recipe.source_path or "<recipe>",
                 "checkpoint": str(self.checkpoint), "target": self.target, "threads": self.threads,
                 "confidence": self.spec.confidence, "reference": ref["outputs"], "tables": self.tables,
@@ -577,14 +637,25 @@ class Search:
         return rec if rec.get("status") in FINAL else None
 
     def line(self, rec: dict[str, Any]) -> str:
+        """A trial (its best file told, then its other files), or a point (a record with an `id`)."""
+        rec = rec if "id" in rec else told(rec, self.spec)
         head = f"trial {rec['number']}: {describe_params(self.spec, rec['params'])}"
         if rec["status"] != "complete":
             return f"{head} -> {rec['status'].upper()}: {rec.get('reason', '')}"
-        lat = objective_latency(rec)
-        how = "predicted" if rec.get("predicted_ms") is not None else "measured"
-        ok = all(v <= 0 for v in violations(rec, self.spec, lat))
-        return (f"{head} -> validation drop {rec['accuracy_drop']:+.2f} pts, {lat:.2f} ms {how}, "
-                f"{rec['size_mb']:.1f} MB, {rec['seconds']:.0f} s" + (" [within budget]" if ok else ""))
+
+        def figures(p):
+            lat = objective_latency(p)
+            how = "predicted" if p.get("predicted_ms") is not None else "measured"
+            ok = excess(p, self.spec, lat) == 0
+            return (f"{p['precision']}: validation drop {p['accuracy_drop']:+.2f} pts, {lat:.2f} ms {how}, "
+                    f"{p['size_mb']:.1f} MB" + (" [within budget]" if ok else ""))
+
+        if "id" in rec:
+            return f"{head} @ {figures(rec)}"
+        others = [figures(p) for p in points_of(rec) if p["precision"] != rec["told"]]
+        refused = [f"{p}: refused" for p in rec.get("refused", {})]
+        return f"{head} -> {figures(rec)}" + "".join(f"; {o}" for o in others + refused) + \
+            f" ({rec['seconds']:.0f} s)"
 
     def run(self) -> dict[str, Any]:
         import optuna
@@ -612,7 +683,7 @@ class Search:
                     # and draws any the interruption left undrawn
                     study.sampler = sampler_for(self.recipe.seed, t.number, self.spec.startup_trials)
                     trial = optuna.trial.Trial(study, t._trial_id)
-                    pending.append(self.job(t.number, sample(trial, self.spec, self.precisions), ref))
+                    pending.append(self.job(t.number, sample(trial, self.spec), ref))
             if pending:
                 info(f"resuming: trial{'s' if len(pending) > 1 else ''} {', '.join(str(j['number']) for j in pending)}"
                      " ran when the search stopped; running again")
@@ -628,18 +699,17 @@ class Search:
                         number = len(study.get_trials(deepcopy=False))
                         study.sampler = sampler_for(self.recipe.seed, number, self.spec.startup_trials)
                         trial = study.ask()
-                        jobs.append(self.job(trial.number, sample(trial, self.spec, self.precisions), ref))
+                        jobs.append(self.job(trial.number, sample(trial, self.spec), ref))
                 if not jobs:
                     break
                 results = executor.run(jobs)
-                need = [r for r in results if r["status"] == "complete" and r.get("predicted_ms") is None]
-                if need:  # no table covers these models: measured now, while no trial runs
-                    for r, ms in zip(need, executor.measure([r["artifact"] for r in need], self.target)):
-                        r["measured_ms"] = ms
-                        write_json(Path(r["artifact"]).parent.parent / TRIAL_FILE, r)
-                        if ms is None:
-                            r.update(status="failed", reason=f"no latency: no table, and {self.profile.runtime} "
-                                                             "measures none here")
+                need = [(r, p) for r in results if r["status"] == "complete" for p in r["points"]
+                        if p.get("predicted_ms") is None]
+                if need:  # no table covers these files: measured now, while no trial runs
+                    for (r, p), ms in zip(need, executor.measure([p["artifact"] for _, p in need], self.target)):
+                        p["measured_ms"] = ms
+                    for r in {id(r): r for r, _ in need}.values():
+                        write_json(self.out / "trials" / f"{r['number']:04d}" / TRIAL_FILE, r)
                 for r in sorted(results, key=lambda r: r["number"]):
                     tell(study, r, self.spec)
                     info(self.line(r))
@@ -656,8 +726,8 @@ class Search:
             rec = self.finished(t.number)
             if rec is None:
                 rec = {"number": t.number, "params": dict(t.params), "status": "interrupted",
-                       "reason": "did not end (the search stopped)", "precision": t.params.get("precision")}
-            recs.append(rec)
+                       "reason": "did not end (the search stopped)"}
+            recs.append(told(rec, self.spec))
         return recs
 
     def finish(self, study, executor, ref: dict[str, Any], tables: dict[str, Any], seconds: float,
@@ -666,34 +736,38 @@ class Search:
         recs = self.records(study)
         for r in recs:
             r["composition"] = describe_params(spec, r["params"])
-        done = [r for r in recs if r["status"] == "complete" and objective_latency(r) is not None]
-        front = pareto(done)
-        within = sorted((r for r in done if all(v <= 0 for v in violations(r, spec, objective_latency(r)))),
-                        key=objective_latency)
+        points = [p for r in recs for p in points_of(r)]  # every file of every complete trial
+        front = pareto(points, key="id")
+        within = sorted((p for p in points if excess(p, spec, objective_latency(p)) == 0), key=objective_latency)
         # measured on the target: the front, the fastest predicted within budget, and the reference (ratios in one run)
-        to_measure = sorted({*front, *(r["number"] for r in within[:spec.measure])})
-        by_number = {r["number"]: r for r in recs}
-        paths = [by_number[n]["artifact"] for n in to_measure] + [ref["artifact"]]
+        to_measure = sorted({*front, *(p["id"] for p in within[:spec.measure])})
+        by_id = {p["id"]: p for p in points}
+        paths = [by_id[i]["artifact"] for i in to_measure] + [ref["artifact"]]
         info(f"measuring {len(paths)} files on {self.profile.name} (the Pareto front, the fastest within budget and "
              "the reference), one at a time")
         measured = executor.measure(paths, self.target)
         ref["measured_ms"] = measured[-1]
-        for n, ms in zip(to_measure, measured):
-            by_number[n]["measured_ms"] = ms
-            write_json(self.out / "trials" / f"{n:04d}" / TRIAL_FILE, by_number[n])
+        by_number = {r["number"]: r for r in recs}
+        for i, ms in zip(to_measure, measured):
+            by_id[i]["measured_ms"] = ms
+            trial = by_number[by_id[i]["number"]]
+            next(p for p in trial["points"] if p["precision"] == by_id[i]["precision"])["measured_ms"] = ms
+        for n in {by_id[i]["number"] for i in to_measure}:
+            write_json(self.out / "trials" / f"{n:04d}" / TRIAL_FILE,
+                       {k: v for k, v in by_number[n].items() if k not in POINT_FIELDS + ("told", "composition")})
 
         def final_latency(r):
             return r.get("measured_ms") if r.get("measured_ms") is not None else objective_latency(r)
 
-        candidates = [by_number[n] for n in to_measure
-                      if all(v <= 0 for v in violations(by_number[n], spec, final_latency(by_number[n])))]
+        candidates = [by_id[i] for i in to_measure if excess(by_id[i], spec, final_latency(by_id[i])) == 0]
         chosen = min(candidates, key=final_latency) if candidates else None
         best = study_best(study, spec)
         wall = float(study.user_attrs.get("wall_seconds", 0.0)) + seconds
         study.set_user_attr("wall_seconds", wall)
         summary: dict[str, Any] = {
             "search": spec.model_dump(), "target": self.profile.model_dump(), "recipe": self.recipe.model_dump(),
-            "reference": ref, "tables": tables, "precisions": self.precisions, "trials": recs, "pareto": front,
+            "reference": ref, "tables": tables, "precisions": self.precisions, "trials": recs, "points": points,
+            "pareto": front,
             "measured": to_measure, "best_trial": best, "seconds_this_run": round(seconds, 1), "trials_this_run": ran,
             "wall_seconds_all_runs": round(wall, 1),
             "seconds_all_trials": round(sum(r.get("seconds", 0) for r in recs), 1), "versions": versions(),
@@ -701,18 +775,19 @@ class Search:
             "where": f"ray {self.ray}" if self.ray else "local processes"}
         if chosen is None:
             summary["chosen"] = None
-            summary["nearest_misses"] = nearest_misses(done, spec, final_latency)
+            summary["nearest_misses"] = nearest_misses(points, spec, final_latency)
             info(f"no trial is within budget (of {len(recs)}): nearest misses")
             for r in summary["nearest_misses"]:
                 info(f"  {self.line(r)}")
         else:
-            summary["chosen"] = chosen["number"]
+            summary["chosen"], summary["chosen_id"] = chosen["number"], chosen["id"]
             summary["confirmation"] = self.confirm(chosen, ref)
             chosen_yaml = self.out / CHOSEN_FILE
             text = (f"# Chosen by `pocketformer search` (trial {chosen['number']} of {len(recs)}) on {self.profile.name}:"
-                    f" {describe_params(spec, chosen['params'])}.\n# `pocketformer run {CHOSEN_FILE}` makes it again "
+                    f" {describe_params(spec, chosen['params'])} @ {chosen['precision']}.\n# `pocketformer run {CHOSEN_FILE}` makes it again "
                     f"(its {chosen['precision']} {self.profile.format} file is the one chosen).\n")
-            recipe = dict(chosen["recipe"], name=f"{self.recipe.name}-chosen")
+            recipe = trial_recipe(self.recipe, spec, self.target, chosen["params"], [chosen["precision"]],
+                                  self.profile.format, f"{self.recipe.name}-chosen")
             from .store import atomic_write_bytes
 
             atomic_write_bytes(chosen_yaml, (text + yaml.safe_dump(recipe, sort_keys=False)).encode())
@@ -720,7 +795,7 @@ class Search:
             c = summary["confirmation"]
             speed = (f", {ref['measured_ms'] / chosen['measured_ms']:.2f}x faster than the reference's file "
                      f"({ref['measured_ms']:.2f} ms)" if ref.get("measured_ms") and chosen.get("measured_ms") else "")
-            info(f"chosen: trial {chosen['number']}: {describe_params(spec, chosen['params'])}: "
+            info(f"chosen: trial {chosen['number']}: {describe_params(spec, chosen['params'])} @ {chosen['precision']}: "
                  f"{final_latency(chosen):.2f} ms measured{speed}, {chosen['size_mb']:.1f} MB")
             info(f"  confirmed on the test split: {c['statement']}")
             info(f"  recipe: {chosen_yaml} (`pocketformer run {chosen_yaml}`)")
@@ -776,13 +851,8 @@ def study_best(study, spec: SearchSpec) -> Optional[int]:
 
 
 def nearest_misses(done: list[dict[str, Any]], spec: SearchSpec, latency_of, n: int = 3) -> list[dict[str, Any]]:
-    """The complete trials least over the budgets, each budget's excess relative to the budget."""
-    def excess(r):
-        v = violations(r, spec, latency_of(r))
-        scale = [max(spec.max_drop, 0.1), spec.max_latency_ms or 1.0, spec.max_size_mb or 1.0]
-        return sum(max(0.0, x) / s for x, s in zip(v, scale))
-
-    return sorted(done, key=lambda r: (excess(r), latency_of(r)))[:n]
+    """The complete trials (or points) least over the budgets, each budget's excess relative to the budget."""
+    return sorted(done, key=lambda r: (excess(r, spec, latency_of(r)), latency_of(r)))[:n]
 
 
 def search_spec(recipe: Recipe, **overrides) -> SearchSpec:

@@ -21,8 +21,8 @@ import yaml
 from pocketformer.errors import RecipeError
 from pocketformer.latency import Curve, LatencyTable, write_table
 from pocketformer.recipe import SearchSpec, load_recipe, parse_recipe
-from pocketformer.search import (describe_params, nearest_misses, pareto, run_trial, sample, search,
-                                 trial_recipe, trial_stages)
+from pocketformer.search import (describe_params, nearest_misses, pareto, points_of, run_trial, sample, search,
+                                 told, trial_recipe, trial_stages)
 
 from conftest import cli_command, write_profile
 
@@ -109,11 +109,11 @@ def test_declared_ranges_given_ranges_and_optional_stages_become_the_trials_reci
     seen = set()
     for _ in range(12):
         trial = study.ask()
-        params = sample(trial, spec, ["fp32", "int8"])
+        params = sample(trial, spec)
         stages = trial_stages(spec, params)
         prune = stages[0]["prune"]
         assert 0 <= prune["heads"] <= 0.5 and prune["ffn"] in (0.25, 0.5) and prune["importance"] == "taylor"
-        assert params["precision"] in ("fp32", "int8")
+        assert "precision" not in params  # a trial scores every precision
         if params["1.lowrank.use"]:
             assert stages[1] == {"lowrank": {"budget": params["1.lowrank.budget"]}}
         else:  # a stage left out draws none of its settings
@@ -123,10 +123,32 @@ def test_declared_ranges_given_ranges_and_optional_stages_become_the_trials_reci
         study.tell(trial, [0.0, 1.0, 1.0])
     assert seen == {True, False}
     recipe = parse_recipe({"model": "minilm", "stages": [{"prune": {"heads": 0.1}}], "search": spec.model_dump()})
-    plain, precision = trial_recipe(recipe, spec, "host-ort", params, ["fp32", "int8"], "onnx", "t")
+    plain = trial_recipe(recipe, spec, "host-ort", params, ["fp32", "int8"], "onnx", "t")
     again = parse_recipe(plain)  # a plain recipe, without the search section or the recipe's own stages
-    assert again.search is None and again.export.int8 == (precision == "int8") and again.targets == ["host-ort"]
+    assert again.search is None and again.export.int8 and again.targets == ["host-ort"]
     assert again.stages == trial_stages(spec, params)
+    # a trial writes the files it is scored by and no others; the chosen file's recipe, that one alone
+    assert "onnx.int8" not in again.export.skip and "onnx.int8-weight" in again.export.skip
+    alone = parse_recipe(trial_recipe(recipe, spec, "host-ort", params, ["fp32"], "onnx", "t"))
+    assert not alone.export.int8
+
+
+def test_a_trial_tells_the_study_its_fastest_file_within_budget_else_the_least_over():
+    spec = SearchSpec(max_drop=1.0)
+    trial = {"number": 3, "params": {}, "status": "complete", "seconds": 1.0,
+             "points": [{"precision": "fp32", "accuracy_drop": 0.2, "predicted_ms": 10.0, "size_mb": 60.0},
+                        {"precision": "int8", "accuracy_drop": 0.9, "predicted_ms": 4.0, "size_mb": 16.0}]}
+    assert told(trial, spec)["told"] == "int8" and told(trial, spec)["predicted_ms"] == 4.0
+    assert [p["id"] for p in points_of(trial)] == ["3/fp32", "3/int8"]
+    # int8 over the budget: the study learns fp32's figures
+    assert told(trial, SearchSpec(max_drop=0.5))["told"] == "fp32"
+    # both over: the one least over the budget
+    assert told(trial, SearchSpec(max_drop=0.1))["accuracy_drop"] == 0.2
+    # both within, under a latency budget only int8 meets
+    assert told(trial, SearchSpec(max_drop=1.0, max_latency_ms=5.0))["told"] == "int8"
+    # a file without a latency is no point; a trial without any fails
+    none = {**trial, "points": [{**trial["points"][0], "predicted_ms": None}]}
+    assert points_of(none) == [] and told(none, spec)["status"] == "failed"
 
 
 def test_the_pareto_front_and_the_nearest_misses():
@@ -156,18 +178,24 @@ def trial_table(summary: dict) -> list[tuple]:
 def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(local_search):
     _, out, summary = local_search
     assert len(summary["trials"]) == 4 and all(t["status"] == "complete" for t in summary["trials"])
-    chosen = next(t for t in summary["trials"] if t["number"] == summary["chosen"])
+    # every trial scored at both precisions: one trained model, two files
+    assert sorted(p["id"] for p in summary["points"]) == sorted(f"{n}/{p}" for n in range(4) for p in ("fp32", "int8"))
+    chosen = next(p for p in summary["points"] if p["id"] == summary["chosen_id"])
+    assert chosen["number"] == summary["chosen"]
     # within budget on the validation split, and the fastest measured of those measured
     assert chosen["accuracy_drop"] <= 5.0 and chosen["measured_ms"] is not None
-    measured = [t for t in summary["trials"] if t.get("measured_ms") is not None and t["accuracy_drop"] <= 5.0]
-    assert chosen["measured_ms"] == min(t["measured_ms"] for t in measured)
+    measured = [p for p in summary["points"] if p.get("measured_ms") is not None and p["accuracy_drop"] <= 5.0]
+    assert chosen["measured_ms"] == min(p["measured_ms"] for p in measured)
     assert set(summary["pareto"]) <= set(summary["measured"])
-    # predictions are the table's: prune met its target on the same table
+    # predictions are the table's: prune met its target on the same table, and int8's table is the faster
     ref_ms = summary["tables"]["fp32"]["predicted_reference_ms"]
     for t in summary["trials"]:
         speedup = t["recipe"]["stages"][0]["prune"]["speedup"]
-        if t["precision"] == "fp32":
-            assert t["predicted_ms"] <= ref_ms / speedup + 1e-6
+        fp32, int8 = (next(p for p in t["points"] if p["precision"] == q) for q in ("fp32", "int8"))
+        assert fp32["predicted_ms"] <= ref_ms / speedup + 1e-6 and int8["predicted_ms"] < fp32["predicted_ms"]
+        # the study learned the trial's best file: the faster one, when within the budget
+        if int8["accuracy_drop"] <= 5.0:
+            assert t["told"] == "int8" and t["predicted_ms"] == int8["predicted_ms"]
     c = summary["confirmation"]
     assert c["examples"] > 0 and c["discordant"]["lost"] + c["discordant"]["gained"] <= c["examples"]
     assert c["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and "pts" in c["statement"]
@@ -175,6 +203,7 @@ def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(local_sear
     # the chosen recipe is a plain recipe that names the trial's stages
     again = load_recipe(out / "chosen.yaml")
     assert again.stages == chosen["recipe"]["stages"] and again.search is None
+    assert again.export.int8 == (chosen["precision"] != "fp32")
     report = (out / "report.md").read_text()
     assert f"**{chosen['number']} (chosen)**" in report and "Confirmed on the test split" in report
     assert (out / "pareto-test-ort.png").stat().st_size > 0
@@ -189,13 +218,15 @@ def test_a_failed_trial_is_recorded_with_its_reason(digits_search, tmp_path):
     (t,) = summary["trials"]
     assert t["status"] == "failed" and "ms" in t["reason"]  # the budget the table cannot reach, named
     assert summary["chosen"] is None and summary["nearest_misses"] == []
-    assert "No trial within budget" in (tmp_path / "out" / "report.md").read_text()
+    assert "No model within budget" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_nothing_within_budget_shows_the_nearest_misses(digits_search, tmp_path):
     summary = search(load_recipe(digits_search(trials=1, parallel=1, max_drop=0.0, max_size_mb=0.01)),
                      tmp_path / "out")
-    assert summary["chosen"] is None and len(summary["nearest_misses"]) == 1
+    # the nearest misses are files: the one trial's two
+    assert summary["chosen"] is None and [m["id"] for m in summary["nearest_misses"]] in (["0/fp32", "0/int8"],
+                                                                                          ["0/int8", "0/fp32"])
     assert "Nearest misses" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -230,8 +261,9 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(local_search, t
     wait_for(done, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its trial processes, mid-trial
     proc.wait()
-    def ended(p: Path) -> dict:  # a record as the trial ended it (the end of a search adds measured_ms, composition)
-        return {k: v for k, v in json.loads(p.read_text()).items() if k not in ("measured_ms", "composition")}
+    def ended(p: Path) -> dict:  # a record as the trial ended it (the end of a search adds files' measured_ms)
+        record = json.loads(p.read_text())
+        return {**record, "points": [{k: v for k, v in f.items() if k != "measured_ms"} for f in record["points"]]}
 
     before = {p: ended(p) for p in (killed / "trials").glob("*/trial.json")}
     assert len(before) == 2  # trials 2 and 3 run together, for far longer than the kill takes
@@ -292,11 +324,10 @@ def test_run_trial_records_a_stage_error_as_a_failed_trial(digits_search, tmp_pa
     path = digits_search()
     recipe = load_recipe(path)
     spec = recipe.search
-    params = {"0.prune.speedup": 1.2, "1.distill.use": False, "precision": "fp32"}
-    plain, precision = trial_recipe(recipe, spec, str(tmp_path / "test-ort.yaml"), params, ["fp32", "int8"],
-                                    "onnx", "t")
+    params = {"0.prune.speedup": 1.2, "1.distill.use": False}
+    plain = trial_recipe(recipe, spec, str(tmp_path / "test-ort.yaml"), params, ["fp32", "int8"], "onnx", "t")
     plain["stages"][0]["prune"]["speedup"] = 1000.0
-    rec = run_trial({"number": 0, "params": params, "recipe": plain, "precision": precision,
+    rec = run_trial({"number": 0, "params": params, "recipe": plain, "precisions": ["fp32", "int8"],
                      "dir": str(tmp_path / "t0"), "source": str(path), "checkpoint": str(recipe.resolve_model()),
                      "target": str(tmp_path / "test-ort.yaml"), "threads": 1, "confidence": None,
                      "reference": str(tmp_path / "none.npz"), "tables": {}, "max_latency_ms": None,
@@ -304,3 +335,29 @@ def test_run_trial_records_a_stage_error_as_a_failed_trial(digits_search, tmp_pa
     assert rec["status"] == "failed" and rec["reason"]
     assert json.loads((tmp_path / "t0" / "trial.json").read_text())["status"] == "failed"
     assert (tmp_path / "t0" / "log.txt").is_file()
+
+
+def test_a_precision_its_check_refuses_leaves_the_trial_its_other_files(local_search, tmp_path, monkeypatch):
+    """int8 held to fp32's exactness (max abs diff 0): ONNX Runtime's real int8 file fails its check, and the trial
+    is complete with its fp32 file, the refusal recorded."""
+    from pocketformer.export import FORMATS
+    from pocketformer.export.base import Tolerance
+
+    path, out, summary = local_search
+    recipe = load_recipe(path)
+    monkeypatch.setenv("POCKETFORMER_CACHE", str(path.parent / "cache"))  # the trials' stages, cached
+    onnx = FORMATS["onnx"]
+    exact = onnx.tolerance
+    monkeypatch.setattr(type(onnx), "tolerance", lambda self, precision, plan=None:
+                        Tolerance(max_abs=0.0) if precision == "int8" else exact(precision, plan))
+    params = summary["trials"][0]["params"]
+    plain = trial_recipe(recipe, recipe.search, recipe.targets[0], params, ["fp32", "int8"], "onnx", "t")
+    rec = run_trial({"number": 0, "params": params, "recipe": plain, "precisions": ["fp32", "int8"],
+                     "dir": str(tmp_path / "t0"), "source": str(path), "checkpoint": str(recipe.resolve_model()),
+                     "target": recipe.targets[0], "threads": 1, "confidence": None,
+                     "reference": str(out / "reference" / "outputs.npz"), "tables": recipe.search.tables,
+                     "max_latency_ms": None, "cache": str(path.parent / "cache")})
+    assert rec["status"] == "complete", rec.get("reason")
+    assert [p["precision"] for p in rec["points"]] == ["fp32"]
+    assert "disagrees with PyTorch" in rec["refused"]["int8"]
+    assert told(rec, recipe.search)["told"] == "fp32"

@@ -49,6 +49,10 @@ class ExportFailures(ExportError):
             if len(failures) > 1 else ""
         super().__init__(first.problem + more, first.fix)
 
+    def refused(self) -> dict[str, str]:
+        """precision -> why, for the failures of one precision's file (a file its check refused)."""
+        return {f.precision: f.problem for f in self.failures if f.precision is not None}
+
 
 GRAPH_SETS: list[type["GraphSet"]] = []
 
@@ -260,6 +264,7 @@ def export_set(gs: GraphSet, fmt: Format, runtime: CheckRuntime, out_dir: Path, 
                         fmt.annotate(path, plan.card, precision)
                 checked.append((precision, written, _check_precision(ctx, gs, precision, written)))
             except ExportError as e:
+                e.precision = precision  # the caller may keep the other precisions' files (ExportFailures.refused)
                 failures.append(e)
                 if precision == precisions[0]:
                     break  # every other precision is made from the float files
