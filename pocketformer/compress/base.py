@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data import Dataset, Encoder
 from ..latency import LatencyTable
 from ..models.canonical import LINEAR_NAMES, CanonicalTransformer, count_params, encoder_macs
+from ..models.causal import LM_LINEAR_NAMES
 from ..space import search_space, searchable
 
 REGISTRY: dict[str, type["Stage"]] = {}
@@ -57,8 +58,23 @@ class TrainingConfig(StageConfig):
 class FactorizationConfig(StageConfig):
     """Settings every stage that factorizes linears shares."""
 
-    linears: list[Literal["q", "k", "v", "o", "fc1", "fc2"]] = Field(
-        default_factory=lambda: list(LINEAR_NAMES), description="which linears of every layer to factorize")
+    linears: Optional[list[Literal["q", "k", "v", "o", "fc1", "fc2", "gate", "up", "down"]]] = Field(
+        None, description="which linears of every layer to factorize (default: all the model has: q, k, v, o, fc1, "
+                          "fc2 in an encoder; q, k, v, o, gate, up, down in a decoder-only language model)")
+
+    def linears_of(self, model) -> list[str]:
+        """The linears to factorize in `model`; a name the model does not have is one recipe error."""
+        own = list(model.linear_names)
+        if self.linears is None:
+            return own
+        foreign = [n for n in self.linears if n not in own]
+        if foreign:
+            from ..errors import RecipeError
+
+            raise RecipeError(f"linears: {foreign[0]!r} is not a linear of this model (a "
+                              f"{KIND_NAMES.get(model.kind, model.kind)[:-1]}: {', '.join(own)}).",
+                              f"name some of {', '.join(own)}, or leave `linears` out for all of them.")
+        return list(self.linears)
 
 
 @dataclass
@@ -104,13 +120,16 @@ class StageResult:
 
 # -- facts: what a stage needs of the model and does to it ----------------------------------------------------------
 
+# every linear name a model kind has (an encoder's, then a decoder's own)
+ALL_LINEARS = LINEAR_NAMES + tuple(n for n in LM_LINEAR_NAMES if n not in LINEAR_NAMES)
+
 FACTS: dict[str, str] = {
     "labels": "a classifier (an output that predicts the data's labels)",
     "exits": "early-exit heads",
     "nested_ffn": "nested (MatFormer) FFN widths",
     "quantized": "weights on an int grid",
     "binarized": "EcoFormer attention in every layer",
-    **{f"factorized:{n}": f"factorized {n} linears" for n in LINEAR_NAMES},
+    **{f"factorized:{n}": f"factorized {n} linears" for n in ALL_LINEARS},
 }
 
 
@@ -150,7 +169,7 @@ class ModelFacts:
         known = {"labels": model.task.has_labels, "exits": bool(model.spec.exits),
                  "nested_ffn": bool(model.spec.nested_ffn), "quantized": bool(model.spec.quantization),
                  "binarized": bool(shapes) and all(s.attention != "softmax" for s in shapes)}
-        known.update({f"factorized:{n}": any(n in s.linears for s in shapes) for n in LINEAR_NAMES})
+        known.update({f"factorized:{n}": any(n in s.linears for s in shapes) for n in ALL_LINEARS})
         return cls(known=known, layers=len(shapes))
 
 
@@ -287,13 +306,14 @@ class Factorization(Stage[F]):
     """What the stages that factorize linears (lowrank, dense_sparse) declare alike: they add factorized linears,
     each only those its `linears` name, and refuse quantized weights."""
 
+    kinds = frozenset({"encoder", "causal_lm"})
     excludes = frozenset({"quantized"})
-    provides = factorized(LINEAR_NAMES)
+    provides = factorized(ALL_LINEARS)
     only_new = True  # a factorized linear is skipped: factorizing its factors would compound errors, buy nothing
     reasons = {"quantized": "factorizing quantized weights would move them off their int grid"}
 
     def effects(self) -> Effects:
-        return replace(super().effects(), provides=factorized(self.config.linears))
+        return replace(super().effects(), provides=factorized(self.config.linears or ALL_LINEARS))
 
 
 # -- the plan check: every stage's declarations over the whole recipe, before anything runs -------------------------
@@ -304,7 +324,7 @@ def _providers(fact: str) -> list[str]:
 
 def facts_text(facts) -> str:
     """Facts for a sentence, factorized linears as one phrase: "factorized q, fc1 linears, weights on an int grid"."""
-    linears = [n for n in LINEAR_NAMES if f"factorized:{n}" in facts]
+    linears = [n for n in ALL_LINEARS if f"factorized:{n}" in facts]
     parts = [f"factorized {', '.join(linears)} linears"] if linears else []
     return ", ".join(parts + [FACTS[f] for f in sorted(facts) if not f.startswith("factorized:")])
 

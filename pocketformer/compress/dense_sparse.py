@@ -122,7 +122,7 @@ class DenseSparse(Factorization[DenseSparseConfig], name="dense_sparse", version
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg = self.config
         decisions = []
-        for li, name, parent, module in model.linears(cfg.linears):
+        for li, name, parent, module in model.linears(cfg.linears_of(model)):
             m, n = module.out_features, module.in_features
             entry = {"layer": li, "linear": name, "shape": [m, n]}
             if isinstance(module, LowRankLinear):

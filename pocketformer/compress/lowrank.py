@@ -18,12 +18,12 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import RecipeError
-from ..models.canonical import LINEAR_NAMES, CanonicalTransformer
+from ..models.canonical import CanonicalTransformer
 from ..models.factorized import LowRankLinear
 from ..progress import info
 from ..space import searchable
 from .amounts import round_to_multiple
-from .base import Context, Factorization, FactorizationConfig, StageResult
+from .base import ALL_LINEARS, Context, Factorization, FactorizationConfig, StageResult
 
 
 class LowRankConfig(FactorizationConfig):
@@ -42,9 +42,9 @@ class LowRankConfig(FactorizationConfig):
         if self.method == "ranks" and not self.ranks:
             raise ValueError("method 'ranks' needs `ranks`: one number, or a number per linear name (e.g. fc1: 128)")
         if isinstance(self.ranks, dict):
-            unknown = sorted(set(self.ranks) - set(LINEAR_NAMES))
+            unknown = sorted(set(self.ranks) - set(ALL_LINEARS))
             if unknown:
-                raise ValueError(f"unknown linear names {unknown} in ranks; use {', '.join(LINEAR_NAMES)}")
+                raise ValueError(f"unknown linear names {unknown} in ranks; use {', '.join(ALL_LINEARS)}")
         return self
 
 
@@ -89,7 +89,7 @@ class LowRank(Factorization[LowRankConfig], name="lowrank", version=1,
     def apply(self, model: CanonicalTransformer, ctx: Context) -> StageResult:
         cfg = self.config
         chosen, decisions = [], []
-        for li, name, parent, module in model.linears(cfg.linears):
+        for li, name, parent, module in model.linears(cfg.linears_of(model)):
             if isinstance(module, LowRankLinear):  # factorizing the factors again would buy nothing
                 decisions.append({"layer": li, "linear": name, "rank": None,
                                   "why": f"skipped: already factorized ({module.shape().kind}, rank {module.rank})"})

@@ -132,14 +132,12 @@ class Matformer(Stage[MatformerConfig], name="matformer", version=2,  # 2: as di
                 summary="MatFormer nested FFNs: sort neurons by importance, then train every width prefix against "
                         "the original (a language model's gated FFNs too, on its text)"):
     kinds = frozenset({"encoder", "causal_lm"})
-    excludes = factorized(["fc1", "fc2"]) | {"quantized"}
+    excludes = factorized(sorted(FFN_LINEARS)) | {"quantized"}
     provides = frozenset({"nested_ffn"})
     ships_plain = False
-    reasons = {"factorized:fc1": "nested widths need dense FFN linears",
-               "factorized:fc2": "nested widths need dense FFN linears",
+    reasons = {**{f"factorized:{n}": "nested widths need dense FFN linears" for n in FFN_LINEARS},
                "quantized": "it trains the weights, which would move quantized weights off their int grid"}
-    remedies = {"factorized:fc1": "run {other} on the model `pocketformer extract` writes",
-                "factorized:fc2": "run {other} on the model `pocketformer extract` writes",
+    remedies = {**{f"factorized:{n}": "run {other} on the model `pocketformer extract` writes" for n in FFN_LINEARS},
                 "quantized": "quantize the model `pocketformer extract` writes"}
 
     def check_model(self, model, where: str = "") -> None:

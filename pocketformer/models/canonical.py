@@ -427,6 +427,8 @@ class CanonicalTransformer(Described, nn.Module):
         return [self.exit_output(i, hidden[layer + 1], mask) for i, layer in enumerate(self.spec.exits)] + \
             [self.head_output(x, mask)]
 
+    linear_names = LINEAR_NAMES  # a layer's linears, by the names LayerShape.linears and stage configs use
+
     def linears(self, names=LINEAR_NAMES):
         """(layer index, name, owning module, linear) for the named linears of every layer, in order; a stage
         replaces one with setattr(owner, name, new)."""

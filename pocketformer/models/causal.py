@@ -423,6 +423,8 @@ class CausalLM(Described, nn.Module):
     def attention_mask(self, inputs: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
         return inputs[1] if len(inputs) > 1 else None
 
+    linear_names = LM_LINEAR_NAMES  # a layer's linears, by the names DecoderLayerShape.linears and stages use
+
     def linears(self, names=LM_LINEAR_NAMES):
         """(layer index, name, owning module, linear) for the named linears of every layer, in order."""
         for li, layer in enumerate(self.layers):

@@ -84,7 +84,7 @@ def test_the_files_carry_the_card(run):
 
 
 @pytest.mark.parametrize("change,says", [
-    ({"stages": [{"lowrank": {}}]}, "stage 'lowrank' does not run on decoder-only language models yet"),
+    ({"stages": [{"early_exit": {}}]}, "stage 'early_exit' does not run on decoder-only language models yet"),
     ({"stages": [{"prune": {"max_drop": 1.0, "importance": "accuracy"}}]},
      "prune's max_drop does not apply to a decoder-only language model"),
     ({"prepare": [{"finetune": {}}]}, "`prepare:` stages do not run on a decoder-only language model"),
