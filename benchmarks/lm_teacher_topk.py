@@ -28,9 +28,9 @@ from pocketformer import store  # noqa: E402
 from pocketformer.compress.distill import DistillConfig, distill_loss, stored_topk, topk_details  # noqa: E402
 from pocketformer.lm_pipeline import windows  # noqa: E402
 from pocketformer.models import load  # noqa: E402
+from results_io import md_table, write_results  # noqa: E402  (this folder: the scripts' own)
 from pocketformer.train import text_batches  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def step_seconds(student, teacher, batches, cfg: DistillConfig, steps: int) -> tuple[float, dict]:
@@ -79,20 +79,15 @@ def main() -> None:
                       "versions": store.package_versions("torch"), "steps": args.steps,
                       "batch": [recipe["batch_size"], recipe["max_len"]],
                       "command": " ".join(["benchmarks/lm_teacher_topk.py"] + sys.argv[1:])}, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lm_teacher_topk.json").write_text(json.dumps(result, indent=2))
     env = result["env"]
     lines = ["# Distillation step with the teacher's stored top-64 logits (SmolLM2-135M, 27-layer student)", "",
              f"Command: `.venv/bin/python {env['command']}` ({env['date']}). CPU: {env['cpu']}; {env['threads']} "
              f"threads; torch {env['versions'].get('torch')}; batch {env['batch'][0]} x {env['batch'][1]} tokens; "
-             f"median of {env['steps']} steps after one warm-up (forward, backward, AdamW).", "",
-             "| hidden-state matching | teacher logits | s / step | x the whole distribution |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {'yes' if r['hidden'] else 'no'} | "
-                     f"{'top-64, stored' if r['teacher_topk'] else 'whole, every step'} | "
-                     f"{r['seconds_per_step']:.2f} | {r['speedup']:.2f}x |")
-    (RESULTS / "lm_teacher_topk.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"median of {env['steps']} steps after one warm-up (forward, backward, AdamW).", ""]
+    lines += md_table(["hidden-state matching", "teacher logits", "s / step", "x the whole distribution"],
+                      [["yes" if r["hidden"] else "no", "top-64, stored" if r["teacher_topk"] else "whole, every step",
+                        f"{r['seconds_per_step']:.2f}", f"{r['speedup']:.2f}x"] for r in rows])
+    write_results("lm_teacher_topk", result, "\n".join(lines))
 
 
 if __name__ == "__main__":
