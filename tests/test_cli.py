@@ -32,8 +32,8 @@ def test_stages_lists_each_stage_with_its_settings(run_cli):
         assert expected in proc.stdout
     prune = proc.stdout.split("prune:")[1].split("\n")[1]  # what a stage runs on comes first
     assert prune.strip() == "# runs on: encoders, decoder-only language models"
-    lowrank = proc.stdout.split("lowrank:")[1].split("\n")[1]
-    assert lowrank.strip() == "# runs on: encoders"
+    binarize = proc.stdout.split("binarize:")[1].split("\n")[1]
+    assert binarize.strip() == "# runs on: encoders"
 
 
 def test_inspect_shows_each_layers_shape(run_cli, tmp_path, make_model):
