@@ -462,7 +462,9 @@ def points_of(rec: dict[str, Any]) -> list[dict[str, Any]]:
     and `id` (trial/precision)."""
     if rec["status"] != "complete":
         return []
-    trial = {k: v for k, v in rec.items() if k != "points"}
+    # the trial's own fields: not those told() copied from its best file, which would stand in for a file's missing
+    # ones (a measured_ms only the best file has)
+    trial = {k: v for k, v in rec.items() if k not in ("points", "told", *POINT_FIELDS)}
     return [{**trial, **p, "id": f"{rec['number']}/{p['precision']}"} for p in rec.get("points", [])
             if objective_latency(p) is not None]
 
@@ -784,8 +786,9 @@ class Search:
             summary["confirmation"] = self.confirm(chosen, ref)
             chosen_yaml = self.out / CHOSEN_FILE
             text = (f"# Chosen by `pocketformer search` (trial {chosen['number']} of {len(recs)}) on {self.profile.name}:"
-                    f" {describe_params(spec, chosen['params'])} @ {chosen['precision']}.\n# `pocketformer run {CHOSEN_FILE}` makes it again "
-                    f"(its {chosen['precision']} {self.profile.format} file is the one chosen).\n")
+                    f" {describe_params(spec, chosen['params'])} @ {chosen['precision']}.\n"
+                    f"# `pocketformer run {CHOSEN_FILE}` makes it again (its {chosen['precision']} "
+                    f"{self.profile.format} file is the one chosen).\n")
             recipe = trial_recipe(self.recipe, spec, self.target, chosen["params"], [chosen["precision"]],
                                   self.profile.format, f"{self.recipe.name}-chosen")
             from .store import atomic_write_bytes
@@ -795,8 +798,8 @@ class Search:
             c = summary["confirmation"]
             speed = (f", {ref['measured_ms'] / chosen['measured_ms']:.2f}x faster than the reference's file "
                      f"({ref['measured_ms']:.2f} ms)" if ref.get("measured_ms") and chosen.get("measured_ms") else "")
-            info(f"chosen: trial {chosen['number']}: {describe_params(spec, chosen['params'])} @ {chosen['precision']}: "
-                 f"{final_latency(chosen):.2f} ms measured{speed}, {chosen['size_mb']:.1f} MB")
+            info(f"chosen: trial {chosen['number']}: {describe_params(spec, chosen['params'])} @ "
+                 f"{chosen['precision']}: {final_latency(chosen):.2f} ms measured{speed}, {chosen['size_mb']:.1f} MB")
             info(f"  confirmed on the test split: {c['statement']}")
             info(f"  recipe: {chosen_yaml} (`pocketformer run {chosen_yaml}`)")
         write_json(self.out / SEARCH_FILE, summary)

@@ -140,6 +140,9 @@ def test_a_trial_tells_the_study_its_fastest_file_within_budget_else_the_least_o
                         {"precision": "int8", "accuracy_drop": 0.9, "predicted_ms": 4.0, "size_mb": 16.0}]}
     assert told(trial, spec)["told"] == "int8" and told(trial, spec)["predicted_ms"] == 4.0
     assert [p["id"] for p in points_of(trial)] == ["3/fp32", "3/int8"]
+    # the told file's fields on the trial do not stand in for another file's: fp32 was not measured
+    measured = {**trial, "points": [trial["points"][0], {**trial["points"][1], "measured_ms": 3.5}]}
+    assert [p.get("measured_ms") for p in points_of(told(measured, spec))] == [None, 3.5]
     # int8 over the budget: the study learns fp32's figures
     assert told(trial, SearchSpec(max_drop=0.5))["told"] == "fp32"
     # both over: the one least over the budget
