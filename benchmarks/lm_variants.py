@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -70,35 +69,28 @@ def as_onnx_on_host(path: Path, **changes) -> dict:
     return {**recipe, "export": EXPORT, "targets": [TARGET], **changes}
 
 
-def refusals(problems: list[str]) -> list[str]:
-    """The export.skip entries (FORMAT.PRECISION) of the files refusals name: "model.int4.onnx (int4) disagrees
-    ...", "model.int4.tflite (prefill, int4) disagrees ..."."""
-    found = (re.search(r"\.(onnx|tflite) \((?:\w+, )?([\w-]+)\) disagrees", p) for p in problems)
-    return [f"{m.group(1)}.{m.group(2)}" for m in found if m]
-
-
-def run_recipe(fields: dict, folder: Path, refused: dict[str, list[str]]) -> dict:
-    """`pocketformer run` of `fields` into `folder`; a finished run there (its report.json) is taken as it is. A
-    precision whose file the export's parity check refuses is left out (export.skip) and the run made again; the
-    refusals are kept in `refused` for the report, and in folder/refused.json, so that an interrupted run's next
-    attempt leaves those files out from the start."""
-    name = fields["name"]
+def run_recipe(fields: dict, folder: Path, refused: dict[str, dict[str, str]]) -> dict:
+    """`pocketformer run` of `fields` (one export format) into `folder`; a finished run there (its report.json) is
+    taken as it is. A precision whose file the export's parity check refuses is left out (export.skip) and the run
+    made again; the refusals (FORMAT.PRECISION -> why) are kept in `refused` for the report, and in
+    folder/refused.json, so that an interrupted run's next attempt leaves those files out from the start."""
+    name, (fmt,) = fields["name"], fields["export"]["formats"]
     if (folder / "refused.json").is_file():
         refused[name] = json.loads((folder / "refused.json").read_text())
     if (folder / "report.json").is_file():
         print(f"== {name}: the finished run in {folder}", flush=True)
         return json.loads((folder / "report.json").read_text())
     while True:
-        skip = fields["export"]["skip"] + [s for s in refusals(refused.get(name, [])) if s not in
-                                           fields["export"]["skip"]]
+        skip = fields["export"]["skip"] + [s for s in refused.get(name, {}) if s not in fields["export"]["skip"]]
         fields = {**fields, "export": {**fields["export"], "skip": skip}}
         print(f"== pocketformer run {name} -> {folder}", flush=True)
         try:
             return run(parse_recipe(fields, str(folder / "recipe.yaml")), folder)
         except ExportFailures as e:
-            if not set(refusals([f.problem for f in e.failures])) - set(fields["export"]["skip"]):
+            new = {f"{fmt}.{p}": why for p, why in e.refused().items() if f"{fmt}.{p}" not in skip}
+            if not new:
                 raise  # not a refused file, or one left out already (the float file, which is always written)
-            refused.setdefault(name, []).extend(f.problem for f in e.failures)
+            refused.setdefault(name, {}).update(new)
             print(f"== refused, left out: {e.problem}", flush=True)
             (folder / "refused.json").write_text(json.dumps(refused[name]))
 
@@ -121,7 +113,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     reports: dict[tuple[str, str], dict] = {}  # (variant, format) -> its run's report
     folders: dict[tuple[str, str], Path] = {}  # (variant, format) -> its run's folder
-    refused: dict[str, list[str]] = {}
+    refused: dict[str, dict[str, str]] = {}  # run name -> FORMAT.PRECISION -> why its file was refused
 
     def variant(name: str, fields: dict, folder: Path) -> None:
         reports[name, "onnx"], folders[name, "onnx"] = run_recipe(fields, folder, refused), folder
@@ -260,7 +252,7 @@ def markdown(result: dict) -> str:
     lines += ["", "Aim (decode >= 2x the fp32 file, >= 4x smaller, perplexity <= +10%): " +
               (", ".join(f"{r['variant']} {r['file']}" for r in aim) if aim else "no variant meets all three"), ""]
     for name, problems in result["refused"].items():
-        lines += [f"- {name}: refused at export, left out: " + "; ".join(problems)]
+        lines += [f"- {name}: refused at export, left out: " + "; ".join(problems.values())]
     for name, e in result["extracted"].items():
         c = e.get("confirmation") or {}
         lines.append(f"- {name}: widths {e.get('widths')}; test perplexity {f(c.get('perplexity'), '.2f')} "

@@ -10,13 +10,12 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from pocketformer.compress import REGISTRY, Context
 from pocketformer.errors import RecipeError
 from pocketformer.models import import_hf
 
-from .test_lm_run import cli, write_profiles
+from .test_lm_run import run_recipe, write_profiles
 from .tiny_lms import save_tiny_lm, text_windows
 
 
@@ -94,10 +93,7 @@ def test_run_exports_and_validates_a_factorized_language_model(tmp_path):
                          {"distill": {"epochs": 1, "max_examples": 16}}],
               "export": {"formats": ["onnx", "tflite"], "baseline_formats": [], "int8": False},
               "targets": write_profiles(tmp_path)[:2]}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    proc = cli("run", "recipe.yaml", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-lm-lowrank"
+    out = run_recipe(tmp_path, recipe)
     summary = json.loads((out / "compress.json").read_text())
     lowrank = summary["stages"][0]
     assert lowrank["stage"] == "lowrank" and lowrank["params_after"] < lowrank["params_before"]

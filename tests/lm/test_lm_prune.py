@@ -9,13 +9,12 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from pocketformer.compress import REGISTRY, Context
 from pocketformer.errors import RecipeError
 from pocketformer.models import import_hf
 
-from .test_lm_run import cli, write_profiles
+from .test_lm_run import cli, run_recipe, write_profiles
 from .tiny_lms import save_tiny_lm, text_windows
 
 
@@ -136,10 +135,7 @@ def test_run_compresses_exports_validates_and_extracts_a_language_model(tmp_path
                                         "importance": "magnitude"}}],
               "export": {"formats": ["onnx"], "baseline_formats": [], "int8": False},
               "targets": write_profiles(tmp_path)[:1]}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    proc = cli("run", "recipe.yaml", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-lm-pruned"
+    out = run_recipe(tmp_path, recipe)
     summary = json.loads((out / "compress.json").read_text())
     prune_report, distill_report, matformer_report = summary["stages"]
     assert prune_report["stage"] == "prune" and prune_report["params_after"] < prune_report["params_before"]

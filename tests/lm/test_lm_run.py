@@ -22,6 +22,15 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pocketformer.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
+def run_recipe(folder: Path, recipe: dict) -> Path:
+    """`pocketformer run` of `recipe` (written to folder/recipe.yaml) from `folder`, which must succeed; its run
+    folder."""
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = cli("run", "recipe.yaml", cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "runs" / recipe["name"]
+
+
 def write_profiles(folder: Path) -> list[str]:
     for name, (fmt, runtime, precisions) in PROFILES.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({
