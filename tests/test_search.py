@@ -364,3 +364,29 @@ def test_a_precision_its_check_refuses_leaves_the_trial_its_other_files(local_se
     assert [p["precision"] for p in rec["points"]] == ["fp32"]
     assert "disagrees with PyTorch" in rec["refused"]["int8"]
     assert told(rec, recipe.search)["told"] == "fp32"
+
+
+def test_a_trial_without_the_drivers_table_for_a_precision_measures_no_table_itself(local_search, tmp_path,
+                                                                                   monkeypatch):
+    """The driver had no int8 table (the reference's could not be measured): the trial's int8 file has no
+    prediction (the driver measures it between batches, when no trial runs) and the trial measured no table of its
+    own, which it would have timed while other trials trained."""
+    path, out, summary = local_search
+    recipe = load_recipe(path)
+    cache = path.parent / "cache"  # the trials' stages, cached
+    monkeypatch.setenv("POCKETFORMER_CACHE", str(cache))
+    tables_before = set((cache / "latency").glob("*"))
+    params = next(t["params"] for t in summary["trials"]  # a trial whose int8 file passed its check
+                  if "int8" in [p["precision"] for p in t.get("points", [])])
+    plain = trial_recipe(recipe, recipe.search, recipe.targets[0], params, ["fp32", "int8"], "onnx", "t")
+    rec = run_trial({"number": 0, "params": params, "recipe": plain, "precisions": ["fp32", "int8"],
+                     "dir": str(tmp_path / "t0"), "source": str(path), "checkpoint": str(recipe.resolve_model()),
+                     "target": recipe.targets[0], "threads": 1, "confidence": None,
+                     "reference": str(out / "reference" / "outputs.npz"),
+                     "tables": {"fp32": recipe.search.tables["fp32"]}, "max_latency_ms": None, "cache": str(cache)})
+    assert rec["status"] == "complete", rec.get("reason")
+    points = {p["precision"]: p for p in rec["points"]}
+    assert set(points) == {"fp32", "int8"}, rec.get("refused")
+    assert points["fp32"]["predicted_ms"] > 0
+    assert points["int8"]["predicted_ms"] is None and "no int8 latency table" in points["int8"]["no_prediction"]
+    assert set((cache / "latency").glob("*")) == tables_before
