@@ -63,6 +63,11 @@ RUNTIMES = {"onnx": ("host-ort", {"formats": ["onnx"], "baseline_formats": [], "
 EXPORT = RUNTIMES["onnx"][1]
 
 
+def say(line: str) -> None:
+    """A step of the benchmark, with the clock time (how long each step took is read off the log)."""
+    print(f"== {time.strftime('%H:%M:%S')} {line}", flush=True)
+
+
 def as_onnx_on_host(path: Path, **changes) -> dict:
     """The example recipe, exported to ONNX only and validated on host-ort only (the variants' one runtime)."""
     recipe = yaml.safe_load(path.read_text())
@@ -78,12 +83,12 @@ def run_recipe(fields: dict, folder: Path, refused: dict[str, dict[str, str]]) -
     if (folder / "refused.json").is_file():
         refused[name] = json.loads((folder / "refused.json").read_text())
     if (folder / "report.json").is_file():
-        print(f"== {name}: the finished run in {folder}", flush=True)
+        say(f"{name}: the finished run in {folder}")
         return json.loads((folder / "report.json").read_text())
     while True:
         skip = fields["export"]["skip"] + [s for s in refused.get(name, {}) if s not in fields["export"]["skip"]]
         fields = {**fields, "export": {**fields["export"], "skip": skip}}
-        print(f"== pocketformer run {name} -> {folder}", flush=True)
+        say(f"pocketformer run {name} -> {folder}")
         try:
             return run(parse_recipe(fields, str(folder / "recipe.yaml")), folder)
         except ExportFailures as e:
@@ -91,7 +96,7 @@ def run_recipe(fields: dict, folder: Path, refused: dict[str, dict[str, str]]) -
             if not new:
                 raise  # not a refused file, or one left out already (the float file, which is always written)
             refused.setdefault(name, {}).update(new)
-            print(f"== refused, left out: {e.problem}", flush=True)
+            say(f"refused, left out: {e.problem}")
             (folder / "refused.json").write_text(json.dumps(refused[name]))
 
 
@@ -142,7 +147,7 @@ def main() -> None:
     for name, how, slug in extracts:
         ckpt = work / f"extract-{slug}"
         if not (ckpt / "model.safetensors").is_file():
-            print(f"== pocketformer extract {nested} {how}", flush=True)
+            say(f"pocketformer extract {nested} {how}")
             extracted[name] = run_extract(nested, ckpt, **how)
         else:  # extracted by an earlier, interrupted run of this benchmark
             extracted[name] = json.loads((ckpt / "pocketformer.json").read_text())["provenance"]
@@ -173,6 +178,7 @@ def main() -> None:
     files = {(name, a["file"]): (folders[name, fmt] / "artifacts" / a["file"], a)
              for (name, fmt), report in reports.items()
              for a in report["artifacts"] if a["format"] == fmt and a.get("variant", "model") == "model"}
+    say(f"side by side: {len(files)} files, {args.rounds} rounds")
     measured = side_by_side({path: profile_of(path, args.threads) for path, _ in files.values()}, prompt, want,
                             args.rounds)
     best = {key: {**measured[path], "precision": a["precision"], "size_mb": a["size_bytes"] / 1e6}
