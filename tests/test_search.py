@@ -181,8 +181,11 @@ def trial_table(summary: dict) -> list[tuple]:
 def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(local_search):
     _, out, summary = local_search
     assert len(summary["trials"]) == 4 and all(t["status"] == "complete" for t in summary["trials"])
-    # every trial scored at both precisions: one trained model, two files
-    assert sorted(p["id"] for p in summary["points"]) == sorted(f"{n}/{p}" for n in range(4) for p in ("fp32", "int8"))
+    # every trial scored at both precisions (one trained model, two files), but an int8 file its check refused (on
+    # a CPU without int8 dot products, ORT's u8s8 kernels saturate: the tiny model's int8 file may flip labels there)
+    assert all(set(t.get("refused", {})) <= {"int8"} for t in summary["trials"])
+    assert sorted(p["id"] for p in summary["points"]) == sorted(f"{t['number']}/{p}" for t in summary["trials"]
+                                                                for p in ("fp32", "int8") if p not in t.get("refused", {}))
     chosen = next(p for p in summary["points"] if p["id"] == summary["chosen_id"])
     assert chosen["number"] == summary["chosen"]
     # within budget on the validation split, and the fastest measured of those measured
@@ -194,8 +197,11 @@ def test_a_search_chooses_confirms_and_writes_a_recipe_that_run_reads(local_sear
     ref_ms = summary["tables"]["fp32"]["predicted_reference_ms"]
     for t in summary["trials"]:
         speedup = t["recipe"]["stages"][0]["prune"]["speedup"]
-        fp32, int8 = (next(p for p in t["points"] if p["precision"] == q) for q in ("fp32", "int8"))
-        assert fp32["predicted_ms"] <= ref_ms / speedup + 1e-6 and int8["predicted_ms"] < fp32["predicted_ms"]
+        fp32, int8 = (next((p for p in t["points"] if p["precision"] == q), None) for q in ("fp32", "int8"))
+        assert fp32["predicted_ms"] <= ref_ms / speedup + 1e-6
+        if int8 is None:  # refused (above)
+            continue
+        assert int8["predicted_ms"] < fp32["predicted_ms"]
         # the study learned the trial's best file: the faster one, when within the budget
         if int8["accuracy_drop"] <= 5.0:
             assert t["told"] == "int8" and t["predicted_ms"] == int8["predicted_ms"]
@@ -227,9 +233,10 @@ def test_a_failed_trial_is_recorded_with_its_reason(digits_search, tmp_path):
 def test_nothing_within_budget_shows_the_nearest_misses(digits_search, tmp_path):
     summary = search(load_recipe(digits_search(trials=1, parallel=1, max_drop=0.0, max_size_mb=0.01)),
                      tmp_path / "out")
-    # the nearest misses are files: the one trial's two
-    assert summary["chosen"] is None and [m["id"] for m in summary["nearest_misses"]] in (["0/fp32", "0/int8"],
-                                                                                          ["0/int8", "0/fp32"])
+    # the nearest misses are files: the one trial's two (its one, where the check refused its int8 file)
+    (trial,) = summary["trials"]
+    files = {f"0/{p}" for p in ("fp32", "int8") if p not in trial.get("refused", {})}
+    assert summary["chosen"] is None and sorted(m["id"] for m in summary["nearest_misses"]) == sorted(files)
     assert "Nearest misses" in (tmp_path / "out" / "report.md").read_text()
 
 
