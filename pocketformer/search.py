@@ -159,19 +159,18 @@ def describe_params(spec: SearchSpec, params: dict[str, Any]) -> str:
 
 # -- one trial (in a worker process or a Ray task) ----------------------------------------------------------------
 
-def predict_latency(model, precision: str, table_file: Optional[str]) -> tuple[Optional[float], str]:
+def predict_latency(model, profile, precision: str, table_file: Optional[str]) -> tuple[Optional[float], str]:
     """(the table's latency for the model, or None, and why none). Only the table the driver measured before any
     trial (`table_file`): a trial never measures one, since it would be timed while other trials train (a table
     measured so predicted a 3.25x-pruned int8 file at 18.9 ms, its fp32 file at 6.8); with no table the file is
     measured between batches, when no trial runs."""
-    from .targets.latency import family_of, read_table, shapes_of
+    from .targets.latency import shapes_of, table_for
 
     if table_file is None:
         return None, f"no {precision} latency table (the reference's could not be measured)"
     try:
         shapes = shapes_of(model)
-        table = read_table(Path(table_file))
-        table.check_family(family_of(model.config), "this model")
+        table = table_for(profile, model.config, precision, Path(table_file))  # the file, read and its family checked
         return float(table.predict(shapes)), ""
     except PocketformerError as e:
         return None, e.problem
@@ -226,7 +225,7 @@ def _score(job: dict[str, Any], out: Path) -> dict[str, Any]:
     pipeline.compress(recipe, Path(job["checkpoint"]), out, target=job["target"])
     model, _ = load(out / "model")
     figures: dict[str, Any] = {"params_count": sum(p.numel() for p in model.parameters()), "layers": len(model.layers)}
-    predicted = {p: predict_latency(model, p, job["tables"].get(p)) for p in job["precisions"]}
+    predicted = {p: predict_latency(model, profile, p, job["tables"].get(p)) for p in job["precisions"]}
     cap = job.get("max_latency_ms")
     over = {p: ms for p, (ms, _) in predicted.items() if cap is not None and ms is not None and ms > cap * 1.1}
     if len(over) == len(predicted):
