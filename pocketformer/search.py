@@ -9,8 +9,8 @@ against PyTorch), and scores each file in the target's runtime on the validation
 per precision (the training is the cost; another precision's file costs seconds). A precision whose file the export's
 parity check refuses is left out of the trial with its reason; the trial fails only when no file is left. The study
 learns each trial's best point (its fastest file within every budget, else the one least over them: `told`): the
-accuracy drop, the latency (the table's prediction, or the latency measured when no table covers the model) and the
-file size are its objectives, the budgets the sampler's constraints. The Pareto front, the measurements and the
+accuracy drop, the latency (the table's prediction, or, when no table covers the file, its latency measured between
+batches on the study's scale: `on_study_scale`) and the file size are its objectives, the budgets the sampler's constraints. The Pareto front, the measurements and the
 choice are over every point of every trial.
 
 Resumable and never empty-handed:
@@ -58,7 +58,8 @@ MEASURE_ROUNDS = 2  # fresh-process p50s per measured file, files taken in turn;
 FINAL = ("complete", "pruned", "failed")
 # a file's own fields in a trial record's `points` (told() copies the best one's to the record's top level)
 POINT_FIELDS = ("precision", "artifact", "size_mb", "validation", "accuracy_drop", "predicted_ms", "measured_ms",
-                "parity_vs_pytorch", "no_prediction")
+                "study_ms", "reference_measured_ms", "parity_vs_pytorch", "no_prediction")
+ANCHOR_FILE = "latency-anchor.json"  # in reference/: the reference's latency on the study's scale, when no fp32 table
 
 
 # -- the space: params <-> trial recipes ---------------------------------------------------------------------------
@@ -453,7 +454,23 @@ def violations(rec: dict[str, Any], spec: SearchSpec, latency: Optional[float]) 
 
 
 def objective_latency(rec: dict[str, Any]) -> Optional[float]:
-    return rec.get("predicted_ms") if rec.get("predicted_ms") is not None else rec.get("measured_ms")
+    """The latency the study compares: the table's prediction, else the file's measurement on the study's scale."""
+    for key in ("predicted_ms", "study_ms", "measured_ms"):
+        if rec.get(key) is not None:
+            return rec[key]
+    return None
+
+
+def on_study_scale(measured: list[Optional[float]], reference_ms: Optional[float],
+                   anchor_ms: Optional[float]) -> list[Optional[float]]:
+    """Files measured between batches, on the scale the study compares every latency on: each as a fraction of the
+    reference's file measured in the same batch, times the anchor (the reference as the fp32 table predicts it, else
+    as first measured). A host's speed drifts (1.5x within one session here): raw measurements taken at different
+    times, beside predictions from a table measured at the start, would favour the files measured while it was fast
+    (an int8 file measured when the host was slow lost to fp32 predictions 1.5x too fast)."""
+    if not reference_ms or not anchor_ms:
+        return list(measured)
+    return [None if ms is None else ms * anchor_ms / reference_ms for ms in measured]
 
 
 def excess(rec: dict[str, Any], spec: SearchSpec, latency: Optional[float]) -> float:
@@ -652,7 +669,8 @@ class Search:
 
         def figures(p):
             lat = objective_latency(p)
-            how = "predicted" if p.get("predicted_ms") is not None else "measured"
+            how = "predicted" if p.get("predicted_ms") is not None else \
+                "measured, scaled to the reference" if p.get("study_ms") is not None else "measured"
             ok = excess(p, self.spec, lat) == 0
             return (f"{p['precision']}: validation drop {p['accuracy_drop']:+.2f} pts, {lat:.2f} ms {how}, "
                     f"{p['size_mb']:.1f} MB" + (" [within budget]" if ok else ""))
@@ -712,9 +730,12 @@ class Search:
                 results = executor.run(jobs)
                 need = [(r, p) for r in results if r["status"] == "complete" for p in r["points"]
                         if p.get("predicted_ms") is None]
-                if need:  # no table covers these files: measured now, while no trial runs
-                    for (r, p), ms in zip(need, executor.measure([p["artifact"] for _, p in need], self.target)):
-                        p["measured_ms"] = ms
+                if need:  # no table covers these files: measured now, while no trial runs, beside the reference
+                    anchor = self.anchor(tables, ref, executor)
+                    *measured, ref_ms = executor.measure([p["artifact"] for _, p in need] + [ref["artifact"]],
+                                                         self.target)
+                    for (r, p), ms, study_ms in zip(need, measured, on_study_scale(measured, ref_ms, anchor)):
+                        p.update(measured_ms=ms, study_ms=study_ms, reference_measured_ms=ref_ms)
                     for r in {id(r): r for r, _ in need}.values():
                         write_json(self.out / "trials" / f"{r['number']:04d}" / TRIAL_FILE, r)
                 for r in sorted(results, key=lambda r: r["number"]):
@@ -724,6 +745,20 @@ class Search:
             return self.finish(study, executor, ref, tables, time.time() - started, ran)
         finally:
             executor.close()
+
+    def anchor(self, tables: dict[str, Any], ref: dict[str, Any], executor) -> Optional[float]:
+        """The reference's latency on the study's scale (on_study_scale): as the fp32 table predicts it, else as
+        measured the first time (kept in reference/, so a resumed search keeps its scale)."""
+        predicted = tables.get("fp32", {}).get("predicted_reference_ms")
+        if predicted:
+            return predicted
+        path = self.out / "reference" / ANCHOR_FILE
+        if path.is_file():
+            return read_json_file(path, "latency anchor", "delete it: the search measures the reference again.")["ms"]
+        (ms,) = executor.measure([ref["artifact"]], self.target)
+        if ms is not None:
+            write_json(path, {"ms": ms, "cpu": fingerprint(), "artifact": ref["artifact"]})
+        return ms
 
     # -- the answer -------------------------------------------------------------------------------------------------
 

@@ -77,6 +77,13 @@ def int8_dot_product(features) -> bool:
     return bool(set(features) & set(INT8_DOT_PRODUCT))
 
 
+def u8s8_saturates(info: dict[str, Any]) -> bool:
+    """Do ONNX Runtime's u8 x s8 int8 kernels saturate on this CPU (a cpu() record)? On x86-64 without VNNI/AMX they
+    use VPMADDUBSW, whose int16 sum of two u8 x s8 products overflows once weights use the full 8 bits (ORT's
+    quantization guide): the file's outputs then depend on the host. ARM's kernels widen first and do not saturate."""
+    return info["arch"] == "x86-64" and not int8_dot_product(info["features"])
+
+
 def parse_cpuinfo(text: str, machine: str) -> dict[str, Any]:
     """The CPU a Linux /proc/cpuinfo text describes (`machine`: platform.machine() of that host): its model, the
     kernel-deciding features (in CPU_FEATURES order) and their fingerprint."""

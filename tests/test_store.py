@@ -114,3 +114,11 @@ def test_a_cpu_recorded_before_fingerprints_is_fingerprinted_from_its_features()
     old = {"model": "AMD EPYC", "features": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]}
     assert store.cpu_text(old, "x86_64") == "AMD EPYC, x86-64 AVX2 FMA AVX-512 VNNI BF16"
     assert store.cpu_text(None, "x86_64") is None
+
+
+def test_ort_u8s8_kernels_saturate_only_on_x86_without_int8_dot_products():
+    assert store.u8s8_saturates(store.parse_cpuinfo(HASWELL, "x86_64"))
+    assert not store.u8s8_saturates(store.parse_cpuinfo(EPYC, "x86_64"))
+    alder_lake = HASWELL.replace("bmi2 erms", "bmi2 erms avx_vnni")
+    assert not store.u8s8_saturates(store.parse_cpuinfo(alder_lake, "x86_64"))
+    assert not store.u8s8_saturates(store.parse_cpuinfo(RPI5, "aarch64"))  # ARM's kernels widen before they add

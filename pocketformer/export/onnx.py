@@ -18,7 +18,7 @@ from ..errors import ExportError
 from ..models.canonical import CanonicalTransformer
 from ..models.signature import GraphIO, named_forward
 from ..progress import quiet
-from ..store import atomic_write_bytes
+from ..store import atomic_write_bytes, cpu, u8s8_saturates
 from . import sparse as sparse_storage
 from .base import Format, Plan, Tolerance, Written
 from .card import PREFIX, Card, from_metadata
@@ -114,8 +114,14 @@ def _rename_shadowing_values(proto: onnx.ModelProto) -> None:
         graph.value_info.extend(kept)
 
 
+WEIGHT_BITS_KEY = "quantization.weight_bits"  # metadata of an int8 file whose weights are 7-bit
+
+
 def quantize_int8(float_path: Path, path: Path) -> None:
-    """ORT dynamic int8, per-channel weights (per-tensor loses accuracy, METHODS.md: cosine 0.963)."""
+    """ORT dynamic int8, per-channel weights (per-tensor loses accuracy, METHODS.md: cosine 0.963). Where this
+    host's u8s8 kernels saturate (store.u8s8_saturates: x86-64 without VNNI), the weights are 7-bit (ORT's
+    reduce_range, its advice for such CPUs): the check here then measures the file rather than this host's overflow,
+    and a target CPU of the same kind runs it as checked. The file says so (metadata WEIGHT_BITS_KEY = "7")."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -125,9 +131,13 @@ def quantize_int8(float_path: Path, path: Path) -> None:
         # the quantizer reads only dense initializers: a dense-sparse model's fp32 file may hold sparse ones
         source = densified_onnx(float_path, Path(tmp) / "dense.onnx")
         quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
-        quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8,
+        seven_bits = u8s8_saturates(cpu())
+        quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8, reduce_range=seven_bits,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        _save_atomic(onnx.load(str(out)), path)
+        proto = onnx.load(str(out))
+        if seven_bits:
+            proto.metadata_props.add(key=WEIGHT_BITS_KEY, value="7")
+        _save_atomic(proto, path)
 
 
 def weights_fp16(float_path: Path, path: Path) -> None:
@@ -377,11 +387,13 @@ def describe(path: Path) -> dict[str, Any]:
 
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer) + \
         sum(int(np.prod(t.dims)) for t in proto.graph.sparse_initializer)  # dense shape, as TFLite and CoreML count
+    seven_bits = any(p.key == WEIGHT_BITS_KEY and p.value == "7" for p in proto.metadata_props)
     return {"inputs": {i.name: dims(i) for i in proto.graph.input},
             "outputs": {o.name: dims(o) for o in proto.graph.output},
             "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
             "weights": params, "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                                            default=None)}
+                                            default=None),
+            **({"int8_weight_bits": 7} if seven_bits else {})}
 
 
 # -- sparse storage (export/sparse.py) -----------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from pocketformer.app import APPS, build_app
 from pocketformer.app.base import ADVERSARIAL_TEXTS
@@ -112,8 +113,24 @@ def test_embedding_model_text_in_matches_the_plain_file(make_model, minilm_path,
     assert vectors.shape == (3, card.output["dim"])
 
 
+def trained(model, ds: Dataset, steps: int = 60, batch: int = 32):
+    """`model` after a few Adam steps on `ds`: a random vision model's top two logits sit 0.002-0.03 apart on digits,
+    so any int8 file flips labels (int8 weights move them by ~0.02); a trained model's are over 1 apart."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        idx = np.arange(step * batch, (step + 1) * batch) % len(ds)
+        logits = model(torch.from_numpy(ds.images[idx]))
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ds.labels[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def test_vision_model_gets_plain_copies_checked_in_onnx_runtime(make_model, tmp_path):
-    model = make_model("vision", labels=[str(i) for i in range(10)])
+    model = trained(make_model("vision", labels=[str(i) for i in range(10)]), load_dataset("digits", "train", 0))
     ds = load_dataset("digits", "test", 0)
     card, record = build(model, tmp_path, tmp_path / "out", ds, "tiny/vision")
     assert [f["file"] for f in record["files"]] == ["model.fp32.onnx", "model.int8.onnx"]

@@ -3,12 +3,14 @@
 import hashlib
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import torch
 
 from conftest import export_onnx
+from pocketformer import store
 from pocketformer.store import read_manifest, write_manifest
 
 TOL = 1e-4
@@ -70,6 +72,19 @@ def test_dynamic_export_declares_symbolic_batch_and_sequence_axes(text_export):
 def test_int8_file_is_smaller_than_fp32(text_export):
     _, out, records = text_export
     assert (out / records["int8"]["file"]).stat().st_size < (out / records["fp32"]["file"]).stat().st_size
+
+
+def test_int8_weights_are_7_bit_exactly_where_this_hosts_u8s8_kernels_saturate(text_export):
+    from onnx import numpy_helper
+
+    _, out, records = text_export
+    seven = store.u8s8_saturates(store.cpu())
+    assert records["int8"].get("int8_weight_bits") == (7 if seven else None)
+    proto = onnx.load(str(out / records["int8"]["file"]))
+    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and "int8_weight_bits" not in records["fp32"]
+    widest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert (widest <= 64) if seven else (widest > 64)  # 7-bit: within [-64, 64]; 8-bit: up to 127
 
 
 def test_int8_file_keeps_the_output_direction_in_ort(text_export, make_text_inputs):
