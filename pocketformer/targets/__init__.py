@@ -59,6 +59,16 @@ class LMSettings(BaseModel):
     budgets: LMBudgets = LMBudgets()
 
 
+class TableSettings(BaseModel):
+    """How hard a latency table of this target is measured (targets/latency.py): whole random pruned models fitted
+    for its calibration, and fresh-process timings of every model (the lowest p50 kept). Fewer cost less to measure
+    and predict less well (`pocketformer profile --check` says how well)."""
+
+    model_config = ConfigDict(extra="forbid")
+    calibration_models: int = Field(6, ge=0)
+    rounds: int = Field(2, ge=1)
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -70,6 +80,7 @@ class Profile(BaseModel):
     seq_len: int = Field(128, ge=1)
     precisions: list[Literal["fp32", "fp16", "int8-weight", "int8"]] = ["fp32"]
     language_models: Optional[LMSettings] = Field(None, description="how decoder-only LMs are validated here")
+    latency_table: TableSettings = TableSettings()
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=3)
     budgets: Budgets = Budgets()

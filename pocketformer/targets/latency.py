@@ -34,10 +34,10 @@ from ..models.canonical import CanonicalTransformer, LayerShape, ModelConfig
 from ..models.factorized import quiet_empty
 from ..progress import info, progress_bar
 from ..store import cache_root, cpu, digest, fingerprint
-from . import Profile, runtime_of, static_shape
+from . import Profile, TableSettings, runtime_of, static_shape
 
 TABLE_VERSION = 2  # bump when the way tables are measured changes: old cached tables are then not reused
-ROUNDS = 2  # fresh-process timings of each model, the lowest p50 kept
+ROUNDS = TableSettings().rounds  # fresh-process timings of each model, the lowest p50 kept (a profile may say)
 WIDTH_STEP = 64  # FFN widths measured and drawn in random shapes: multiples the runtimes' kernels tile well
 
 
@@ -95,7 +95,7 @@ def measurable(profile: Profile):
 
 
 def measure_models(spec: ModelConfig, shape_sets: Sequence[Sequence[tuple[int, int]]], profile: Profile,
-                   precision: str = "fp32", desc: str = "measuring", rounds: int = ROUNDS) -> list[float]:
+                   precision: str = "fp32", desc: str = "measuring", rounds: Optional[int] = None) -> list[float]:
     """The latency (ms) on the profile's runtime of a model of each shape set, each exported by the profile's
     format: the lowest of `rounds` p50s, each in a fresh process, the models taken in turn in every round (on a
     shared machine interference only ever slows a run down, and it comes in bursts that one model's back-to-back
@@ -106,6 +106,8 @@ def measure_models(spec: ModelConfig, shape_sets: Sequence[Sequence[tuple[int, i
 
     runtime = measurable(profile)
     fmt, static = FORMATS[profile.format], static_shape(profile)
+    rounds = profile.latency_table.rounds if rounds is None else rounds
+    others = frozenset(fmt.precisions(True, {})) - {precision}  # only the file timed is written and checked
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         with progress_bar(f"{desc}: exporting ({profile.name}, {precision})", len(shape_sets)) as advance:
@@ -113,7 +115,7 @@ def measure_models(spec: ModelConfig, shape_sets: Sequence[Sequence[tuple[int, i
                 model = model_of(spec, shapes)
                 check = parity_inputs(model.spec, batch=2, seq=min(16, profile.seq_len))
                 records = export(model, Path(tmp), f"m{i}", check, fmt, runtime, int8=precision.startswith("int8"),
-                                 static_shape=static, kinds={None})
+                                 static_shape=static, kinds={None}, skip=others)
                 record = next((r for r in records if r["precision"] == precision), None)
                 if record is None:
                     raise TargetError(f"The {profile.format} exporter writes no {precision} file.",
@@ -153,9 +155,12 @@ def random_shapes(spec: ModelConfig, n: int, seed: int) -> list[list[tuple[int, 
     return out
 
 
-def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32", calibration_models: int = 6
-                ) -> LatencyTable:
-    """Measure a table for the family of `spec` on `profile` (see the module docstring)."""
+def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32",
+                calibration_models: Optional[int] = None) -> LatencyTable:
+    """Measure a table for the family of `spec` on `profile` (see the module docstring); `calibration_models`: the
+    profile's (latency_table) unless given."""
+    if calibration_models is None:
+        calibration_models = profile.latency_table.calibration_models
     measurable(profile)
     positions = spec.max_positions - spec.position_offset
     if spec.modality == "text" and profile.seq_len > positions:
@@ -183,7 +188,7 @@ def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32", ca
                          attention=Curve(points=[0] + head_pts, ms=attention),
                          ffn=Curve(points=[0] + width_pts, ms=ffn),
                          measured={"by": f"pocketformer {__version__}", "table_version": TABLE_VERSION,
-                                   "rounds": ROUNDS, "date": time.strftime("%Y-%m-%d"), "warmup": profile.warmup,
+                                   "rounds": profile.latency_table.rounds, "date": time.strftime("%Y-%m-%d"), "warmup": profile.warmup,
                                    "repeats": profile.repeats})
     if calibration_models:
         shapes = random_shapes(spec, calibration_models, seed=0)
@@ -195,14 +200,16 @@ def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32", ca
 
 def table_key(profile: Profile, spec: ModelConfig, precision: str) -> str:
     rt = runtime_of(profile)
-    return digest({"profile": profile.model_dump(exclude={"budgets", "description"}), "runtime": rt.name,
+    # a profile measuring its tables as every profile did before it could choose keeps those tables
+    same = {"latency_table"} if profile.latency_table == type(profile.latency_table)() else set()
+    return digest({"profile": profile.model_dump(exclude={"budgets", "description", *same}), "runtime": rt.name,
                    "runtime_version": rt.version(), "precision": precision, "family": family_of(spec),
                    "full": _full_shape(spec), "layers": len(spec.layers), "cpu": fingerprint(),
                    "table_version": TABLE_VERSION})
 
 
 def table_for(profile: Profile, spec: ModelConfig, precision: str = "fp32", path: Optional[Path] = None,
-              rebuild: bool = False, calibration_models: int = 6) -> LatencyTable:
+              rebuild: bool = False, calibration_models: Optional[int] = None) -> LatencyTable:
     """The table of `profile` for the family of `spec`: the user's file (`path`), else the cached measurement,
     else measured now and cached."""
     family = family_of(spec)

@@ -38,7 +38,8 @@ def test_table_spans_the_family_and_its_curves_start_at_zero(tiny_table):
     assert table.attention.points[0] == 0 and table.attention.points[-1] == heads and table.attention.ms[0] == 0
     assert table.ffn.points[0] == 0 and table.ffn.points[-1] == width and table.ffn.ms[0] == 0
     assert all(m >= 0 for m in table.attention.ms + table.ffn.ms) and table.base_ms > 0
-    assert table.calibration.models == 3 and table.calibration.scale > 0
+    assert table.calibration.models == 3 and table.calibration.scale > 0  # as asked, over the profile's 2
+    assert table.measured["rounds"] == profile.latency_table.rounds == 1  # the profile's
     assert table.cpu["fingerprint"]
 
 
