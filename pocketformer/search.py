@@ -10,8 +10,8 @@ per precision (the training is the cost; another precision's file costs seconds)
 parity check refuses is left out of the trial with its reason; the trial fails only when no file is left. The study
 learns each trial's best point (its fastest file within every budget, else the one least over them: `told`): the
 accuracy drop, the latency (the table's prediction, or, when no table covers the file, its latency measured between
-batches on the study's scale: `on_study_scale`) and the file size are its objectives, the budgets the sampler's constraints. The Pareto front, the measurements and the
-choice are over every point of every trial.
+batches on the study's scale: `on_study_scale`) and the file size are its objectives, the budgets the sampler's
+constraints. The Pareto front, the measurements and the choice are over every point of every trial.
 
 Resumable and never empty-handed:
   - the study lives in OUT/study.db (Optuna's RDB storage on SQLite) and each trial's record in OUT/trials/N/trial.json

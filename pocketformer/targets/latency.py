@@ -188,7 +188,8 @@ def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32",
                          attention=Curve(points=[0] + head_pts, ms=attention),
                          ffn=Curve(points=[0] + width_pts, ms=ffn),
                          measured={"by": f"pocketformer {__version__}", "table_version": TABLE_VERSION,
-                                   "rounds": profile.latency_table.rounds, "date": time.strftime("%Y-%m-%d"), "warmup": profile.warmup,
+                                   "rounds": profile.latency_table.rounds, "date": time.strftime("%Y-%m-%d"),
+                                   "warmup": profile.warmup,
                                    "repeats": profile.repeats})
     if calibration_models:
         shapes = random_shapes(spec, calibration_models, seed=0)
