@@ -117,11 +117,30 @@ def _rename_shadowing_values(proto: onnx.ModelProto) -> None:
 WEIGHT_BITS_KEY = "quantization.weight_bits"  # metadata of an int8 file whose weights are 7-bit
 
 
+def on_8bit_grid(proto: onnx.ModelProto) -> bool:
+    """Do the file's weight matrices lie on a per-channel 8-bit grid (the quantize stage's), so that ORT's 8-bit
+    per-channel quantization stores them exactly?"""
+    from onnx import numpy_helper
+
+    for init in proto.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2 or np.prod(init.dims) < FP16_MIN_ELEMENTS:
+            continue
+        w = numpy_helper.to_array(init).astype(np.float64)
+        for axis in (0, 1):
+            scale = np.abs(w).max(axis=axis, keepdims=True) / 127
+            q = w / np.where(scale > 0, scale, 1)
+            if np.abs(q - np.round(q)).max() < 1e-3:
+                return True
+    return False
+
+
 def quantize_int8(float_path: Path, path: Path) -> None:
     """ORT dynamic int8, per-channel weights (per-tensor loses accuracy, METHODS.md: cosine 0.963). Where this
     host's u8s8 kernels saturate (store.u8s8_saturates: x86-64 without VNNI), the weights are 7-bit (ORT's
     reduce_range, its advice for such CPUs): the check here then measures the file rather than this host's overflow,
-    and a target CPU of the same kind runs it as checked. The file says so (metadata WEIGHT_BITS_KEY = "7")."""
+    and a target CPU of the same kind runs it as checked. The file says so (metadata WEIGHT_BITS_KEY = "7"). Weights
+    already on an 8-bit grid (the quantize stage's) keep 8 bits, which store that grid exactly (7 would round it
+    again); on such a host their check measures the overflow, as before."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -131,7 +150,7 @@ def quantize_int8(float_path: Path, path: Path) -> None:
         # the quantizer reads only dense initializers: a dense-sparse model's fp32 file may hold sparse ones
         source = densified_onnx(float_path, Path(tmp) / "dense.onnx")
         quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
-        seven_bits = u8s8_saturates(cpu())
+        seven_bits = u8s8_saturates(cpu()) and not on_8bit_grid(onnx.load(str(source)))
         quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8, reduce_range=seven_bits,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         proto = onnx.load(str(out))
