@@ -27,7 +27,7 @@ HIDDEN, HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 16, 128, 2
 # run first: xdist hands out a file at a time, and one of these taken last would leave the other worker idle for
 # minutes. The Makefile passes --no-loadscope-reorder, so files go out in this order (xdist would sort them by test
 # count); every other file keeps its place after these.
-HEAVY_FIRST = ("tests/test_search.py",  # 535 s
+HEAVY_FIRST = ("tests/test_search.py",  # 535 s (about 212 without the 323 s of its two tests now in `slow`)
                "tests/lm/test_lm_run.py",  # 262
                "tests/test_interruption.py",  # 242 (slow)
                "tests/compress/test_prune_latency.py",  # 195
@@ -45,6 +45,8 @@ HEAVY_FIRST = ("tests/test_search.py",  # 535 s
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 

@@ -202,7 +202,7 @@ def build_table(profile: Profile, spec: ModelConfig, precision: str = "fp32",
 def table_key(profile: Profile, spec: ModelConfig, precision: str) -> str:
     rt = runtime_of(profile)
     # a profile measuring its tables as every profile did before it could choose keeps those tables
-    same = {"latency_table"} if profile.latency_table == type(profile.latency_table)() else set()
+    same = {"latency_table"} if profile.latency_table == TableSettings() else set()
     return digest({"profile": profile.model_dump(exclude={"budgets", "description", *same}), "runtime": rt.name,
                    "runtime_version": rt.version(), "precision": precision, "family": family_of(spec),
                    "full": _full_shape(spec), "layers": len(spec.layers), "cpu": fingerprint(),
