@@ -108,6 +108,27 @@ def test_search_narrows_first_the_layer_whose_narrowing_costs_least():
     assert chosen == [128, 64, 64]
 
 
+def test_a_search_ranked_once_scores_each_layer_once_and_agrees_when_layers_do_not_interact():
+    # Six layers, narrowing each costs its own amount (layer 3 the least, then 0, 5, 1...): the walk ranked once
+    # narrows in that order, as the walk rescored at every step does, with one score per layer plus the path's.
+    cost = [2.0, 5.0, 6.0, 1.0, 4.0, 3.0]
+    calls = []
+
+    def score(w):
+        calls.append(list(w))
+        return -sum(c * (w[i] < 128) for i, c in enumerate(cost))
+
+    choices, budget = [[128, 64, 32]] * 6, 128 * 6 - 64 * 3  # three layers narrowed to half fit
+    picks = {}
+    for rescore in (True, False):
+        calls.clear()
+        picks[rescore], log = choose_widths(choices, LABELS, lambda w: {"neurons": float(sum(w))},
+                                            lambda c: c["neurons"] <= budget, score, rescore=rescore)
+        picks[rescore, "scores"] = len(calls)
+    assert picks[True] == picks[False] == [64, 128, 128, 64, 128, 64]
+    assert picks[False, "scores"] == 2 + 6 + 2 < picks[True, "scores"]  # uniforms, one a layer, the path's last two
+
+
 def test_search_records_every_candidate_and_returns_none_when_nothing_fits():
     chosen, log = search_by_neurons(50)
     assert chosen is None
