@@ -1,10 +1,11 @@
 """SmolLM2-135M's compressed variants on ONNX Runtime and LiteRT, in one run on this host: quantized (int8, int4),
-pruned to a decode latency on host-ort's decode table and distilled, 3 layers pruned and distilled, MatFormer
-sub-models (uniform 1/2 and 1/4, and the Mix'n'Match widths `extract --target host-ort` chooses for two decode
-budgets), each exported to ONNX (fp32, int8 weight-only, int4) and validated on host-ort, and exported to TFLite
+pruned to a decode latency on host-ort's decode table and distilled, (with --layers) 3 layers pruned and distilled,
+MatFormer sub-models (uniform 1/2 and 1/4, and the Mix'n'Match widths `extract --target host-ort` chooses for two
+decode budgets), each exported to ONNX (fp32, int8 weight-only, int4) and validated on host-ort, and exported to TFLite
 (fp32, int8, int4) and validated on host-litert; then every file's decode and prefill again side by side.
 
     .venv/bin/python benchmarks/lm_variants.py [--threads 2] [--rounds 2] [--budgets 0.8,0.6] [--formats onnx,tflite]
+                                               [--layers]
     (--rounds 0: no side by side; each row from its own run's validation)
 
 Writes benchmarks/results/lm_variants.{json,md}. The runs (runs/bench-lm-variants/) reuse the stage cache: a re-run
@@ -13,10 +14,12 @@ after an interruption starts where it stopped.
 1. `pocketformer run` of examples/smollm2/recipe.yaml (ONNX only, host-ort only): the baseline, whose PyTorch test
    perplexity every row's change is against (the GGUF's dequantized 4-bit weights), and its int8w / int4 files.
 2. `pocketformer run examples/smollm2/latency.yaml`: prune to 1.5x predicted decode speed, then distillation; and
-   `examples/smollm2/layers.yaml`: the 3 least needed layers removed, then distillation from stored top-64 logits.
+   with --layers, `examples/smollm2/layers.yaml`: the 3 least needed layers removed, then distillation from stored
+   top-64 logits (left out by default: half an hour on 2 cores, and not one of the variants issue 18 asks for).
 3. `pocketformer run examples/smollm2/matformer.yaml`: the nested model; then `pocketformer extract` of widths 0.5
    and 0.25 and of `--target host-ort --latency-ms B` for B each `--budgets` fraction of the way from the narrowest
-   nested widths' predicted decode step to the full width's; each extracted checkpoint through `pocketformer run` (export ONNX, validate on host-ort).
+   nested widths' predicted decode step to the full width's; each extracted checkpoint through `pocketformer run`
+   (export ONNX, validate on host-ort).
 4. LiteRT: each variant's compressed checkpoint (its run's model/) through `pocketformer run` exporting TFLite and
    validating on host-litert (RUN-tflite/). TFLite's fp16 and int8-weight files are left out: benchmarks/
    lm_smollm2.py measured them on the baseline (no faster than fp32 at decode; int8-weight peaks at 4.5 GB); its
@@ -109,6 +112,7 @@ def main() -> None:
                                                          "step to the full width's (0: the narrowest, 1: the full)")
     ap.add_argument("--formats", default="onnx,tflite", help="formats each variant is exported to (onnx first: the "
                                                              "variants are made in the ONNX runs)")
+    ap.add_argument("--layers", action="store_true", help="also examples/smollm2/layers.yaml (3 layers pruned)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-lm-variants")
     args = ap.parse_args()
     formats = args.formats.split(",")
@@ -125,7 +129,8 @@ def main() -> None:
 
     variant("baseline", as_onnx_on_host(EXAMPLES / "recipe.yaml", name="smollm2-base"), work / "base")
     variant("latency-pruned 1.5x + distill", as_onnx_on_host(EXAMPLES / "latency.yaml"), work / "latency")
-    variant("3 layers pruned + distill (top-64 logits)", as_onnx_on_host(EXAMPLES / "layers.yaml"), work / "layers")
+    if args.layers:
+        variant("3 layers pruned + distill (top-64 logits)", as_onnx_on_host(EXAMPLES / "layers.yaml"), work / "layers")
     nested = work / "matformer"
     variant("matformer (nested, full width)", as_onnx_on_host(EXAMPLES / "matformer.yaml"), nested)
 
@@ -220,11 +225,22 @@ def main() -> None:
               "narrowest_decode_predicted_ms": narrowest_ms,
               "extracted": {name: {k: p.get(k) for k in ("widths", "search", "confirmation")}
                             for name, p in extracted.items()},
-              "rows": rows, "refused": refused, "prompt_tokens": len(prompt), "new_tokens": lm.new_tokens}
+              "rows": rows, "best_composition": best_composition(rows), "refused": refused,
+              "prompt_tokens": len(prompt), "new_tokens": lm.new_tokens}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm_variants.json").write_text(json.dumps(result, indent=2, default=str))
     (RESULTS / "lm_variants.md").write_text(markdown(result))
     print((RESULTS / "lm_variants.md").read_text())
+
+
+def best_composition(rows: list[dict]) -> dict | None:
+    """The composed row nearest the aim: a compressed variant's quantized file, first by how many of the aim's three
+    parts it meets, then by the smallest perplexity change."""
+    def met(r: dict) -> int:
+        return ((r["decode_speedup"] or 0) >= 2) + ((r["smaller"] or 0) >= 4) + (r["change_pct"] <= 10)
+
+    composed = [r for r in rows if r["variant"] != "baseline" and r["precision"] != "fp32"]
+    return max(composed, key=lambda r: (met(r), -r["change_pct"]), default=None)
 
 
 def markdown(result: dict) -> str:
@@ -257,6 +273,11 @@ def markdown(result: dict) -> str:
            and (r["smaller"] or 0) >= 4]
     lines += ["", "Aim (decode >= 2x the fp32 file, >= 4x smaller, perplexity <= +10%): " +
               (", ".join(f"{r['variant']} {r['file']}" for r in aim) if aim else "no variant meets all three"), ""]
+    best = best_composition(result["rows"])
+    if best is not None:
+        lines += [f"Best composition (a compression stage, then weight quantization): {best['variant']} "
+                  f"{best['file']} ({best['format']}): decode {f(best['decode_speedup'], '.2f')}x, "
+                  f"{f(best['smaller'], '.1f')}x smaller, perplexity {best['change_pct']:+.1f}%", ""]
     for name, problems in result["refused"].items():
         lines += [f"- {name}: refused at export, left out: " + "; ".join(problems.values())]
     for name, e in result["extracted"].items():
