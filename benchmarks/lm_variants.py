@@ -103,6 +103,23 @@ def run_recipe(fields: dict, folder: Path, refused: dict[str, dict[str, str]]) -
             (folder / "refused.json").write_text(json.dumps(refused[name]))
 
 
+def finish_formats(formats: list[str], reports: dict, folders: dict, refused: dict) -> None:
+    """The other formats: each variant's compressed checkpoint (its ONNX run's model/) exported and validated there."""
+    for fmt in formats[1:]:
+        target, export = RUNTIMES[fmt]
+        for name in [n for n, f in list(reports) if f == "onnx"]:
+            onnx_folder = folders[name, "onnx"]
+            # TFLite's int4 is per-channel (ONNX's is blockwise): tried on the baseline only; a refusal costs a
+            # second export of the variant, and a compressed model's outputs survive 4 bits less well
+            skip = ["tflite.int4"] if fmt == "tflite" and name != "baseline" else []
+            fields = {"name": f"{reports[name, 'onnx']['recipe']['name']}-{fmt}", "model": str(onnx_folder / "model"),
+                      "data": "wikipedia", "seed": 0, "max_len": 128, "batch_size": 8,
+                      "export": {**export, "skip": export["skip"] + skip},
+                      "targets": [target]}
+            folder = onnx_folder.with_name(f"{onnx_folder.name}-{fmt}")
+            reports[name, fmt], folders[name, fmt] = run_recipe(fields, folder, refused), folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -113,6 +130,10 @@ def main() -> None:
     ap.add_argument("--formats", default="onnx,tflite", help="formats each variant is exported to (onnx first: the "
                                                              "variants are made in the ONNX runs)")
     ap.add_argument("--layers", action="store_true", help="also examples/smollm2/layers.yaml (3 layers pruned)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="only the variants whose ONNX run has finished, through the other formats; no new ONNX run, "
+                         "no side by side, no results: a second process beside a running benchmark, so that its "
+                         "single-threaded exports overlap (the side by side is then measured alone)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-lm-variants")
     args = ap.parse_args()
     formats = args.formats.split(",")
@@ -125,6 +146,8 @@ def main() -> None:
     refused: dict[str, dict[str, str]] = {}  # run name -> FORMAT.PRECISION -> why its file was refused
 
     def variant(name: str, fields: dict, folder: Path) -> None:
+        if args.finished_only and not (folder / "report.json").is_file():
+            return
         reports[name, "onnx"], folders[name, "onnx"] = run_recipe(fields, folder, refused), folder
 
     variant("baseline", as_onnx_on_host(EXAMPLES / "recipe.yaml", name="smollm2-base"), work / "base")
@@ -134,6 +157,8 @@ def main() -> None:
     nested = work / "matformer"
     variant("matformer (nested, full width)", as_onnx_on_host(EXAMPLES / "matformer.yaml"), nested)
 
+    if args.finished_only and not (nested / "report.json").is_file():
+        return finish_formats(formats, reports, folders, refused)
     model, _ = load(nested / "model")
     decode = lm_tables_for(get_profile(TARGET), model.config, "fp32")["decode"]
     full_ms = decode.predict(lm_units(model.config))
@@ -152,6 +177,8 @@ def main() -> None:
     for name, how, slug in extracts:
         ckpt = work / f"extract-{slug}"
         if not (ckpt / "model.safetensors").is_file():
+            if args.finished_only:
+                continue
             say(f"pocketformer extract {nested} {how}")
             extracted[name] = run_extract(nested, ckpt, **how)
         else:  # extracted by an earlier, interrupted run of this benchmark
@@ -160,20 +187,9 @@ def main() -> None:
                   "max_len": 128, "batch_size": 8, "export": EXPORT, "targets": [TARGET]}
         variant(name, fields, work / f"extracted-{slug}")
 
-    # the other formats: each variant's compressed checkpoint (its ONNX run's model/) exported and validated there
-    for fmt in formats[1:]:
-        target, export = RUNTIMES[fmt]
-        for name in [n for n, f in list(reports) if f == "onnx"]:
-            onnx_folder = folders[name, "onnx"]
-            # TFLite's int4 is per-channel (ONNX's is blockwise): tried on the baseline only; a refusal costs a
-            # second export of the variant, and a compressed model's outputs survive 4 bits less well
-            skip = ["tflite.int4"] if fmt == "tflite" and name != "baseline" else []
-            fields = {"name": f"{reports[name, 'onnx']['recipe']['name']}-{fmt}", "model": str(onnx_folder / "model"),
-                      "data": "wikipedia", "seed": 0, "max_len": 128, "batch_size": 8,
-                      "export": {**export, "skip": export["skip"] + skip},
-                      "targets": [target]}
-            folder = onnx_folder.with_name(f"{onnx_folder.name}-{fmt}")
-            reports[name, fmt], folders[name, fmt] = run_recipe(fields, folder, refused), folder
+    finish_formats(formats, reports, folders, refused)
+    if args.finished_only:
+        return
 
     # side by side: every file, a fresh process each, rounds in turn; greedy continuations against the baseline's
     base, _ = load(work / "base" / "baseline")
@@ -263,9 +279,12 @@ def markdown(result: dict) -> str:
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
 
+    def pct(x):
+        return "" if x is None else f"{x * 100:.0f}%"
+
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['file']} | {r['perplexity']:.2f} | {r['change_pct']:+.1f}% | "
-                     f"{f(r['token_match_baseline'] and r['token_match_baseline'] * 100, '.0f')}% | "
+                     f"{pct(r['token_match_baseline'])} | "
                      f"{f(r['decode_tokens_per_s'], '.1f')} | {f(r['decode_speedup'], '.2f')} | "
                      f"{f(r['prefill_tokens_per_s'], '.0f')} | {f(r['size_mb'], '.1f')} | {f(r['smaller'], '.1f')} | "
                      f"{f(r['peak_rss_mb'], '.0f')} |")
