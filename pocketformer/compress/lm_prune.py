@@ -1,8 +1,8 @@
 """The prune stage on a decoder-only language model (models/causal.py): whole layers, key-value groups with their
 query heads, query heads within their groups, and gated-FFN neurons (gate, up and down together), ranked by
-magnitude or taylor importance on token windows of the train text. Every edit goes through the model's own keep_*
-methods, so grouped-query attention stays consistent (each kept key-value head serves the same number of query
-heads) and the KV cache shrinks with the groups.
+magnitude or taylor importance on token windows of the train text, or chosen by a perplexity-driven walk. Every
+edit goes through the model's own keep_* methods, so grouped-query attention stays consistent (each kept key-value
+head serves the same number of query heads) and the KV cache shrinks with the groups.
 
 Importance, per unit:
 - magnitude: a neuron: |gate row| x |up row| x |down column|; a query head: its q rows and o columns; a group: its
@@ -12,6 +12,11 @@ Importance, per unit:
   L is next-token cross-entropy on the text.
 - layers, either way: how much the calibration loss rises when the layer alone is skipped (a causal LM has few
   enough layers to measure each; the encoder's proxies rank them worse).
+- accuracy (perplexity-driven, AxFormer's walk as on encoders): from the output side, per layer, delete the whole
+  layer, else its key-value groups one at a time, then one query head from every group (each group's weakest by
+  magnitude), then blocks of max(round_to, width / 8) neurons, weakest magnitude first; re-measure the calibration
+  loss after each and keep the deletion if it holds (`tolerance` per deletion, `max_perplexity_increase` over the
+  whole walk). The amounts, when given, cap what is removed.
 Selection is global across layers after normalising scores within each layer; every layer keeps at least one group,
 one query head per group and `round_to` neurons (FFN widths stay multiples of it).
 """
@@ -19,6 +24,7 @@ one query head per group and `round_to` neurons (FFN widths stay multiples of it
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -29,10 +35,12 @@ from ..models.factorized import linear_shape
 from ..progress import info, progress_bar
 from .amounts import resolve, select_heads, select_neurons
 from .base import Context, StageResult
+from .walk import Budget, Deletion, Walk
 
 # Settings of the prune stage that do not apply to a language model (yet), and what to do instead.
 UNSUPPORTED = {
-    "max_drop": "the accuracy budget is for classifiers: a language model's perplexity is validated per target",
+    "max_drop": "max_drop is validation accuracy points, for classifiers: a language model's walk is bounded by "
+                "max_perplexity_increase (percent)",
 }
 
 
@@ -66,16 +74,18 @@ def _dense(model) -> None:
 
 def magnitude_scores(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: each query head's score and each FFN neuron's."""
-    heads, neurons = [], []
-    for layer in model.layers:
-        a, f = layer.attn, layer.ffn
-        d = a.head_dim
-        q = a.q.weight.detach().reshape(a.heads, d, -1).pow(2).sum((1, 2))
-        o = a.o.weight.detach().reshape(-1, a.heads, d).pow(2).sum((0, 2))
-        heads.append((q + o).sqrt())
-        neurons.append(f.gate.weight.detach().norm(dim=1) * f.up.weight.detach().norm(dim=1)
-                       * f.down.weight.detach().norm(dim=0))
-    return heads, neurons
+    per_layer = [magnitude_scores_of(layer) for layer in model.layers]
+    return [h for h, _ in per_layer], [n for _, n in per_layer]
+
+
+def magnitude_scores_of(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's: each query head's |q rows, o columns| and each neuron's |gate row| x |up row| x |down column|."""
+    a, f = layer.attn, layer.ffn
+    d = a.head_dim
+    q = a.q.weight.detach().reshape(a.heads, d, -1).pow(2).sum((1, 2))
+    o = a.o.weight.detach().reshape(-1, a.heads, d).pow(2).sum((0, 2))
+    return (q + o).sqrt(), (f.gate.weight.detach().norm(dim=1) * f.up.weight.detach().norm(dim=1)
+                            * f.down.weight.detach().norm(dim=0))
 
 
 def taylor_scores(model, windows: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -175,9 +185,9 @@ def check(cfg) -> None:
         if cfg.groups:
             raise RecipeError("prune's speedup / latency_ms choose the groups (and layers, heads and neurons) "
                               "themselves.", "leave out groups, or the latency target.")
-    elif cfg.importance not in ("magnitude", "taylor"):
+    elif cfg.importance not in ("magnitude", "taylor", "accuracy"):
         raise RecipeError(f"prune's importance {cfg.importance!r} does not apply to a language model yet.",
-                          "use importance: magnitude or taylor.")
+                          "use importance: magnitude, taylor or accuracy.")
 
 
 def apply(model, ctx: Context, cfg) -> StageResult:
@@ -189,8 +199,9 @@ def apply(model, ctx: Context, cfg) -> StageResult:
     details: dict[str, Any] = {"calibration_windows": len(windows),
                                "calibration_tokens": sum(len(w) - 1 for w in windows),
                                "loss_before": mean_loss(model, windows)}
-    if cfg.latency_target:
-        details.update(_to_latency(model, windows, cfg, ctx))
+    if cfg.latency_target or cfg.importance == "accuracy":
+        details.update(_to_latency(model, windows, cfg, ctx) if cfg.latency_target
+                       else accuracy_walk(model, windows, cfg))
         details["loss_after"] = mean_loss(model, windows)
         info(f"prune: calibration loss {details['loss_before']:.4f} -> {details['loss_after']:.4f} on "
              f"{details['calibration_tokens']:,} train tokens")
@@ -229,6 +240,89 @@ def apply(model, ctx: Context, cfg) -> StageResult:
     info(f"prune: calibration loss {details['loss_before']:.4f} -> {details['loss_after']:.4f} on "
          f"{details['calibration_tokens']:,} train tokens")
     return StageResult(model, details)
+
+
+# -- the perplexity-driven walk ---------------------------------------------------------------------------------
+
+def accuracy_walk(model, windows: list[list[int]], cfg) -> dict[str, Any]:
+    """Prune `model` in place by AxFormer's walk (module docstring) on the calibration loss of `windows`; returns
+    the walk's record: the deletions kept, in order (replaying them on the model before rebuilds it), and the loss
+    and calibration perplexity before and after."""
+    def cap(amount, total: int) -> float:
+        return resolve(amount, total) if amount else math.inf
+
+    layers = model.layers
+    budget = Budget(layers=cap(cfg.layers, len(layers)), groups=cap(cfg.groups, sum(la.attn.kv_heads for la in layers)),
+                    heads=cap(cfg.heads, sum(la.attn.heads // la.attn.kv_heads for la in layers)),
+                    neurons=cap(cfg.ffn, sum(la.ffn.width for la in layers)))
+    pct = cfg.max_perplexity_increase
+    tolerance = cfg.tolerance if pct is None or "tolerance" in cfg.model_fields_set else math.inf
+    walk = Walk(model, lambda m: mean_loss(m, windows), tolerance, math.inf if pct is None else math.log1p(pct / 100))
+    with progress_bar("prune (perplexity-driven walk)", len(model.layers)) as advance:
+        for li in reversed(range(len(model.layers))):
+            if not _remove_layer(walk, li, budget):
+                _remove_groups(walk, li, budget)
+                _remove_head_slots(walk, li, budget)
+                _remove_neuron_blocks(walk, li, budget, cfg.round_to)
+            advance()
+    kinds = {kind: sum(d.kind == kind for d in walk.kept) for kind in ("layer", "groups", "head", "neurons")}
+    info(f"prune (perplexity-driven): {len(walk.kept)} of {walk.tried} deletions kept ({kinds['layer']} layers, "
+         f"{kinds['groups']} key-value groups, {kinds['head']} query-head slots, {kinds['neurons']} neuron blocks); "
+         f"calibration perplexity {math.exp(walk.start):.3f} -> {math.exp(walk.loss):.3f}")
+    return {"walk": {"deletions": [{"kind": d.kind, "layer": d.layer, "keep": list(d.keep)} for d in walk.kept],
+                     "tried": walk.tried, "kept": kinds, "tolerance": tolerance if tolerance < math.inf else None,
+                     "max_perplexity_increase": pct,
+                     "perplexity_before": math.exp(walk.start), "perplexity_after": math.exp(walk.loss)}}
+
+
+def _remove_layer(walk: Walk, li: int, budget: Budget) -> bool:
+    if budget.layers <= 0 or len(walk.model.layers) <= 1:
+        return False
+    if not walk.attempt(Deletion("layer", li, tuple(j for j in range(len(walk.model.layers)) if j != li))):
+        return False
+    budget.layers -= 1
+    return True
+
+
+def _remove_groups(walk: Walk, li: int, budget: Budget) -> None:
+    """One key-value group (with its query heads) at a time, the last first; the layer keeps at least one."""
+    for g in reversed(range(walk.model.layers[li].attn.kv_heads)):
+        kv = walk.model.layers[li].attn.kv_heads
+        if budget.groups <= 0 or kv <= 1:
+            break
+        if walk.attempt(Deletion("groups", li, tuple(k for k in range(kv) if k != g))):
+            budget.groups -= 1
+
+
+def _remove_head_slots(walk: Walk, li: int, budget: Budget) -> None:
+    """One query head from every group at a time (each group's weakest by magnitude), until one costs too much;
+    every group keeps one."""
+    while budget.heads > 0:
+        attn = walk.model.layers[li].attn
+        g = attn.heads // attn.kv_heads
+        if g <= 1:
+            break
+        scores = magnitude_scores_of(walk.model.layers[li])[0].reshape(attn.kv_heads, g)
+        keep = [grp * g + h for grp in range(attn.kv_heads) for h in sorted(scores[grp].argsort(descending=True)
+                                                                               [:g - 1].tolist())]
+        if not walk.attempt(Deletion("head", li, tuple(keep))):
+            break
+        budget.heads -= 1
+
+
+def _remove_neuron_blocks(walk: Walk, li: int, budget: Budget, round_to: int) -> None:
+    """Blocks of max(round_to, width / 8) neurons, least magnitude first, until one costs too much; at least one
+    block stays."""
+    width = walk.model.layers[li].ffn.width
+    block = max(round_to, width // 8)
+    removed = 0
+    while removed + block < width and budget.neurons >= block:
+        ffn_scores = magnitude_scores_of(walk.model.layers[li])[1]
+        weakest = set(torch.argsort(ffn_scores, stable=True)[:block].tolist())
+        if not walk.attempt(Deletion("neurons", li, tuple(k for k in range(len(ffn_scores)) if k not in weakest))):
+            break
+        removed += block
+        budget.neurons -= block
 
 
 # -- to a latency target --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
@@ -38,6 +37,7 @@ from .amounts import Removal, resolve, select_heads, select_neurons
 from .base import Context, Effects, Stage, StageConfig, StageResult
 from .importance import (calibration_batches, layer_scores, magnitude_scores, mean_task_loss, neuron_magnitudes,
                          taylor_scores, usable_importance)
+from .walk import Budget, Deletion, Walk, replay
 
 
 # Calibration examples of a latency-targeted prune unless set: Kwon et al.'s 2,048. Measured on MiniLM sentiment at
@@ -46,7 +46,7 @@ LATENCY_CALIBRATION = 2048
 
 
 class PruneConfig(StageConfig):
-    added_settings = frozenset({"groups"})  # with language models; 0 on every encoder
+    added_settings = frozenset({"groups", "max_perplexity_increase"})  # with language models; unset on encoders
     layers: Removal = Field(0, description="layers to remove: a fraction in [0, 1) or a count",
                             json_schema_extra=searchable(0, 0.5))
     heads: Removal = Field(0, description="attention heads to remove (of all remaining): fraction or count. On a "
@@ -90,6 +90,10 @@ class PruneConfig(StageConfig):
         "and undone from the first whose model does not PASS (none: the drop is only measured)"))
     confidence: Confidence = Field(DEFAULT_CONFIDENCE, description=(
         "accuracy mode: two-sided confidence of the validation drop's interval that `max_drop` is checked with"))
+    max_perplexity_increase: Optional[float] = Field(None, gt=0, le=10000, description=(
+        "accuracy mode on a language model: the most the calibration (train) perplexity may rise over the whole "
+        "walk, in percent; each deletion is kept while the model stays within it (and within `tolerance` of the "
+        "loss before the deletion, when tolerance is set)"))
 
     @model_validator(mode="after")
     def _latency_mode(self):
@@ -119,13 +123,13 @@ class PruneConfig(StageConfig):
     def latency_target(self) -> bool:
         return self.speedup is not None or self.latency_ms is not None
 
-    @field_validator("max_drop")
+    @field_validator("max_drop", "max_perplexity_increase")
     @classmethod
     def _accuracy_only(cls, v, info: ValidationInfo):
         importance = info.data.get("importance")
         if v is not None and importance != "accuracy":
             raise ValueError(f"applies to the accuracy-driven walk only, and importance is {importance}: "
-                             "set `importance: accuracy`, or remove max_drop")
+                             f"set `importance: accuracy`, or remove {info.field_name}")
         return v
 
 
@@ -134,7 +138,8 @@ class PruneConfig(StageConfig):
 class Prune(Stage[PruneConfig], name="prune", version=3,  # 3: layer tuning ties within rounding keep the weights
             summary="structured pruning of layers, attention heads and FFN neurons (magnitude, taylor or accuracy), "
                     "or to a latency target on a device (retraining-free); on language models, layers, key-value "
-                    "groups, heads within groups and gated-FFN neurons (magnitude or taylor)"):
+                    "groups, heads within groups and gated-FFN neurons (magnitude, taylor, a perplexity-driven "
+                    "walk, or to a decode latency)"):
     kinds = frozenset({"encoder", "causal_lm"})
     excludes = frozenset({"exits"})
     invalidates = frozenset({"nested_ffn"})
@@ -173,6 +178,9 @@ class Prune(Stage[PruneConfig], name="prune", version=3,  # 3: layer tuning ties
         elif self.config.groups:
             raise RecipeError(f"{where}prune's groups are a language model's key-value groups; this model's "
                               "attention has none.", "remove groups, or prune attention heads with `heads`.")
+        elif self.config.max_perplexity_increase is not None:
+            raise RecipeError(f"{where}prune's max_perplexity_increase is a language model's budget, and this "
+                              "model is an encoder.", "use max_drop (validation accuracy points) instead.")
 
     def key_inputs(self, model: CanonicalTransformer, ctx: Context) -> dict[str, Any]:
         """A latency-targeted prune depends on the table it prunes by (measured on this host, or the user's)."""
@@ -262,14 +270,14 @@ def accuracy_walk(model: CanonicalTransformer, ctx: Context, cfg: PruneConfig, b
     def cap(amount, total: int) -> float:
         return resolve(amount, total) if amount else math.inf
 
-    budget = _Budget(layers=cap(cfg.layers, len(model.layers)),
+    budget = Budget(layers=cap(cfg.layers, len(model.layers)),
                      heads=cap(cfg.heads, sum(l.attn.heads for l in model.layers)),
                      neurons=cap(cfg.ffn, sum(l.ffn.width for l in model.layers)))
     if model.spec.exits:  # an explicit `layers` was refused in apply
         budget.layers = 0
         info(f"prune (accuracy): keeping every layer: the model has early exits after layers {model.spec.exits},"
              " placed by index (put prune before early_exit to let it remove layers)")
-    walk = _Walk(model, lambda m: mean_task_loss(m, ctx.teacher, batches), cfg.tolerance)
+    walk = Walk(model, lambda m: mean_task_loss(m, ctx.teacher, batches), cfg.tolerance)
     with progress_bar("prune (accuracy-driven)", len(model.layers)) as advance:
         for li in reversed(range(len(model.layers))):
             if not _remove_layer(walk, li, budget):
@@ -386,65 +394,7 @@ def _confirmation_line(record: dict[str, Any]) -> str:
 
 # -- the accuracy-driven walk's steps -----------------------------------------------------------------------------
 
-@dataclass
-class _Budget:
-    """Units the walk may still remove; math.inf where no target is set and the tolerance alone decides."""
-
-    layers: float
-    heads: float
-    neurons: float
-
-
-@dataclass(frozen=True)
-class Deletion:
-    """One deletion of the walk, as the units it keeps: made again on a copy of the model before the walk, the
-    walk's first k deletions rebuild the model it had after them."""
-
-    kind: Literal["layer", "head", "neurons"]
-    layer: int
-    keep: tuple[int, ...]  # layers of the model, heads or neurons of `layer`, as they were numbered then
-
-    def apply(self, model: CanonicalTransformer) -> None:
-        """Make this deletion on `model`, through its own shrink methods."""
-        if self.kind == "layer":
-            model.keep_layers(list(self.keep))
-        elif self.kind == "head":
-            model.keep_heads(self.layer, list(self.keep))
-        else:
-            model.keep_neurons(self.layer, list(self.keep))
-
-
-def replay(model: CanonicalTransformer, deletions: list[Deletion]) -> CanonicalTransformer:
-    """A copy of `model` with `deletions` made, in order."""
-    model = copy.deepcopy(model)
-    for deletion in deletions:
-        deletion.apply(model)
-    return model
-
-
-class _Walk:
-    """The model being pruned, its calibration loss, and the deletions kept so far."""
-
-    def __init__(self, model: CanonicalTransformer, loss_of: Callable[[CanonicalTransformer], float],
-                 tolerance: float):
-        self.model, self.loss_of, self.tolerance = model, loss_of, tolerance
-        self.loss = loss_of(model)
-        self.kept: list[Deletion] = []
-
-    def attempt(self, deletion: Deletion) -> bool:
-        """Make `deletion` on a copy; if the copy's loss rises by at most the tolerance, make it on the model."""
-        trial = copy.deepcopy(self.model)
-        deletion.apply(trial)
-        loss = self.loss_of(trial)
-        if loss > self.loss + self.tolerance:
-            return False
-        deletion.apply(self.model)
-        self.loss = loss
-        self.kept.append(deletion)
-        return True
-
-
-def _remove_layer(walk: _Walk, li: int, budget: _Budget) -> bool:
+def _remove_layer(walk: Walk, li: int, budget: Budget) -> bool:
     if budget.layers <= 0 or len(walk.model.layers) <= 1:
         return False
     keep = [j for j in range(len(walk.model.layers)) if j != li]
@@ -454,7 +404,7 @@ def _remove_layer(walk: _Walk, li: int, budget: _Budget) -> bool:
     return True
 
 
-def _remove_heads(walk: _Walk, li: int, budget: _Budget) -> None:
+def _remove_heads(walk: Walk, li: int, budget: Budget) -> None:
     """One head at a time, the last first; the layer keeps at least one."""
     for h in reversed(range(walk.model.layers[li].attn.heads)):
         heads = walk.model.layers[li].attn.heads
@@ -465,7 +415,7 @@ def _remove_heads(walk: _Walk, li: int, budget: _Budget) -> None:
             budget.heads -= 1
 
 
-def _remove_neuron_groups(walk: _Walk, li: int, budget: _Budget, round_to: int) -> None:
+def _remove_neuron_groups(walk: Walk, li: int, budget: Budget, round_to: int) -> None:
     """Groups of max(round_to, width / 8) neurons, least magnitude first, until one costs too much; at least one
     group stays."""
     width = walk.model.layers[li].ffn.width

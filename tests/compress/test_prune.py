@@ -14,8 +14,9 @@ from pocketformer.compress import Context
 from pocketformer.compress.early_exit import EarlyExit, EarlyExitConfig
 from pocketformer.compress.matformer import Matformer, MatformerConfig
 from pocketformer.compress.importance import calibration_batches, same_weights
-from pocketformer.compress.prune import (Prune, PruneConfig, accuracy_walk, replay, resolve, select_heads,
+from pocketformer.compress.prune import (Prune, PruneConfig, accuracy_walk, resolve, select_heads,
                                          select_neurons)
+from pocketformer.compress.walk import replay
 from pocketformer.data import Encoder, load_dataset
 from pocketformer.errors import RecipeError
 from pocketformer.train import evaluate, predict

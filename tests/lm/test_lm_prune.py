@@ -1,16 +1,20 @@
 """The prune stage on a causal LM: layers, key-value groups, query heads within groups and gated-FFN neurons, by
-magnitude or taylor importance on train text. Units planted dead (their contribution zeroed) are the ones removed,
-the loss is then unchanged; and `pocketformer run` with a prune stage exports, validates and reports the pruned LM."""
+magnitude or taylor importance on train text, or by the perplexity-driven walk. Units planted dead (their
+contribution zeroed) are the ones removed, the loss is then unchanged; the walk keeps a deletion only within its
+budget; and `pocketformer run` with a prune stage exports, validates and reports the pruned LM."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 
 from pocketformer.compress import REGISTRY, Context
+from pocketformer.compress.lm_prune import mean_loss
+from pocketformer.compress.walk import Deletion, replay
 from pocketformer.errors import RecipeError
 from pocketformer.models import import_hf
 
@@ -104,12 +108,65 @@ def test_layers_are_scored_by_the_loss_change_when_skipped(tiny):
 @pytest.mark.parametrize("config,says", [
     ({"max_drop": 1.0, "importance": "accuracy"}, "does not apply to a decoder-only language model"),
     ({"speedup": 2.0}, "needs a target to measure decode latency on"),
-    ({"importance": "accuracy"}, "does not apply to a language model yet"),
 ])
 def test_settings_for_encoders_only_are_refused_in_one_line(tiny, config, says):
     model, windows = tiny
     with pytest.raises(RecipeError, match=says):
         prune(model, windows, **config)
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_the_perplexity_driven_walk_keeps_a_deletion_only_while_the_budget_holds(tiny):
+    model, windows = tiny
+    start = mean_loss(model, windows)
+    removed = {}
+    for pct in (0.5, 20.0):
+        result = prune(model, windows, importance="accuracy", max_perplexity_increase=pct)
+        walk = result.details["walk"]
+        loss = mean_loss(result.model, windows)
+        assert math.exp(loss) <= math.exp(start) * (1 + pct / 100) * (1 + 1e-6)
+        assert walk["perplexity_after"] == pytest.approx(math.exp(loss), rel=1e-5)
+        # the record replays: the deletions kept, made in order on the model before, give the pruned model
+        rebuilt = replay(model, [Deletion(d["kind"], d["layer"], tuple(d["keep"])) for d in walk["deletions"]])
+        ids = torch.tensor([windows[0]])
+        torch.testing.assert_close(rebuilt(ids), result.model(ids))
+        removed[pct] = params(model) - params(result.model)
+        if pct == 0.5:
+            assert walk["tried"] > len(walk["deletions"])  # the tight budget refused something
+    assert removed[20.0] > removed[0.5] > 0
+
+
+def test_the_walk_alone_never_raises_the_loss(tiny):
+    model, windows = tiny
+    result = prune(model, windows, importance="accuracy")  # tolerance 0: a deletion is kept if the loss holds
+    assert mean_loss(result.model, windows) <= mean_loss(model, windows) + 1e-6
+    assert result.details["walk"]["deletions"]  # a random model has units whose removal lowers its loss
+
+
+@pytest.mark.parametrize("caps,shape", [
+    ({}, (1, 1, 16)),  # every kind of unit goes, down to what a layer keeps: 1 group of 1 head, 128 / 8 neurons
+    ({"groups": 1, "heads": 1, "ffn": 16}, (1, 1, 112)),  # the amounts cap what the walk removes
+])
+def test_with_room_the_walk_removes_each_kind_of_unit_and_keeps_attention_grouped(tiny, caps, shape):
+    model, windows = tiny
+    pruned = prune(model, windows, importance="accuracy", max_perplexity_increase=10000, **caps).model
+    assert len(pruned.layers) == 1  # the last layer first, then nothing: a model keeps one
+    attn = pruned.layers[0].attn
+    assert (attn.heads, attn.kv_heads, pruned.layers[0].ffn.width) == shape
+    assert pruned.empty_past()[0][0].shape[1] == attn.kv_heads
+
+
+def test_a_perplexity_budget_is_for_the_walk_on_a_language_model():
+    from conftest import tiny_model
+
+    with pytest.raises(ValueError, match="applies to the accuracy-driven walk only"):
+        REGISTRY["prune"].Config(max_perplexity_increase=5)
+    stage = REGISTRY["prune"](REGISTRY["prune"].Config(importance="accuracy", max_perplexity_increase=5))
+    with pytest.raises(RecipeError, match="max_perplexity_increase is a language model's budget"):
+        stage.check_model(tiny_model(labels=("a", "b")))
 
 
 def test_groups_on_an_encoder_are_refused():
