@@ -35,7 +35,7 @@ from ..models.factorized import linear_shape
 from ..progress import info, progress_bar
 from .amounts import resolve, select_heads, select_neurons
 from .base import Context, StageResult
-from .walk import Budget, Deletion, Walk
+from .walk import Budget, Deletion, Walk, cap, remove_layer, remove_neuron_blocks
 
 # Settings of the prune stage that do not apply to a language model (yet), and what to do instead.
 UNSUPPORTED = {
@@ -248,9 +248,6 @@ def accuracy_walk(model, windows: list[list[int]], cfg) -> dict[str, Any]:
     """Prune `model` in place by AxFormer's walk (module docstring) on the calibration loss of `windows`; returns
     the walk's record: the deletions kept, in order (replaying them on the model before rebuilds it), and the loss
     and calibration perplexity before and after."""
-    def cap(amount, total: int) -> float:
-        return resolve(amount, total) if amount else math.inf
-
     layers = model.layers
     budget = Budget(layers=cap(cfg.layers, len(layers)), groups=cap(cfg.groups, sum(la.attn.kv_heads for la in layers)),
                     heads=cap(cfg.heads, sum(la.attn.heads // la.attn.kv_heads for la in layers)),
@@ -260,10 +257,10 @@ def accuracy_walk(model, windows: list[list[int]], cfg) -> dict[str, Any]:
     walk = Walk(model, lambda m: mean_loss(m, windows), tolerance, math.inf if pct is None else math.log1p(pct / 100))
     with progress_bar("prune (perplexity-driven walk)", len(model.layers)) as advance:
         for li in reversed(range(len(model.layers))):
-            if not _remove_layer(walk, li, budget):
+            if not remove_layer(walk, li, budget):
                 _remove_groups(walk, li, budget)
                 _remove_head_slots(walk, li, budget)
-                _remove_neuron_blocks(walk, li, budget, cfg.round_to)
+                remove_neuron_blocks(walk, li, budget, cfg.round_to, lambda layer: magnitude_scores_of(layer)[1])
             advance()
     kinds = {kind: sum(d.kind == kind for d in walk.kept) for kind in ("layer", "groups", "head", "neurons")}
     info(f"prune (perplexity-driven): {len(walk.kept)} of {walk.tried} deletions kept ({kinds['layer']} layers, "
@@ -273,15 +270,6 @@ def accuracy_walk(model, windows: list[list[int]], cfg) -> dict[str, Any]:
                      "tried": walk.tried, "kept": kinds, "tolerance": tolerance if tolerance < math.inf else None,
                      "max_perplexity_increase": pct,
                      "perplexity_before": math.exp(walk.start), "perplexity_after": math.exp(walk.loss)}}
-
-
-def _remove_layer(walk: Walk, li: int, budget: Budget) -> bool:
-    if budget.layers <= 0 or len(walk.model.layers) <= 1:
-        return False
-    if not walk.attempt(Deletion("layer", li, tuple(j for j in range(len(walk.model.layers)) if j != li))):
-        return False
-    budget.layers -= 1
-    return True
 
 
 def _remove_groups(walk: Walk, li: int, budget: Budget) -> None:
@@ -308,21 +296,6 @@ def _remove_head_slots(walk: Walk, li: int, budget: Budget) -> None:
         if not walk.attempt(Deletion("head", li, tuple(keep))):
             break
         budget.heads -= 1
-
-
-def _remove_neuron_blocks(walk: Walk, li: int, budget: Budget, round_to: int) -> None:
-    """Blocks of max(round_to, width / 8) neurons, least magnitude first, until one costs too much; at least one
-    block stays."""
-    width = walk.model.layers[li].ffn.width
-    block = max(round_to, width // 8)
-    removed = 0
-    while removed + block < width and budget.neurons >= block:
-        ffn_scores = magnitude_scores_of(walk.model.layers[li])[1]
-        weakest = set(torch.argsort(ffn_scores, stable=True)[:block].tolist())
-        if not walk.attempt(Deletion("neurons", li, tuple(k for k in range(len(ffn_scores)) if k not in weakest))):
-            break
-        removed += block
-        budget.neurons -= block
 
 
 # -- to a latency target --------------------------------------------------------------------------------------------

@@ -19,11 +19,9 @@ model with early exits: the exits are placed after layers by index.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
-import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import RecipeError
@@ -37,7 +35,7 @@ from .amounts import Removal, resolve, select_heads, select_neurons
 from .base import Context, Effects, Stage, StageConfig, StageResult
 from .importance import (calibration_batches, layer_scores, magnitude_scores, mean_task_loss, neuron_magnitudes,
                          taylor_scores, usable_importance)
-from .walk import Budget, Deletion, Walk, replay
+from .walk import Budget, Deletion, Walk, cap, remove_layer, remove_neuron_blocks, replay
 
 
 # Calibration examples of a latency-targeted prune unless set: Kwon et al.'s 2,048. Measured on MiniLM sentiment at
@@ -267,9 +265,6 @@ def accuracy_walk(model: CanonicalTransformer, ctx: Context, cfg: PruneConfig, b
     """AxFormer's greedy walk from the output side: per layer, the whole layer, else its heads, then its neuron
     groups; each deletion is kept if the calibration loss does not rise by more than the tolerance. Prunes
     `model` in place and returns the deletions kept, in order."""
-    def cap(amount, total: int) -> float:
-        return resolve(amount, total) if amount else math.inf
-
     budget = Budget(layers=cap(cfg.layers, len(model.layers)),
                      heads=cap(cfg.heads, sum(l.attn.heads for l in model.layers)),
                      neurons=cap(cfg.ffn, sum(l.ffn.width for l in model.layers)))
@@ -280,9 +275,9 @@ def accuracy_walk(model: CanonicalTransformer, ctx: Context, cfg: PruneConfig, b
     walk = Walk(model, lambda m: mean_task_loss(m, ctx.teacher, batches), cfg.tolerance)
     with progress_bar("prune (accuracy-driven)", len(model.layers)) as advance:
         for li in reversed(range(len(model.layers))):
-            if not _remove_layer(walk, li, budget):
+            if not remove_layer(walk, li, budget):
                 _remove_heads(walk, li, budget)
-                _remove_neuron_groups(walk, li, budget, cfg.round_to)
+                remove_neuron_blocks(walk, li, budget, cfg.round_to, lambda layer: neuron_magnitudes(layer.ffn))
             advance()
     info(f"prune (accuracy): {len(walk.kept)} deletions kept, calibration loss {walk.loss:.4f}")
     return walk.kept
@@ -394,16 +389,6 @@ def _confirmation_line(record: dict[str, Any]) -> str:
 
 # -- the accuracy-driven walk's steps -----------------------------------------------------------------------------
 
-def _remove_layer(walk: Walk, li: int, budget: Budget) -> bool:
-    if budget.layers <= 0 or len(walk.model.layers) <= 1:
-        return False
-    keep = [j for j in range(len(walk.model.layers)) if j != li]
-    if not walk.attempt(Deletion("layer", li, tuple(keep))):
-        return False
-    budget.layers -= 1
-    return True
-
-
 def _remove_heads(walk: Walk, li: int, budget: Budget) -> None:
     """One head at a time, the last first; the layer keeps at least one."""
     for h in reversed(range(walk.model.layers[li].attn.heads)):
@@ -413,19 +398,3 @@ def _remove_heads(walk: Walk, li: int, budget: Budget) -> None:
         keep = [k for k in range(heads) if k != h]
         if walk.attempt(Deletion("head", li, tuple(keep))):
             budget.heads -= 1
-
-
-def _remove_neuron_groups(walk: Walk, li: int, budget: Budget, round_to: int) -> None:
-    """Groups of max(round_to, width / 8) neurons, least magnitude first, until one costs too much; at least one
-    group stays."""
-    width = walk.model.layers[li].ffn.width
-    group = max(round_to, width // 8)
-    removed = 0
-    while removed + group < width and budget.neurons >= group:
-        ffn = walk.model.layers[li].ffn
-        weakest = set(torch.argsort(neuron_magnitudes(ffn), stable=True)[:group].tolist())
-        keep = [k for k in range(ffn.width) if k not in weakest]
-        if not walk.attempt(Deletion("neurons", li, tuple(keep))):
-            break
-        removed += group
-        budget.neurons -= group

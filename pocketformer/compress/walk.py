@@ -9,6 +9,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import torch
+
+from .amounts import resolve
+
 
 @dataclass
 class Budget:
@@ -18,6 +22,11 @@ class Budget:
     heads: float  # a language model's: query-head slots (one head from every group of a layer)
     neurons: float
     groups: float = math.inf  # a language model's key-value groups
+
+
+def cap(amount, total: int) -> float:
+    """A prune amount as a cap on the walk: the units it names of `total`, or no cap when it is 0."""
+    return resolve(amount, total) if amount else math.inf
 
 
 @dataclass(frozen=True)
@@ -73,3 +82,32 @@ class Walk:
         self.loss = loss
         self.kept.append(deletion)
         return True
+
+
+# -- steps both walks take -------------------------------------------------------------------------------------------
+
+def remove_layer(walk: Walk, li: int, budget: Budget) -> bool:
+    """Try deleting layer `li` whole; the model keeps at least one layer."""
+    if budget.layers <= 0 or len(walk.model.layers) <= 1:
+        return False
+    keep = [j for j in range(len(walk.model.layers)) if j != li]
+    if not walk.attempt(Deletion("layer", li, tuple(keep))):
+        return False
+    budget.layers -= 1
+    return True
+
+
+def remove_neuron_blocks(walk: Walk, li: int, budget: Budget, round_to: int,
+                         scores: Callable[[Any], torch.Tensor]) -> None:
+    """Blocks of max(round_to, width / 8) of layer `li`'s FFN neurons, the lowest `scores(layer)` first, until one
+    costs too much; at least one block stays."""
+    width = walk.model.layers[li].ffn.width
+    block = max(round_to, width // 8)
+    removed = 0
+    while removed + block < width and budget.neurons >= block:
+        layer = walk.model.layers[li]
+        weakest = set(torch.argsort(scores(layer), stable=True)[:block].tolist())
+        if not walk.attempt(Deletion("neurons", li, tuple(k for k in range(layer.ffn.width) if k not in weakest))):
+            break
+        removed += block
+        budget.neurons -= block
